@@ -1,0 +1,67 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import UnionMount, force_unmount, is_mounted  # noqa: E402
+
+if os.geteuid() != 0:
+    pytest.exit("the test suite mounts filesystems: run it as root (see README)", returncode=2)
+
+
+def pytest_sessionstart(session):
+    if not os.path.exists("/sys/fs/fuse/connections/"):
+        return
+    if not os.listdir("/sys/fs/fuse/connections") and not is_mounted("/sys/fs/fuse/connections"):
+        subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"], capture_output=True)
+
+
+@pytest.fixture
+def union_mount(tmp_path):
+    """Factory: ``union_mount(lower=[...], upper=None, work=None, options=[])`` -> a started UnionMount.
+
+    Every mount is stopped at the end of the test, and a test fails if the daemon logged an error.
+    """
+    mounts: list[UnionMount] = []
+
+    def make(lower, upper=None, work=None, options=None, mnt=None):
+        if mnt is None:
+            mnt = tmp_path / f"mnt{len(mounts)}"
+            mnt.mkdir()
+        m = UnionMount(mnt, list(lower), upper, work, options, log=tmp_path / f"unionfs{len(mounts)}.log")
+        mounts.append(m)
+        return m.start()
+
+    yield make
+    errors = []
+    for m in mounts:
+        m.stop()
+        errors += m.log_errors()
+    assert not errors, "daemon logged errors:\n" + "\n".join(errors)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_mounts(tmp_path):
+    yield
+    with open("/proc/self/mountinfo") as f:
+        stale = [line.split()[4] for line in f if str(tmp_path) in line.split()[4]]
+    for mp in stale:
+        force_unmount(mp)
+    assert not stale, f"test left mounts behind: {stale}"
+
+
+@pytest.fixture
+def layers(tmp_path):
+    """Factory for empty layer directories: ``layers(3)`` -> [top, ..., bottom]."""
+    def make(n, prefix="layer"):
+        out = []
+        for i in range(n):
+            p = tmp_path / f"{prefix}{i}"
+            p.mkdir()
+            out.append(p)
+        return out
+    return make

@@ -1,0 +1,8 @@
+"""The filesystem: layers, the union rules, the inode table and the FUSE adapter.
+
+Read in this order: ``sys`` (every syscall on a layer), ``formats`` (whiteouts,
+opaque dirs, private xattrs), ``layers`` (the stack and its directory fds),
+``inodes`` (the inode table), ``union`` (lookup, readdir, the read side),
+``writable`` and ``copyup`` (the upper layer), ``operations`` (the pyfuse3
+adapter), ``daemon`` (mount, serve, unmount).
+"""

@@ -1,0 +1,309 @@
+"""Mounting: option parsing, the daemon's life cycle, and unmounting.
+
+``mount`` validates everything it can in the calling process, so mistakes get
+a one-line error and exit status 2; then it forks the daemon and returns once
+the kernel has the mount (the daemon reports readiness, or its error, through a
+pipe).  In the foreground the same code runs in the calling process.
+"""
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("unionfs.daemon")
+
+# FUSE options we pass through to the kernel/libfuse as given.
+PASSTHROUGH = {"allow_other", "default_permissions", "ro", "rw", "debug", "suid", "nosuid", "dev", "nodev",
+               "exec", "noexec", "atime", "noatime", "relatime", "auto_unmount"}
+PASSTHROUGH_VALUE = {"fsname", "subtype", "max_read", "blksize"}
+# Ours, accepted as -o options for overlayfs familiarity.
+OURS = {"lowerdir", "upperdir", "workdir"}
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: shown as one line, exit status 2."""
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    lower: list[str]
+    upper: str | None = None
+    work: str | None = None
+    fuse_options: set[str] = field(default_factory=set)
+    foreground: bool = False
+    log_file: str | None = None
+    debug: bool = False
+
+
+def split_lowerdir(value: str) -> list[str]:
+    """Split overlayfs's ``lowerdir=top:...:bottom``, honouring ``\\:`` escapes."""
+    parts, cur, i = [], "", 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            cur += value[i + 1]
+            i += 2
+            continue
+        if c == ":":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    parts.append(cur)
+    if any(p == "" for p in parts):
+        raise UsageError(f"lowerdir: empty layer in {value!r}")
+    return parts
+
+
+def split_options(values: list[str]) -> dict[str, str | None]:
+    """``-o a,b=c -o d`` -> {a: None, b: c, d: None}; commas inside lowerdir escaped as in mount(8)."""
+    out: dict[str, str | None] = {}
+    for value in values:
+        for item in value.split(","):
+            if not item:
+                continue
+            k, sep, v = item.partition("=")
+            out[k] = v if sep else None
+    return out
+
+
+def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str | None,
+                 options: list[str], foreground: bool, log_file: str | None = None) -> MountConfig:
+    opts = split_options(options)
+    fuse: set[str] = {"default_permissions"}
+    for k, v in opts.items():
+        if k == "lowerdir":
+            if lower:
+                raise UsageError("give the lower layers once: --lower or -o lowerdir")
+            lower = split_lowerdir(v or "")
+        elif k == "upperdir":
+            upper = v
+        elif k == "workdir":
+            work = v
+        elif k in PASSTHROUGH and v is None:
+            fuse.add(k)
+        elif k in PASSTHROUGH_VALUE and v:
+            fuse.add(f"{k}={v}")
+        else:
+            raise UsageError(f"unknown mount option {k!r}")
+    if not lower:
+        raise UsageError("no lower layers: give --lower TOP:...:BOTTOM or -o lowerdir=...")
+    if not os.path.exists(mountpoint):
+        raise UsageError(f"mount point {mountpoint}: no such directory")
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mount point {mountpoint}: not a directory")
+    if (upper is None) != (work is None):
+        raise UsageError("an upper dir needs a work dir and the other way round (--upper and --work)")
+    if upper is None:
+        fuse.add("ro")
+    fuse.discard("rw") if "ro" in fuse else None
+    if not any(o.startswith("fsname=") for o in fuse):
+        fuse.add("fsname=unionfs")
+    if not any(o.startswith("subtype=") for o in fuse):
+        fuse.add("subtype=unionfs")
+    return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
+                       debug="debug" in fuse)
+
+
+# --- running -----------------------------------------------------------------
+
+def _open_union(cfg: MountConfig):
+    from .layers import LayerError, LayerStack
+    from .union import Union
+    try:
+        stack = LayerStack.open(cfg.lower, cfg.upper)
+    except LayerError as e:
+        raise UsageError(str(e)) from None
+    if os.path.realpath(cfg.mountpoint) in {os.path.realpath(p) for p in cfg.lower + [cfg.upper or ""]}:
+        stack.close()
+        raise UsageError(f"mount point {cfg.mountpoint} is also a layer")
+    if cfg.upper is not None:
+        from .writable import WritableUnion, prepare_upper
+        try:
+            lock = prepare_upper(stack, cfg.work)
+        except UsageError:
+            stack.close()
+            raise
+        return WritableUnion(stack, lock)
+    return Union(stack)
+
+
+def _pidfile(mountpoint: str) -> str:
+    base = "/run/unionfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp") + "/unionfs"
+    os.makedirs(base, exist_ok=True)
+    return os.path.join(base, os.path.realpath(mountpoint).strip("/").replace("/", "%") + ".pid")
+
+
+def _setup_logging(cfg: MountConfig) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    handler: logging.Handler
+    if cfg.log_file:
+        handler = logging.FileHandler(cfg.log_file)
+    elif cfg.foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        level = logging.WARNING
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _serve(cfg: MountConfig, union, ready) -> None:
+    """Mount and run the FUSE loop until unmounted or signalled. ``ready(msg)`` reports the outcome."""
+    import pyfuse3
+    import trio
+
+    from .operations import Operations
+
+    ops = Operations(union)
+    pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, cfg.fuse_options)
+    except RuntimeError as e:
+        union.close()
+        ready(f"cannot mount on {cfg.mountpoint}: {e}")
+        return
+    with open(pidfile, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    ready(None)
+    log.info("mounted %s on %s", ":".join(cfg.lower), cfg.mountpoint)
+    terminated = False
+
+    async def main() -> None:
+        nonlocal terminated
+        async with trio.open_nursery() as nursery:
+            async def on_signals() -> None:
+                nonlocal terminated
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        terminated = True
+                        pyfuse3.terminate()
+                        return
+            nursery.start_soon(on_signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseException:
+        log.exception("FUSE loop failed")
+        pyfuse3.close(unmount=False)
+        raise
+    else:
+        # After an unmount the session is already gone; after a signal, unmount ourselves.
+        pyfuse3.close(unmount=terminated)
+        log.info("unmounted %s", cfg.mountpoint)
+    finally:
+        union.close()
+        try:
+            os.unlink(pidfile)
+        except OSError:
+            pass
+
+
+def mount(cfg: MountConfig) -> int:
+    """Mount; in the background unless ``cfg.foreground``. Returns the exit status."""
+    union = _open_union(cfg)
+    if cfg.foreground:
+        _setup_logging(cfg)
+        faulthandler.enable()
+        faulthandler.register(signal.SIGUSR1)
+        problem: list[str] = []
+        _serve(cfg, union, lambda msg: problem.append(msg) if msg else None)
+        if problem:
+            raise UsageError(problem[0])
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        code = 0
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            # Never hold the caller's stdio open: a pipe reader would wait for us forever.
+            for std in (0, 1, 2):
+                os.dup2(devnull, std)
+            os.close(devnull)
+            _setup_logging(cfg)
+            faulthandler.enable()
+            faulthandler.register(signal.SIGUSR1)
+
+            def ready(msg: str | None) -> None:
+                os.write(w, (msg or "ok").encode() + b"\n")
+                os.close(w)
+            _serve(cfg, union, ready)
+        except BaseException:
+            log.exception("daemon failed")
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        answer = f.read().decode(errors="replace").strip()
+    union.close()
+    if answer == "ok":
+        return 0
+    if answer:
+        raise UsageError(answer)
+    raise UsageError("the daemon died before the mount was ready")
+
+
+def is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == real:
+                return True
+    return False
+
+
+def umount(mountpoint: str, timeout: float = 10.0) -> int:
+    """Unmount, including a mount whose daemon died ("Transport endpoint is not connected")."""
+    # No stat of the mount point itself: with a dead daemon it fails (ENOTCONN).
+    real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))),
+                        os.path.basename(os.path.abspath(mountpoint)))
+    if not is_mountpoint(real):
+        if not os.path.lexists(mountpoint):
+            raise UsageError(f"{mountpoint}: no such directory")
+        raise UsageError(f"{mountpoint}: not mounted")
+    pidfile = _pidfile(real)
+    try:
+        pid = int(open(pidfile).read())
+    except (OSError, ValueError):
+        pid = None
+    r = subprocess.run(["fusermount3", "-u", real], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = r.stderr.strip()
+        if "busy" in msg.lower():
+            raise UsageError(f"{mountpoint}: busy (close what uses it, or umount -l)")
+        # Dead daemon or not a FUSE mount of ours: detach it.
+        r2 = subprocess.run(["umount", "-l", real], capture_output=True, text=True)
+        if r2.returncode != 0:
+            raise UsageError(f"{mountpoint}: {r2.stderr.strip() or msg}")
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                break
+            time.sleep(0.02)
+    return 0

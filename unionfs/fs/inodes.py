@@ -1,0 +1,158 @@
+"""The inode table: merged-view objects, their inode numbers, and the kernel's lookup counts.
+
+Inode numbers follow kernel overlayfs: a merged object is numbered after its
+*origin*, the real inode it was first found as (the topmost lower instance, or
+the upper one for objects created through the mount).  When every layer is on
+one filesystem the number is the real st_ino itself; otherwise the layer
+filesystem's index goes in the top byte (overlayfs's ``xino``).  So numbers are
+unique across the view, identical for hard links, unchanged by copy-up and the
+same after a remount.
+
+A node stays in the table while the kernel holds lookups on it or while one of
+its children is in the table (a child's path goes through its parent), which is
+how the kernel's own dentry tree pins parents.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+
+log = logging.getLogger("unionfs.inodes")
+
+ROOT_INO = 1
+_XINO_SHIFT = 56
+_FALLBACK_BASE = 1 << 63
+
+
+class Node:
+    """One object of the merged view.
+
+    ``layers`` lists, topmost first, the layers holding this object: for a
+    directory every layer it merges (stopping at an opaque one), for anything
+    else the one layer it comes from.  ``parent``/``name`` give its path, which
+    is the same in every layer (for a hard link: one of its names).
+    """
+
+    __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "__weakref__")
+
+    def __init__(self, ino: int, parent: "Node | None", name: bytes, layers: tuple[int, ...], mode: int,
+                 xwh: tuple[int, ...] = (), redirect: bytes | None = None) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        self.layers = layers
+        self.mode = mode
+        self.lookups = 0
+        self.children = 0
+        self.xwh = xwh          # layers in which this dir may hold xattr whiteouts
+        self.redirect = redirect  # path of a renamed dir in the lower layers (None: same path)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def top(self) -> int:
+        return self.layers[0]
+
+    def path(self) -> bytes:
+        """Path from the root of the merged view, as stored in the layers (no leading slash)."""
+        parts: list[bytes] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/".join(reversed(parts))
+
+    def __repr__(self) -> str:
+        return f"Node({self.ino}, {self.path()!r}, layers={self.layers}, mode={self.mode:o})"
+
+
+class InodeTable:
+    def __init__(self, devs: list[int]) -> None:
+        # devs: the distinct st_dev of the layers, topmost first; index 0 keeps raw inode numbers.
+        self._dev_index = {d: i for i, d in enumerate(devs)}
+        self._nodes: dict[int, Node] = {}
+        self._fallback: dict[tuple[int, int], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def ino_for(self, dev: int, real_ino: int) -> int:
+        idx = self._dev_index.get(dev)
+        if idx is not None and real_ino < (1 << _XINO_SHIFT):
+            ino = real_ino | (idx << _XINO_SHIFT)
+            if ino != ROOT_INO and ino != 0:
+                return ino
+        key = (dev, real_ino)
+        ino = self._fallback.get(key)
+        if ino is None:
+            ino = _FALLBACK_BASE | (len(self._fallback) + 1)
+            self._fallback[key] = ino
+        return ino
+
+    def get(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise OSError(errno.ESTALE, "stale inode") from None
+
+    def find(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def add_root(self, node: Node) -> None:
+        node.lookups = 1 << 62  # never forgotten
+        self._nodes[node.ino] = node
+
+    def remember(self, node: Node) -> Node:
+        """Enter a freshly resolved node, or return the one already known under its number.
+
+        The known node is refreshed from the new resolution (its layers may have
+        changed by a copy-up done by another name), but keeps its identity.
+        """
+        old = self._nodes.get(node.ino)
+        if old is not None:
+            old.layers, old.mode, old.xwh, old.redirect = node.layers, node.mode, node.xwh, node.redirect
+            if old.parent is None or old.parent.ino not in self._nodes:
+                self._reparent(old, node.parent, node.name)
+            return old
+        self._nodes[node.ino] = node
+        if node.parent is not None:
+            node.parent.children += 1
+        return node
+
+    def _reparent(self, node: Node, parent: Node | None, name: bytes) -> None:
+        if node.parent is not None:
+            node.parent.children -= 1
+        if parent is not None:
+            parent.children += 1
+        node.parent, node.name = parent, name
+
+    def move(self, node: Node, parent: Node, name: bytes) -> None:
+        """A rename through the mount: same object, new path."""
+        old_parent = node.parent
+        self._reparent(node, parent, name)
+        if old_parent is not None:
+            self._maybe_drop(old_parent)
+
+    def lookup(self, node: Node, n: int = 1) -> None:
+        node.lookups += n
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups = max(0, node.lookups - n)
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        while node is not None and node.lookups == 0 and node.children == 0 and node.ino != ROOT_INO:
+            if self._nodes.get(node.ino) is not node:
+                return
+            del self._nodes[node.ino]
+            parent = node.parent
+            if parent is None:
+                return
+            parent.children -= 1
+            node = parent

@@ -1,0 +1,275 @@
+"""Every syscall unionfs makes on a layer, in one place (like overlayfs's ``ovl_do_*``).
+
+Invariant: nothing here resolves a path through a symlink inside a layer.  Every
+call takes a directory fd and a *single* name component; the final component is
+never followed (``O_NOFOLLOW`` / ``AT_SYMLINK_NOFOLLOW``), and intermediate
+components do not exist because names never contain ``/``.  Multi-component
+paths are only opened with :func:`open_beneath`, which uses ``openat2`` with
+``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` or walks component by component.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+
+import xattr as _xattr
+
+log = logging.getLogger("unionfs.sys")
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_openat2 = 437  # same number on every architecture (new syscall table)
+_have_openat2: bool | None = None
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _check_name(name: bytes) -> None:
+    if not name or b"/" in name or name in (b".", b".."):
+        raise OSError(errno.EINVAL, "invalid name component", name)
+
+
+def open_beneath(dirfd: int, relpath: bytes, flags: int = O_DIR) -> int:
+    """Open ``relpath`` below ``dirfd`` without following any symlink or leaving the tree."""
+    global _have_openat2
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    if not relpath:
+        return os.open(".", flags & ~os.O_NOFOLLOW, dir_fd=dirfd)
+    if _have_openat2 is not False:
+        how = _OpenHow(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(_SYS_openat2, dirfd, relpath, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            _have_openat2 = True
+            return fd
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM) or _have_openat2:
+            raise OSError(err, os.strerror(err), relpath)
+        _have_openat2 = False
+    parts = [p for p in relpath.split(b"/") if p]
+    fd = os.dup(dirfd)
+    try:
+        for i, part in enumerate(parts):
+            _check_name(part)
+            last = i == len(parts) - 1
+            nfd = os.open(part, flags if last else O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# --- reading --------------------------------------------------------------
+
+def lstat_at(dirfd: int, name: bytes) -> os.stat_result:
+    return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+
+def fstat(fd: int) -> os.stat_result:
+    return os.fstat(fd)
+
+
+def open_dir_at(dirfd: int, name: bytes) -> int:
+    _check_name(name)
+    return os.open(name, O_DIR, dir_fd=dirfd)
+
+
+def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
+    _check_name(name)
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def readlink_at(dirfd: int, name: bytes) -> bytes:
+    return os.readlink(name, dir_fd=dirfd)
+
+
+def scandir(dirfd: int):
+    """Entries of the directory ``dirfd`` (``os.scandir`` works on a dup, so dirfd stays usable)."""
+    return os.scandir(dirfd)
+
+
+def exists_at(dirfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def statvfs(fd: int) -> os.statvfs_result:
+    return os.fstatvfs(fd)
+
+
+# --- xattrs ----------------------------------------------------------------
+# xattr calls on a name go through /proc/self/fd/DIRFD/NAME with the l*xattr
+# variants: the directory is the one we hold open, and NAME is not followed.
+
+def _xpath(dirfd: int, name: bytes | None) -> bytes:
+    if name is None:
+        return b"/proc/self/fd/%d" % dirfd
+    return b"/proc/self/fd/%d/%s" % (dirfd, name)
+
+
+def getxattr_at(dirfd: int, name: bytes | None, attr: str) -> bytes:
+    """xattr ``attr`` of ``name`` in ``dirfd`` (of the directory itself when name is None)."""
+    if name is None:
+        return _xattr.getxattr(dirfd, attr)
+    return _xattr.getxattr(_xpath(dirfd, name), attr, symlink=True)
+
+
+def getxattr_or_none(dirfd: int, name: bytes | None, attr: str) -> bytes | None:
+    try:
+        return getxattr_at(dirfd, name, attr)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            return None
+        raise
+
+
+def listxattr_at(dirfd: int, name: bytes | None) -> list[str]:
+    try:
+        if name is None:
+            return list(_xattr.listxattr(dirfd))
+        return list(_xattr.listxattr(_xpath(dirfd, name), symlink=True))
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        raise
+
+
+def setxattr_at(dirfd: int, name: bytes | None, attr: str, value: bytes, flags: int = 0) -> None:
+    log.debug("setxattr %r %r %s", name, attr, value[:40])
+    if name is None:
+        _xattr.setxattr(dirfd, attr, value, flags)
+    else:
+        _xattr.setxattr(_xpath(dirfd, name), attr, value, flags, symlink=True)
+
+
+def removexattr_at(dirfd: int, name: bytes | None, attr: str) -> None:
+    log.debug("removexattr %r %r", name, attr)
+    if name is None:
+        _xattr.removexattr(dirfd, attr)
+    else:
+        _xattr.removexattr(_xpath(dirfd, name), attr, symlink=True)
+
+
+# --- writing (used by the writable layer) ----------------------------------
+
+def mkdir_at(dirfd: int, name: bytes, mode: int) -> None:
+    _check_name(name)
+    log.debug("mkdir %r %o", name, mode)
+    os.mkdir(name, mode, dir_fd=dirfd)
+
+
+def mknod_at(dirfd: int, name: bytes, mode: int, rdev: int = 0) -> None:
+    _check_name(name)
+    log.debug("mknod %r %o %d", name, mode, rdev)
+    os.mknod(name, mode, rdev, dir_fd=dirfd)
+
+
+def symlink_at(target: bytes, dirfd: int, name: bytes) -> None:
+    _check_name(name)
+    log.debug("symlink %r -> %r", name, target)
+    os.symlink(target, name, dir_fd=dirfd)
+
+
+def link_at(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes) -> None:
+    _check_name(oldname)
+    _check_name(newname)
+    log.debug("link %r -> %r", oldname, newname)
+    os.link(oldname, newname, src_dir_fd=olddirfd, dst_dir_fd=newdirfd, follow_symlinks=False)
+
+
+def unlink_at(dirfd: int, name: bytes) -> None:
+    _check_name(name)
+    log.debug("unlink %r", name)
+    os.unlink(name, dir_fd=dirfd)
+
+
+def rmdir_at(dirfd: int, name: bytes) -> None:
+    _check_name(name)
+    log.debug("rmdir %r", name)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def rename_at(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
+    """renameat2(2); flags are RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+    _check_name(oldname)
+    _check_name(newname)
+    log.debug("rename %r -> %r flags=%d", oldname, newname, flags)
+    if flags == 0:
+        os.rename(oldname, newname, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
+        return
+    r = _libc.renameat2(olddirfd, oldname, newdirfd, newname, ctypes.c_uint(flags))
+    if r != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), oldname)
+
+
+def fchmod(fd: int, mode: int) -> None:
+    os.fchmod(fd, mode)
+
+
+def chmod_at(dirfd: int, name: bytes, mode: int) -> None:
+    """chmod a name that is not a symlink (checked by the caller): open it O_PATH first."""
+    fd = open_at(dirfd, name, O_PATH)
+    try:
+        os.chmod(b"/proc/self/fd/%d" % fd, mode)
+    finally:
+        os.close(fd)
+
+
+def chown_at(dirfd: int, name: bytes, uid: int, gid: int) -> None:
+    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def utime_at(dirfd: int, name: bytes, ns: tuple[int, int]) -> None:
+    os.utime(name, ns=ns, dir_fd=dirfd, follow_symlinks=False)
+
+
+def fsync(fd: int, datasync: bool = False) -> None:
+    (os.fdatasync if datasync else os.fsync)(fd)
+
+
+def copy_file_range_all(src: int, dst: int, length: int) -> None:
+    """Copy ``length`` bytes kernel-side (reflink where the filesystem can), never through Python."""
+    off = 0
+    while off < length:
+        try:
+            n = os.copy_file_range(src, dst, length - off, off, off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = _copy_pread(src, dst, off, length - off)
+        if n == 0:
+            break
+        off += n
+
+
+def _copy_pread(src: int, dst: int, off: int, length: int) -> int:
+    buf = os.pread(src, min(length, 1 << 20), off)
+    if buf:
+        os.pwrite(dst, buf, off)
+    return len(buf)
+
+
+def is_dir(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode)
