@@ -137,3 +137,51 @@ def escape_xattr(name: str) -> str:
 
 def visible_xattrs(names: list[str]) -> list[str]:
     return [unescape_xattr(n) for n in names if not is_private_xattr(n)]
+
+
+# --- writing whiteouts and opaque markers --------------------------------------------
+
+class Style(enum.Enum):
+    """How we write whiteouts and opaque markers into an upper dir or an extracted layer."""
+
+    OVERLAY = "overlay"        # char 0/0, trusted.overlay.* : the kernel's own format (needs root)
+    USERXATTR = "userxattr"    # char 0/0, user.overlay.*    : overlayfs -o userxattr (needs CAP_MKNOD)
+    XWHITEOUT = "xwhiteout"    # empty file + user.overlay.whiteout, parent user.overlay.opaque=x: rootless
+
+    @property
+    def prefix(self) -> str:
+        return TRUSTED_PREFIX if self is Style.OVERLAY else USER_PREFIX
+
+    @classmethod
+    def default(cls) -> "Style":
+        return cls.OVERLAY if os.geteuid() == 0 else cls.XWHITEOUT
+
+
+def make_whiteout(dirfd: int, name: bytes, style: Style) -> None:
+    """Create a whiteout for ``name`` in the directory ``dirfd`` (``name`` must not exist)."""
+    from . import sys as ovl
+    if style is Style.XWHITEOUT:
+        fd = ovl.open_at(dirfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o000)
+        os.close(fd)
+        ovl.setxattr_at(dirfd, name, USER_PREFIX + Xattr.WHITEOUT.value, b"y")
+        cur = ovl.getxattr_or_none(dirfd, None, USER_PREFIX + Xattr.OPAQUE.value)
+        if cur != b"y":
+            ovl.setxattr_at(dirfd, None, USER_PREFIX + Xattr.OPAQUE.value, b"x")
+    else:
+        ovl.mknod_at(dirfd, name, stat.S_IFCHR | 0o000, 0)
+
+
+def mark_opaque(dirfd: int, style: Style) -> None:
+    """Mark the directory ``dirfd`` opaque: nothing of lower layers shows below it."""
+    from . import sys as ovl
+    ovl.setxattr_at(dirfd, None, style.prefix + Xattr.OPAQUE.value, b"y")
+
+
+def is_whiteout_at(dirfd: int, name: bytes, st: os.stat_result) -> bool:
+    """Is this entry a whiteout in any overlay form (for readers that do not track dir kinds)?"""
+    from . import sys as ovl
+    if is_chardev_whiteout(st):
+        return True
+    if may_be_xwhiteout(st):
+        return any(ovl.getxattr_or_none(dirfd, name, x) is not None for x in XWHITEOUT_NAMES)
+    return False
