@@ -273,3 +273,70 @@ def _copy_pread(src: int, dst: int, off: int, length: int) -> int:
 
 def is_dir(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode)
+
+
+# --- image extraction (unionfs.image.extract) --------------------------------
+# Metadata calls on an fd we opened ourselves (O_NOFOLLOW), so nothing is resolved by path.
+
+def fchown(fd: int, uid: int, gid: int) -> None:
+    os.fchown(fd, uid, gid)
+
+
+def futimens(fd: int, ns: tuple[int, int]) -> None:
+    os.utime(fd, ns=ns)
+
+
+def fsetxattr(fd: int, attr: str, value: bytes) -> None:
+    _xattr.setxattr(fd, attr, value)
+
+
+def remove_tree_at(dirfd: int, name: bytes) -> None:
+    """``rm -r dirfd/name`` without following symlinks (a symlink is removed, not its target)."""
+    _check_name(name)
+    st = lstat_at(dirfd, name)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    fd = open_dir_at(dirfd, name)
+    try:
+        for entry in os.scandir(fd):
+            remove_tree_at(fd, os.fsencode(entry.name))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def fchown(fd: int, uid: int, gid: int) -> None:
+    os.chown(fd, uid, gid)
+
+
+def futimens(fd: int, ns: tuple[int, int]) -> None:
+    os.utime(fd, ns=ns)
+
+
+def ftruncate(fd: int, size: int) -> None:
+    os.ftruncate(fd, size)
+
+
+def pwrite(fd: int, data: bytes, off: int) -> int:
+    return os.pwrite(fd, data, off)
+
+
+def remove_tree_at(dirfd: int, name: bytes) -> None:
+    """Remove ``name`` below ``dirfd`` recursively, never following a symlink (for work-dir cleanup)."""
+    try:
+        st = lstat_at(dirfd, name)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        unlink_at(dirfd, name)
+        return
+    fd = open_dir_at(dirfd, name)
+    try:
+        with os.scandir(fd) as it:
+            names = [os.fsencode(e.name) for e in it]
+        for child in names:
+            remove_tree_at(fd, child)
+    finally:
+        os.close(fd)
+    rmdir_at(dirfd, name)

@@ -1,0 +1,197 @@
+"""Where images come from: a directory or a tar archive, read by name, blobs verified by digest.
+
+Both source formats (OCI layout, docker save) are a set of named files; this
+module gives them one interface, :class:`Archive`, and the description of an
+image found in one, :class:`SourceImage`.  In a tar, members that are symlinks
+or hard links to other members (``docker save`` writes ``<id>/layer.tar`` as
+symlinks) are resolved inside the archive only.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from ..fs import sys as ovl
+from .model import ImageError, Reference
+
+MAX_JSON = 64 << 20   # manifests, configs and indexes are small; refuse to read a huge "JSON" into memory
+
+
+@dataclass(frozen=True)
+class SourceLayer:
+    name: str               # file in the archive
+    digest: str | None      # expected digest of the blob, when the format names one
+    media_type: str
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    config_name: str
+    config_digest: str | None          # expected; the id is computed from the bytes either way
+    layers: tuple[SourceLayer, ...]
+    tags: tuple[Reference, ...]
+    manifest: bytes | None = None      # the OCI/Docker manifest as shipped, if the source has one
+    manifest_digest: str | None = None
+    ref_names: tuple[str, ...] = field(default=())   # bare tags from OCI ref.name annotations
+
+
+def _norm(name: str) -> str:
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+def _safe(name: str, where: str) -> str:
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ImageError(f"{where}: refers to {name!r} outside the archive")
+    return _norm(name)
+
+
+class Archive:
+    """Named files of an image source."""
+
+    path: str
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def open(self, name: str) -> BinaryIO:
+        raise NotImplementedError
+
+    def size(self, name: str) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def read_small(self, name: str, what: str) -> bytes:
+        if not self.exists(name):
+            raise ImageError(f"{self.path}: {what} {name!r} is missing")
+        if self.size(name) > MAX_JSON:
+            raise ImageError(f"{self.path}: {what} {name!r} is implausibly large ({self.size(name)} bytes)")
+        with self.open(name) as f:
+            return f.read(MAX_JSON + 1)
+
+    def read_verified(self, name: str, digest: str | None, what: str) -> bytes:
+        """A small file, checked against ``digest`` before anyone parses it."""
+        data = self.read_small(name, what)
+        if digest is not None:
+            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            if actual != digest:
+                raise ImageError(f"{self.path}: {what} {name!r} does not match its digest "
+                                 f"(expected {digest}, got {actual})")
+        return data
+
+    def hash_file(self, name: str, what: str) -> tuple[str, int]:
+        if not self.exists(name):
+            raise ImageError(f"{self.path}: {what} {name!r} is missing")
+        h = hashlib.sha256()
+        n = 0
+        with self.open(name) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+        return "sha256:" + h.hexdigest(), n
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DirArchive(Archive):
+    """A directory (an OCI layout); files are opened beneath it without following symlinks."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _stat(self, name: str) -> os.stat_result | None:
+        try:
+            fd = ovl.open_beneath(self.fd, os.fsencode(_safe(name, self.path)), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return st if stat.S_ISREG(st.st_mode) else None
+
+    def exists(self, name: str) -> bool:
+        return self._stat(name) is not None
+
+    def size(self, name: str) -> int:
+        st = self._stat(name)
+        return st.st_size if st else 0
+
+    def open(self, name: str) -> BinaryIO:
+        fd = ovl.open_beneath(self.fd, os.fsencode(_safe(name, self.path)), os.O_RDONLY)
+        return os.fdopen(fd, "rb")
+
+
+class TarArchive(Archive):
+    """A tar file (docker save, OCI layout as tar), maybe gzip-compressed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.tar = tarfile.open(path, "r:*")
+            self.members: dict[str, tarfile.TarInfo] = {}
+            for m in self.tar.getmembers():
+                self.members[_norm(m.name)] = m
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ImageError(f"{path}: not a readable tar archive ({e})") from None
+
+    def close(self) -> None:
+        self.tar.close()
+
+    def _resolve(self, name: str) -> tarfile.TarInfo | None:
+        """The regular member ``name`` names, following links between members (inside the archive only)."""
+        name = _safe(name, self.path)
+        for _ in range(16):
+            m = self.members.get(name)
+            if m is None or m.isreg():
+                return m
+            if m.issym():
+                target = m.linkname if m.linkname.startswith("/") else posixpath.join(posixpath.dirname(name), m.linkname)
+                target = posixpath.normpath("/" + target) if target.startswith("/") else posixpath.normpath(target)
+                if target.startswith(("/", "../")) or target == "..":
+                    raise ImageError(f"{self.path}: member {name!r} links outside the archive ({m.linkname!r})")
+                name = target
+            elif m.islnk():
+                name = _safe(m.linkname, self.path)
+            else:
+                return None
+        raise ImageError(f"{self.path}: member {name!r}: too many levels of links")
+
+    def exists(self, name: str) -> bool:
+        return self._resolve(name) is not None
+
+    def size(self, name: str) -> int:
+        m = self._resolve(name)
+        return m.size if m else 0
+
+    def open(self, name: str) -> BinaryIO:
+        m = self._resolve(name)
+        if m is None:
+            raise ImageError(f"{self.path}: {name!r} is missing")
+        f = self.tar.extractfile(m)
+        assert f is not None
+        return f  # type: ignore[return-value]
+
+
+def open_archive(path: str) -> Archive:
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        return DirArchive(path)
+    return TarArchive(path)

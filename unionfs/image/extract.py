@@ -1,0 +1,377 @@
+"""Layer tar -> directory, as a rootfs needs it, refusing hostile archives.
+
+Python's ``tarfile`` extraction (and its PEP 706 filters) cannot be used: the
+filters strip setuid/setgid/sticky bits and resolve paths through the host's
+symlinks.  So members are read with ``tarfile`` in streaming mode and written
+here one by one with fd-relative calls from :mod:`unionfs.fs.sys`: every parent
+is opened one component at a time from the layer root with
+``O_NOFOLLOW|O_DIRECTORY``, and every final component is created with
+``O_EXCL``/``O_NOFOLLOW``, so nothing is ever written through a symlink and
+nothing outside the layer directory is touched.
+
+OCI whiteouts (``.wh.NAME``, ``.wh..wh..opq``) are applied after the last
+member, because the opaque marker "applies regardless of its order in the tar"
+and a whiteout "only applies to lower layers": they become overlayfs's own
+format (:func:`unionfs.fs.formats.make_whiteout` / ``mark_opaque``), so kernel
+overlayfs can mount the extracted layers too.  Directory modes and mtimes are
+set last, deepest first, after everything inside them was written.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import logging
+import os
+import stat
+import tarfile
+import urllib.parse
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from ..fs import formats
+from ..fs import sys as ovl
+from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed
+from .model import ImageError
+
+log = logging.getLogger("unionfs.image.extract")
+
+MAX_MEMBER_SIZE = 1 << 40          # 1 TiB: no honest layer has a bigger file
+MAX_DIR_CACHE = 512
+
+
+class HostileLayer(ImageError):
+    """The layer tries to leave its directory or to create what it must not."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    diff_id: str        # sha256 of the uncompressed tar, as read
+    digest: str         # sha256 of the blob as shipped
+    blob_size: int
+    tar_size: int
+    compression: str
+    entries: int
+
+
+def _split(name: str, what: str) -> tuple[bytes, ...]:
+    """A member name -> path components below the layer root; ``..`` and absolute paths refused."""
+    b = os.fsencode(name)
+    if b.startswith(b"/"):
+        raise HostileLayer(f"{what}: absolute path {name!r}")
+    parts = tuple(p for p in b.split(b"/") if p not in (b"", b"."))
+    if b".." in parts:
+        raise HostileLayer(f"{what}: path {name!r} leaves the layer ('..')")
+    return parts
+
+
+def _show(parts: tuple[bytes, ...]) -> str:
+    return os.fsdecode(b"/".join(parts)) or "/"
+
+
+class LayerWriter:
+    """Writes the members of one layer tar below ``root_fd``."""
+
+    def __init__(self, root_fd: int, what: str, style: formats.Style, devices: bool, space: int) -> None:
+        self.root_fd = root_fd
+        self.what = what
+        self.style = style
+        self.devices = devices              # may we create device nodes (root)?
+        self.owners = os.geteuid() == 0     # may we chown?
+        self.space = space                  # bytes we may write in all
+        self.written = 0
+        self.entries = 0
+        self._dirs: dict[tuple[bytes, ...], int] = {}
+        self._dir_attrs: dict[tuple[bytes, ...], tuple[int, int]] = {}   # path -> (mode, mtime_ns)
+        self._nondirs: set[tuple[bytes, ...]] = set()
+        self._whiteouts: set[tuple[tuple[bytes, ...], bytes]] = set()
+        self._opaque: set[tuple[bytes, ...]] = set()
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    # --- walking -------------------------------------------------------------
+
+    def _dir(self, parts: tuple[bytes, ...], create: bool = True) -> int:
+        """An fd of the directory ``parts`` (borrowed from the cache), opened without following links."""
+        if not parts:
+            return self.root_fd
+        fd = self._dirs.get(parts)
+        if fd is not None:
+            return fd
+        parent = self._dir(parts[:-1], create)
+        name = parts[-1]
+        try:
+            fd = ovl.open_dir_at(parent, name)
+        except FileNotFoundError:
+            if not create:
+                raise
+            ovl.mkdir_at(parent, name, 0o755)   # parents a tar does not list, as Docker makes them
+            fd = ovl.open_dir_at(parent, name)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise HostileLayer(f"{self.what}: {_show(parts)} is a symlink; refusing to write through it") from None
+            if e.errno == errno.ENOTDIR:
+                raise ImageError(f"{self.what}: {_show(parts)} is not a directory but has entries below it") from None
+            raise
+        self._dirs[parts] = fd
+        return fd
+
+    def _forget(self, parts: tuple[bytes, ...]) -> None:
+        """Drop cached fds and records at or below ``parts`` (it is being removed or replaced)."""
+        n = len(parts)
+        for p in [p for p in self._dirs if p[:n] == parts]:
+            os.close(self._dirs.pop(p))
+        for p in [p for p in self._dir_attrs if p[:n] == parts]:
+            del self._dir_attrs[p]
+        self._nondirs = {p for p in self._nondirs if p[:n] != parts}
+
+    # --- members -------------------------------------------------------------
+
+    def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        if len(self._dirs) > MAX_DIR_CACHE:
+            self.close()
+        parts = _split(member.name, self.what)
+        self.entries += 1
+        if parts and parts[-1].startswith(formats.WH_PREFIX):
+            self._add_whiteout(parts)
+            return
+        if member.size > MAX_MEMBER_SIZE or (member.isreg() and self.written + member.size > self.space):
+            raise HostileLayer(f"{self.what}: {member.name!r} claims {member.size} bytes, more than the store "
+                               f"can hold ({self.space - self.written} bytes free)")
+        if not parts:  # the layer root itself ("./")
+            if member.isdir():
+                self._set_owner_xattrs(self.root_fd, None, member)
+                self._dir_attrs[()] = (member.mode, _ns(member))
+                return
+            raise HostileLayer(f"{self.what}: the layer root is not a directory")
+        pfd = self._dir(parts[:-1])
+        name = parts[-1]
+        try:
+            st = ovl.lstat_at(pfd, name)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if member.isdir() and stat.S_ISDIR(st.st_mode):
+                fd = self._dir(parts)
+                self._set_owner_xattrs(fd, None, member)
+                self._dir_attrs[parts] = (member.mode, _ns(member))
+                return
+            # A later entry of the same name replaces the earlier one, as tar does.
+            self._forget(parts)
+            ovl.remove_tree_at(pfd, name)
+        if member.isreg():
+            self._file(pfd, name, member, tar)
+        elif member.isdir():
+            ovl.mkdir_at(pfd, name, 0o700)
+            fd = self._dir(parts)
+            self._set_owner_xattrs(fd, None, member)
+            self._dir_attrs[parts] = (member.mode, _ns(member))
+            return
+        elif member.issym():
+            ovl.symlink_at(os.fsencode(member.linkname), pfd, name)
+            self._set_owner_xattrs(pfd, name, member)
+            ovl.utime_at(pfd, name, (_ns(member), _ns(member)))
+        elif member.islnk():
+            self._hardlink(parts, pfd, name, member)
+        elif member.ischr() or member.isblk() or member.isfifo():
+            if not member.isfifo() and not self.devices:
+                raise HostileLayer(f"{self.what}: device node {member.name!r}: only root may create device nodes")
+            kind = stat.S_IFIFO if member.isfifo() else stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            dev = 0 if member.isfifo() else os.makedev(member.devmajor, member.devminor)
+            ovl.mknod_at(pfd, name, kind | 0o600, dev)
+            self._set_owner_xattrs(pfd, name, member)
+            ovl.chmod_at(pfd, name, member.mode & 0o7777)
+            ovl.utime_at(pfd, name, (_ns(member), _ns(member)))
+        else:
+            raise ImageError(f"{self.what}: {member.name!r}: unsupported tar entry type {member.type!r}")
+        self._nondirs.add(parts)
+
+    def _file(self, pfd: int, name: bytes, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        fd = ovl.open_at(pfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            src = tar.extractfile(member)
+            assert src is not None
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            self.written += member.size
+            self._set_owner_xattrs(fd, None, member)
+            ovl.fchmod(fd, member.mode & 0o7777)   # after chown, which clears setuid/setgid
+            ovl.futimens(fd, (_ns(member), _ns(member)))
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, parts: tuple[bytes, ...], pfd: int, name: bytes, member: tarfile.TarInfo) -> None:
+        target = _split(member.linkname, self.what)
+        if target not in self._nondirs:
+            raise HostileLayer(f"{self.what}: hard link {member.name!r} -> {member.linkname!r}: the target is not "
+                               "a file extracted earlier from this layer")
+        tfd = self._dir(target[:-1], create=False)
+        ovl.link_at(tfd, target[-1], pfd, name)
+
+    def _set_owner_xattrs(self, fd: int, name: bytes | None, member: tarfile.TarInfo) -> None:
+        """Owner (numeric, as root only) and xattrs; ``name`` None means ``fd`` itself."""
+        if self.owners:
+            if name is None:
+                ovl.fchown(fd, member.uid, member.gid)
+            else:
+                ovl.chown_at(fd, name, member.uid, member.gid)
+        for attr, value in _xattrs(member):
+            try:
+                if name is None:
+                    ovl.fsetxattr(fd, attr, value)
+                else:
+                    ovl.setxattr_at(fd, name, attr, value)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                log.warning("%s: %s: xattr %s not kept: %s", self.what, member.name, attr, e.strerror)
+
+    # --- whiteouts -----------------------------------------------------------
+
+    def _add_whiteout(self, parts: tuple[bytes, ...]) -> None:
+        name = parts[-1]
+        self._dir(parts[:-1])  # the directory exists in this layer, even if the tar lists nothing else in it
+        if name == formats.WH_OPAQUE:
+            self._opaque.add(parts[:-1])
+            return
+        target = formats.oci_whiteout_target(name)
+        if target is None or target in (b".", b".."):
+            raise ImageError(f"{self.what}: {_show(parts)!r} is not a valid whiteout (nothing after '.wh.')")
+        self._whiteouts.add((parts[:-1], target))
+
+    def finish(self) -> None:
+        """Apply whiteouts and opaque markers, then directory modes and mtimes (deepest first)."""
+        for parts in sorted(self._opaque):
+            try:
+                formats.mark_opaque(self._dir(parts, create=False), self.style)
+            except (FileNotFoundError, ImageError):
+                pass  # the directory was replaced by a non-directory later in the tar: nothing to mark
+        for parent, target in sorted(self._whiteouts):
+            try:
+                pfd = self._dir(parent, create=False)
+            except (FileNotFoundError, ImageError):
+                continue
+            try:
+                st = ovl.lstat_at(pfd, target)
+            except FileNotFoundError:
+                formats.make_whiteout(pfd, target, self.style)
+                continue
+            # The same layer also has this name: the entry stays.  A directory must still hide
+            # what lower layers have below it, so it becomes opaque.
+            if stat.S_ISDIR(st.st_mode):
+                formats.mark_opaque(self._dir(parent + (target,), create=False), self.style)
+        for parts in sorted(self._dir_attrs, key=len, reverse=True):
+            mode, ns = self._dir_attrs[parts]
+            try:
+                fd = self._dir(parts, create=False)
+            except (FileNotFoundError, ImageError):
+                continue
+            ovl.fchmod(fd, mode & 0o7777)
+            ovl.futimens(fd, (ns, ns))
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Headers read as Go's archive/tar reads them.
+
+    ``tarfile`` silently ends an archive at a corrupt or truncated header after the
+    first; Go refuses it.  Both accept a tar that simply stops at a header boundary
+    without the end-of-archive blocks.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tf):  # type: ignore[override]
+        buf = tf.fileobj.read(tarfile.BLOCKSIZE)
+        if not buf:  # the stream ends at a header boundary: the end of the archive (also for a 0-byte layer)
+            raise tarfile.EOFHeaderError("end of file")  # type: ignore[attr-defined]
+        try:
+            obj = cls.frombuf(buf, tf.encoding, tf.errors)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:  # type: ignore[attr-defined]
+            raise tarfile.SubsequentHeaderError(f"invalid tar header: {e}") from None  # type: ignore[attr-defined]
+        obj.offset = tf.fileobj.tell() - tarfile.BLOCKSIZE
+        return obj._proc_member(tf)
+
+
+def _ns(member: tarfile.TarInfo) -> int:
+    return int(round(member.mtime * 1_000_000_000))
+
+
+def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    """xattrs from PAX headers (``SCHILY.xattr.*``, ``LIBARCHIVE.xattr.*``), made safe for a layer.
+
+    A layer's own overlay xattrs are escaped one level (as overlayfs does for nested
+    overlays), so they show as themselves instead of acting as whiteouts or opaque
+    markers; other unionfs/fuse-overlayfs bookkeeping names are dropped.
+    """
+    out = []
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            attr, raw = key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            attr = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])
+            try:
+                raw = base64.b64decode(value + "=" * (-len(value) % 4))
+            except ValueError:
+                continue
+        else:
+            continue
+        if attr.startswith((formats.TRUSTED_PREFIX, formats.USER_PREFIX)):
+            attr = formats.escape_xattr(attr)
+        elif formats.is_private_xattr(attr):
+            continue
+        out.append((attr, raw))
+    return out
+
+
+def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Style, devices: bool,
+                  space: int, on_read: Callable[[int], None] | None = None) -> Extracted:
+    """Extract one layer blob (gzip, zstd, bzip2, xz or plain tar) below ``root_fd``.
+
+    Returns the hashes of what was read; the caller compares them with the expected
+    digest and diff_id before the directory is used.  The whole stream is read, also
+    after the tar's end, so the hashes cover every byte.
+    """
+    raw = HashingReader(blob, on_read)
+    writer = LayerWriter(root_fd, what, style, devices, space)
+    try:
+        try:
+            kind, stream = decompressed(raw)
+            tar_in = HashingReader(stream)  # type: ignore[arg-type]
+            # A tar that ends without the two zero blocks (umoci 0.4.7) ends cleanly here, as in Go.
+            tf = tarfile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
+        except (tarfile.TarError, *DECOMPRESS_ERRORS) as e:
+            raise corrupt(what, e) from None
+        while True:
+            try:
+                member = tf.next()
+            except (tarfile.TarError, *DECOMPRESS_ERRORS, UnicodeError, ValueError, OverflowError, MemoryError) as e:
+                raise corrupt(what, e) from None
+            if member is None:
+                break
+            tf.members.clear()  # streaming: keep no index of members in memory
+            try:
+                writer.add(member, tf)
+            except ImageError:
+                raise
+            except (tarfile.TarError, *DECOMPRESS_ERRORS[1:], EOFError) as e:
+                raise corrupt(what, e) from None
+            except OSError as e:
+                raise ImageError(f"{what}: {member.name!r}: {e.strerror or e}") from None
+        try:
+            writer.finish()
+        except OSError as e:
+            raise ImageError(f"{what}: applying whiteouts: {e.strerror or e}") from None
+        try:
+            tar_in.drain()
+            raw.drain()
+        except DECOMPRESS_ERRORS as e:
+            raise corrupt(what, e) from None
+    finally:
+        writer.close()
+    return Extracted(tar_in.digest, raw.digest, raw.count, tar_in.count, kind, writer.entries)

@@ -1,0 +1,157 @@
+"""``unionfs load``: from a source (docker save archive or OCI layout) into the store.
+
+The whole import holds the store's lock.  Phase 1 verifies and extracts every
+layer the store lacks into ``tmp/`` and renames each into ``layers/`` only once
+its diff_id matched; phase 2 writes configs, manifests, image records, and
+then the tags in one rename.  If anything fails, the layers this import added
+(which no image references yet) are removed again before the lock is released.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from ..fs.formats import Style
+from . import docker_archive, oci_layout
+from .archive import Archive, SourceImage, SourceLayer, open_archive
+from .extract import extract_layer
+from .model import MEDIA_DOCKER_MANIFEST, Config, ImageError, Layer, Reference
+from .store import Store, now_iso
+
+
+@dataclass(frozen=True)
+class Loaded:
+    image_id: str
+    tags: tuple[str, ...]
+    new_layers: int
+    reused_layers: int
+    ref_names: tuple[str, ...] = ()
+
+
+def progress_enabled() -> bool:
+    """A progress bar only for a person watching: a terminal on stderr, and not under CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def read_source(archive: Archive) -> list[SourceImage]:
+    if docker_archive.is_docker_archive(archive):
+        return docker_archive.read(archive)
+    if oci_layout.is_layout(archive):
+        return oci_layout.read(archive)
+    raise ImageError(f"{archive.path}: neither a docker save archive (manifest.json) nor an OCI image layout "
+                     "(oci-layout, index.json)")
+
+
+def load(store: Store, path: str, tag: Reference | None = None, progress: bool | None = None) -> list[Loaded]:
+    if progress is None:
+        progress = progress_enabled()
+    with open_archive(path) as archive:
+        sources = read_source(archive)
+        if tag is not None and len(sources) != 1:
+            raise ImageError(f"{path}: holds {len(sources)} images; --tag needs exactly one")
+        with store.locked():
+            try:
+                return _load_locked(store, archive, sources, tag, progress)
+            except BaseException:
+                store.cleanup()  # its tmp/ dirs, and layers no image came to reference
+                raise
+
+
+def _load_locked(store: Store, archive: Archive, sources: list[SourceImage], tag: Reference | None,
+                 progress: bool) -> list[Loaded]:
+    prepared = []
+    for src in sources:
+        config_bytes = archive.read_verified(src.config_name, src.config_digest, "image config")
+        image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        config = Config.parse(config_bytes, f"{archive.path}: config {image_id}")
+        if len(config.diff_ids) != len(src.layers):
+            raise ImageError(f"{archive.path}: image {image_id[7:19]} has {len(src.layers)} layers but its config "
+                             f"lists {len(config.diff_ids)} diff_ids")
+        prepared.append((src, config_bytes, image_id, config))
+
+    todo = {}
+    for src, _, _, config in prepared:
+        for sl, diff_id in zip(src.layers, config.diff_ids):
+            if not store.has_layer(diff_id):
+                todo.setdefault(diff_id, sl)
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(archive.size(sl.name) for sl in todo.values()), unit="B", unit_scale=True,
+                   unit_divisor=1024, desc="extracting", file=sys.stderr, leave=False)
+    blobs: dict[str, tuple[str, int]] = {}   # diff_id -> (digest, blob size)
+    try:
+        for diff_id, sl in todo.items():
+            blobs[diff_id] = _add_layer(store, archive, sl, diff_id, bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    results = []
+    tags = store.tags()
+    for src, config_bytes, image_id, config in prepared:
+        layers = []
+        for sl, diff_id in zip(src.layers, config.diff_ids):
+            if diff_id not in blobs:  # already in the store: the blob is only hashed, for the manifest
+                blobs[diff_id] = (sl.digest, archive.size(sl.name)) if sl.digest else \
+                    archive.hash_file(sl.name, "layer")
+            digest, size = blobs[diff_id]
+            layers.append(Layer(diff_id, digest, sl.media_type, size))
+        manifest, manifest_digest = src.manifest, src.manifest_digest
+        if manifest is None or manifest_digest is None:
+            manifest = _docker_manifest(image_id, len(config_bytes), layers)
+            manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        store.put_blob(image_id, config_bytes)
+        store.put_blob(manifest_digest, manifest)
+        store.put_image(image_id, manifest_digest, layers)
+        names = list(src.tags) + ([tag] if tag is not None else [])
+        for ref in names:
+            tags[str(ref)] = image_id
+        new = sum(1 for d in config.diff_ids if d in todo)
+        results.append(Loaded(image_id, tuple(str(r) for r in dict.fromkeys(names)), new,
+                              len(config.diff_ids) - new, src.ref_names))
+    store.set_tags(tags)   # last: an image appears under its names only when everything is in place
+    return results
+
+
+def _add_layer(store: Store, archive: Archive, sl: SourceLayer, diff_id: str, on_read) -> tuple[str, int]:
+    what = f"{archive.path}: layer {sl.name}"
+    if sl.digest is not None:  # verify the blob before a single byte of it is used
+        actual, _ = archive.hash_file(sl.name, "layer")
+        if actual != sl.digest:
+            raise ImageError(f"{what}: does not match its digest (expected {sl.digest}, got {actual})")
+    if not archive.exists(sl.name):
+        raise ImageError(f"{what}: missing from the archive")
+    tmp = store.new_tmp_dir("layer")
+    root = os.path.join(tmp, "root")
+    os.mkdir(root, 0o755)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    style = Style.default()
+    try:
+        with archive.open(sl.name) as blob:
+            ex = extract_layer(blob, fd, what=what, style=style, devices=os.geteuid() == 0,
+                               space=max(0, store.free_bytes() - (64 << 20)), on_read=on_read)
+    finally:
+        os.close(fd)
+    if sl.digest is not None and ex.digest != sl.digest:
+        raise ImageError(f"{what}: does not match its digest (expected {sl.digest}, got {ex.digest})")
+    if ex.diff_id != diff_id:
+        raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
+                         f"(expected {diff_id}, got {ex.diff_id})")
+    store.commit_layer(tmp, diff_id, {
+        "diff_id": diff_id, "digest": ex.digest, "size": ex.tar_size, "blob_size": ex.blob_size,
+        "compression": ex.compression, "entries": ex.entries, "whiteout_style": style.value,
+        "extracted": now_iso()})
+    return ex.digest, ex.blob_size
+
+
+def _docker_manifest(image_id: str, config_size: int, layers: list[Layer]) -> bytes:
+    """A Docker v2 manifest for a source that ships none (docker save's legacy form)."""
+    m = {"schemaVersion": 2, "mediaType": MEDIA_DOCKER_MANIFEST,
+         "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config_size,
+                    "digest": image_id},
+         "layers": [{"mediaType": ly.media_type, "size": ly.size, "digest": ly.digest} for ly in layers]}
+    return json.dumps(m, indent=3).encode()

@@ -1,0 +1,183 @@
+"""The image model: immutable values parsed (and validated) from OCI/Docker JSON.
+
+Like go-containerregistry's ``pkg/v1``: an :class:`Image` is its config (by
+digest, the image id) plus its layers ordered base first; a :class:`Layer` has
+two names, the ``digest`` of the blob as shipped (maybe compressed) and the
+``diff_id`` of the uncompressed tar, which is what the store keys layers by.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..fs.daemon import UsageError
+
+
+class ImageError(UsageError):
+    """Bad input (an archive, a reference, a missing image): one line for the user, exit status 2."""
+
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+HEX_RE = re.compile(r"^[0-9a-f]{1,64}$")
+# Docker's grammar (distribution/reference), lower-case path components; an optional registry host[:port].
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?)"
+REPO_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
+INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+
+
+def check_digest(value: Any, what: str) -> str:
+    """A ``sha256:<64 hex>`` digest; other algorithms and malformed values are refused."""
+    if not isinstance(value, str) or not DIGEST_RE.match(value):
+        raise ImageError(f"{what}: not a sha256 digest: {str(value)[:80]!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Reference:
+    """``repository:tag``; the tag defaults to ``latest``."""
+
+    repository: str
+    tag: str = "latest"
+
+    @classmethod
+    def parse(cls, text: str) -> "Reference":
+        if "@" in text:
+            raise ImageError(f"{text!r}: references by digest (@sha256:...) are not supported; use repo:tag or an id")
+        repo, tag = text, "latest"
+        colon = text.rfind(":")
+        if colon != -1 and "/" not in text[colon + 1:]:
+            repo, tag = text[:colon], text[colon + 1:]
+            if not TAG_RE.match(tag):
+                raise ImageError(f"{text!r}: invalid tag {tag!r}: use up to 128 of A-Z a-z 0-9 _ . -, "
+                                 "not starting with . or -")
+        if repo.startswith("docker.io/"):
+            repo = repo[len("docker.io/"):]
+            if repo.startswith("library/") and repo.count("/") == 1:
+                repo = repo[len("library/"):]
+        if not repo or len(repo) > 255 or not REPO_RE.match(repo):
+            raise ImageError(f"{text!r}: invalid repository name {repo!r}: lower-case letters, digits and "
+                             "separators (. _ -), components separated by /")
+        return cls(repo, tag)
+
+    def __str__(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of an image. ``size`` is the blob's size as shipped."""
+
+    diff_id: str
+    digest: str
+    media_type: str
+    size: int
+
+    def to_json(self) -> dict:
+        return {"diff_id": self.diff_id, "digest": self.digest, "media_type": self.media_type, "size": self.size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Layer":
+        return cls(d["diff_id"], d["digest"], d["media_type"], int(d["size"]))
+
+
+@dataclass(frozen=True)
+class History:
+    created: str | None
+    created_by: str
+    author: str
+    comment: str
+    empty_layer: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parts of an image config (OCI image-spec config.md) that we show or use."""
+
+    created: str | None
+    author: str
+    architecture: str
+    os: str
+    config: dict          # Env, Cmd, Entrypoint, WorkingDir, User, ExposedPorts, Volumes, Labels, ...
+    diff_ids: tuple[str, ...]
+    history: tuple[History, ...]
+
+    @classmethod
+    def parse(cls, raw: bytes, what: str = "image config") -> "Config":
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ImageError(f"{what}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ImageError(f"{what}: not a JSON object")
+        rootfs = d.get("rootfs")
+        if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" or not isinstance(rootfs.get("diff_ids"), list):
+            raise ImageError(f"{what}: no rootfs of type 'layers' with diff_ids")
+        diff_ids = tuple(check_digest(x, f"{what}: rootfs.diff_ids") for x in rootfs["diff_ids"])
+        hist = []
+        for h in d.get("history") or []:
+            if not isinstance(h, dict):
+                raise ImageError(f"{what}: history entry is not an object")
+            hist.append(History(_str(h.get("created")) or None, _str(h.get("created_by")), _str(h.get("author")),
+                                _str(h.get("comment")), bool(h.get("empty_layer", False))))
+        if hist and sum(not h.empty_layer for h in hist) != len(diff_ids):
+            hist = []  # inconsistent history: ignore it rather than show wrong sizes
+        cfg = d.get("config") or {}
+        if not isinstance(cfg, dict):
+            raise ImageError(f"{what}: config is not an object")
+        return cls(_str(d.get("created")) or None, _str(d.get("author")), _str(d.get("architecture")),
+                   _str(d.get("os")), cfg, diff_ids, tuple(hist))
+
+
+def _str(v: Any) -> str:
+    return v if isinstance(v, str) else ""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A stored image: ``id`` is the digest of the config bytes exactly as stored."""
+
+    id: str
+    manifest_digest: str
+    layers: tuple[Layer, ...]
+    config: Config
+    repo_tags: tuple[str, ...] = field(default=())
+    layer_sizes: tuple[int, ...] = field(default=())   # uncompressed, from the store's layer records
+
+    @property
+    def size(self) -> int:
+        """Uncompressed size of all layers, as ``docker images`` shows it."""
+        return sum(self.layer_sizes)
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ImageError(f"{what}: not JSON ({e})") from None
+
+
+def parse_manifest(raw: bytes, what: str = "manifest") -> tuple[dict, list[dict]]:
+    """An OCI/Docker v2 manifest -> (config descriptor, layer descriptors), validated."""
+    m = parse_json(raw, what)
+    if not isinstance(m, dict) or not isinstance(m.get("config"), dict) or not isinstance(m.get("layers"), list):
+        raise ImageError(f"{what}: not an image manifest (no config and layers)")
+    for desc in [m["config"], *m["layers"]]:
+        if not isinstance(desc, dict):
+            raise ImageError(f"{what}: descriptor is not an object")
+        check_digest(desc.get("digest"), what)
+        if not isinstance(desc.get("size", 0), int) or desc.get("size", 0) < 0:
+            raise ImageError(f"{what}: bad size in descriptor {desc.get('digest')}")
+    return m["config"], m["layers"]
