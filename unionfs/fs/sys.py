@@ -275,35 +275,11 @@ def is_dir(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode)
 
 
-# --- image extraction (unionfs.image.extract) --------------------------------
-# Metadata calls on an fd we opened ourselves (O_NOFOLLOW), so nothing is resolved by path.
-
-def fchown(fd: int, uid: int, gid: int) -> None:
-    os.fchown(fd, uid, gid)
-
-
-def futimens(fd: int, ns: tuple[int, int]) -> None:
-    os.utime(fd, ns=ns)
-
+# --- image extraction (unionfs.image.extract; also uses fchown, futimens, remove_tree_at below) ---
 
 def fsetxattr(fd: int, attr: str, value: bytes) -> None:
+    """Set an xattr on an fd we opened ourselves (O_NOFOLLOW), so nothing is resolved by path."""
     _xattr.setxattr(fd, attr, value)
-
-
-def remove_tree_at(dirfd: int, name: bytes) -> None:
-    """``rm -r dirfd/name`` without following symlinks (a symlink is removed, not its target)."""
-    _check_name(name)
-    st = lstat_at(dirfd, name)
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dirfd)
-        return
-    fd = open_dir_at(dirfd, name)
-    try:
-        for entry in os.scandir(fd):
-            remove_tree_at(fd, os.fsencode(entry.name))
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dirfd)
 
 
 def fchown(fd: int, uid: int, gid: int) -> None:
