@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as e:
-        print(f"unionfs: {e}", file=sys.stderr)
+        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     except OSError as e:
         if args.command not in ("load", "images", "inspect", "history", "tag", "rmi") and not \

@@ -149,7 +149,8 @@ class TarArchive(Archive):
             for m in self.tar.getmembers():
                 self.members[_norm(m.name)] = m
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ImageError(f"{path}: not a readable tar archive ({e})") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "no tar header found"
+            raise ImageError(f"{path}: not a readable tar archive or image layout directory ({why})") from None
 
     def close(self) -> None:
         self.tar.close()

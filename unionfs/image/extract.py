@@ -110,7 +110,7 @@ class LayerWriter:
             ovl.mkdir_at(parent, name, 0o755)   # parents a tar does not list, as Docker makes them
             fd = ovl.open_dir_at(parent, name)
         except OSError as e:
-            if e.errno == errno.ELOOP:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(ovl.lstat_at(parent, name).st_mode):
                 raise HostileLayer(f"{self.what}: {_show(parts)} is a symlink; refusing to write through it") from None
             if e.errno == errno.ENOTDIR:
                 raise ImageError(f"{self.what}: {_show(parts)} is not a directory but has entries below it") from None
