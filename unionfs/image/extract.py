@@ -237,13 +237,21 @@ class LayerWriter:
 
     def _add_whiteout(self, parts: tuple[bytes, ...]) -> None:
         name = parts[-1]
-        self._dir(parts[:-1])  # the directory exists in this layer, even if the tar lists nothing else in it
+        if name != formats.WH_OPAQUE:
+            target = formats.oci_whiteout_target(name)
+            if target is None or target in (b".", b".."):
+                raise ImageError(f"{self.what}: {_show(parts)!r} is not a valid whiteout (nothing after '.wh.')")
+        try:
+            self._dir(parts[:-1])  # the directory exists in this layer, even if the tar lists nothing else in it
+        except ImageError:
+            # A non-directory (or symlink) of this layer stands where the whiteout's directory would be:
+            # it hides all below it already, and nothing is written through it.  umoci 0.4.7 writes
+            # `dir2file` then `dir2file/.wh.x` when a directory became a file.
+            log.debug("%s: whiteout %s below a non-directory ignored", self.what, _show(parts))
+            return
         if name == formats.WH_OPAQUE:
             self._opaque.add(parts[:-1])
             return
-        target = formats.oci_whiteout_target(name)
-        if target is None or target in (b".", b".."):
-            raise ImageError(f"{self.what}: {_show(parts)!r} is not a valid whiteout (nothing after '.wh.')")
         self._whiteouts.add((parts[:-1], target))
 
     def finish(self) -> None:
