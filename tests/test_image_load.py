@@ -346,3 +346,27 @@ def test_store_locations(tmp_path):
                             env={**env, "XDG_DATA_HOME": "/x/data"}, capture_output=True, text=True)
     assert nobody.stdout.strip() == "/x/data/unionfs", nobody.stderr
     assert default_root() in ("/var/lib/unionfs", os.environ.get("UNIONFS_ROOT"))
+
+
+def test_demo_sample_image(tmp_path):
+    """The image scripts/demo loads: built by our own code, the same bytes every time, mounted by name."""
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "sample_image.py")
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    for p in (a, b):
+        subprocess.run([sys.executable, script, str(p)], check=True)
+    assert a.read_bytes() == b.read_bytes() and a.stat().st_size < 64 * 1024
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    assert load(store, a).stdout.strip() == "Loaded image: sample:1.1"
+    assert run("--root", str(store), "mount", "sample", str(mnt)).returncode == 2   # sample:latest: no such image
+    assert run("--root", str(store), "mount", "sample:1.1", str(mnt)).returncode == 0
+    try:
+        files = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+        assert (mnt / "etc/os-release").read_text().endswith('VERSION="1.1"\n')
+        assert os.readlink(mnt / "bin/hi") == "/bin/hello"
+    finally:
+        run("umount", str(mnt))
+    assert files == ["app", "app/main.py", "bin", "bin/hello", "bin/hi", "etc", "etc/app.conf", "etc/os-release",
+                     "usr", "usr/share", "usr/share/doc", "usr/share/doc/changelog", "var", "var/cache",
+                     "var/cache/fresh.db"]
