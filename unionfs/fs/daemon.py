@@ -170,6 +170,7 @@ def _serve(cfg: MountConfig, union, ready) -> None:
     from .operations import Operations
 
     ops = Operations(union)
+    os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
     try:
         pyfuse3.init(ops, cfg.mountpoint, cfg.fuse_options)

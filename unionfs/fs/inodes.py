@@ -34,7 +34,7 @@ class Node:
     is the same in every layer (for a hard link: one of its names).
     """
 
-    __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "__weakref__")
+    __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "indexed", "unlinked", "__weakref__")
 
     def __init__(self, ino: int, parent: "Node | None", name: bytes, layers: tuple[int, ...], mode: int,
                  xwh: tuple[int, ...] = (), redirect: bytes | None = None) -> None:
@@ -47,6 +47,8 @@ class Node:
         self.children = 0
         self.xwh = xwh          # layers in which this dir may hold xattr whiteouts
         self.redirect = redirect  # path of a renamed dir in the lower layers (None: same path)
+        self.indexed = False      # a hard-linked lower file copied up: its data lives in the index
+        self.unlinked = False     # removed while open: attributes come from an open fd
 
     @property
     def is_dir(self) -> bool:
@@ -114,7 +116,10 @@ class InodeTable:
         old = self._nodes.get(node.ino)
         if old is not None:
             old.layers, old.mode, old.xwh, old.redirect = node.layers, node.mode, node.xwh, node.redirect
-            if old.parent is None or old.parent.ino not in self._nodes:
+            old.indexed = node.indexed
+            if not old.is_dir and (old.parent is not node.parent or old.name != node.name):
+                # Another name of a hard-linked file: the name just resolved is certainly valid
+                # now, the one we had may be gone.
                 self._reparent(old, node.parent, node.name)
             return old
         self._nodes[node.ino] = node

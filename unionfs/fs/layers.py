@@ -101,11 +101,27 @@ class LayerStack:
             fd = ovl.open_beneath(self.layers[index].fd, node.redirect)
         else:
             fd = ovl.open_dir_at(self.dir_fd(index, node.parent), node.name)
+        self._remember(key, fd)
+        return fd
+
+    def path_fd(self, index: int, relpath: bytes) -> int:
+        """An fd of directory ``relpath`` in layer ``index`` (borrowed; cached by path)."""
+        if not relpath:
+            return self.layers[index].fd
+        key = (index, relpath)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        fd = ovl.open_beneath(self.layers[index].fd, relpath)
+        self._remember(key, fd)
+        return fd
+
+    def _remember(self, key, fd: int) -> None:
         self._fds[key] = fd
         while len(self._fds) > self.max_fds:
             _, old = self._fds.popitem(last=False)
             os.close(old)
-        return fd
 
     def parent_fd(self, index: int, node: Node) -> int:
         """An fd of the directory holding ``node`` in layer ``index``."""
@@ -115,7 +131,7 @@ class LayerStack:
 
     def forget_fd(self, ino: int) -> None:
         """Drop cached fds of a directory that went away or moved under a redirect."""
-        for key in [k for k in self._fds if k[1] == ino]:
+        for key in [k for k in self._fds if k[1] == ino or isinstance(k[1], bytes)]:
             os.close(self._fds.pop(key))
 
     def close(self) -> None:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from . import sys as sysmod
 from .inodes import ROOT_INO, Node
-from .union import Attr, Union
+from .union import Attr, OpenFile, Union
 
 log = logging.getLogger("unionfs.ops")
 
@@ -44,14 +45,11 @@ def _guard(fn):
         except Exception:
             log.exception("internal error in %s%r", fn.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if getattr(self.union, "changed", None):
+                self._invalidate_changed()
 
     return wrapper
-
-
-@dataclass
-class FileHandle:
-    node: Node
-    fd: int
 
 
 @dataclass
@@ -63,7 +61,7 @@ class DirHandle:
 
 @dataclass
 class Handles:
-    files: dict[int, FileHandle] = field(default_factory=dict)
+    files: dict[int, OpenFile] = field(default_factory=dict)
     dirs: dict[int, DirHandle] = field(default_factory=dict)
     next_fh: int = 1
 
@@ -87,7 +85,7 @@ class Operations(pyfuse3.Operations):
     # --- helpers ---------------------------------------------------------------
 
     def _timeout(self, node: Node) -> float:
-        if self.union.readonly or not self.union.stack.is_upper(node.top):
+        if self.union.readonly or not (self.union.stack.is_upper(node.top) or node.indexed):
             return LOWER_TIMEOUT
         return UPPER_TIMEOUT
 
@@ -108,6 +106,18 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = attr.mtime_ns
         e.st_ctime_ns = attr.ctime_ns
         return e
+
+    def _invalidate_changed(self) -> None:
+        """Drop the kernel's cached attributes of inodes that changed as a side effect (a copy-up)."""
+        changed = self.union.changed
+        while changed:
+            ino = changed.pop()
+            if ino == ROOT_INO or self.inodes.find(ino) is None:
+                continue
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError:
+                pass  # the kernel no longer knows it: nothing cached
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -218,23 +228,116 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode, flags, ctx):
         node = self.inodes.get(inode)
-        fd = self.union.open(node, flags)
-        fh = self.handles.add(self.handles.files, FileHandle(node, fd))
+        f = self.union.open(node, flags)
+        fh = self.handles.add(self.handles.files, f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_guard
     async def read(self, fh, off, size):
-        return os.pread(self.handles.files[fh].fd, size, off)
+        return self.union.read(self.handles.files[fh], off, size)
 
     @_guard
     async def release(self, fh):
-        h = self.handles.files.pop(fh)
-        os.close(h.fd)
+        self.union.release(self.handles.files.pop(fh))
 
-    # --- changes: a stack without an upper layer is read-only --------------------
+    # --- changes ------------------------------------------------------------------
+    # A stack without an upper layer is read-only (the mount is ``ro`` too).
 
-    async def _erofs(self, *args, **kwargs):
-        raise pyfuse3.FUSEError(errno.EROFS)
+    def _writable(self):
+        if self.union.readonly:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.union
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _erofs
-    setxattr = removexattr = write = _erofs
+    def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        entry = self._entry(node, self.union.getattr(node))
+        self.inodes.lookup(node)
+        return entry
+
+    @_guard
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        u = self._writable()
+        node = self.inodes.get(inode)
+        f = self.handles.files.get(fh) if fh is not None else None
+        u.setattr(node, f,
+                  mode=attr.st_mode if fields.update_mode else None,
+                  uid=attr.st_uid if fields.update_uid else None,
+                  gid=attr.st_gid if fields.update_gid else None,
+                  size=attr.st_size if fields.update_size else None,
+                  atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                  mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+        return self._entry(node, self.union.getattr(node))
+
+    @_guard
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        node = self._writable().mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        return self._new_entry(node)
+
+    @_guard
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        node = self._writable().mkdir(self.inodes.get(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return self._new_entry(node)
+
+    @_guard
+    async def symlink(self, parent_inode, name, target, ctx):
+        node = self._writable().symlink(self.inodes.get(parent_inode), name, target, ctx.uid, ctx.gid)
+        return self._new_entry(node)
+
+    @_guard
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._writable().link(self.inodes.get(inode), self.inodes.get(new_parent_inode), new_name)
+        return self._new_entry(node)
+
+    @_guard
+    async def unlink(self, parent_inode, name, ctx):
+        self._writable().unlink(self.inodes.get(parent_inode), name)
+
+    @_guard
+    async def rmdir(self, parent_inode, name, ctx):
+        self._writable().rmdir(self.inodes.get(parent_inode), name)
+
+    @_guard
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        real_flags = 0
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            real_flags |= sysmod.RENAME_EXCHANGE
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            real_flags |= sysmod.RENAME_NOREPLACE
+        self._writable().rename(self.inodes.get(parent_inode_old), name_old,
+                                self.inodes.get(parent_inode_new), name_new, real_flags)
+
+    @_guard
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        f = self._writable().create(self.inodes.get(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
+        fh = self.handles.add(self.handles.files, f)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(f.node)
+
+    @_guard
+    async def write(self, fh, off, buf):
+        return self._writable().write(self.handles.files[fh], off, buf)
+
+    @_guard
+    async def flush(self, fh):
+        pass
+
+    @_guard
+    async def fsync(self, fh, datasync):
+        if not self.union.readonly:
+            self.union.fsync_file(self.handles.files[fh], datasync)
+
+    @_guard
+    async def fsyncdir(self, fh, datasync):
+        if not self.union.readonly:
+            self.union.fsyncdir(self.handles.dirs[fh].node, datasync)
+
+    @_guard
+    async def setxattr(self, inode, name, value, ctx):
+        self._writable().setxattr(self.inodes.get(inode), os.fsdecode(name), value)
+
+    @_guard
+    async def removexattr(self, inode, name, ctx):
+        try:
+            self._writable().removexattr(self.inodes.get(inode), os.fsdecode(name))
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise

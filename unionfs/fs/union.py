@@ -23,6 +23,14 @@ log = logging.getLogger("unionfs.union")
 
 
 @dataclass(slots=True)
+class UpperMeta:
+    """What an upper non-directory remembers of its past: its inode number and merged link count."""
+
+    ino: int | None = None
+    nlink: int | None = None  # set when the inode is indexed (a lower hard link, copied up)
+
+
+@dataclass(slots=True)
 class Attr:
     """Attributes of a merged-view object, as the kernel should see them."""
 
@@ -52,6 +60,7 @@ class Union:
         self.stack = stack
         self.inodes = InodeTable(stack.devs)
         self.readonly = stack.upper is None
+        self.index_fd = -1  # the writable layer's index dir
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
         self.inodes.add_root(self.root)
@@ -118,14 +127,26 @@ class Union:
         xwh: list[int] = []
         top: os.stat_result | None = None
         origin: os.stat_result | None = None
-        for index in parent.layers:
-            pfd = self.stack.dir_fd(index, parent)
+        redirect: bytes | None = None
+        meta: UpperMeta | None = None
+        candidates = list(parent.layers)
+        i = 0
+        while i < len(candidates):
+            index = candidates[i]
+            i += 1
+            if redirect is not None:
+                # A renamed directory: lower layers are searched at the path it came from.
+                pfd, real = self._redirect_parent(index, redirect)
+                if pfd is None:
+                    continue
+            else:
+                pfd, real = self.stack.dir_fd(index, parent), name
             try:
-                st = ovl.lstat_at(pfd, name)
+                st = ovl.lstat_at(pfd, real)
             except (FileNotFoundError, NotADirectoryError):
                 st = None
             if st is not None:
-                if self._is_whiteout(index, parent, pfd, name, st):
+                if self._is_whiteout(index, parent, pfd, real, st):
                     break
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if top is None:
@@ -133,23 +154,78 @@ class Union:
                 elif not is_dir:
                     break  # a non-directory below a directory is hidden
                 layers.append(index)
-                if origin is None and not self.stack.is_upper(index):
+                upper = self.stack.is_upper(index)
+                if upper and not is_dir:
+                    meta = self._upper_meta(pfd, real)
+                if origin is None and not upper:
                     origin = st
                 if not is_dir:
                     break
-                kind = self._dir_kind(pfd, name)
+                kind = self._dir_kind(pfd, real)
                 if kind is formats.DirKind.XWHITEOUTS:
                     xwh.append(index)
                 if kind is formats.DirKind.OPAQUE:
                     break
-            if self.stack.layers[index].oci_whiteouts and len(name) + 4 <= 255 and \
+                if upper and redirect is None:
+                    target = self._read_redirect(pfd, real)
+                    if target is not None:
+                        redirect = self._absolute_redirect(parent, target)
+                        candidates = list(self.root.layers[1:])  # an absolute path: every lower layer
+                        i = 0
+                        continue
+            if redirect is None and self.stack.layers[index].oci_whiteouts and len(name) + 4 <= 255 and \
                     ovl.exists_at(pfd, formats.WH_PREFIX + name):
                 break
         if top is None:
             return None
-        origin = origin or top
-        ino = self.inodes.ino_for(origin.st_dev, origin.st_ino)
-        return Node(ino, parent, name, tuple(layers), top.st_mode, tuple(xwh))
+        indexed = False
+        if meta is not None and meta.ino is not None:
+            ino = meta.ino
+            indexed = meta.nlink is not None
+        else:
+            origin = origin or top
+            ino = self.inodes.ino_for(origin.st_dev, origin.st_ino)
+            if top is origin and not stat.S_ISDIR(top.st_mode) and top.st_nlink > 1 and self._indexed(ino):
+                indexed = True  # a lower hard link copied up through another name: data in the index
+        node = Node(ino, parent, name, tuple(layers), top.st_mode, tuple(xwh), redirect)
+        node.indexed = indexed
+        return node
+
+    # Hooks for the writable layer; a read-only stack has no upper metadata, redirects or index.
+    def _upper_meta(self, pfd: int, name: bytes) -> "UpperMeta | None":
+        return None
+
+    def _read_redirect(self, pfd: int, name: bytes) -> bytes | None:
+        return None
+
+    def _indexed(self, ino: int) -> bool:
+        return False
+
+    def _absolute_redirect(self, parent: Node, target: bytes) -> bytes:
+        """overlayfs redirects are absolute (``/a/b``) or a name in the same parent."""
+        if target.startswith(b"/"):
+            return target.strip(b"/")
+        base = self.lower_path(parent)
+        return base + b"/" + target if base else target
+
+    def lower_path(self, node: Node) -> bytes:
+        """Where ``node`` lives in the lower layers (its path, unless it or a parent was renamed)."""
+        parts: list[bytes] = []
+        n: Node | None = node
+        while n is not None and n.parent is not None:
+            if n.redirect is not None:
+                parts.append(n.redirect)
+                break
+            parts.append(n.name)
+            n = n.parent
+        return b"/".join(reversed(parts))
+
+    def _redirect_parent(self, index: int, path: bytes) -> tuple[int | None, bytes]:
+        head, _, tail = path.rpartition(b"/")
+        try:
+            return self.stack.path_fd(index, head), tail
+        except OSError:
+            return None, tail
 
     def lookup(self, parent: Node, name: bytes) -> Node:
         """Resolve and enter into the inode table; the caller counts the kernel's lookup."""
@@ -167,11 +243,18 @@ class Union:
 
     # --- attributes ---------------------------------------------------------------
 
+    def locate(self, node: Node) -> tuple[int, bytes | None]:
+        """Where the topmost real instance of ``node`` is: (directory fd, name), or (dir fd, None) for a dir."""
+        if node.is_dir:
+            return self.stack.dir_fd(node.top, node), None
+        if node.indexed:
+            return self.index_fd, index_name(node.ino)
+        return self.stack.parent_fd(node.top, node), node.name
+
     def real_stat(self, node: Node) -> os.stat_result:
         """stat of the topmost real instance of ``node``."""
-        if node.is_dir:
-            return ovl.fstat(self.stack.dir_fd(node.top, node))
-        return ovl.lstat_at(self.stack.parent_fd(node.top, node), node.name)
+        fd, name = self.locate(node)
+        return ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
 
     def getattr(self, node: Node) -> Attr:
         return self.attr_from_stat(node, self.real_stat(node))
@@ -186,7 +269,8 @@ class Union:
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.mode):
             raise OSError(errno.EINVAL, "not a symlink")
-        return ovl.readlink_at(self.stack.parent_fd(node.top, node), node.name)
+        fd, name = self.locate(node)
+        return ovl.readlink_at(fd, name)
 
     def statfs(self) -> os.statvfs_result:
         return ovl.statvfs(self.stack.layers[0].fd)
@@ -213,20 +297,15 @@ class Union:
 
     # --- xattrs -----------------------------------------------------------------
 
-    def _xattr_target(self, node: Node) -> tuple[int, bytes | None]:
-        if node.is_dir:
-            return self.stack.dir_fd(node.top, node), None
-        return self.stack.parent_fd(node.top, node), node.name
-
     def getxattr(self, node: Node, name: str) -> bytes:
         stored = formats.escape_xattr(name)
         if formats.is_private_xattr(stored):
             raise OSError(errno.ENODATA, "no such attribute")
-        fd, real = self._xattr_target(node)
+        fd, real = self.locate(node)
         return ovl.getxattr_at(fd, real, stored)
 
     def listxattr(self, node: Node) -> list[str]:
-        fd, real = self._xattr_target(node)
+        fd, real = self.locate(node)
         return formats.visible_xattrs(ovl.listxattr_at(fd, real))
 
     # --- directories ------------------------------------------------------------
@@ -272,11 +351,35 @@ class Union:
 
     # --- data ------------------------------------------------------------------
 
-    def open(self, node: Node, flags: int) -> int:
-        """A real fd for reading ``node`` (the writable layer overrides this for writes)."""
+    def open(self, node: Node, flags: int) -> "OpenFile":
+        """Open ``node`` for reading (the writable layer overrides this for writes)."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "read-only file system")
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
-        return ovl.open_at(self.stack.parent_fd(node.top, node), node.name, flags | os.O_RDONLY)
+        return OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
+
+    def _open_real(self, node: Node, flags: int) -> int:
+        fd, name = self.locate(node)
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
+        return ovl.open_at(fd, name, flags)
+
+    def read(self, f: "OpenFile", off: int, size: int) -> bytes:
+        return os.pread(f.fd, size, off)
+
+    def release(self, f: "OpenFile") -> None:
+        os.close(f.fd)
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """An open file of the merged view: the real fd behind it follows the node's copy-up."""
+
+    node: Node
+    fd: int
+    writable: bool
+
+
+def index_name(ino: int) -> bytes:
+    """Name of an inode's entry in the work dir's index (overlayfs ``index=on``)."""
+    return b"%x" % ino

@@ -1,0 +1,277 @@
+"""Random operations applied to two mounts, with every result (value or errno) compared."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import random
+import stat
+from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(a: str, b: str, flags: int) -> None:
+    if _libc.renameat2(-100, a.encode(), -100, b.encode(), ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _stat_view(st: os.stat_result) -> tuple:
+    return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+            st.st_size if not stat.S_ISDIR(st.st_mode) else None, st.st_nlink)
+
+
+NB = os.O_NONBLOCK  # a FIFO in the pool must never block an open
+
+
+class Ops:
+    """Each op takes a root and returns a comparable result; OSError becomes ('err', errno)."""
+
+    @staticmethod
+    def write_new(r, p, data):
+        fd = os.open(os.path.join(r, p), os.O_WRONLY | os.O_CREAT | os.O_EXCL | NB, 0o644)
+        try:
+            return os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def append(r, p, data):
+        fd = os.open(os.path.join(r, p), os.O_WRONLY | os.O_APPEND | NB)
+        try:
+            return os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def overwrite(r, p, data):
+        fd = os.open(os.path.join(r, p), os.O_WRONLY | os.O_TRUNC | NB)
+        try:
+            return os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def pwrite(r, p, off, data):
+        fd = os.open(os.path.join(r, p), os.O_RDWR | NB)
+        try:
+            return os.pwrite(fd, data, off)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def truncate(r, p, size):
+        if stat.S_ISFIFO(os.lstat(os.path.join(r, p)).st_mode):
+            return "fifo"
+        os.truncate(os.path.join(r, p), size)
+
+    @staticmethod
+    def read(r, p):
+        fd = os.open(os.path.join(r, p), os.O_RDONLY | NB)
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return "fifo"
+            return os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def mkdir(r, p, mode):
+        os.mkdir(os.path.join(r, p), mode)
+
+    @staticmethod
+    def rmdir(r, p):
+        os.rmdir(os.path.join(r, p))
+
+    @staticmethod
+    def unlink(r, p):
+        os.unlink(os.path.join(r, p))
+
+    @staticmethod
+    def rename(r, a, b):
+        os.rename(os.path.join(r, a), os.path.join(r, b))
+
+    @staticmethod
+    def rename_noreplace(r, a, b):
+        renameat2(os.path.join(r, a), os.path.join(r, b), RENAME_NOREPLACE)
+
+    @staticmethod
+    def rename_exchange(r, a, b):
+        renameat2(os.path.join(r, a), os.path.join(r, b), RENAME_EXCHANGE)
+
+    @staticmethod
+    def symlink(r, target, p):
+        os.symlink(target, os.path.join(r, p))
+
+    @staticmethod
+    def link(r, a, b):
+        os.link(os.path.join(r, a), os.path.join(r, b), follow_symlinks=False)
+
+    @staticmethod
+    def mkfifo(r, p):
+        os.mkfifo(os.path.join(r, p), 0o640)
+
+    @staticmethod
+    def chmod(r, p, mode):
+        if os.path.islink(os.path.join(r, p)):
+            return "link"
+        os.chmod(os.path.join(r, p), mode)
+
+    @staticmethod
+    def chown(r, p, uid, gid):
+        os.chown(os.path.join(r, p), uid, gid, follow_symlinks=False)
+
+    @staticmethod
+    def utime(r, p, ns):
+        os.utime(os.path.join(r, p), ns=ns, follow_symlinks=False)
+        st = os.lstat(os.path.join(r, p))
+        return st.st_mtime_ns
+
+    @staticmethod
+    def setxattr(r, p, name, value):
+        os.setxattr(os.path.join(r, p), name, value, follow_symlinks=False)
+
+    @staticmethod
+    def removexattr(r, p, name):
+        os.removexattr(os.path.join(r, p), name, follow_symlinks=False)
+
+    @staticmethod
+    def getxattrs(r, p):
+        full = os.path.join(r, p)
+        return sorted((n, os.getxattr(full, n, follow_symlinks=False))
+                      for n in os.listxattr(full, follow_symlinks=False) if n.startswith("user."))
+
+    @staticmethod
+    def lstat(r, p):
+        return _stat_view(os.lstat(os.path.join(r, p)))
+
+    @staticmethod
+    def listdir(r, p):
+        full = os.path.join(r, p)
+        # kernel overlayfs lists whiteouts of unmerged dirs; count only what can be looked up
+        return sorted(n for n in os.listdir(full) if os.path.lexists(os.path.join(full, n)))
+
+    @staticmethod
+    def open_unlink_write(r, p, data):
+        """Write through a handle whose name was removed meanwhile."""
+        fd = os.open(os.path.join(r, p), os.O_RDWR | NB)
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return "fifo"
+            os.unlink(os.path.join(r, p))
+            os.pwrite(fd, data, 0)
+            return os.pread(fd, 100, 0), os.fstat(fd).st_nlink
+        finally:
+            os.close(fd)
+
+
+def apply(root: str, op: str, args: tuple):
+    try:
+        return ("ok", getattr(Ops, op)(root, *args))
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, e.errno))
+
+
+class Generator:
+    """Random but reproducible operations over a pool of names that exist in lower, upper, or nowhere."""
+
+    def __init__(self, seed: int, initial: list[str]) -> None:
+        self.rng = random.Random(seed)
+        self.paths = list(initial)
+        self.dirs = [""] + [p for p in initial if p.endswith("/")]
+        self.paths = [p.rstrip("/") for p in self.paths]
+        self.dirs = [d.rstrip("/") for d in self.dirs]
+        self.n = 0
+
+    def _path(self) -> str:
+        if self.rng.random() < 0.25:
+            self.n += 1
+            d = self.rng.choice(self.dirs)
+            return os.path.join(d, f"n{self.n}") if d else f"n{self.n}"
+        return self.rng.choice(self.paths)
+
+    def _data(self) -> bytes:
+        return bytes(self.rng.choice(b"abcxyz") for _ in range(self.rng.randint(0, 40)))
+
+    def next(self) -> tuple[str, tuple]:
+        r = self.rng
+        op = r.choice(["write_new", "append", "overwrite", "pwrite", "truncate", "read", "read", "mkdir",
+                       "rmdir", "unlink", "unlink", "rename", "rename", "rename", "rename_noreplace",
+                       "rename_exchange", "symlink", "link", "link", "mkfifo", "chmod", "chown", "utime",
+                       "setxattr", "removexattr", "getxattrs", "lstat", "lstat", "listdir", "listdir",
+                       "open_unlink_write"])
+        p = self._path()
+        if op in ("write_new", "append", "overwrite", "open_unlink_write"):
+            args = (p, self._data())
+        elif op == "pwrite":
+            args = (p, r.randint(0, 30), self._data())
+        elif op == "truncate":
+            args = (p, r.choice([0, 1, 5, 100]))
+        elif op == "mkdir":
+            args = (p, r.choice([0o755, 0o700, 0o2775]))
+        elif op in ("rename", "rename_noreplace", "rename_exchange", "link"):
+            args = (p, self._path())
+        elif op == "symlink":
+            args = (r.choice(["f1", "../a/f2", "nowhere", "a"]), p)
+        elif op == "chmod":
+            args = (p, r.choice([0o644, 0o600, 0o4755, 0o1777, 0o2755]))
+        elif op == "chown":
+            args = (p, r.choice([0, 1000, 1001]), r.choice([0, 1000, 1001]))
+        elif op == "utime":
+            args = (p, (r.randint(1, 10**18), r.randint(1, 10**18)))
+        elif op == "setxattr":
+            args = (p, r.choice(["user.a", "user.b"]), self._data())
+        elif op == "removexattr":
+            args = (p, r.choice(["user.a", "user.b", "user.lower"]))
+        else:
+            args = (p,)
+        for a in args:
+            if isinstance(a, str) and a not in self.paths and not a.startswith(("f1", "../", "nowhere")) and a != "a":
+                self.paths.append(a)
+                if op == "mkdir" or (op in ("rename", "rename_noreplace") and a in self.dirs):
+                    self.dirs.append(a)
+        return op, args
+
+
+def build_lower(top: Path, bottom: Path) -> list[str]:
+    """Two lower layers with merged dirs, a whiteout, an opaque dir, hard links, special files."""
+    def w(base: Path, rel: str, data: bytes = b"", mode: int = 0o644) -> None:
+        p = base / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chmod(p, mode)
+
+    w(bottom, "f1", b"bottom f1")
+    w(bottom, "a/f2", b"bottom a/f2")
+    w(bottom, "a/b/f3", b"deep")
+    w(bottom, "a/b/c/f4", b"deeper")
+    w(bottom, "gone", b"whited out above")
+    w(bottom, "opq/old", b"hidden by opaque")
+    w(bottom, "exe", b"#!/bin/sh\n", 0o4755)
+    os.setxattr(bottom / "f1", "user.lower", b"x")
+    os.setxattr(bottom / "a", "user.lower", b"dir")
+    os.link(bottom / "f1", bottom / "hl")
+    os.link(bottom / "f1", bottom / "a/hl2")
+    os.mkfifo(bottom / "fifo", 0o644)
+    os.symlink("f1", bottom / "sym")
+    (bottom / "e").mkdir()
+    os.chmod(bottom / "a", 0o2775)
+    os.chown(bottom / "a/f2", 1000, 1000)
+    w(top, "a/top", b"top file in merged dir")
+    w(top, "d/only-top", b"t")
+    os.mknod(top / "gone", 0o600 | stat.S_IFCHR, 0)
+    (top / "opq").mkdir()
+    os.setxattr(top / "opq", "trusted.overlay.opaque", b"y")
+    w(top, "opq/new", b"new")
+    w(top, "f5", b"top f5")
+    paths = []
+    for base in (bottom, top):
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, base)
+            for n in dirnames:
+                paths.append(os.path.normpath(os.path.join(rel, n)) + "/")
+            for n in filenames:
+                paths.append(os.path.normpath(os.path.join(rel, n)))
+    return sorted(set(paths))

@@ -1,0 +1,600 @@
+"""The writable layer: every change lands in the upper dir, lower layers stay untouched.
+
+Namespace changes follow overlayfs (``dir.c``) with ``index=on,redirect_dir=on``:
+
+* removing a name that exists in a lower layer leaves a whiteout; otherwise the
+  upper entry is simply removed;
+* a directory created where a lower one was removed is marked opaque;
+* renaming a directory that has lower parts copies up only the directory and
+  records where it came from (``overlay.redirect``), instead of copying the
+  tree (EXDEV in overlayfs without redirect_dir, and in fuse-overlayfs);
+* replacing an existing upper entry is done by building the new one in the
+  work dir and swapping it in with one ``renameat2``, so each step is atomic.
+
+The upper dir is written in overlayfs's own format (char 0/0 whiteouts,
+``trusted.overlay.opaque``/``redirect``), so kernel overlayfs mounted over it
+shows the same tree.  What overlayfs keeps in file handles we keep in one
+xattr per copied-up inode (``trusted.unionfs.origin``: its inode number and,
+for indexed hard links, the merged link count).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from . import formats
+from . import sys as ovl
+from .copyup import CopyUp
+from .daemon import UsageError
+from .inodes import Node
+from .layers import LayerStack
+from .union import OpenFile, Union, UpperMeta, index_name
+
+log = logging.getLogger("unionfs.writable")
+
+WORK_MARKER = b".unionfs-work"
+WORK_TEMP = b"work"
+WORK_INDEX = b"index"
+
+
+@dataclass
+class UpperLock:
+    """fds holding flock(2) locks on the upper and work dirs for the life of the mount."""
+
+    work_fd: int
+    upper_fd: int
+
+    def close(self) -> None:
+        os.close(self.work_fd)
+
+
+def prepare_upper(stack: LayerStack, work: str) -> UpperLock:
+    """Check and lock the work dir, clean what a previous mount left in it."""
+    upper = stack.upper
+    assert upper is not None
+    try:
+        wfd = os.open(work, ovl.O_DIR & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise UsageError(f"work dir {work}: no such directory") from None
+    except NotADirectoryError:
+        raise UsageError(f"work dir {work}: not a directory") from None
+    try:
+        wst = os.fstat(wfd)
+        if wst.st_dev != upper.dev:
+            raise UsageError(f"work dir {work} must be on the same filesystem as the upper dir {upper.path}")
+        if (wst.st_dev, wst.st_ino) == (os.fstat(upper.fd).st_dev, os.fstat(upper.fd).st_ino):
+            raise UsageError("the work dir and the upper dir must be different directories")
+        for fd, what, path in ((upper.fd, "upper dir", upper.path), (wfd, "work dir", work)):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"{what} {path} is in use by another mount") from None
+        with os.scandir(wfd) as it:
+            names = {os.fsencode(e.name) for e in it}
+        if names and WORK_MARKER not in names:
+            raise UsageError(f"work dir {work} is not empty and not a unionfs work dir")
+        if WORK_MARKER not in names:
+            os.close(ovl.open_at(wfd, WORK_MARKER, os.O_WRONLY | os.O_CREAT, 0o600))
+        for sub in (WORK_TEMP, WORK_INDEX):
+            if not ovl.exists_at(wfd, sub):
+                ovl.mkdir_at(wfd, sub, 0o700)
+        # Leftovers of an interrupted operation: never part of the view, safe to drop.
+        tfd = ovl.open_dir_at(wfd, WORK_TEMP)
+        try:
+            with os.scandir(tfd) as it:
+                for e in list(it):
+                    log.info("removing leftover %s from the work dir", e.name)
+                    ovl.remove_tree_at(tfd, os.fsencode(e.name))
+        finally:
+            os.close(tfd)
+    except BaseException:
+        os.close(wfd)
+        raise
+    return UpperLock(wfd, upper.fd)
+
+
+class WritableUnion(Union):
+    def __init__(self, stack: LayerStack, lock: UpperLock, style: formats.Style | None = None,
+                 fsync: bool = True) -> None:
+        super().__init__(stack)
+        self.readonly = False
+        self.lock = lock
+        self.style = style or formats.Style.default()
+        self.fsync = fsync
+        self.meta_xattr = ("trusted.unionfs." if self.style is formats.Style.OVERLAY else "user.unionfs.") + "origin"
+        self.redirect_xattr = self.style.prefix + formats.Xattr.REDIRECT.value
+        self.work_fd = ovl.open_dir_at(lock.work_fd, WORK_TEMP)
+        self.index_fd = ovl.open_dir_at(lock.work_fd, WORK_INDEX)
+        self._temp_seq = 0
+        self._open: dict[int, set[OpenFile]] = {}
+        # Inodes whose attributes changed other than by the request at hand (the kernel
+        # may have them cached): the FUSE adapter invalidates them after each request.
+        self.changed: set[int] = set()
+        self.copy_up = CopyUp(self)
+
+    def close(self) -> None:
+        os.close(self.work_fd)
+        os.close(self.index_fd)
+        self.lock.close()
+        super().close()
+
+    # --- bookkeeping -------------------------------------------------------------
+
+    def temp_name(self) -> bytes:
+        self._temp_seq += 1
+        return b"#%x.%x" % (os.getpid(), self._temp_seq)
+
+    def in_upper(self, node: Node) -> bool:
+        return node.parent is None or node.layers[0] == 0
+
+    def index_has(self, ino: int) -> bool:
+        return ovl.exists_at(self.index_fd, index_name(ino))
+
+    def _indexed(self, ino: int) -> bool:
+        return self.index_has(ino)
+
+    def _upper_meta(self, pfd: int, name: bytes) -> UpperMeta | None:
+        raw = ovl.getxattr_or_none(pfd, name, self.meta_xattr)
+        if raw is None:
+            return None
+        meta = UpperMeta()
+        for item in raw.split(b";"):
+            k, _, v = item.partition(b"=")
+            if k == b"ino":
+                meta.ino = int(v)
+            elif k == b"nlink":
+                meta.nlink = int(v)
+        return meta
+
+    def write_meta(self, fd: int, name: bytes | None, ino: int, nlink: int | None) -> None:
+        value = b"ino=%d" % ino + (b";nlink=%d" % nlink if nlink is not None else b"")
+        ovl.setxattr_at(fd, name, self.meta_xattr, value)
+
+    def _read_redirect(self, pfd: int, name: bytes) -> bytes | None:
+        for prefix in (formats.TRUSTED_PREFIX, formats.USER_PREFIX):
+            v = ovl.getxattr_or_none(pfd, name, prefix + formats.Xattr.REDIRECT.value)
+            if v:
+                return v
+        return None
+
+    def set_redirect(self, dirfd: int, lower_path: bytes) -> None:
+        ovl.setxattr_at(dirfd, None, self.redirect_xattr, b"/" + lower_path)
+
+    def reopen_readers(self, node: Node) -> None:
+        """Open handles of a file that was just copied up now read the upper copy."""
+        for f in self._open.get(node.ino, ()):
+            if not f.writable:
+                fd = self._open_real(node, os.O_RDONLY)
+                os.close(f.fd)
+                f.fd = fd
+
+    def attr_from_stat(self, node, st):
+        a = super().attr_from_stat(node, st)
+        if node.indexed and not node.unlinked:
+            meta = self._upper_meta(self.index_fd, index_name(node.ino))
+            if meta is not None and meta.nlink is not None:
+                a.nlink = meta.nlink
+        return a
+
+    def real_stat(self, node: Node) -> os.stat_result:
+        if node.unlinked:
+            for f in self._open.get(node.ino, ()):
+                return ovl.fstat(f.fd)
+            raise OSError(errno.ENOENT, "deleted")
+        return super().real_stat(node)
+
+    def _adjust_nlink(self, node: Node, delta: int) -> int:
+        """Change an indexed inode's merged link count; at zero its index entry goes. Returns the count."""
+        meta = self._upper_meta(self.index_fd, index_name(node.ino))
+        if meta is None or meta.nlink is None:
+            return 1
+        nlink = meta.nlink + delta
+        if nlink <= 0:
+            ovl.unlink_at(self.index_fd, index_name(node.ino))
+            node.indexed = False
+        else:
+            self.write_meta(self.index_fd, index_name(node.ino), node.ino, nlink)
+        return nlink
+
+    def lower_exists(self, parent: Node, name: bytes) -> bool:
+        """Does ``name`` show from the lower layers below ``parent``? Then removing it needs a whiteout."""
+        for index in parent.layers:
+            if self.stack.is_upper(index):
+                continue
+            pfd = self.stack.dir_fd(index, parent)
+            try:
+                st = ovl.lstat_at(pfd, name)
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+            if st is not None:
+                return not self._is_whiteout(index, parent, pfd, name, st)
+            if self.stack.layers[index].oci_whiteouts and ovl.exists_at(pfd, formats.WH_PREFIX + name):
+                return False
+        return False
+
+    def _upper_entry(self, parent: Node, name: bytes) -> os.stat_result | None:
+        try:
+            return ovl.lstat_at(self.stack.dir_fd(0, parent), name)
+        except FileNotFoundError:
+            return None
+
+    def _owner(self, parent: Node, uid: int, gid: int) -> tuple[int, int, bool]:
+        """Owner of a new entry, with BSD group semantics under a setgid directory."""
+        pst = self.real_stat(parent)
+        if pst.st_mode & stat.S_ISGID:
+            return uid, pst.st_gid, True
+        return uid, gid, False
+
+    # --- files -------------------------------------------------------------------
+
+    def open(self, node: Node, flags: int) -> OpenFile:
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        write = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        if write or flags & os.O_TRUNC:
+            was_upper = self.in_upper(node)
+            self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
+            fd = self._open_real(node, os.O_RDWR if write else os.O_RDONLY)
+            if flags & os.O_TRUNC and (was_upper or node.indexed):
+                ovl.ftruncate(fd, 0)  # a copy-up that linked an indexed inode copied its data
+            f = OpenFile(node, fd, writable=True)
+        else:
+            f = OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
+        self._open.setdefault(node.ino, set()).add(f)
+        return f
+
+    def write(self, f: OpenFile, off: int, data: bytes) -> int:
+        if not f.writable:
+            raise OSError(errno.EBADF, "not open for writing")
+        return ovl.pwrite(f.fd, data, off)
+
+    def fsync_file(self, f: OpenFile, datasync: bool) -> None:
+        ovl.fsync(f.fd, datasync)
+
+    def release(self, f: OpenFile) -> None:
+        files = self._open.get(f.node.ino)
+        if files is not None:
+            files.discard(f)
+            if not files:
+                del self._open[f.node.ino]
+        os.close(f.fd)
+
+    def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> OpenFile:
+        node = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+        write = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        f = OpenFile(node, self._open_real(node, os.O_RDWR if write else os.O_RDONLY), writable=True)
+        self._open.setdefault(node.ino, set()).add(f)
+        return f
+
+    # --- new entries ---------------------------------------------------------------
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
+        return self._make(parent, name, mode, uid, gid, rdev=rdev)
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        return self._make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+        return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def _check_new(self, parent: Node, name: bytes) -> None:
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if len(name) > 255:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        if formats.is_oci_marker(name):
+            # `.wh.` names are whiteouts in image layers: such a file could never be committed.
+            raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
+        if self.resolve(parent, name) is not None:
+            raise OSError(errno.EEXIST, "file exists")
+
+    def _make(self, parent: Node, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+              target: bytes | None = None) -> Node:
+        self._check_new(parent, name)
+        self.copy_up.dir_chain(parent)
+        pfd = self.stack.dir_fd(0, parent)
+        uid, gid, sgid_parent = self._owner(parent, uid, gid)
+        kind = stat.S_IFMT(mode)
+        perm = stat.S_IMODE(mode)
+        if kind == stat.S_IFDIR and sgid_parent:
+            perm |= stat.S_ISGID
+        over_whiteout = self._upper_entry(parent, name) is not None
+        opaque = kind == stat.S_IFDIR and self.lower_exists(parent, name)
+        # Build in the work dir when it has to replace a whiteout or carry markers; else in place.
+        where, tname = (self.work_fd, self.temp_name()) if over_whiteout or opaque else (pfd, name)
+        try:
+            if kind == stat.S_IFDIR:
+                ovl.mkdir_at(where, tname, 0o700)
+                fd = ovl.open_dir_at(where, tname)
+                try:
+                    if opaque or over_whiteout:
+                        formats.mark_opaque(fd, self.style)
+                    ovl.fchown(fd, uid, gid)
+                    ovl.fchmod(fd, perm)
+                finally:
+                    os.close(fd)
+            elif kind == stat.S_IFLNK:
+                ovl.symlink_at(target or b"", where, tname)
+                ovl.chown_at(where, tname, uid, gid)
+            elif kind == stat.S_IFREG:
+                fd = ovl.open_at(where, tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    ovl.fchown(fd, uid, gid)
+                    ovl.fchmod(fd, perm)
+                finally:
+                    os.close(fd)
+            else:
+                ovl.mknod_at(where, tname, kind | 0o600, rdev)
+                ovl.chown_at(where, tname, uid, gid)
+                ovl.chmod_at(where, tname, perm)
+            if where != pfd:
+                self._swap_in(where, tname, pfd, name, kind == stat.S_IFDIR)
+        except BaseException:
+            if where != pfd:
+                ovl.remove_tree_at(where, tname)
+            raise
+        node = self.resolve(parent, name)
+        if node is None:
+            raise OSError(errno.EIO, "created entry vanished")
+        return self.inodes.remember(node)
+
+    def _swap_in(self, wfd: int, tname: bytes, pfd: int, name: bytes, is_dir: bool) -> None:
+        """Atomically put work/tname at pfd/name, replacing a whiteout there if any."""
+        if self._exists(pfd, name):
+            if is_dir:
+                ovl.rename_at(wfd, tname, pfd, name, ovl.RENAME_EXCHANGE)
+                ovl.remove_tree_at(wfd, tname)  # the whiteout, now in the work dir
+            else:
+                ovl.rename_at(wfd, tname, pfd, name)
+        else:
+            ovl.rename_at(wfd, tname, pfd, name, ovl.RENAME_NOREPLACE)
+
+    @staticmethod
+    def _exists(fd: int, name: bytes) -> bool:
+        return ovl.exists_at(fd, name)
+
+    def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard link to a directory")
+        self._check_new(parent, name)
+        self.copy_up(node)  # a lower hard link goes through the index
+        if not node.indexed:
+            # From now on the inode has several names: reach it through the index, whichever
+            # names come and go.
+            sfd, sname = self.locate(node)
+            nlink = ovl.lstat_at(sfd, sname).st_nlink
+            ovl.link_at(sfd, sname, self.index_fd, index_name(node.ino))
+            self.write_meta(self.index_fd, index_name(node.ino), node.ino, nlink)
+            node.indexed = True
+        self.copy_up.dir_chain(parent)
+        pfd = self.stack.dir_fd(0, parent)
+        sfd, sname = self.locate(node)
+        if self._upper_entry(parent, name) is not None:
+            tname = self.temp_name()
+            ovl.link_at(sfd, sname, self.work_fd, tname)
+            self._swap_in(self.work_fd, tname, pfd, name, False)
+        else:
+            ovl.link_at(sfd, sname, pfd, name)
+        if node.indexed:
+            self._adjust_nlink(node, +1)
+        return node
+
+    # --- removal ---------------------------------------------------------------------
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        node = self.lookup(parent, name)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        self._remove(parent, name, node)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        node = self.lookup(parent, name)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if self.list_names(node):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        self._remove(parent, name, node)
+        self.stack.forget_fd(node.ino)
+
+    def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        if not node.is_dir and not self.in_upper(node) and self.real_stat(node).st_nlink > 1:
+            self.copy_up(node)  # index a lower hard link before dropping one of its names
+        self.copy_up.dir_chain(parent)
+        pfd = self.stack.dir_fd(0, parent)
+        whiteout = self.lower_exists(parent, name)
+        upper = self._upper_entry(parent, name)
+        if whiteout:
+            if upper is not None:
+                tname = self.temp_name()
+                formats.make_whiteout(self.work_fd, tname, self.style)
+                ovl.rename_at(self.work_fd, tname, pfd, name, ovl.RENAME_EXCHANGE)
+                ovl.remove_tree_at(self.work_fd, tname)
+            else:
+                formats.make_whiteout(pfd, name, self.style)
+        elif upper is not None:
+            if stat.S_ISDIR(upper.st_mode):
+                try:
+                    ovl.rmdir_at(pfd, name)
+                except OSError as e:
+                    if e.errno != errno.ENOTEMPTY:
+                        raise
+                    tname = self.temp_name()  # only whiteouts left inside: move away, then clean
+                    ovl.rename_at(pfd, name, self.work_fd, tname)
+                    ovl.remove_tree_at(self.work_fd, tname)
+            else:
+                ovl.unlink_at(pfd, name)
+        last = True
+        if node.indexed:
+            last = self._adjust_nlink(node, -1) == 0
+        if last and node.ino in self._open and not node.is_dir:
+            node.unlinked = True
+
+    # --- rename ----------------------------------------------------------------------
+
+    def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
+        node = self.lookup(old_parent, old_name)
+        target = self.resolve(new_parent, new_name)
+        if target is not None:
+            target = self.inodes.remember(target)
+        exchange = bool(flags & ovl.RENAME_EXCHANGE)
+        if flags & ovl.RENAME_NOREPLACE and target is not None:
+            raise OSError(errno.EEXIST, "file exists")
+        if exchange and target is None:
+            raise OSError(errno.ENOENT, "no such file or directory")
+        if formats.is_oci_marker(new_name):
+            raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
+        if target is node:
+            if old_parent is new_parent and old_name == new_name:
+                return
+        if target is not None and not exchange:
+            if node.is_dir and not target.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            if target.is_dir and not node.is_dir:
+                raise OSError(errno.EISDIR, "is a directory")
+            if target.is_dir and self.list_names(target):
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+        if target is not None and not exchange and not target.is_dir and not target.indexed and \
+                not self.in_upper(target) and self.real_stat(target).st_nlink > 1:
+            self.copy_up(target)  # index a lower hard link before one of its names is replaced
+        self.copy_up.dir_chain(old_parent)
+        self.copy_up.dir_chain(new_parent)
+        self._prepare_move(node, new_parent)
+        if exchange:
+            self._prepare_move(target, old_parent)
+        elif target is not None and target.is_dir:
+            self._empty_upper_dir(new_parent, new_name)
+        ofd = self.stack.dir_fd(0, old_parent)
+        nfd = self.stack.dir_fd(0, new_parent)
+        if exchange:
+            ovl.rename_at(ofd, old_name, nfd, new_name, ovl.RENAME_EXCHANGE)
+        else:
+            whiteout = self.lower_exists(old_parent, old_name)
+            if target is not None and not target.is_dir and target.indexed and target is not node:
+                self._adjust_nlink(target, -1)
+            dest = self._upper_entry(new_parent, new_name)
+            if node.is_dir and dest is not None and not stat.S_ISDIR(dest.st_mode):
+                # A directory onto a whiteout: swap them, the whiteout lands at the old name.
+                ovl.rename_at(ofd, old_name, nfd, new_name, ovl.RENAME_EXCHANGE)
+                if not whiteout:
+                    ovl.unlink_at(ofd, old_name)
+            elif whiteout:
+                self._rename_whiteout(ofd, old_name, nfd, new_name)
+            else:
+                ovl.rename_at(ofd, old_name, nfd, new_name)
+            if target is not None and target is not node and not target.is_dir and target.ino in self._open:
+                if not target.indexed or self._upper_meta(self.index_fd, index_name(target.ino)) is None:
+                    target.unlinked = True
+        self.inodes.move(node, new_parent, new_name)
+        if exchange and target is not None:
+            self.inodes.move(target, old_parent, old_name)
+
+    def _rename_whiteout(self, ofd: int, old: bytes, nfd: int, new: bytes) -> None:
+        if self.style is not formats.Style.XWHITEOUT:
+            try:
+                ovl.rename_at(ofd, old, nfd, new, ovl.RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+        ovl.rename_at(ofd, old, nfd, new)
+        formats.make_whiteout(ofd, old, self.style)
+
+    def _prepare_move(self, node: Node, new_parent: Node) -> None:
+        """Copy up what moves; a directory with lower parts records where it came from."""
+        if not node.is_dir:
+            self.copy_up(node)
+            return
+        has_lower = any(not self.stack.is_upper(i) for i in node.layers)
+        if has_lower:
+            lower_path = node.redirect if node.redirect is not None else self.lower_path(node)
+            self.copy_up(node)
+            fd = self.stack.dir_fd(0, node)
+            if node.redirect is None:
+                self.set_redirect(fd, lower_path)
+                node.redirect = lower_path
+        elif any(not self.stack.is_upper(i) for i in new_parent.layers):
+            # A pure upper directory moving into a merged one: lower entries of the
+            # same name must not merge into it.
+            formats.mark_opaque(self.stack.dir_fd(0, node), self.style)
+
+    def _empty_upper_dir(self, parent: Node, name: bytes) -> None:
+        """Before renaming over an (empty) merged dir, drop its upper copy's whiteouts."""
+        upper = self._upper_entry(parent, name)
+        if upper is None or not stat.S_ISDIR(upper.st_mode):
+            return
+        pfd = self.stack.dir_fd(0, parent)
+        try:
+            ovl.rmdir_at(pfd, name)
+            if self.lower_exists(parent, name):
+                formats.make_whiteout(pfd, name, self.style)
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            tname = self.temp_name()
+            formats.make_whiteout(self.work_fd, tname, self.style)
+            ovl.rename_at(self.work_fd, tname, pfd, name, ovl.RENAME_EXCHANGE)
+            ovl.remove_tree_at(self.work_fd, tname)
+
+    # --- attributes --------------------------------------------------------------------
+
+    def setattr(self, node: Node, f: OpenFile | None, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None) -> None:
+        if size is not None:
+            if node.is_dir:
+                raise OSError(errno.EISDIR, "is a directory")
+            if f is not None and f.writable:
+                ovl.ftruncate(f.fd, size)
+            else:
+                self.copy_up(node, truncate=size == 0)
+                fd = self._open_real(node, os.O_WRONLY | os.O_NONBLOCK)
+                try:
+                    ovl.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
+            return
+        self.copy_up(node)
+        fd, name = self.locate(node)
+        if uid is not None or gid is not None:
+            ovl.chown_at(fd, name, -1 if uid is None else uid, -1 if gid is None else gid) if name is not None \
+                else ovl.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            if stat.S_ISLNK(node.mode):
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+            ovl.chmod_at(fd, name, stat.S_IMODE(mode)) if name is not None else ovl.fchmod(fd, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            if atime_ns is None or mtime_ns is None:
+                st = ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            ovl.utime_at(fd, name, (atime_ns, mtime_ns)) if name is not None else ovl.futimens(fd, (atime_ns, mtime_ns))
+
+    def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        stored = formats.escape_xattr(name)
+        if formats.is_private_xattr(stored):
+            raise OSError(errno.EPERM, "reserved attribute")
+        self.copy_up(node)
+        fd, real = self.locate(node)
+        ovl.setxattr_at(fd, real, stored, value)
+
+    def removexattr(self, node: Node, name: str) -> None:
+        stored = formats.escape_xattr(name)
+        if formats.is_private_xattr(stored):
+            raise OSError(errno.ENODATA, "no such attribute")
+        if not self.in_upper(node):
+            self.getxattr(node, name)  # ENODATA without a needless copy-up
+        self.copy_up(node)
+        fd, real = self.locate(node)
+        ovl.removexattr_at(fd, real, stored)
+
+    def fsyncdir(self, node: Node, datasync: bool) -> None:
+        if self.in_upper(node):
+            ovl.fsync(self.stack.dir_fd(0, node), datasync)
+
+    def statfs(self) -> os.statvfs_result:
+        return ovl.statvfs(self.stack.layers[0].fd)
