@@ -166,11 +166,13 @@ class Union:
                     xwh.append(index)
                 if kind is formats.DirKind.OPAQUE:
                     break
-                if upper and redirect is None:
+                if redirect is None:
                     target = self._read_redirect(pfd, real)
                     if target is not None:
+                        # A renamed directory: the layers below hold it at the path it came from,
+                        # which may be anywhere, so search every layer below this one.
                         redirect = self._absolute_redirect(parent, target)
-                        candidates = list(self.root.layers[1:])  # an absolute path: every lower layer
+                        candidates = [j for j in self.root.layers if j > index]
                         i = 0
                         continue
             if redirect is None and self.stack.layers[index].oci_whiteouts and len(name) + 4 <= 255 and \
@@ -191,11 +193,15 @@ class Union:
         node.indexed = indexed
         return node
 
-    # Hooks for the writable layer; a read-only stack has no upper metadata, redirects or index.
+    # Hooks for the writable layer; a read-only stack has no upper metadata or index.
     def _upper_meta(self, pfd: int, name: bytes) -> "UpperMeta | None":
         return None
 
     def _read_redirect(self, pfd: int, name: bytes) -> bytes | None:
+        for prefix in (formats.TRUSTED_PREFIX, formats.USER_PREFIX):
+            v = ovl.getxattr_or_none(pfd, name, prefix + formats.Xattr.REDIRECT.value)
+            if v:
+                return v
         return None
 
     def _indexed(self, ino: int) -> bool:

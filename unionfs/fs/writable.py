@@ -154,13 +154,6 @@ class WritableUnion(Union):
         value = b"ino=%d" % ino + (b";nlink=%d" % nlink if nlink is not None else b"")
         ovl.setxattr_at(fd, name, self.meta_xattr, value)
 
-    def _read_redirect(self, pfd: int, name: bytes) -> bytes | None:
-        for prefix in (formats.TRUSTED_PREFIX, formats.USER_PREFIX):
-            v = ovl.getxattr_or_none(pfd, name, prefix + formats.Xattr.REDIRECT.value)
-            if v:
-                return v
-        return None
-
     def set_redirect(self, dirfd: int, lower_path: bytes) -> None:
         ovl.setxattr_at(dirfd, None, self.redirect_xattr, b"/" + lower_path)
 
