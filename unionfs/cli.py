@@ -222,6 +222,9 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("images", nargs="+", metavar="IMAGE")
     rm.add_argument("--force", "-f", action="store_true", help="remove an image with several tags by id")
     rm.set_defaults(func=_cmd_rmi)
+
+    from .registry.commands import add_parsers as add_registry_parsers   # pull, push, login, logout
+    add_registry_parsers(sub, common)
     return p
 
 
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     except OSError as e:
-        if args.command not in ("load", "images", "inspect", "history", "tag", "rmi") and not \
+        if args.command not in ("load", "images", "inspect", "history", "tag", "rmi", "pull", "push", "login",
+                                "logout") and not \
                 (args.command == "mount" and len(args.targets) == 2):
             raise
         where = f"{os.fsdecode(e.filename)}: " if e.filename else ""

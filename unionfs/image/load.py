@@ -5,6 +5,10 @@ layer the store lacks into ``tmp/`` and renames each into ``layers/`` only once
 its diff_id matched; phase 2 writes configs, manifests, image records, and
 then the tags in one rename.  If anything fails, the layers this import added
 (which no image references yet) are removed again before the lock is released.
+
+Each layer blob is kept as shipped in ``blobs/`` (so ``push`` can send it unchanged).
+:func:`add_layer_blob` and :func:`register_image` are shared with ``unionfs pull``
+(:mod:`unionfs.registry.pull`), whose source is a blob downloaded from a registry.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import hashlib
 import json
 import os
 import sys
+import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from ..fs.formats import Style
 from . import docker_archive, oci_layout
@@ -80,7 +86,7 @@ def _load_locked(store: Store, archive: Archive, sources: list[SourceImage], tag
     bar = None
     if progress and todo:
         from tqdm import tqdm
-        bar = tqdm(total=sum(archive.size(sl.name) for sl in todo.values()), unit="B", unit_scale=True,
+        bar = tqdm(total=2 * sum(archive.size(sl.name) for sl in todo.values()), unit="B", unit_scale=True,
                    unit_divisor=1024, desc="extracting", file=sys.stderr, leave=False)
     blobs: dict[str, tuple[str, int]] = {}   # diff_id -> (digest, blob size)
     try:
@@ -95,18 +101,20 @@ def _load_locked(store: Store, archive: Archive, sources: list[SourceImage], tag
     for src, config_bytes, image_id, config in prepared:
         layers = []
         for sl, diff_id in zip(src.layers, config.diff_ids):
-            if diff_id not in blobs:  # already in the store: the blob is only hashed, for the manifest
-                blobs[diff_id] = (sl.digest, archive.size(sl.name)) if sl.digest else \
-                    archive.hash_file(sl.name, "layer")
+            if diff_id not in blobs:  # already in the store: only the blob as shipped is kept (for push)
+                if sl.digest is not None and store.has_blob(sl.digest):
+                    blobs[diff_id] = (sl.digest, archive.size(sl.name))
+                else:
+                    tmp, digest, size = _copy_blob(store, archive, sl, None)
+                    blobs[diff_id] = (digest, size)
+                    store.put_blob_file(digest, tmp)
             digest, size = blobs[diff_id]
             layers.append(Layer(diff_id, digest, sl.media_type, size))
         manifest, manifest_digest = src.manifest, src.manifest_digest
         if manifest is None or manifest_digest is None:
             manifest = _docker_manifest(image_id, len(config_bytes), layers)
             manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-        store.put_blob(image_id, config_bytes)
-        store.put_blob(manifest_digest, manifest)
-        store.put_image(image_id, manifest_digest, layers)
+        register_image(store, image_id, config_bytes, manifest, manifest_digest, layers)
         names = list(src.tags) + ([tag] if tag is not None else [])
         for ref in names:
             tags[str(ref)] = image_id
@@ -117,27 +125,79 @@ def _load_locked(store: Store, archive: Archive, sources: list[SourceImage], tag
     return results
 
 
+def register_image(store: Store, image_id: str, config_bytes: bytes, manifest: bytes, manifest_digest: str,
+                   layers: list[Layer], repo_digests: tuple[str, ...] = ()) -> None:
+    """Write an image whose layers (and layer blobs) are in the store: config, manifest, then its record.
+    Tags are the caller's last step."""
+    for ly in layers:
+        assert store.has_layer(ly.diff_id), ly.diff_id
+    store.put_blob(image_id, config_bytes)
+    store.put_blob(manifest_digest, manifest)
+    store.put_image(image_id, manifest_digest, layers, repo_digests)
+
+
+def _copy_blob(store: Store, archive: Archive, sl: SourceLayer, on_read) -> tuple[str, str, int]:
+    """Copy a layer blob from the archive into ``tmp/`` (a file the extractor and push can use),
+    checked against its digest when the archive names one: (path, digest, size)."""
+    if not archive.exists(sl.name):
+        raise ImageError(f"{archive.path}: layer {sl.name}: missing from the archive")
+    path = store.path("tmp", f"blob-{uuid.uuid4().hex}")
+    h, n = hashlib.sha256(), 0
+    with archive.open(sl.name) as src, open(path, "xb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+            h.update(chunk)
+            n += len(chunk)
+            if on_read:
+                on_read(len(chunk))
+    digest = "sha256:" + h.hexdigest()
+    if sl.digest is not None and digest != sl.digest:
+        raise ImageError(f"{archive.path}: layer {sl.name}: does not match its digest "
+                         f"(expected {sl.digest}, got {digest})")
+    return path, digest, n
+
+
+def _file_digest(path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return "sha256:" + h.hexdigest(), n
+
+
 def _add_layer(store: Store, archive: Archive, sl: SourceLayer, diff_id: str, on_read) -> tuple[str, int]:
     what = f"{archive.path}: layer {sl.name}"
-    if sl.digest is not None:  # verify the blob before a single byte of it is used
-        actual, _ = archive.hash_file(sl.name, "layer")
-        if actual != sl.digest:
-            raise ImageError(f"{what}: does not match its digest (expected {sl.digest}, got {actual})")
-    if not archive.exists(sl.name):
-        raise ImageError(f"{what}: missing from the archive")
+    blob, digest, _ = _copy_blob(store, archive, sl, on_read)   # verified against sl.digest, if any
+    digest, size = add_layer_blob(store, blob, digest, diff_id, what, on_read, checked=True)
+    store.put_blob_file(digest, blob)
+    return digest, size
+
+
+def add_layer_blob(store: Store, blob_path: str, digest: str | None, diff_id: str, what: str,
+                   on_read: Callable[[int], None] | None = None, checked: bool = False) -> tuple[str, int]:
+    """Extract a layer blob file into the store as layer ``diff_id``: the blob is checked against
+    ``digest`` (when known) before a byte of it is used, and the tar against ``diff_id`` while it is
+    extracted; only then is the layer renamed into place.  Returns (digest, blob size); the blob
+    file is left where it is.  ``checked``: the caller hashed the file already."""
+    if digest is not None and not checked:  # verify the blob before a single byte of it is used
+        actual, _ = _file_digest(blob_path)
+        if actual != digest:
+            raise ImageError(f"{what}: does not match its digest (expected {digest}, got {actual})")
     tmp = store.new_tmp_dir("layer")
     root = os.path.join(tmp, "root")
     os.mkdir(root, 0o755)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     style = Style.default()
     try:
-        with archive.open(sl.name) as blob:
+        with open(blob_path, "rb") as blob:
             ex = extract_layer(blob, fd, what=what, style=style, devices=os.geteuid() == 0,
                                space=max(0, store.free_bytes() - (64 << 20)), on_read=on_read)
     finally:
         os.close(fd)
-    if sl.digest is not None and ex.digest != sl.digest:
-        raise ImageError(f"{what}: does not match its digest (expected {sl.digest}, got {ex.digest})")
+    if digest is not None and ex.digest != digest:
+        raise ImageError(f"{what}: does not match its digest (expected {digest}, got {ex.digest})")
     if ex.diff_id != diff_id:
         raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
                          f"(expected {diff_id}, got {ex.diff_id})")

@@ -45,35 +45,80 @@ def check_digest(value: Any, what: str) -> str:
     return value
 
 
+DOCKER_HUB = "docker.io"
+
+
 @dataclass(frozen=True)
 class Reference:
-    """``repository:tag``; the tag defaults to ``latest``."""
+    """Docker's reference grammar: ``[registry[:port]/]repository[:tag][@sha256:digest]``.
+
+    ``repository`` is the familiar name, as Docker shows it: the registry host stays in it
+    unless it is ``docker.io``, and ``library/`` is dropped for official single-name images.
+    The tag defaults to ``latest`` unless a digest is given alone (then ``tag`` is None).
+    """
 
     repository: str
-    tag: str = "latest"
+    tag: str | None = "latest"
+    digest: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Reference":
+    def parse(cls, text: str, allow_digest: bool = False) -> "Reference":
+        name, digest = text, None
         if "@" in text:
-            raise ImageError(f"{text!r}: references by digest (@sha256:...) are not supported; use repo:tag or an id")
-        repo, tag = text, "latest"
-        colon = text.rfind(":")
-        if colon != -1 and "/" not in text[colon + 1:]:
-            repo, tag = text[:colon], text[colon + 1:]
+            if not allow_digest:
+                raise ImageError(f"{text!r}: references by digest (@sha256:...) are not supported here; "
+                                 "use repo:tag or an id")
+            name, _, digest = text.partition("@")
+            if not DIGEST_RE.match(digest):
+                raise ImageError(f"{text!r}: invalid digest {digest!r}: expected sha256: and 64 lower-case hex digits")
+        repo, tag = name, None
+        colon = name.rfind(":")
+        if colon != -1 and "/" not in name[colon + 1:]:
+            repo, tag = name[:colon], name[colon + 1:]
             if not TAG_RE.match(tag):
                 raise ImageError(f"{text!r}: invalid tag {tag!r}: use up to 128 of A-Z a-z 0-9 _ . -, "
                                  "not starting with . or -")
-        if repo.startswith("docker.io/"):
-            repo = repo[len("docker.io/"):]
-            if repo.startswith("library/") and repo.count("/") == 1:
-                repo = repo[len("library/"):]
+        if tag is None and digest is None:
+            tag = "latest"
+        for prefix in ("docker.io/", "index.docker.io/"):
+            if repo.startswith(prefix):
+                rest = repo[len(prefix):]
+                # docker.io/host.name/x stays spelled out: without the prefix it would name another registry
+                repo = DOCKER_HUB + "/" + rest if "/" in rest and _is_domain(rest.split("/", 1)[0]) else rest
+                break
+        if repo.startswith("library/") and repo.count("/") == 1:
+            repo = repo[len("library/"):]
         if not repo or len(repo) > 255 or not REPO_RE.match(repo):
             raise ImageError(f"{text!r}: invalid repository name {repo!r}: lower-case letters, digits and "
                              "separators (. _ -), components separated by /")
-        return cls(repo, tag)
+        return cls(repo, tag, digest)
+
+    @property
+    def registry(self) -> str:
+        """The registry's host[:port] (``docker.io`` by default)."""
+        first, slash, _ = self.repository.partition("/")
+        return first if slash and _is_domain(first) else DOCKER_HUB
+
+    @property
+    def path(self) -> str:
+        """The repository as the registry knows it (``library/alpine`` on Docker Hub)."""
+        first, slash, rest = self.repository.partition("/")
+        if slash and _is_domain(first):
+            return rest
+        return self.repository if slash else "library/" + self.repository
+
+    @property
+    def tagged(self) -> str:
+        return f"{self.repository}:{self.tag or 'latest'}"
 
     def __str__(self) -> str:
-        return f"{self.repository}:{self.tag}"
+        return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+
+def _is_domain(component: str) -> bool:
+    """Docker's rule: a first path component is a registry if it has a dot or a port, is localhost,
+    or has upper-case letters (repositories cannot)."""
+    return "." in component or ":" in component or component == "localhost" or component != component.lower()
 
 
 @dataclass(frozen=True)
@@ -155,6 +200,7 @@ class Image:
     config: Config
     repo_tags: tuple[str, ...] = field(default=())
     layer_sizes: tuple[int, ...] = field(default=())   # uncompressed, from the store's layer records
+    repo_digests: tuple[str, ...] = field(default=())  # repo@sha256:<manifest digest>, from pulls and pushes
 
     @property
     def size(self) -> int:

@@ -77,7 +77,8 @@ def images_table(store: Store, no_trunc: bool = False) -> str:
     for image_id in store.image_ids():
         img = store.image(image_id)
         short = image_id if no_trunc else image_id[7:19]
-        names = sorted(t for t, i in tags.items() if i == image_id) or ["<none>:<none>"]
+        names = sorted(t for t, i in tags.items() if i == image_id) or \
+            sorted({rd.split("@")[0] + ":<none>" for rd in img.repo_digests}) or ["<none>:<none>"]
         for name in names:
             repo, _, tag = name.rpartition(":")
             rows.append([repo, tag, short, human_ago(img.config.created), human_size(img.size),
@@ -102,7 +103,7 @@ def inspect(store: Store, img: Image) -> dict:
     return {
         "Id": img.id,
         "RepoTags": list(img.repo_tags),
-        "RepoDigests": [],
+        "RepoDigests": list(img.repo_digests),
         "Parent": "",
         "Comment": img.config.history[-1].comment if img.config.history else "",
         "Created": img.config.created or "",

@@ -5,11 +5,12 @@ Layout of ``ROOT`` (``/var/lib/unionfs`` for root, ``$XDG_DATA_HOME/unionfs`` ot
     lock                          flock(2): held by whoever writes (load, tag, rmi, mount --writable)
     layers/<hex>/root/            an extracted layer, keyed by its diff_id, shared by every image using it
     layers/<hex>/layer.json       {diff_id, size, whiteout_style, entries, ...}
-    blobs/sha256/<hex>            image configs and manifests, keyed by digest (the bytes as loaded)
+    blobs/sha256/<hex>            image configs, manifests and layer blobs, keyed by digest (the bytes as loaded)
     images/<hex>.json             an image: its manifest digest and layers (<hex> of the id, the config digest)
     repositories.json             tags: {"repo:tag": "sha256:<id>"}
     containers/<id>/              writable layers (upper/, work/) and container.json naming the image
     tmp/                          work in progress; emptied whenever the lock is taken
+    downloads/sha256/<hex>[.partial]  blobs being pulled: kept across failed pulls so a pull resumes
 
 Every file appears by ``rename(2)`` from a temporary name, and a layer directory is
 renamed into ``layers/`` only after its diff_id was verified; an image record is
@@ -71,7 +72,7 @@ class Store:
             raise ImageError(f"store {self.root}: not a directory")
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
-            for d in ("layers", "blobs/sha256", "images", "containers", "tmp"):
+            for d in ("layers", "blobs/sha256", "images", "containers", "tmp", "downloads/sha256"):
                 os.makedirs(self.path(d), mode=0o700, exist_ok=True)
         except OSError as e:
             raise ImageError(f"store {self.root}: {e.strerror}") from None
@@ -100,7 +101,11 @@ class Store:
     def cleanup(self) -> None:
         """Remove work in progress and unreferenced layers (after a writer died or an import failed)."""
         for name in os.listdir(self.path("tmp")):
-            _rmtree(self.path("tmp", name))
+            p = self.path("tmp", name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                _rmtree(p)
+            else:
+                os.unlink(p)   # an atomic write or a blob copy that never got renamed
         self.gc()
 
     # --- atomic files ----------------------------------------------------------
@@ -176,13 +181,33 @@ class Store:
         if not os.path.exists(p):
             self._write_atomic(p, data)
 
+    def blob_path(self, digest: str) -> str:
+        return self.path("blobs", "sha256", _hex(digest))
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    def put_blob_file(self, digest: str, path: str) -> None:
+        """Move a verified blob file (in tmp/ or downloads/, same filesystem) into ``blobs/``."""
+        self._require_lock()
+        if self.has_blob(digest):
+            os.unlink(path)
+        else:
+            os.rename(path, self.blob_path(digest))
+
     def blob(self, digest: str) -> bytes:
         with open(self.path("blobs", "sha256", _hex(digest)), "rb") as f:
             return f.read()
 
-    def put_image(self, image_id: str, manifest_digest: str, layers: list[Layer]) -> None:
+    def put_image(self, image_id: str, manifest_digest: str, layers: list[Layer],
+                  repo_digests: list[str] | tuple[str, ...] = ()) -> None:
+        """Write an image record; the repo digests (``repo@sha256:...``) of an earlier record are kept."""
+        try:
+            old = self._read_json(self.path("images", _hex(image_id) + ".json")).get("repo_digests", [])
+        except FileNotFoundError:
+            old = []
         record = {"id": image_id, "manifest": manifest_digest, "layers": [ly.to_json() for ly in layers],
-                  "loaded": now_iso()}
+                  "loaded": now_iso(), "repo_digests": sorted(set(old) | set(repo_digests))}
         self._write_atomic(self.path("images", _hex(image_id) + ".json"), json.dumps(record, indent=1).encode())
 
     def image_ids(self) -> list[str]:
@@ -196,7 +221,7 @@ class Store:
         layers = tuple(Layer.from_json(d) for d in rec["layers"])
         tags = tuple(sorted(t for t, i in self.tags().items() if i == image_id))
         sizes = tuple(int(self.layer_info(ly.diff_id).get("size", 0)) for ly in layers)
-        return Image(image_id, rec["manifest"], layers, config, tags, sizes)
+        return Image(image_id, rec["manifest"], layers, config, tags, sizes, tuple(rec.get("repo_digests", ())))
 
     def tags(self) -> dict[str, str]:
         if not self.exists():
@@ -242,6 +267,7 @@ class Store:
         for image_id in self.image_ids():
             rec = self._read_json(self.path("images", _hex(image_id) + ".json"))
             blobs.update((image_id, rec["manifest"]))
+            blobs.update(d["digest"] for d in rec["layers"])   # layer blobs as shipped, for push
             layers.update(d["diff_id"] for d in rec["layers"])
         return layers, blobs
 

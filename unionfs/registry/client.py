@@ -1,0 +1,465 @@
+"""A client for the OCI distribution API (``/v2/``), on httpx.
+
+One :class:`Client` talks to one repository of one registry.  It finds the
+endpoint (HTTPS, or for an insecure registry HTTPS without verification and then
+plain HTTP, as Docker does), authenticates as the registry asks (anonymous,
+basic, bearer token: :mod:`.auth`), and maps every error the registry sends
+(``{"errors": [{"code": ..., "message": ...}]}``, 429 rate limits, TLS and
+connection failures) to one :class:`RegistryError` line.  Blobs are streamed to
+files with their sha256 checked as they arrive; downloads resume with ``Range``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+import threading
+import time
+from typing import BinaryIO, Callable, Iterator
+from urllib.parse import urlencode
+
+import httpx
+
+from .. import __version__
+from ..image.model import INDEX_TYPES, MANIFEST_TYPES, ImageError
+from .auth import Challenge, Credentials, find_credentials, parse_challenge, registry_settings
+
+MEDIA_DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
+                        "application/vnd.docker.distribution.manifest.v1+prettyjws")
+ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
+MAX_MANIFEST = 4 << 20     # distribution refuses manifests above 4 MiB; so do we
+CHUNK = 1 << 20
+HUB_ENDPOINT = "registry-1.docker.io"
+
+
+class RegistryError(ImageError):
+    """The registry refused, or could not be reached: one line for the user, exit status 2."""
+
+
+class Cancelled(Exception):
+    """Another download of the same pull failed; this one stops."""
+
+
+# A test hook: how many requests of each kind this process sent (pull/push tests count re-fetches).
+REQUEST_LOG: list[tuple[str, str]] = []
+
+_ERROR_WORDS = {
+    "UNAUTHORIZED": "unauthorized: authentication required",
+    "DENIED": "denied: requested access to the resource is denied",
+    "MANIFEST_UNKNOWN": "manifest unknown",
+    "NAME_UNKNOWN": "repository name not known to registry",
+    "BLOB_UNKNOWN": "blob unknown to registry",
+    "TOOMANYREQUESTS": "too many requests",
+}
+
+
+def _error_line(resp: httpx.Response) -> str:
+    """The registry's reason for a failed request, in one line."""
+    code = message = ""
+    try:
+        body = resp.json()
+        errors = body.get("errors") if isinstance(body, dict) else None
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            code = str(errors[0].get("code") or "")
+            message = str(errors[0].get("message") or "")
+    except (ValueError, UnicodeDecodeError, httpx.ResponseNotRead):
+        pass
+    if resp.status_code == 429 or code == "TOOMANYREQUESTS":
+        retry = resp.headers.get("Retry-After")
+        return ("rate limited by the registry (429 toomanyrequests)" + (f": {message}" if message else "")
+                + (f"; retry after {retry} s" if retry else "; retry later"))
+    if code:
+        words = message or _ERROR_WORDS.get(code, code.lower())
+        text = f"{words} ({code})" if code.lower().replace("_", " ") not in words.lower() else words
+    elif resp.status_code == 401:
+        text = "unauthorized: authentication required"
+    elif resp.status_code == 404:
+        text = "not found (404)"
+    else:
+        text = f"HTTP {resp.status_code} {resp.reason_phrase}".strip()
+    return " ".join(text.split())
+
+
+def _transport_error(e: Exception, where: str, insecure_hint: bool) -> RegistryError:
+    reason = str(e) or e.__class__.__name__
+    cause = e.__context__ or e.__cause__
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__context__ or cause.__cause__
+    if isinstance(cause, ssl.SSLError) or "SSL" in reason or "certificate" in reason:
+        hint = "; for a registry with its own CA give --ca-file (or SSL_CERT_FILE), for a test registry --insecure"
+        return RegistryError(f"{where}: TLS: {' '.join(reason.split())}" + (hint if insecure_hint else ""))
+    dns = isinstance(cause := (e.__context__ or e.__cause__), OSError) and cause.errno in (-2, -3, -5) \
+        or "Name or service not known" in reason
+    hint = " (a plain-HTTP registry needs --insecure)" if insecure_hint and not dns else ""
+    return RegistryError(f"{where}: cannot connect: {' '.join(reason.split())}{hint}")
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Client:
+    """The distribution API for ``registry/repository``, with ``actions`` (``pull``, ``push``) in its scope."""
+
+    def __init__(self, registry: str, repository: str, *, actions: tuple[str, ...] = ("pull",),
+                 insecure: bool = False, ca_file: str | None = None,
+                 credentials: Credentials | None = None) -> None:
+        self.registry = registry
+        self.repository = repository
+        settings = registry_settings(registry)
+        self.insecure = insecure or bool(settings.get("insecure"))
+        self.ca_file = ca_file or settings.get("ca_file")
+        self.credentials = credentials if credentials is not None else find_credentials(registry)
+        self.scopes = {f"repository:{repository}:{','.join(actions)}"}
+        self.endpoint = HUB_ENDPOINT if registry == "docker.io" else registry
+        self.base = ""
+        self.http: httpx.Client | None = None
+        self._challenge: Challenge | None = None
+        self._token: tuple[str, float] | None = None       # (token, expiry)
+        self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"{self.registry}/{self.repository}"
+
+    # --- connection and authentication ------------------------------------------------
+
+    def _make_http(self, verify) -> httpx.Client:
+        return httpx.Client(verify=verify, follow_redirects=True, http2=False,
+                            timeout=httpx.Timeout(60.0, connect=15.0),
+                            limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
+                            headers={"User-Agent": f"unionfs/{__version__} httpx/{httpx.__version__}"})
+
+    def connect(self) -> "Client":
+        """Find the endpoint and how to authenticate: ``GET /v2/``."""
+        if self.insecure:
+            attempts = [("https", False), ("http", False)]
+        elif self.ca_file:
+            try:
+                attempts = [("https", ssl.create_default_context(cafile=self.ca_file))]
+            except (OSError, ssl.SSLError) as e:
+                raise RegistryError(f"--ca-file {self.ca_file}: {getattr(e, 'strerror', None) or e}") from None
+        else:
+            attempts = [("https", True)]
+        last: Exception | None = None
+        for scheme, verify in attempts:
+            http = self._make_http(verify)
+            try:
+                resp = http.get(f"{scheme}://{self.endpoint}/v2/")
+            except httpx.HTTPError as e:
+                http.close()
+                last = e
+                continue
+            self.http, self.base = http, f"{scheme}://{self.endpoint}"
+            if resp.status_code == 401:
+                self._challenge = parse_challenge(resp.headers.get("WWW-Authenticate"))
+                if self._challenge is None or self._challenge.scheme not in ("basic", "bearer"):
+                    raise RegistryError(f"{self.registry}: unsupported authentication "
+                                        f"{resp.headers.get('WWW-Authenticate')!r}")
+            elif resp.status_code != 200:
+                raise RegistryError(f"{self.registry}: not a registry (GET /v2/ answered {_error_line(resp)})")
+            return self
+        assert last is not None
+        raise _transport_error(last, self.registry, not self.insecure)
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add_scope(self, scope: str) -> None:
+        with self._lock:
+            if scope not in self.scopes:
+                self.scopes.add(scope)
+                self._token = None
+
+    def _auth_header(self) -> dict[str, str]:
+        ch = self._challenge
+        if ch is None:
+            return {}
+        if ch.scheme == "basic":
+            if self.credentials is None:
+                raise RegistryError(f"{self.registry}: unauthorized: authentication required "
+                                    f"(unionfs login {self.registry})")
+            return {"Authorization": self.credentials.basic()}
+        with self._lock:
+            if self._token is None or self._token[1] < time.monotonic():
+                self._token = self._fetch_token(ch)
+            return {"Authorization": f"Bearer {self._token[0]}"}
+
+    def _fetch_token(self, ch: Challenge) -> tuple[str, float]:
+        """The Docker token protocol: ``GET realm?service=...&scope=...`` (with basic credentials, if any)."""
+        realm = ch.params.get("realm")
+        if not realm:
+            raise RegistryError(f"{self.registry}: bearer challenge without a realm")
+        query = []
+        if ch.params.get("service"):
+            query.append(("service", ch.params["service"]))
+        query += [("scope", s) for s in sorted(self.scopes)]
+        headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        assert self.http is not None
+        try:
+            resp = self.http.get(url, headers=headers)
+        except httpx.HTTPError as e:
+            raise _transport_error(e, f"{self.registry}: token server {realm}", False) from None
+        REQUEST_LOG.append(("TOKEN", realm))
+        if resp.status_code != 200:
+            raise RegistryError(f"{self.registry}: token server: {_error_line(resp)}")
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+            expires = float(body.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"{self.registry}: token server answered without a token")
+        return token, time.monotonic() + max(10.0, expires - 10.0)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else self.base + path
+
+    def _send(self, method: str, path: str, *, headers: dict | None = None,
+              body: Callable[[], bytes | Iterator[bytes]] | None = None, stream: bool = False,
+              params: dict | None = None) -> httpx.Response:
+        """One request, authenticated; after a 401, authenticate again (the challenge may say a new
+        scope) and retry once.  ``body`` makes the request body, so a retry can send it again."""
+        assert self.http is not None, "connect() first"
+        for attempt in (0, 1):
+            hdrs = dict(headers or {})
+            hdrs.update(self._auth_header())
+            url = httpx.URL(self.url(path))
+            if params:   # keep the query an upload Location carries (_state=...)
+                url = url.copy_merge_params(params)
+            req = self.http.build_request(method, url, headers=hdrs, content=body() if body else None)
+            REQUEST_LOG.append((method, req.url.path))
+            try:
+                resp = self.http.send(req, stream=stream)
+            except httpx.HTTPError as e:
+                raise _transport_error(e, self.where, False) from None
+            if resp.status_code != 401 or attempt == 1:
+                return resp
+            ch = parse_challenge(resp.headers.get("WWW-Authenticate"))
+            if stream:
+                resp.close()
+            if ch is None or (self._challenge is not None and ch.scheme == "basic" and self._challenge == ch):
+                return resp   # credentials were sent and refused: nothing to retry
+            if ch.scheme == "bearer" and ch.params.get("scope"):
+                for s in ch.params["scope"].split(" "):
+                    self.add_scope(s)
+            with self._lock:
+                self._challenge, self._token = ch, None
+        raise AssertionError
+
+    def _fail(self, resp: httpx.Response, what: str) -> RegistryError:
+        if resp.is_stream_consumed is False:
+            try:
+                resp.read()
+            except httpx.HTTPError:
+                pass
+        line = _error_line(resp)
+        if resp.status_code == 401 and self.credentials is not None:
+            line += f" (credentials from {self.credentials.source} were refused)"
+        elif resp.status_code == 401:
+            line += f" (unionfs login {self.registry})"
+        return RegistryError(f"{what}: {line}")
+
+    # --- manifests ------------------------------------------------------------------------
+
+    def get_manifest(self, ref: str) -> tuple[bytes, str, str]:
+        """A manifest or index by tag or digest: (bytes, media type, digest), the digest verified."""
+        what = f"{self.where}{'@' if ref.startswith('sha256:') else ':'}{ref}"
+        resp = self._send("GET", f"/v2/{self.repository}/manifests/{ref}", headers={"Accept": ACCEPT},
+                          stream=True)
+        try:
+            if resp.status_code != 200:
+                raise self._fail(resp, what)
+            data = b""
+            for chunk in resp.iter_bytes():
+                data += chunk
+                if len(data) > MAX_MANIFEST:
+                    raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST} bytes")
+        except httpx.HTTPError as e:
+            raise _transport_error(e, what, False) from None
+        finally:
+            resp.close()
+        digest = _sha256(data)
+        if ref.startswith("sha256:") and digest != ref:
+            raise RegistryError(f"{what}: manifest does not match its digest (got {digest})")
+        header = resp.headers.get("Docker-Content-Digest", "")
+        if header.startswith("sha256:") and header != digest:
+            raise RegistryError(f"{what}: manifest does not match the registry's Docker-Content-Digest "
+                                f"(expected {header}, got {digest})")
+        media = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if media in MEDIA_DOCKER_SCHEMA1:
+            raise RegistryError(f"{what}: Docker schema 1 manifests are not supported (deprecated since 2017)")
+        return data, media, digest
+
+    def put_manifest(self, ref: str, data: bytes, media_type: str) -> str:
+        what = f"{self.where}:{ref}"
+        resp = self._send("PUT", f"/v2/{self.repository}/manifests/{ref}", headers={"Content-Type": media_type},
+                          body=lambda: data)
+        if resp.status_code not in (200, 201):
+            raise self._fail(resp, f"push {what}: manifest")
+        digest = _sha256(data)
+        header = resp.headers.get("Docker-Content-Digest", "")
+        if header.startswith("sha256:") and header != digest:
+            raise RegistryError(f"push {what}: the registry stored the manifest as {header}, not {digest}")
+        return digest
+
+    # --- blobs --------------------------------------------------------------------------
+
+    def blob_exists(self, digest: str) -> bool:
+        resp = self._send("HEAD", f"/v2/{self.repository}/blobs/{digest}")
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        raise self._fail(resp, f"{self.where}: blob {digest}")
+
+    def get_small_blob(self, digest: str, limit: int = 64 << 20) -> bytes:
+        """A config blob, verified against its digest."""
+        what = f"{self.where}: blob {digest}"
+        resp = self._send("GET", f"/v2/{self.repository}/blobs/{digest}", stream=True)
+        try:
+            if resp.status_code != 200:
+                raise self._fail(resp, what)
+            data = b""
+            for chunk in resp.iter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise RegistryError(f"{what}: larger than {limit} bytes")
+        except httpx.HTTPError as e:
+            raise _transport_error(e, what, False) from None
+        finally:
+            resp.close()
+        if _sha256(data) != digest:
+            raise RegistryError(f"{what}: does not match its digest (got {_sha256(data)})")
+        return data
+
+    def fetch_blob(self, digest: str, out: BinaryIO, offset: int, size: int | None,
+                   on_data: Callable[[bytes], None], on_restart: Callable[[], None],
+                   cancelled: threading.Event | None = None) -> int:
+        """Append the blob's bytes from ``offset`` on to ``out`` (a file positioned at ``offset``),
+        passing each chunk to ``on_data`` (which hashes it).  When the registry ignores the
+        ``Range`` and sends everything, ``out`` is truncated and ``on_restart`` called first.
+        Returns the offset the registry's data started at, or -1 for "416: start again"."""
+        what = f"{self.where}: blob {digest}"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self._send("GET", f"/v2/{self.repository}/blobs/{digest}", headers=headers, stream=True)
+        try:
+            if resp.status_code == 416 and offset:
+                return -1   # the partial file is no prefix of the blob: start again
+            if resp.status_code not in (200, 206):
+                raise self._fail(resp, what)
+            start = offset if resp.status_code == 206 else 0
+            if start != offset:
+                out.seek(0)
+                out.truncate()
+                on_restart()
+            got = start
+            for chunk in resp.iter_raw():   # as received (no re-chunking: a cut keeps what arrived)
+                if cancelled is not None and cancelled.is_set():
+                    raise Cancelled()
+                got += len(chunk)
+                if size is not None and got > size:
+                    raise RegistryError(f"{what}: the registry sent more than the {size} bytes the manifest says")
+                out.write(chunk)
+                on_data(chunk)
+            return start
+        except httpx.HTTPError as e:
+            raise _transport_error(e, what, False) from None
+        finally:
+            resp.close()
+
+    # --- uploads ----------------------------------------------------------------------------
+
+    def mount_blob(self, digest: str, source_repo: str) -> tuple[bool, str | None]:
+        """Cross-repository mount: (True, None) when mounted; else (False, upload location) when the
+        registry opened an upload session instead."""
+        self.add_scope(f"repository:{source_repo}:pull")
+        resp = self._send("POST", f"/v2/{self.repository}/blobs/uploads/",
+                          params={"mount": digest, "from": source_repo}, body=lambda: b"")
+        if resp.status_code == 201:
+            return True, None
+        if resp.status_code == 202:
+            return False, resp.headers.get("Location")
+        raise self._fail(resp, f"push {self.where}: mount {digest} from {source_repo}")
+
+    def start_upload(self) -> str:
+        resp = self._send("POST", f"/v2/{self.repository}/blobs/uploads/", body=lambda: b"")
+        if resp.status_code != 202 or not resp.headers.get("Location"):
+            raise self._fail(resp, f"push {self.where}: start upload")
+        return resp.headers["Location"]
+
+    def _location(self, base: str, loc: str | None) -> str:
+        if not loc:
+            raise RegistryError(f"push {self.where}: the registry gave no upload location")
+        return str(httpx.URL(self.url(base)).join(loc))
+
+    def upload(self, location: str, path: str, digest: str, size: int, chunk_size: int | None = None,
+               on_bytes: Callable[[int], None] | None = None) -> None:
+        """Upload a blob file: one ``PUT`` (monolithic), or ``PATCH`` chunks of ``chunk_size`` and a
+        closing ``PUT``.  The registry checks the digest; so do we, on the way out."""
+        what = f"push {self.where}: blob {digest}"
+        location = self._location("/", location)
+        if chunk_size and size > chunk_size:
+            with open(path, "rb") as f:
+                offset = 0
+                while offset < size:
+                    data = f.read(chunk_size)
+                    if not data:
+                        raise RegistryError(f"{what}: {path} is shorter than {size} bytes")
+                    end = offset + len(data) - 1
+                    resp = self._send("PATCH", location, body=lambda d=data: d,
+                                      headers={"Content-Type": "application/octet-stream",
+                                               "Content-Range": f"{offset}-{end}",
+                                               "Content-Length": str(len(data))})
+                    if resp.status_code != 202:
+                        raise self._fail(resp, what)
+                    location = self._location(location, resp.headers.get("Location"))
+                    offset += len(data)
+                    if on_bytes:
+                        on_bytes(len(data))
+            resp = self._send("PUT", location, params={"digest": digest}, body=lambda: b"",
+                              headers={"Content-Length": "0"})
+        else:
+            def body() -> Iterator[bytes]:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+                        yield chunk
+                if "sha256:" + h.hexdigest() != digest:
+                    raise RegistryError(f"{what}: the store's copy {path} no longer matches its digest")
+            resp = self._send("PUT", location, params={"digest": digest}, body=body,
+                              headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        if resp.status_code != 201:
+            raise self._fail(resp, what)
+
+
+def file_sha256(path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return "sha256:" + h.hexdigest(), n
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

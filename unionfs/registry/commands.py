@@ -1,0 +1,139 @@
+"""The ``pull``, ``push``, ``login`` and ``logout`` subcommands (wired into :mod:`unionfs.cli`)."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+
+from ..image.model import ImageError, Reference
+from ..image.store import Store
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP and unverified TLS for this registry (test registries on localhost)")
+    p.add_argument("--ca-file", metavar="FILE", help="trust this CA (PEM) for the registry's TLS certificate")
+
+
+def _client(args: argparse.Namespace, registry: str, repository: str, actions: tuple[str, ...], creds=None):
+    from .client import Client
+    return Client(registry, repository, actions=actions, insecure=args.insecure, ca_file=args.ca_file,
+                  credentials=creds)
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .pull import parse_platform, pull
+    ref = Reference.parse(args.reference, allow_digest=True)
+    parse_platform(args.platform)   # a mistake is reported before anything is fetched
+    store = Store(getattr(args, "root", None))
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    if not args.quiet:
+        print(f"{ref.tag or ref.digest}: Pulling from {ref.registry}/{ref.path}", file=sys.stderr)
+    with _client(args, ref.registry, ref.path, ("pull",)) as client:
+        result = pull(store, ref, client, args.platform, log=say)
+    if args.quiet:
+        print(ref)
+        return 0
+    print(f"Digest: {result.repo_digest.split('@')[1]}")
+    status = "Downloaded newer image" if result.new_layers or result.fetched_bytes else "Image is up to date"
+    print(f"Status: {status} for {ref}")
+    print(f"layers: {result.new_layers} pulled, {result.reused_layers} already in the store", file=sys.stderr)
+    print(str(ref))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .push import push, target_reference
+    store = Store(getattr(args, "root", None))
+    ref = target_reference(store, args.image, args.reference)
+    if args.chunk_size is not None and args.chunk_size <= 0:
+        raise ImageError(f"--chunk-size {args.chunk_size}: must be positive")
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    if not args.quiet:
+        print(f"The push refers to repository [{ref.registry}/{ref.path}]", file=sys.stderr)
+    with _client(args, ref.registry, ref.path, ("pull", "push")) as client:
+        result = push(store, args.image, ref, client, args.chunk_size, log=say)
+    print(f"{ref.tag}: digest: {result.digest} size: {result.size}")
+    return 0
+
+
+def _cmd_login(args: argparse.Namespace) -> int:
+    from .auth import Credentials, store_credentials
+    from .client import RegistryError
+    registry = args.registry
+    username = args.username
+    if username is None:
+        if not sys.stdin.isatty():
+            raise ImageError("login: give --username (no terminal to ask on)")
+        username = input("Username: ")
+    if args.password_stdin:
+        if args.password is not None:
+            raise ImageError("login: --password and --password-stdin exclude each other")
+        password = sys.stdin.read().rstrip("\n")
+    elif args.password is not None:
+        password = args.password
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise ImageError("login: give --password-stdin (no terminal to ask on)")
+    if not username or not password:
+        raise ImageError("login: username and password must not be empty")
+    creds = Credentials(username, password, "the command line")
+    with _client(args, registry, "", ("pull",), creds) as client:
+        client.scopes.clear()   # a token with no scope proves the credentials, as docker login does
+        try:
+            client._auth_header()
+            resp = client._send("GET", "/v2/")
+        except RegistryError as e:
+            raise RegistryError(f"login {registry}: {str(e).split(': ', 1)[-1]}") from None
+        if resp.status_code != 200:
+            raise client._fail(resp, f"login {registry}")
+    path = store_credentials(registry, creds)
+    print(f"Login Succeeded (credentials stored in {path})")
+    return 0
+
+
+def _cmd_logout(args: argparse.Namespace) -> int:
+    from .auth import remove_credentials
+    if remove_credentials(args.registry):
+        print(f"Removing login credentials for {args.registry}")
+    else:
+        print(f"Not logged in to {args.registry}")
+    return 0
+
+
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("pull", help="pull an image from a registry", parents=[common],
+                       description="Pull [REGISTRY[:PORT]/]REPOSITORY[:TAG|@sha256:DIGEST] into the store "
+                                   "(registry docker.io, tag latest by default).")
+    p.add_argument("reference", metavar="REFERENCE")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: this host)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the reference")
+    _connection(p)
+    p.set_defaults(func=_cmd_pull)
+
+    p = sub.add_parser("push", help="push an image to a registry", parents=[common],
+                       description="Push IMAGE (a name or id in the store) to REFERENCE "
+                                   "(default: the image's name).")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("reference", metavar="REFERENCE", nargs="?")
+    p.add_argument("--chunk-size", type=int, metavar="BYTES",
+                   help="upload blobs larger than BYTES in chunks (default: one request per blob)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the digest line")
+    _connection(p)
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("login", help="store credentials for a registry",
+                       description="Check credentials against REGISTRY and keep them in "
+                                   "$XDG_CONFIG_HOME/unionfs/config.json (mode 0600).")
+    p.add_argument("registry", metavar="REGISTRY")
+    p.add_argument("--username", "-u")
+    p.add_argument("--password", "-p", help="prefer --password-stdin: arguments are visible to other users")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _connection(p)
+    p.set_defaults(func=_cmd_login)
+
+    p = sub.add_parser("logout", help="forget a registry's credentials")
+    p.add_argument("registry", metavar="REGISTRY")
+    p.set_defaults(func=_cmd_logout)

@@ -1,0 +1,254 @@
+"""``unionfs pull``: a registry image into the store, verified, resumable, atomic.
+
+1. The manifest by tag or digest (an OCI index or Docker manifest list picks the
+   platform: ``--platform``, by default this host's), then the config blob;
+   each is checked against its digest before it is parsed.
+2. The layers the store lacks (by diff_id) are downloaded in parallel, without the
+   store's lock, into ``downloads/sha256/<hex>.partial``: each chunk is hashed as it
+   is written, an interrupted download continues with ``Range`` where it stopped,
+   and only a blob whose sha256 matched becomes ``downloads/sha256/<hex>``.  A blob
+   that does not match is deleted: the pull fails with a digest error.
+3. Under the lock, the load pipeline (:func:`unionfs.image.load.add_layer_blob`,
+   :func:`~unionfs.image.load.register_image`) extracts each layer, checking its
+   diff_id while it streams, moves the blob into ``blobs/`` and registers the image,
+   tags last.  A failure removes what this pull added; completed downloads stay,
+   so the next pull fetches only what is still missing.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..image.load import add_layer_blob, progress_enabled, register_image
+from ..image.model import INDEX_TYPES, Config, ImageError, Layer, Reference, check_digest, parse_json, parse_manifest
+from ..image.oci_layout import host_platform
+from ..image.store import Store
+from .client import Cancelled, Client, RegistryError
+
+PARALLEL = 3   # as Docker's max-concurrent-downloads
+
+
+@dataclass(frozen=True)
+class Pulled:
+    image_id: str
+    reference: str              # what the image is tagged as ("" when pulled by digest only)
+    repo_digest: str            # repo@sha256:<digest of what the reference named>
+    new_layers: int
+    reused_layers: int
+    fetched_bytes: int
+
+
+def parse_platform(text: str | None) -> tuple[str, str, str | None]:
+    if not text:
+        return (*host_platform(), None)
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ImageError(f"--platform {text!r}: expected OS/ARCH or OS/ARCH/VARIANT (e.g. linux/amd64)")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def _pick(index: dict, platform: tuple[str, str, str | None], where: str) -> dict:
+    want_os, want_arch, want_variant = platform
+    found = []
+    for d in index.get("manifests") or []:
+        if not isinstance(d, dict):
+            continue
+        p = d.get("platform") or {}
+        if p.get("os") == want_os and p.get("architecture") == want_arch and \
+                (want_variant is None or p.get("variant") == want_variant):
+            found.append(d)
+    if not found:
+        have = sorted({"/".join(x for x in ((d.get("platform") or {}).get("os"),
+                                            (d.get("platform") or {}).get("architecture"),
+                                            (d.get("platform") or {}).get("variant")) if x)
+                       for d in index.get("manifests") or [] if isinstance(d, dict)})
+        want = "/".join(x for x in platform if x)
+        raise RegistryError(f"{where}: no image for {want} (the index has {', '.join(have) or 'nothing'})")
+    return found[0]
+
+
+def resolve(client: Client, ref: Reference, platform: tuple[str, str, str | None], explicit: bool
+            ) -> tuple[str, bytes, str, str]:
+    """(digest the reference names, manifest bytes, manifest digest, media type), following an index."""
+    where = str(ref)
+    data, media, top = client.get_manifest(ref.digest or ref.tag or "latest")
+    digest = top
+    for _ in range(4):
+        doc = parse_json(data, f"{where}: manifest")
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{where}: manifest is not a JSON object")
+        media = doc.get("mediaType") or media
+        if media not in INDEX_TYPES and "manifests" not in doc:
+            break
+        desc = _pick(doc, platform, where)
+        digest = check_digest(desc.get("digest"), f"{where}: index")
+        data, media, _ = client.get_manifest(digest)
+    else:
+        raise RegistryError(f"{where}: image indexes nested too deeply")
+    return top, data, digest, media
+
+
+def pull(store: Store, ref: Reference, client: Client, platform: str | None = None,
+         progress: bool | None = None, log=None) -> Pulled:
+    if progress is None:
+        progress = progress_enabled()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    plat = parse_platform(platform)
+    where = str(ref)
+    top, manifest, manifest_digest, media = resolve(client, ref, plat, platform is not None)
+    config_desc, layer_descs = parse_manifest(manifest, f"{where}: manifest {manifest_digest}")
+    for d in layer_descs:
+        m = d.get("mediaType") or ""
+        if "tar" not in m or "encrypted" in m:
+            raise RegistryError(f"{where}: layer {d['digest']}: unsupported media type {m!r}")
+    config_bytes = client.get_small_blob(config_desc["digest"])
+    image_id = config_desc["digest"]
+    config = Config.parse(config_bytes, f"{where}: config {image_id}")
+    if len(config.diff_ids) != len(layer_descs):
+        raise RegistryError(f"{where}: the manifest has {len(layer_descs)} layers but the config lists "
+                            f"{len(config.diff_ids)} diff_ids")
+    if platform is not None and (config.os, config.architecture) != plat[:2]:
+        raise RegistryError(f"{where}: the image is for {config.os}/{config.architecture}, not {platform}")
+    layers = [Layer(diff_id, d["digest"], d.get("mediaType") or "", int(d.get("size") or 0))
+              for d, diff_id in zip(layer_descs, config.diff_ids)]
+    store.ensure()
+
+    wanted = {ly.diff_id: ly for ly in layers if not store.has_layer(ly.diff_id)}
+    fetched = _download_all(store, client, list(wanted.values()), progress, log)
+
+    with store.locked():
+        try:
+            new = 0
+            for ly in layers:
+                if store.has_layer(ly.diff_id):
+                    continue
+                # Removed since we looked (an rmi), or new: fetch now, under the lock.
+                if ly.diff_id not in wanted:
+                    fetched += _download_all(store, client, [ly], progress, log)
+                path = download_path(store, ly.digest)
+                try:
+                    add_layer_blob(store, path, ly.digest, ly.diff_id, f"{where}: layer {ly.digest}", checked=True)
+                except ImageError:
+                    os.unlink(path)   # verified by digest, yet its content is not the config's diff_id
+                    raise
+                store.put_blob_file(ly.digest, path)
+                new += 1
+            repo_digest = f"{ref.repository}@{top}"
+            register_image(store, image_id, config_bytes, manifest, manifest_digest, layers, (repo_digest,))
+            tags = store.tags()
+            if ref.tag:
+                tags[ref.tagged] = image_id
+                store.set_tags(tags)
+        except BaseException:
+            store.cleanup()
+            raise
+    return Pulled(image_id, ref.tagged if ref.tag else "", repo_digest, new, len(layers) - new, fetched)
+
+
+def download_path(store: Store, digest: str) -> str:
+    return store.path("downloads", "sha256", digest.split(":", 1)[1])
+
+
+def _download_all(store: Store, client: Client, layers: list[Layer], progress: bool, log) -> int:
+    """Download blobs in parallel; wait for all (finished ones stay for the next pull), then raise
+    the first failure.  Returns the bytes fetched from the registry."""
+    if not layers:
+        return 0
+    cancelled = threading.Event()
+    bars = []
+    if progress:
+        from tqdm import tqdm
+        bars = [tqdm(total=ly.size, unit="B", unit_scale=True, unit_divisor=1024, position=i, leave=False,
+                     desc=ly.digest[7:19], file=sys.stderr) for i, ly in enumerate(layers)]
+    try:
+        with ThreadPoolExecutor(max_workers=min(PARALLEL, len(layers)), thread_name_prefix="pull") as pool:
+            futures = [pool.submit(fetch_to_downloads, store, client, ly.digest, ly.size,
+                                   bars[i].update if bars else None, cancelled)
+                       for i, ly in enumerate(layers)]
+            errors: list[BaseException] = []
+            total = 0
+            for ly, fut in zip(layers, futures):
+                try:
+                    total += fut.result()
+                    log(f"{ly.digest[7:19]}: Pull complete")
+                except Cancelled:
+                    continue
+                except BaseException as e:   # noqa: B902 - re-raised below
+                    errors.append(e)
+                    if not isinstance(e, RegistryError):
+                        cancelled.set()   # KeyboardInterrupt and the like: stop the others too
+    except KeyboardInterrupt:
+        cancelled.set()
+        raise
+    finally:
+        for b in bars:
+            b.close()
+    if errors:
+        raise errors[0]
+    return total
+
+
+def fetch_to_downloads(store: Store, client: Client, digest: str, size: int | None, on_bytes=None,
+                       cancelled: threading.Event | None = None) -> int:
+    """Download one blob into ``downloads/``, resuming a partial file, checked against its digest.
+    Concurrent pulls of the same blob take turns (flock on the partial file).  Returns bytes fetched."""
+    final = download_path(store, digest)
+    part = final + ".partial"
+    if os.path.exists(final):
+        return 0
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "r+b") as out:
+        fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+        if os.path.exists(final):   # another pull finished it while we waited
+            try:
+                if os.path.getsize(part) == 0:
+                    os.unlink(part)   # the empty one we created after its rename
+            except FileNotFoundError:
+                pass
+            return 0
+        h = hashlib.sha256()
+        offset = 0
+        while chunk := out.read(1 << 20):   # what an earlier pull left: hash it, continue after it
+            h.update(chunk)
+            offset += len(chunk)
+        if size is not None and offset > size:
+            out.seek(0)
+            out.truncate()
+            h, offset = hashlib.sha256(), 0
+        fetched = 0
+        state = {"h": h}
+
+        def on_data(chunk: bytes) -> None:
+            nonlocal fetched
+            state["h"].update(chunk)
+            fetched += len(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+
+        def on_restart() -> None:
+            state["h"] = hashlib.sha256()
+
+        if on_bytes and offset:
+            on_bytes(offset)
+        if size is None or offset < size:
+            start = client.fetch_blob(digest, out, offset, size, on_data, on_restart, cancelled)
+            if start == -1:   # the registry says our partial file is no prefix of the blob
+                out.seek(0)
+                out.truncate()
+                on_restart()
+                client.fetch_blob(digest, out, 0, size, on_data, on_restart, cancelled)
+        out.flush()
+        actual = "sha256:" + state["h"].hexdigest()
+        length = os.fstat(out.fileno()).st_size
+        if actual != digest or (size is not None and length != size):
+            os.unlink(part)   # a corrupt blob is not worth resuming
+            raise RegistryError(f"{client.where}: blob {digest} does not match its digest "
+                                f"(got {actual}, {length} bytes); nothing was stored")
+        os.fsync(out.fileno())
+        os.rename(part, final)
+    return fetched
