@@ -124,6 +124,7 @@ class CopyUp:
         # The rename into the parent changed its times; a copy-up must not show.
         ovl.futimens(upper_parent_fd, (pstat.st_atime_ns, pstat.st_mtime_ns))
         u.changed.add(node.ino)  # a merged dir's link count, a file's ctime: tell the kernel
+        u.dirty_dirs.add(parent.ino)  # its entry there is no longer immutable
         if stat.S_ISDIR(st.st_mode):
             node.layers = (0,) + tuple(node.layers)
         else:

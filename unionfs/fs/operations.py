@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 
 from . import sys as sysmod
+from .dircache import DirCache, Listing
 from .inodes import ROOT_INO, Node
 from .union import Attr, OpenFile, Union
 
@@ -46,7 +47,7 @@ def _guard(fn):
             log.exception("internal error in %s%r", fn.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            if getattr(self.union, "changed", None):
+            if self.union.changed or self.union.dirty_dirs:
                 self._invalidate_changed()
 
     return wrapper
@@ -55,7 +56,7 @@ def _guard(fn):
 @dataclass
 class DirHandle:
     node: Node
-    names: list[bytes] | None = None
+    listing: Listing | None = None
     served: bool = False
 
 
@@ -81,6 +82,7 @@ class Operations(pyfuse3.Operations):
         self.union = union
         self.inodes = union.inodes
         self.handles = Handles()
+        self.listings = DirCache()
 
     # --- helpers ---------------------------------------------------------------
 
@@ -108,7 +110,11 @@ class Operations(pyfuse3.Operations):
         return e
 
     def _invalidate_changed(self) -> None:
-        """Drop the kernel's cached attributes of inodes that changed as a side effect (a copy-up)."""
+        """Drop cached listings of changed dirs, and the kernel's cached attributes of inodes that
+        changed as a side effect (a copy-up)."""
+        dirty = self.union.dirty_dirs
+        while dirty:
+            self.listings.drop(dirty.pop())
         changed = self.union.changed
         while changed:
             ino = changed.pop()
@@ -192,32 +198,54 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.ENOTDIR, "not a directory")
         return self.handles.add(self.handles.dirs, DirHandle(node))
 
+    def _immutable(self, node: Node) -> bool:
+        """Nothing but a copy-up (which drops the listing) can change this node's attributes."""
+        return self.union.readonly or not (self.union.stack.is_upper(node.top) or node.indexed)
+
+    def _listing(self, node: Node) -> Listing:
+        listing = self.listings.get(node.ino)
+        if listing is None:
+            listing = self.listings.put(node, self.union.list_names(node))
+        return listing
+
     @_guard
     async def readdir(self, fh, start_id, token):
         h = self.handles.dirs[fh]
         node = h.node
-        if h.names is None or (start_id == 0 and h.served):
-            # A listing is a snapshot per open handle (rebuilt on rewinddir), so
-            # offsets stay valid however lookups and changes interleave.
-            h.names = self.union.list_names(node)
+        if h.listing is None or (start_id == 0 and h.served):
+            # A listing is a snapshot per open handle (taken again on rewinddir), so offsets
+            # stay valid however lookups and changes interleave.
+            h.listing = self._listing(node)
         h.served = True
-        names = h.names
+        listing = h.listing
+        names, cached = listing.names, listing.cached
+        remember, count = self.inodes.remember, self.inodes.lookup
         for off in range(start_id, len(names) + 2):
-            if off == 0:
-                name, child = b".", node
-            elif off == 1:
-                name, child = b"..", node.parent or node
-            else:
-                name = names[off - 2]
-                try:
-                    child = self.union.lookup(node, name)
-                except FileNotFoundError:
-                    continue  # gone since the snapshot
-            entry = self._entry(child, self.union.getattr(child))
-            if not pyfuse3.readdir_reply(token, name, entry, off + 1):
-                break
             if off >= 2:
-                self.inodes.lookup(child)
+                i = off - 2
+                hit = cached[i]
+                if hit is not None:
+                    child, entry = hit
+                    child = remember(child)
+                    if child is not hit[0] or not self._immutable(child):
+                        hit = None
+                if hit is None:
+                    name = names[i]
+                    try:
+                        child = self.union.lookup(node, name)
+                    except FileNotFoundError:
+                        continue  # gone since the snapshot
+                    entry = self._entry(child, self.union.getattr(child))
+                    if self._immutable(child):
+                        cached[i] = (child, entry)
+                if not pyfuse3.readdir_reply(token, names[i], entry, off + 1):
+                    break
+                count(child)
+            else:
+                child = node if off == 0 else (node.parent or node)
+                if not pyfuse3.readdir_reply(token, b"." if off == 0 else b"..",
+                                             self._entry(child, self.union.getattr(child)), off + 1):
+                    break
 
     @_guard
     async def releasedir(self, fh):

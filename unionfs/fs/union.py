@@ -61,6 +61,11 @@ class Union:
         self.inodes = InodeTable(stack.devs)
         self.readonly = stack.upper is None
         self.index_fd = -1  # the writable layer's index dir
+        # Filled by changes made through the mount, drained by the FUSE adapter after each
+        # request: inodes whose attributes changed as a side effect, and directories whose
+        # listing changed.
+        self.changed: set[int] = set()
+        self.dirty_dirs: set[int] = set()
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
         self.inodes.add_root(self.root)

@@ -111,9 +111,6 @@ class WritableUnion(Union):
         self.index_fd = ovl.open_dir_at(lock.work_fd, WORK_INDEX)
         self._temp_seq = 0
         self._open: dict[int, set[OpenFile]] = {}
-        # Inodes whose attributes changed other than by the request at hand (the kernel
-        # may have them cached): the FUSE adapter invalidates them after each request.
-        self.changed: set[int] = set()
         self.copy_up = CopyUp(self)
 
     def close(self) -> None:
@@ -288,6 +285,7 @@ class WritableUnion(Union):
     def _make(self, parent: Node, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
               target: bytes | None = None) -> Node:
         self._check_new(parent, name)
+        self.dirty_dirs.add(parent.ino)
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
         uid, gid, sgid_parent = self._owner(parent, uid, gid)
@@ -354,6 +352,7 @@ class WritableUnion(Union):
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
         self._check_new(parent, name)
+        self.dirty_dirs.add(parent.ino)
         self.copy_up(node)  # a lower hard link goes through the index
         if not node.indexed:
             # From now on the inode has several names: reach it through the index, whichever
@@ -394,6 +393,7 @@ class WritableUnion(Union):
         self.stack.forget_fd(node.ino)
 
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        self.dirty_dirs.add(parent.ino)
         if not node.is_dir and not self.in_upper(node) and self.real_stat(node).st_nlink > 1:
             self.copy_up(node)  # index a lower hard link before dropping one of its names
         self.copy_up.dir_chain(parent)
@@ -453,6 +453,7 @@ class WritableUnion(Union):
         if target is not None and not exchange and not target.is_dir and not target.indexed and \
                 not self.in_upper(target) and self.real_stat(target).st_nlink > 1:
             self.copy_up(target)  # index a lower hard link before one of its names is replaced
+        self.dirty_dirs.update((old_parent.ino, new_parent.ino))
         self.copy_up.dir_chain(old_parent)
         self.copy_up.dir_chain(new_parent)
         self._prepare_move(node, new_parent)
