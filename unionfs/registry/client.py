@@ -69,8 +69,9 @@ def _error_line(resp: httpx.Response) -> str:
         return ("rate limited by the registry (429 toomanyrequests)" + (f": {message}" if message else "")
                 + (f"; retry after {retry} s" if retry else "; retry later"))
     if code:
-        words = message or _ERROR_WORDS.get(code, code.lower())
-        text = f"{words} ({code})" if code.lower().replace("_", " ") not in words.lower() else words
+        name = code.lower().replace("_", " ")
+        words = message or _ERROR_WORDS.get(code, name)
+        text = words if words.lower().startswith(name) else f"{name}: {words}"   # as docker says it
     elif resp.status_code == 401:
         text = "unauthorized: authentication required"
     elif resp.status_code == 404:
@@ -247,10 +248,9 @@ class Client:
             if resp.status_code != 401 or attempt == 1:
                 return resp
             ch = parse_challenge(resp.headers.get("WWW-Authenticate"))
-            if stream:
-                resp.close()
             if ch is None or (self._challenge is not None and ch.scheme == "basic" and self._challenge == ch):
                 return resp   # credentials were sent and refused: nothing to retry
+            resp.close()
             if ch.scheme == "bearer" and ch.params.get("scope"):
                 for s in ch.params["scope"].split(" "):
                     self.add_scope(s)
@@ -262,7 +262,7 @@ class Client:
         if resp.is_stream_consumed is False:
             try:
                 resp.read()
-            except httpx.HTTPError:
+            except (httpx.HTTPError, httpx.StreamError):
                 pass
         line = _error_line(resp)
         if resp.status_code == 401 and self.credentials is not None:
