@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +200,44 @@ def test_big_directory(layers, union_mount):
     assert len(names) == n - n // 10
     assert "f0" not in names and "f1" in names
     assert os.lstat(m.mnt / "big/f99999").st_size == 0
+
+
+def _as_user(uid: int, fn, *args):
+    """Run fn(*args) in a child process as ``uid``; returns its errno (0 for success)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            fn(*args)
+        except OSError as e:
+            code = e.errno
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_acls_enforced_like_kernel_overlayfs(tmp_path, layers, union_mount):
+    for p in (tmp_path, *tmp_path.parents):  # pytest's temp dirs are private: let uid 1000 through
+        if p == Path("/tmp") or p == Path("/"):
+            break
+        os.chmod(p, 0o755)
+    top, bottom = layers(2)
+    write(bottom, "acl-file", b"for uid 1000 by ACL", 0o600)
+    write(bottom, "plain-file", b"nobody else", 0o600)
+    subprocess.run(["setfacl", "-m", "u:1000:r", str(bottom / "acl-file")], check=True)
+    m = union_mount([top, bottom], options=["allow_other"])
+    ko = tmp_path / "ko"
+    ko.mkdir()
+    read = lambda p: open(p, "rb").read()  # noqa: E731
+    with overlay_mount(ko, [top, bottom]):
+        for name in ("acl-file", "plain-file"):
+            want = _as_user(1000, read, ko / name)
+            assert _as_user(1000, read, m.mnt / name) == want, name
+        assert _as_user(1000, read, m.mnt / "acl-file") == 0
+        assert _as_user(1000, read, m.mnt / "plain-file") == errno.EACCES
+        acl = subprocess.run(["getfacl", "-cn", str(m.mnt / "acl-file")], capture_output=True, text=True).stdout
+        assert acl == subprocess.run(["getfacl", "-cn", str(ko / "acl-file")], capture_output=True, text=True).stdout
+        assert "user:1000:r--" in acl

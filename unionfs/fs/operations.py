@@ -76,6 +76,9 @@ class Handles:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # The kernel caches POSIX ACLs (one GETXATTR per inode instead of one per `ls -l`) and
+    # enforces them, as it does on overlayfs; the upper filesystem applies default ACLs.
+    enable_acl = True
 
     def __init__(self, union: Union) -> None:
         super().__init__()
