@@ -14,6 +14,13 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("mount takes [IMAGE] MOUNTPOINT")
     image = args.targets[0] if len(args.targets) == 2 else None
     mountpoint = args.targets[-1]
+    if image is not None and not args.writable:
+        from .container import commands as cc, model as cm
+        c = cm.find(_store(args), image) if _store(args).exists() else None
+        if c is not None:   # a container's name or id first, then an image's
+            if args.lower or args.upper or args.work:
+                raise UsageError("a container's layers come from the store: no --lower/--upper/--work")
+            return cc.mount_container(_store(args), c, mountpoint, args.options or [], args.foreground, args.log)
     if image is not None:
         return _mount_image(args, image, mountpoint)
     if args.writable:
@@ -53,9 +60,10 @@ def _mount_image(args: argparse.Namespace, name: str, mountpoint: str) -> int:
         return mount(build_config(mountpoint, lower, None, None, options, args.foreground, args.log))
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mount point {mountpoint}: no such directory")
+    from .container import model as cm
     with store.locked():
         store.resolve(image.id)  # still there now that we hold the lock
-        record = store.new_container(image.id, name, os.path.abspath(mountpoint))
+        record = cm.create(store, name, None, os.path.abspath(mountpoint)).to_record()
     try:
         cfg = build_config(mountpoint, lower, record["Upper"], record["Work"], options, args.foreground, args.log)
         print(f"container {record['Id']}", flush=True)
@@ -159,7 +167,103 @@ def _cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
+    if not os.path.lexists(args.mountpoint) and "/" not in args.mountpoint and _store(args).exists():
+        from .container.commands import umount_container   # a container's name or id
+        return umount_container(_store(args), args.mountpoint)
     return umount(args.mountpoint)
+
+
+# --- containers --------------------------------------------------------------------
+
+def _oneline(func):
+    """An OSError of a container command (a path the user gave, a damaged store) is one line, exit status 1."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except OSError as e:
+            where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+            print(f"unionfs: {where}{e.strerror or e}", file=sys.stderr)
+            return 1
+    return run
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    from .container.commands import create
+    print(create(_store(args), args.image, args.name).id)
+    return 0
+
+
+def _cmd_ps(args: argparse.Namespace) -> int:
+    from .container.commands import ps_table
+    print(ps_table(_store(args), no_trunc=args.no_trunc, quiet=args.quiet))
+    return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from .container.commands import remove
+    for name in remove(_store(args), args.containers, args.force):
+        print(name)
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .container.commands import diff_lines
+    for line in diff_lines(_store(args), args.container):
+        print(line)
+    return 0
+
+
+def _cmd_commit(args: argparse.Namespace) -> int:
+    from .container.commit import commit
+    done = commit(_store(args), args.container, args.ref, args.message or "", args.author, args.change or [])
+    for line in done.skipped:
+        print(f"unionfs: warning: {line}", file=sys.stderr)
+    print(done.image_id)
+    return 0
+
+
+def _cmd_save(args: argparse.Namespace) -> int:
+    from .image.save import save
+    save(_store(args), args.images, args.output, args.format)
+    return 0
+
+
+def _container_parsers(sub, common) -> None:
+    c = sub.add_parser("create", help="make a container: an image plus a writable layer of its own", parents=[common])
+    c.add_argument("image", metavar="IMAGE")
+    c.add_argument("--name", metavar="NAME", help="name it (default: a generated name)")
+    c.set_defaults(func=_oneline(_cmd_create))
+
+    ps = sub.add_parser("ps", help="list containers", parents=[common])
+    ps.add_argument("--no-trunc", action="store_true", help="show full container ids")
+    ps.add_argument("--quiet", "-q", action="store_true", help="only ids")
+    ps.set_defaults(func=_oneline(_cmd_ps))
+
+    rm = sub.add_parser("rm", help="remove containers (and their writable layers)", parents=[common])
+    rm.add_argument("containers", nargs="+", metavar="CONTAINER")
+    rm.add_argument("--force", "-f", action="store_true", help="unmount a mounted container first")
+    rm.set_defaults(func=_oneline(_cmd_rm))
+
+    df = sub.add_parser("diff", help="changes of a container's writable layer (A added, C changed, D deleted)",
+                        parents=[common])
+    df.add_argument("container", metavar="CONTAINER")
+    df.set_defaults(func=_oneline(_cmd_diff))
+
+    cm = sub.add_parser("commit", help="a new image from a container's changes", parents=[common])
+    cm.add_argument("container", metavar="CONTAINER")
+    cm.add_argument("ref", nargs="?", metavar="REPO[:TAG]")
+    cm.add_argument("--message", "-m", metavar="MESSAGE", help="the history entry's comment")
+    cm.add_argument("--author", "-a", metavar="AUTHOR", help='e.g. "Jane Doe <jane@example.com>"')
+    cm.add_argument("--change", "-c", action="append", metavar="INSTRUCTION",
+                    help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, EXPOSE, LABEL, VOLUME")
+    cm.set_defaults(func=_oneline(_cmd_commit))
+
+    sv = sub.add_parser("save", help="write images to a docker save archive or an OCI layout", parents=[common])
+    sv.add_argument("images", nargs="+", metavar="IMAGE")
+    sv.add_argument("--output", "-o", required=True, metavar="FILE",
+                    help="the archive (an OCI layout is a directory unless FILE ends in .tar)")
+    sv.add_argument("--format", choices=("docker", "oci"), default="docker", help="docker (default) or oci")
+    sv.set_defaults(func=_oneline(_cmd_save))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -170,11 +274,12 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount an image or a stack of layers", parents=[common],
-                       usage="%(prog)s [options] [IMAGE] MOUNTPOINT",
-                       description="Mount an image from the store (repo:tag, id or id prefix), or layer "
-                                   "directories (topmost first), as one merged tree.")
-    m.add_argument("targets", nargs="+", metavar="[IMAGE] MOUNTPOINT")
+    m = sub.add_parser("mount", help="mount a container, an image or a stack of layers", parents=[common],
+                       usage="%(prog)s [options] [CONTAINER|IMAGE] MOUNTPOINT",
+                       description="Mount a container (name or id: its image and its writable layer), an image "
+                                   "from the store (repo:tag, id or id prefix), or layer directories (topmost "
+                                   "first), as one merged tree.")
+    m.add_argument("targets", nargs="+", metavar="[CONTAINER|IMAGE] MOUNTPOINT")
     m.add_argument("--writable", "-w", action="store_true",
                    help="with IMAGE: add a fresh writable layer (a container) from the store")
     m.add_argument("--lower", "-l", action="append", metavar="TOP:...:BOTTOM",
@@ -188,8 +293,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--log", metavar="FILE", help="write the daemon's log to FILE")
     m.set_defaults(func=_cmd_mount)
 
-    u = sub.add_parser("umount", help="unmount (also a mount whose daemon died)")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u = sub.add_parser("umount", help="unmount (also a mount whose daemon died)", parents=[common])
+    u.add_argument("mountpoint", metavar="MOUNTPOINT|CONTAINER")
     u.set_defaults(func=_cmd_umount)
 
     ld = sub.add_parser("load", help="load images from a docker save archive or an OCI layout", parents=[common],
@@ -222,6 +327,7 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("images", nargs="+", metavar="IMAGE")
     rm.add_argument("--force", "-f", action="store_true", help="remove an image with several tags by id")
     rm.set_defaults(func=_cmd_rmi)
+    _container_parsers(sub, common)
 
     from .registry.commands import add_parsers as add_registry_parsers   # pull, push, login, logout
     add_registry_parsers(sub, common)

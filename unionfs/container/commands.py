@@ -1,0 +1,137 @@
+"""What the container subcommands do: ``create``, ``ps``, ``rm``, ``mount CONTAINER``, ``umount CONTAINER``,
+``diff``.  ``commit`` and ``run`` live in their own modules; the command line only parses arguments."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from ..fs.daemon import build_config, is_mountpoint, mount, umount
+from ..image.report import human_ago, human_size, table
+from ..image.store import Store
+from . import model
+from .diff import Changes, changes
+from .model import Container, ContainerError
+from .view import MountView, UnionView
+
+
+def image_lower(store: Store, image_id: str) -> list[str]:
+    """The image's layer directories, topmost first (as a lower stack)."""
+    image = store.image(image_id)
+    if not image.layers:
+        raise ContainerError(f"image {image_id[7:19]} has no layers: nothing to make a container of")
+    return [store.layer_root(ly.diff_id) for ly in reversed(image.layers)]
+
+
+def create(store: Store, image: str, name: str | None = None) -> Container:
+    with store.locked():
+        image_lower(store, store.resolve(image))
+        return model.create(store, image, name)
+
+
+def ps_table(store: Store, all_columns: bool = True, no_trunc: bool = False, quiet: bool = False) -> str:
+    rows = []
+    cs = model.containers(store)
+    if quiet:
+        return "\n".join(c.id if no_trunc else c.short_id for c in cs)
+    tags = store.tags()
+    for c in cs:
+        names = sorted(t for t, i in tags.items() if i == c.image)
+        image = c.image_ref if c.image_ref and c.image_ref in names else (names[0] if names else c.image[7:19])
+        state = model.mounted_at(c)
+        mounted = "-" if state is None else (state.mountpoint or f"yes (unionfs pid {state.pid})")
+        size = model.upper_size(c)
+        try:
+            img = store.image(c.image)
+            seen: dict[str, int] = {}
+            for ly, n in zip(img.layers, img.layer_sizes):
+                seen.setdefault(ly.diff_id, n)
+            virtual = size + sum(seen.values())
+        except (OSError, ValueError):
+            virtual = size
+        rows.append([c.id if no_trunc else c.short_id, image, human_ago(c.created), mounted,
+                     f"{human_size(size)} (virtual {human_size(virtual)})", c.name])
+    return table(["CONTAINER ID", "IMAGE", "CREATED", "MOUNTED", "SIZE", "NAMES"], rows)
+
+
+def remove(store: Store, names: list[str], force: bool = False) -> list[str]:
+    """Remove containers; a mounted one only with ``force`` (it is unmounted first). Returns what went."""
+    done = []
+    with store.locked():
+        targets = [model.resolve(store, n) for n in names]   # all or nothing: every name must resolve
+        for c in targets:
+            state = model.mounted_at(c)
+            if state is not None:
+                where = state.mountpoint or f"by unionfs pid {state.pid}"
+                if not force:
+                    raise ContainerError(f"{c.name or c.short_id}: mounted on {where}; unmount it first, or use --force")
+                if not state.mountpoint:
+                    raise ContainerError(f"{c.name or c.short_id}: mounted {where} at a place not recorded; "
+                                         "unmount it by its mount point first")
+                umount(state.mountpoint)
+                if model.mounted_at(c) is not None:
+                    raise ContainerError(f"{c.name or c.short_id}: still mounted on {state.mountpoint}")
+            store.remove_container(c.id)
+            done.append(c.name or c.id)
+    return done
+
+
+def mount_container(store: Store, c: Container, mountpoint: str, options: list[str], foreground: bool = False,
+                    log_file: str | None = None) -> int:
+    """Mount a container's view (its image and its writable layer) on ``mountpoint``."""
+    state = model.mounted_at(c)
+    if state is not None:
+        raise ContainerError(f"{c.name or c.short_id}: already mounted on "
+                             f"{state.mountpoint or f'(unionfs pid {state.pid})'}")
+    options = list(options)
+    if not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
+        options.append(f"fsname={c.name or c.short_id}")
+    with store.locked():
+        c = model.resolve(store, c.id)   # still there now that we hold the lock
+        cfg = build_config(mountpoint, image_lower(store, c.image), c.upper, c.work, options, foreground, log_file)
+        c.mountpoint = cfg.mountpoint
+        model.save(c)
+    # Not under the lock: the daemon is forked from this process and would inherit (and keep) it.
+    return mount(cfg)
+
+
+def umount_container(store: Store, name: str) -> int:
+    c = model.resolve(store, name)
+    state = model.mounted_at(c)
+    if state is None:
+        raise ContainerError(f"{name}: not mounted")
+    if not state.mountpoint:
+        raise ContainerError(f"{name}: mounted by unionfs pid {state.pid} at a place not recorded; "
+                             "give its mount point")
+    return umount(state.mountpoint)
+
+
+@contextmanager
+def views(store: Store, c: Container) -> Iterator[tuple[UnionView, object]]:
+    """(the image alone, the container's merged view): through its mount point if mounted."""
+    lower = image_lower(store, c.image)
+    with UnionView(lower) as image_view:
+        state = model.mounted_at(c)
+        if state is not None:
+            if not state.mountpoint or not is_mountpoint(state.mountpoint):
+                raise ContainerError(f"{c.name or c.short_id}: mounted by unionfs pid {state.pid} at a place not "
+                                     "recorded; unmount it first")
+            with MountView(state.mountpoint) as merged:
+                yield image_view, merged
+        else:
+            with UnionView(lower, c.upper, c.work) as merged:
+                yield image_view, merged
+
+
+def container_changes(store: Store, c: Container) -> Changes:
+    with views(store, c) as (image_view, merged):
+        return changes(c.upper, c.work, image_view, merged)
+
+
+def diff_lines(store: Store, name: str) -> list[str]:
+    c = model.resolve(store, name)
+    return container_changes(store, c).lines()
+
+
+def is_path_like(arg: str) -> bool:
+    return "/" in arg or os.path.exists(arg)
