@@ -3,77 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat
-import subprocess
 import tarfile
 
-import pytest
+from container_images import APP, BASE, change_everything, mkdirs, ok, ps_rows, run, store  # noqa: F401
+from helpers import diff_snapshots, is_mounted, snapshot
 
-from helpers import diff_snapshots, force_unmount, is_mounted, snapshot, unionfs_cmd
 from unionfs.image.report import human_size
-from image_archives import Img, d, docker_save_legacy, f, hard, layer_tar, sym
-
-BASE = layer_tar([
-    d("etc"), f("etc/os-release", b"ID=base\n"), f("etc/shared", b"base"), f("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
-    d("usr/bin"), f("usr/bin/tool", b"#!/bin/sh\n", 0o755), f("usr/bin/suid", b"s", 0o4755),
-    d("usr/lib"), f("usr/lib/liba.so", b"a" * 5000), hard("usr/lib/liba.so.1", "usr/lib/liba.so"),
-    sym("usr/lib/link.so", "liba.so.1"),
-    d("srv/app/conf"), f("srv/app/conf/a.conf", b"a=1"), f("srv/app/main", b"main", uid=1000, gid=1000),
-    d("srv/app/data"), f("srv/app/data/x", b"x"),
-    d("var/cache"), f("var/cache/one", b"1"), d("var/cache/sub"), f("var/cache/sub/two", b"2"),
-    d("home/user", 0o700, uid=1000, gid=1000), f("home/user/notes", b"mine", 0o600, uid=1000, gid=1000,
-                                                    pax={"SCHILY.xattr.user.tag": "lower"}),
-    f("file2dir", b"was a file"), d("dir2file"), f("dir2file/inner", b"inner"),
-])
-APP = layer_tar([f("etc/os-release", b"ID=app\n"), f("app", b"app", 0o700)])
-
-
-def run(store, *args, timeout=120, input=None):
-    return subprocess.run(unionfs_cmd("--root", str(store), *args), capture_output=True, text=True, timeout=timeout,
-                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
-
-
-def ok(store, *args, **kw):
-    r = run(store, *args, **kw)
-    assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r.stdout
-
-
-@pytest.fixture
-def store(tmp_path):
-    """A store holding app:1 (two layers); every mount below tmp_path is undone at the end."""
-    root = tmp_path / "store"
-    archive = tmp_path / "app.tar"
-    docker_save_legacy(archive, [Img([BASE, APP], ["app:1"])])
-    ok(root, "load", str(archive))
-    yield root
-    with open("/proc/self/mountinfo") as fh:
-        mps = [line.split()[4] for line in fh if str(tmp_path) in line.split()[4]]
-    for mp in mps:
-        subprocess.run(unionfs_cmd("umount", mp), capture_output=True, timeout=30)
-        if is_mounted(mp):
-            force_unmount(mp)
-
-
-def mkdirs(tmp_path, *names):
-    out = []
-    for n in names:
-        p = tmp_path / n
-        p.mkdir()
-        out.append(p)
-    return out
-
-
-def ps_rows(store):
-    lines = ok(store, "ps", "--no-trunc").splitlines()
-    header = lines[0]
-    cols = [header.index(h) for h in ("CONTAINER ID", "IMAGE", "CREATED", "MOUNTED", "SIZE", "NAMES")]
-    rows = {}
-    for line in lines[1:]:
-        cells = [line[a:b].strip() for a, b in zip(cols, cols[1:] + [None])]
-        rows[cells[5]] = cells
-    return rows
 
 
 def test_create_ps_mount_two_containers_rm(store, tmp_path):
@@ -121,36 +56,6 @@ def test_create_ps_mount_two_containers_rm(store, tmp_path):
     ok(store, "rm", "b")
     assert ok(store, "ps", "-q") == "\n" and os.listdir(store / "containers") == []
     ok(store, "rmi", "app:1")
-
-
-def change_everything(m):
-    """Delete, replace and rename lower files and dirs; add files of every kind."""
-    os.unlink(m / "etc/shared")                                   # D file
-    shutil.rmtree(m / "var/cache/sub")                            # D dir
-    (m / "etc/os-release").write_text("ID=changed\n")             # C (copy-up, data)
-    os.chmod(m / "usr/bin/tool", 0o700)                           # C (metadata only)
-    os.setxattr(m / "home/user/notes", "user.tag", b"upper")      # C (xattr)
-    os.rename(m / "srv/app", m / "srv/renamed")                   # a lower dir renamed (redirect)
-    (m / "srv/renamed/conf/b.conf").write_text("b=2")             # ... and changed inside
-    os.unlink(m / "srv/renamed/data/x")
-    os.rename(m / "etc/passwd", m / "etc/passwd-")                # a lower file renamed
-    os.unlink(m / "file2dir")                                     # file -> dir
-    os.mkdir(m / "file2dir")
-    (m / "file2dir/new").write_text("new")
-    shutil.rmtree(m / "dir2file")                                 # dir -> file
-    (m / "dir2file").write_text("now a file")
-    with open(m / "usr/lib/liba.so", "ab") as fh:                 # a hard-linked lower file, copied up once
-        fh.write(b"!")
-    os.mkdir(m / "new")                                           # A: dirs, files, links, fifo, xattrs
-    (m / "new/f").write_bytes(b"\x00\x01" * 1000)
-    os.link(m / "new/f", m / "new/f-link")
-    os.symlink("../etc/os-release", m / "new/rel-link")
-    os.mkfifo(m / "new/fifo")
-    os.chown(m / "new/f", 1234, 5678)
-    os.setxattr(m / "new/f", "user.binary", b"\xff\x00\xfe")
-    os.chmod(m / "new/f", 0o2751)
-    os.mkdir(m / "var/cache/sub")                                 # recreated where a dir was deleted: opaque
-    (m / "var/cache/sub/three").write_text("3")
 
 
 EXPECTED_DIFF = """\
