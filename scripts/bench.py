@@ -30,7 +30,7 @@ PY = sys.executable
 SIZES = {
     #            bottom files, big dir entries, big file bytes, subtree files, creates
     "full": dict(files=30000, bigdir=100_000, blob=1 << 30, subtree=5000, creates=10_000, preads=20_000),
-    "quick": dict(files=3000, bigdir=10_000, blob=64 << 20, subtree=500, creates=1000, preads=2000),
+    "quick": dict(files=2000, bigdir=5000, blob=64 << 20, subtree=300, creates=500, preads=1000),
     "tiny": dict(files=300, bigdir=1000, blob=4 << 20, subtree=100, creates=100, preads=200),
 }
 
@@ -298,7 +298,7 @@ def main() -> int:
         print("bench: run as root (it mounts filesystems and drops caches)", file=sys.stderr)
         return 2
     size = args.size or ("quick" if args.quick else "full")
-    repeat = args.repeat or (3 if args.quick else 5)
+    repeat = args.repeat or (2 if size == "quick" else 1 if size == "tiny" else 5)
     cache = Path(args.cache)
     stack = build_stack(cache, size)
     p = dict(SIZES[size], stack=stack)

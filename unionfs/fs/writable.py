@@ -254,24 +254,25 @@ class WritableUnion(Union):
         os.close(f.fd)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> OpenFile:
-        node = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
-        write = bool(flags & (os.O_WRONLY | os.O_RDWR))
-        f = OpenFile(node, self._open_real(node, os.O_RDWR if write else os.O_RDONLY), writable=True)
+        node, fd = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, keep_open=flags)
+        assert fd is not None
+        f = OpenFile(node, fd, writable=True)
         self._open.setdefault(node.ino, set()).add(f)
         return f
 
     # --- new entries ---------------------------------------------------------------
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
-        return self._make(parent, name, mode, uid, gid, rdev=rdev)
+        return self._make(parent, name, mode, uid, gid, rdev=rdev)[0]
 
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        return self._make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)[0]
 
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
-        return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+        return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)[0]
 
-    def _check_new(self, parent: Node, name: bytes) -> None:
+    def _check_new(self, parent: Node, name: bytes) -> tuple[bool, bool]:
+        """Refuse a name that exists; say whether a whiteout holds it and whether lower layers do."""
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if len(name) > 255:
@@ -279,12 +280,19 @@ class WritableUnion(Union):
         if formats.is_oci_marker(name):
             # `.wh.` names are whiteouts in image layers: such a file could never be committed.
             raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
-        if self.resolve(parent, name) is not None:
+        upper = self._upper_entry(parent, name) if self.in_upper(parent) else None
+        if upper is not None:
+            if not formats.is_whiteout_at(self.stack.dir_fd(0, parent), name, upper):
+                raise OSError(errno.EEXIST, "file exists")
+            return True, True
+        if self.lower_exists(parent, name):
             raise OSError(errno.EEXIST, "file exists")
+        return False, False
 
     def _make(self, parent: Node, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-              target: bytes | None = None) -> Node:
-        self._check_new(parent, name)
+              target: bytes | None = None, keep_open: int | None = None) -> tuple[Node, int | None]:
+        """Create an entry in the upper layer. With ``keep_open`` (flags), a regular file's fd is returned."""
+        over_whiteout, _ = self._check_new(parent, name)
         self.dirty_dirs.add(parent.ino)
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
@@ -293,45 +301,51 @@ class WritableUnion(Union):
         perm = stat.S_IMODE(mode)
         if kind == stat.S_IFDIR and sgid_parent:
             perm |= stat.S_ISGID
-        over_whiteout = self._upper_entry(parent, name) is not None
-        opaque = kind == stat.S_IFDIR and self.lower_exists(parent, name)
-        # Build in the work dir when it has to replace a whiteout or carry markers; else in place.
-        where, tname = (self.work_fd, self.temp_name()) if over_whiteout or opaque else (pfd, name)
+        # A directory where a lower one was removed is opaque (the whiteout says so).
+        opaque = kind == stat.S_IFDIR and over_whiteout
+        # Build in the work dir when it has to replace a whiteout; else in place.
+        where, tname = (self.work_fd, self.temp_name()) if over_whiteout else (pfd, name)
+        fd: int | None = None
         try:
             if kind == stat.S_IFDIR:
                 ovl.mkdir_at(where, tname, 0o700)
-                fd = ovl.open_dir_at(where, tname)
+                dfd = ovl.open_dir_at(where, tname)
                 try:
-                    if opaque or over_whiteout:
-                        formats.mark_opaque(fd, self.style)
-                    ovl.fchown(fd, uid, gid)
-                    ovl.fchmod(fd, perm)
+                    if opaque:
+                        formats.mark_opaque(dfd, self.style)
+                    ovl.fchown(dfd, uid, gid)
+                    ovl.fchmod(dfd, perm)
+                    st = ovl.fstat(dfd)
                 finally:
-                    os.close(fd)
+                    os.close(dfd)
             elif kind == stat.S_IFLNK:
                 ovl.symlink_at(target or b"", where, tname)
                 ovl.chown_at(where, tname, uid, gid)
+                st = ovl.lstat_at(where, tname)
             elif kind == stat.S_IFREG:
-                fd = ovl.open_at(where, tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    ovl.fchown(fd, uid, gid)
-                    ovl.fchmod(fd, perm)
-                finally:
-                    os.close(fd)
+                fd = ovl.open_at(where, tname, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                ovl.fchown(fd, uid, gid)
+                ovl.fchmod(fd, perm)
+                st = ovl.fstat(fd)
             else:
                 ovl.mknod_at(where, tname, kind | 0o600, rdev)
                 ovl.chown_at(where, tname, uid, gid)
                 ovl.chmod_at(where, tname, perm)
+                st = ovl.lstat_at(where, tname)
             if where != pfd:
                 self._swap_in(where, tname, pfd, name, kind == stat.S_IFDIR)
         except BaseException:
+            if fd is not None:
+                os.close(fd)
             if where != pfd:
                 ovl.remove_tree_at(where, tname)
             raise
-        node = self.resolve(parent, name)
-        if node is None:
-            raise OSError(errno.EIO, "created entry vanished")
-        return self.inodes.remember(node)
+        if fd is not None and keep_open is None:
+            os.close(fd)
+            fd = None
+        # Nothing of this name exists below (checked above), so the new entry is all there is.
+        node = Node(self.inodes.ino_for(st.st_dev, st.st_ino), parent, name, (0,), st.st_mode)
+        return self.inodes.remember(node), fd
 
     def _swap_in(self, wfd: int, tname: bytes, pfd: int, name: bytes, is_dir: bool) -> None:
         """Atomically put work/tname at pfd/name, replacing a whiteout there if any."""
