@@ -11,7 +11,6 @@ files with their sha256 checked as they arrive; downloads resume with ``Range``.
 from __future__ import annotations
 
 import hashlib
-import os
 import ssl
 import threading
 import time
@@ -39,9 +38,6 @@ class RegistryError(ImageError):
 class Cancelled(Exception):
     """Another download of the same pull failed; this one stops."""
 
-
-# A test hook: how many requests of each kind this process sent (pull/push tests count re-fetches).
-REQUEST_LOG: list[tuple[str, str]] = []
 
 _ERROR_WORDS = {
     "UNAUTHORIZED": "unauthorized: authentication required",
@@ -209,7 +205,6 @@ class Client:
             resp = self.http.get(url, headers=headers)
         except httpx.HTTPError as e:
             raise _transport_error(e, f"{self.registry}: token server {realm}", False) from None
-        REQUEST_LOG.append(("TOKEN", realm))
         if resp.status_code != 200:
             raise RegistryError(f"{self.registry}: token server: {_error_line(resp)}")
         try:
@@ -240,7 +235,6 @@ class Client:
             if params:   # keep the query an upload Location carries (_state=...)
                 url = url.copy_merge_params(params)
             req = self.http.build_request(method, url, headers=hdrs, content=body() if body else None)
-            REQUEST_LOG.append((method, req.url.path))
             try:
                 resp = self.http.send(req, stream=stream)
             except httpx.HTTPError as e:
@@ -445,21 +439,3 @@ class Client:
                               headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
         if resp.status_code != 201:
             raise self._fail(resp, what)
-
-
-def file_sha256(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return "sha256:" + h.hexdigest(), n
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

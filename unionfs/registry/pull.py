@@ -72,8 +72,7 @@ def _pick(index: dict, platform: tuple[str, str, str | None], where: str) -> dic
     return found[0]
 
 
-def resolve(client: Client, ref: Reference, platform: tuple[str, str, str | None], explicit: bool
-            ) -> tuple[str, bytes, str, str]:
+def resolve(client: Client, ref: Reference, platform: tuple[str, str, str | None]) -> tuple[str, bytes, str, str]:
     """(digest the reference names, manifest bytes, manifest digest, media type), following an index."""
     where = str(ref)
     data, media, top = client.get_manifest(ref.digest or ref.tag or "latest")
@@ -100,7 +99,7 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
     log = log or (lambda msg: print(msg, file=sys.stderr))
     plat = parse_platform(platform)
     where = str(ref)
-    top, manifest, manifest_digest, media = resolve(client, ref, plat, platform is not None)
+    top, manifest, manifest_digest, media = resolve(client, ref, plat)
     config_desc, layer_descs = parse_manifest(manifest, f"{where}: manifest {manifest_digest}")
     for d in layer_descs:
         m = d.get("mediaType") or ""
@@ -125,7 +124,9 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
         try:
             new = 0
             for ly in layers:
-                if store.has_layer(ly.diff_id):
+                if store.has_layer(ly.diff_id):   # (another pull may have added it meanwhile)
+                    if os.path.exists(download_path(store, ly.digest)):
+                        store.put_blob_file(ly.digest, download_path(store, ly.digest))
                     continue
                 # Removed since we looked (an rmi), or new: fetch now, under the lock.
                 if ly.diff_id not in wanted:
