@@ -103,3 +103,88 @@ def change_everything(m):
     (m / "var/cache/sub/three").write_text("3")
 
 
+
+
+# --- a tiny runnable image: busybox-static (and the host's dpkg, for a package-manager workload) ------------
+
+BUSYBOX = "/bin/busybox"
+APPLETS = ("sh", "echo", "cat", "ls", "id", "pwd", "env", "true", "false", "sleep", "mkdir", "rm", "hostname",
+           "head", "wc", "touch", "ln", "mv", "stat", "tar", "diff", "cmp", "find", "readlink", "start-stop-daemon",
+           "grep", "sed", "chmod", "chown", "cp", "test", "[")
+PASSWD = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+GROUP = b"root:x:0:\napp:x:1000:\nextra:x:2000:app\n"
+
+
+def _host_file(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def busybox_layer(dpkg: bool = False) -> bytes:
+    """A rootfs layer: /bin/busybox and its applets, users, /tmp; with ``dpkg``, also the host's dpkg,
+    dpkg-deb, dpkg-split and GNU tar with their shared libraries and an empty dpkg database (a package manager in 10 MB)."""
+    entries = [d("bin"), f("bin/busybox", _host_file(BUSYBOX), 0o755)]
+    entries += [sym(f"bin/{a}", "busybox") for a in APPLETS if not (dpkg and a == "tar")]
+    entries += [d("etc"), f("etc/passwd", PASSWD), f("etc/group", GROUP), d("tmp", 0o1777), d("root", 0o700),
+                d("home/app", uid=1000, gid=1000), d("proc"), d("sys"), d("dev")]
+    if dpkg:
+        libs = set()
+        for binary in ("/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/dpkg-split", "/usr/bin/tar"):
+            out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+            libs.update(w for line in out.splitlines() for w in line.split() if w.startswith("/"))
+        entries += [d("usr/bin"), d("usr/sbin"), d("sbin"), d("lib64"), d("lib/x86_64-linux-gnu"),
+                    f("usr/bin/dpkg", _host_file("/usr/bin/dpkg"), 0o755),
+                    f("usr/bin/dpkg-deb", _host_file("/usr/bin/dpkg-deb"), 0o755),
+                    f("usr/bin/dpkg-split", _host_file("/usr/bin/dpkg-split"), 0o755),
+                    f("usr/bin/tar", _host_file("/usr/bin/tar"), 0o755),   # dpkg-deb needs GNU tar
+                    f("sbin/ldconfig", b"#!/bin/sh\nexit 0\n", 0o755),
+                    d("var/lib/dpkg/info"), d("var/lib/dpkg/updates"), d("var/lib/dpkg/triggers"),
+                    f("var/lib/dpkg/status"), f("var/lib/dpkg/available"), d("etc/dpkg/dpkg.cfg.d"),
+                    d("usr/share/hello"), f("usr/share/hello/old", b"from the image\n")]
+        for lib in sorted(libs):
+            real = os.path.realpath(lib)
+            name = "lib/x86_64-linux-gnu/" + os.path.basename(real)
+            if not any(e.name == name for e in entries):
+                entries.append(f(name, _host_file(real), 0o755))
+            if lib.startswith("/lib64/"):
+                entries.append(sym(lib.lstrip("/"), "/" + name))
+            elif os.path.basename(lib) != os.path.basename(real):
+                entries.append(sym("lib/x86_64-linux-gnu/" + os.path.basename(lib), os.path.basename(real)))
+    seen, out = set(), []
+    for e in entries:
+        if e.name not in seen:
+            seen.add(e.name)
+            out.append(e)
+    return layer_tar(out)
+
+
+def busybox_image(path, tag: str, dpkg: bool = False, **cfg) -> None:
+    from image_archives import config, sha
+    layer = busybox_layer(dpkg)
+    base = {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello"], "WorkingDir": "/home/app",
+            "User": "app", "Cmd": ["sh", "-c", "echo $GREETING from $(pwd) as $(id -u):$(id -g) $(id -G)"]}
+    base.update(cfg)
+    docker_save_legacy(path, [Img([layer], [tag], config=config([sha(layer)], **base))])
+
+
+def build_deb(tmp_path) -> str:
+    """hello-unionfs_1.0_all.deb: a script, a conffile, a hard link, a file replacing one of the image's,
+    and a postinst; built with the host's dpkg-deb."""
+    pkg = tmp_path / "pkg"
+    for sub in ("DEBIAN", "usr/bin", "usr/share/hello", "etc"):
+        (pkg / sub).mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_text("Package: hello-unionfs\nVersion: 1.0\nArchitecture: all\n"
+                                        "Maintainer: tests <t@example.com>\nDescription: a test package\n")
+    (pkg / "DEBIAN/conffiles").write_text("/etc/hello.conf\n")
+    (pkg / "DEBIAN/postinst").write_text("#!/bin/sh\nset -e\necho postinst ran > /var/lib/hello-postinst\n")
+    (pkg / "usr/bin/hello").write_text("#!/bin/sh\necho hello from the package\n")
+    (pkg / "usr/share/hello/data").write_text("data\n")
+    os.link(pkg / "usr/share/hello/data", pkg / "usr/share/hello/data-link")
+    (pkg / "usr/share/hello/old").write_text("from the package\n")
+    (pkg / "etc/hello.conf").write_text("conf=1\n")
+    for p in ("DEBIAN/postinst", "usr/bin/hello"):
+        os.chmod(pkg / p, 0o755)
+    out = tmp_path / "hello.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg), str(out)], check=True,
+                   capture_output=True, timeout=60)
+    return str(out)

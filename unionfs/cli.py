@@ -228,6 +228,11 @@ def _cmd_save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .container.runtime import run
+    return run(_store(args), args.image, args.command, args.name, args.rm, args.runtime)
+
+
 def _container_parsers(sub, common) -> None:
     c = sub.add_parser("create", help="make a container: an image plus a writable layer of its own", parents=[common])
     c.add_argument("image", metavar="IMAGE")
@@ -264,6 +269,17 @@ def _container_parsers(sub, common) -> None:
                     help="the archive (an OCI layout is a directory unless FILE ends in .tar)")
     sv.add_argument("--format", choices=("docker", "oci"), default="docker", help="docker (default) or oci")
     sv.set_defaults(func=_oneline(_cmd_save))
+
+    rn = sub.add_parser("run", help="run a command in a new container of an image (with crun or runc)",
+                        parents=[common], usage="%(prog)s [options] IMAGE [COMMAND [ARG...]]",
+                        description="Create a container of IMAGE, mount it, and run COMMAND (default: the image's "
+                                    "Entrypoint and Cmd) in it with an OCI runtime; exits with its status.")
+    rn.add_argument("--name", metavar="NAME", help="name the container")
+    rn.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    rn.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
+    rn.add_argument("image", metavar="IMAGE")
+    rn.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    rn.set_defaults(func=_oneline(_cmd_run))
 
 
 def parser() -> argparse.ArgumentParser:
