@@ -30,28 +30,24 @@ class Ops:
     """Each op takes a root and returns a comparable result; OSError becomes ('err', errno)."""
 
     @staticmethod
-    def write_new(r, p, data):
-        fd = os.open(os.path.join(r, p), os.O_WRONLY | os.O_CREAT | os.O_EXCL | NB, 0o644)
+    def _write(r, p, data, flags, mode=0o644):
+        fd = os.open(os.path.join(r, p), flags | NB, mode)
         try:
             return os.write(fd, data)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def write_new(r, p, data):
+        return Ops._write(r, p, data, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
 
     @staticmethod
     def append(r, p, data):
-        fd = os.open(os.path.join(r, p), os.O_WRONLY | os.O_APPEND | NB)
-        try:
-            return os.write(fd, data)
-        finally:
-            os.close(fd)
+        return Ops._write(r, p, data, os.O_WRONLY | os.O_APPEND)
 
     @staticmethod
     def overwrite(r, p, data):
-        fd = os.open(os.path.join(r, p), os.O_WRONLY | os.O_TRUNC | NB)
-        try:
-            return os.write(fd, data)
-        finally:
-            os.close(fd)
+        return Ops._write(r, p, data, os.O_WRONLY | os.O_TRUNC)
 
     @staticmethod
     def pwrite(r, p, off, data):

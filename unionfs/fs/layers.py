@@ -22,6 +22,18 @@ class LayerError(Exception):
     """A layer cannot be used; the message is for the user."""
 
 
+def open_directory(path: str, what: str) -> int:
+    """Open a directory the user named (a layer, the work dir), or say in one line why not."""
+    try:
+        return os.open(path, ovl.O_DIR & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise LayerError(f"{what} {path}: no such directory") from None
+    except NotADirectoryError:
+        raise LayerError(f"{what} {path}: not a directory") from None
+    except OSError as e:
+        raise LayerError(f"{what} {path}: {e.strerror}") from None
+
+
 @dataclass
 class Layer:
     index: int
@@ -52,14 +64,7 @@ class LayerStack:
         seen: dict[tuple[int, int], str] = {}
         try:
             for i, p in enumerate(paths):
-                try:
-                    fd = os.open(p, ovl.O_DIR & ~os.O_NOFOLLOW)
-                except FileNotFoundError:
-                    raise LayerError(f"layer {p}: no such directory") from None
-                except NotADirectoryError:
-                    raise LayerError(f"layer {p}: not a directory") from None
-                except OSError as e:
-                    raise LayerError(f"layer {p}: {e.strerror}") from None
+                fd = open_directory(p, "layer")
                 st = os.fstat(fd)
                 key = (st.st_dev, st.st_ino)
                 if key in seen:

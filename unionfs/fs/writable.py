@@ -31,7 +31,7 @@ from . import sys as ovl
 from .copyup import CopyUp
 from .daemon import UsageError
 from .inodes import Node
-from .layers import LayerStack
+from .layers import LayerError, LayerStack, open_directory
 from .union import OpenFile, Union, UpperMeta, index_name
 
 log = logging.getLogger("unionfs.writable")
@@ -57,11 +57,9 @@ def prepare_upper(stack: LayerStack, work: str) -> UpperLock:
     upper = stack.upper
     assert upper is not None
     try:
-        wfd = os.open(work, ovl.O_DIR & ~os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise UsageError(f"work dir {work}: no such directory") from None
-    except NotADirectoryError:
-        raise UsageError(f"work dir {work}: not a directory") from None
+        wfd = open_directory(work, "work dir")
+    except LayerError as e:
+        raise UsageError(str(e)) from None
     try:
         wst = os.fstat(wfd)
         if wst.st_dev != upper.dev:
