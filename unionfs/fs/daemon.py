@@ -106,7 +106,8 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError("an upper dir needs a work dir and the other way round (--upper and --work)")
     if upper is None:
         fuse.add("ro")
-    fuse.discard("rw") if "ro" in fuse else None
+    if "ro" in fuse:
+        fuse.discard("rw")
     if not any(o.startswith("fsname=") for o in fuse):
         fuse.add("fsname=unionfs")
     if not any(o.startswith("subtype=") for o in fuse):
