@@ -292,10 +292,6 @@ def test_mount_by_name(tmp_path):
 
 
 def test_mount_writable(tmp_path):
-    try:
-        import unionfs.fs.writable  # noqa: F401
-    except ImportError:
-        pytest.skip("the writable layer (unionfs/fs/writable.py) is not there yet")
     archive = tmp_path / "a.tar"
     docker_save_legacy(archive, [Img([BASE, APP], ["app:1"])])
     store = tmp_path / "store"

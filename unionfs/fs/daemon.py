@@ -231,11 +231,14 @@ def mount(cfg: MountConfig) -> int:
         return 0
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(r)
+    if pid == 0:  # an intermediate child: the daemon is its child, so it is never our zombie
         code = 0
         try:
+            os.close(r)
             os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _close_fds_but(union.fds() | {w})
             devnull = os.open(os.devnull, os.O_RDWR)
             # Never hold the caller's stdio open: a pipe reader would wait for us forever.
             for std in (0, 1, 2):
@@ -255,6 +258,7 @@ def mount(cfg: MountConfig) -> int:
         finally:
             os._exit(code)
     os.close(w)
+    os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as f:
         answer = f.read().decode(errors="replace").strip()
     union.close()
@@ -263,6 +267,17 @@ def mount(cfg: MountConfig) -> int:
     if answer:
         raise UsageError(answer)
     raise UsageError("the daemon died before the mount was ready")
+
+
+def _close_fds_but(keep: set[int]) -> None:
+    """The daemon keeps only its own fds: not the caller's locks, sockets or pipes."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def is_mountpoint(path: str) -> bool:

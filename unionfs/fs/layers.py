@@ -139,6 +139,9 @@ class LayerStack:
         for key in [k for k in self._fds if k[1] == ino or isinstance(k[1], bytes)]:
             os.close(self._fds.pop(key))
 
+    def fds(self) -> set[int]:
+        return {layer.fd for layer in self.layers} | set(self._fds.values())
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -85,6 +85,10 @@ class Union:
     def close(self) -> None:
         self.stack.close()
 
+    def fds(self) -> set[int]:
+        """Every fd this union holds (a forked daemon closes all others)."""
+        return self.stack.fds()
+
     # --- resolution ---------------------------------------------------------------
 
     def _dir_kind(self, pfd: int, name: bytes | None) -> formats.DirKind:

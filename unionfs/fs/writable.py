@@ -117,6 +117,9 @@ class WritableUnion(Union):
         self.lock.close()
         super().close()
 
+    def fds(self) -> set[int]:
+        return super().fds() | {self.work_fd, self.index_fd, self.lock.work_fd, self.lock.upper_fd}
+
     # --- bookkeeping -------------------------------------------------------------
 
     def temp_name(self) -> bytes:
