@@ -1,0 +1,139 @@
+"""A unionfs daemon with faults injected, for tests and scripts/crash-test.
+
+Run as ``python tests/inject.py ARGS...`` (the ``unionfs`` command line, e.g. ``mount -f ...``)
+with ``UNIONFS_INJECT`` set to JSON:
+
+``{"faults": [{"target": "unionfs.fs.writable:WritableUnion.write", "exc": "RuntimeError",
+"when": "poison"}]}``
+    the method raises ``exc`` when one of its arguments (bytes, or an object's ``.name``,
+    or ``.node.name``) contains the word ``when`` (default ``poison``); ``"when": "always"``
+    raises on every call.
+
+``{"crash_at": N, "trace": FILE}``
+    counts the daemon's changing syscalls on a layer (every mutating function of
+    ``unionfs.fs.sys``) from the moment the mount is up, and SIGKILLs itself just before
+    the N-th one; ``trace`` gets one line per counted call (so a run without ``crash_at``
+    tells how many points an operation has).
+"""
+from __future__ import annotations
+
+import builtins
+import importlib
+import json
+import os
+import signal
+import sys
+
+MUTATING = ("mkdir_at", "mknod_at", "symlink_at", "link_at", "unlink_at", "rmdir_at", "rename_at",
+            "fchmod", "chmod_at", "chown_at", "utime_at", "setxattr_at", "removexattr_at", "fsetxattr",
+            "fchown", "futimens", "ftruncate", "pwrite", "copy_file_range_all", "remove_tree_at", "fsync",
+            "open_at")
+
+
+def _poisoned(args, word: bytes = b"poison") -> bool:
+    for a in args:
+        for v in (a, getattr(a, "name", None), getattr(getattr(a, "node", None), "name", None)):
+            if isinstance(v, (bytes, bytearray, memoryview)) and word in bytes(v):
+                return True
+    return False
+
+
+def _inject_fault(spec: dict) -> None:
+    modname, _, attr = spec["target"].partition(":")
+    owner = importlib.import_module(modname)
+    path = attr.split(".")
+    for p in path[:-1]:
+        owner = getattr(owner, p)
+    real = getattr(owner, path[-1])
+    exc = getattr(builtins, spec["exc"])
+    when = spec.get("when", "poison")
+    always, word = when == "always", when.encode()
+
+    def faulty(*args, **kwargs):
+        if always or _poisoned(args, word) or _poisoned(kwargs.values(), word):
+            raise exc(f"injected fault in {spec['target']}")
+        return real(*args, **kwargs)
+
+    setattr(owner, path[-1], faulty)
+
+
+def _inject_crash(crash_at: int | None, trace: str | None) -> None:
+    import pyfuse3
+
+    from unionfs.fs import sys as ovl
+
+    state = {"armed": False, "n": 0}
+    tracef = open(trace, "a", buffering=1) if trace else None
+
+    real_init = pyfuse3.init
+
+    def init(*args, **kwargs):
+        real_init(*args, **kwargs)
+        state["armed"] = True
+
+    pyfuse3.init = init
+
+    def wrap(name, real):
+        def counted(*args, **kwargs):
+            if state["armed"]:
+                if name == "open_at" and not (len(args) > 2 and args[2] & os.O_CREAT):
+                    return real(*args, **kwargs)
+                state["n"] += 1
+                if tracef is not None:
+                    tracef.write(f"{state['n']} {name} {args[1] if len(args) > 1 else ''!r}\n")
+                if crash_at is not None and state["n"] >= crash_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return counted
+
+    for name in MUTATING:
+        setattr(ovl, name, wrap(name, getattr(ovl, name)))
+
+
+class InjectedMount:
+    """Like helpers.UnionMount (foreground daemon, log file), with ``UNIONFS_INJECT`` = ``spec``."""
+
+    def __new__(cls, mnt, lower, upper=None, work=None, options=None, log=None, spec=None):
+        import subprocess
+        import time
+
+        import helpers
+
+        class _Injected(helpers.UnionMount):
+            def start(self):
+                args = ["mount", "-f", "--log", str(self.log), "--lower", ":".join(str(p) for p in self.lower)]
+                if self.upper is not None:
+                    args += ["--upper", str(self.upper), "--work", str(self.work)]
+                for o in self.options:
+                    args += ["-o", o]
+                args.append(str(self.mnt))
+                env = dict(os.environ, UNIONFS_INJECT=json.dumps(spec or {}))
+                self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env,
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE)
+                deadline = time.monotonic() + helpers.MOUNT_TIMEOUT
+                while not helpers.is_mounted(self.mnt):
+                    if self.proc.poll() is not None:
+                        err = self.proc.stderr.read().decode()
+                        raise RuntimeError(f"unionfs exited with {self.proc.returncode}: {err}")
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError("unionfs did not mount in time")
+                    time.sleep(0.02)
+                return self
+
+        return _Injected(mnt, lower, upper, work, options, log)
+
+
+def main() -> int:
+    spec = json.loads(os.environ.get("UNIONFS_INJECT", "{}"))
+    for f in spec.get("faults", ()):
+        _inject_fault(f)
+    if "crash_at" in spec or "trace" in spec:
+        _inject_crash(spec.get("crash_at"), spec.get("trace"))
+    from unionfs.cli import main as cli_main
+    return cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
