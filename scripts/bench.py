@@ -197,14 +197,20 @@ def sh(cmd: str, cwd: Path, check: bool = True) -> None:
 
 
 def walk(mnt: Path) -> int:
+    """lstat every entry, like find(1): never follow a symlink (os.walk does, to classify them)."""
     n = 0
-    for dirpath, dirnames, filenames in os.walk(mnt):
-        for name in dirnames + filenames:
-            try:
-                os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue  # kernel overlayfs lists some whiteouts it cannot stat
-            n += 1
+    stack = [os.fspath(mnt)]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                try:
+                    os.lstat(e.path)
+                except FileNotFoundError:
+                    continue  # kernel overlayfs lists some whiteouts it cannot stat
+                n += 1
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
     return n
 
 

@@ -22,6 +22,8 @@ MAX_ENTRIES = 200_000
 @dataclass(slots=True)
 class Listing:
     names: list[bytes]
+    # per name: the layers holding it (see Union.list_names), to resolve it without probing the rest
+    masks: list[int]
     # per name: (node, entry attributes) once resolved, when immutable; None otherwise
     cached: list = field(default_factory=list)
 
@@ -36,15 +38,19 @@ class DirCache:
         self._listings: "OrderedDict[int, Listing]" = OrderedDict()
         self._entries = 0
 
+    def current(self, ino: int, listing: Listing) -> bool:
+        """Is ``listing`` still what the directory holds (nothing changed it since)?"""
+        return self._listings.get(ino) is listing
+
     def get(self, ino: int) -> Listing | None:
         listing = self._listings.get(ino)
         if listing is not None:
             self._listings.move_to_end(ino)
         return listing
 
-    def put(self, node: Node, names: list[bytes]) -> Listing:
+    def put(self, node: Node, names: list[bytes], masks: list[int]) -> Listing:
         self.drop(node.ino)
-        listing = Listing(names)
+        listing = Listing(names, masks)
         self._listings[node.ino] = listing
         self._entries += len(names)
         while self._entries > self.max_entries and len(self._listings) > 1:

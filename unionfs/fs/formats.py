@@ -52,6 +52,7 @@ ESCAPE = "overlay."
 
 OPAQUE_NAMES = (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque", FUSE_OVERLAYFS_PREFIX + "opaque")
 XWHITEOUT_NAMES = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
+REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
 
 
 def xattr_name(role: Xattr, userxattr: bool = False) -> str:

@@ -208,7 +208,9 @@ class Operations(pyfuse3.Operations):
     def _listing(self, node: Node) -> Listing:
         listing = self.listings.get(node.ino)
         if listing is None:
-            listing = self.listings.put(node, self.union.list_names(node))
+            masks: list[int] = []
+            names = self.union.list_names(node, masks)
+            listing = self.listings.put(node, names, masks)
         return listing
 
     @_guard
@@ -222,6 +224,8 @@ class Operations(pyfuse3.Operations):
         h.served = True
         listing = h.listing
         names, cached = listing.names, listing.cached
+        # The layer masks hold only while nothing changed the directory since the listing.
+        masks = listing.masks if self.listings.current(node.ino, listing) else None
         remember, count = self.inodes.remember, self.inodes.lookup
         for off in range(start_id, len(names) + 2):
             if off >= 2:
@@ -235,7 +239,7 @@ class Operations(pyfuse3.Operations):
                 if hit is None:
                     name = names[i]
                     try:
-                        child = self.union.lookup(node, name)
+                        child = self.union.lookup(node, name, masks[i] if masks is not None else None)
                     except FileNotFoundError:
                         continue  # gone since the snapshot
                     entry = self._entry(child, self.union.getattr(child))

@@ -75,7 +75,7 @@ class Union:
         xwh: list[int] = []
         for layer in self.stack.layers:
             layers.append(layer.index)
-            kind = self._dir_kind(layer.fd, None)
+            kind, _ = self._dir_kind(layer.index, layer.fd, None)
             if kind is formats.DirKind.XWHITEOUTS:
                 xwh.append(layer.index)
             if kind is formats.DirKind.OPAQUE:
@@ -91,8 +91,9 @@ class Union:
 
     # --- resolution ---------------------------------------------------------------
 
-    def _dir_kind(self, pfd: int, name: bytes | None) -> formats.DirKind:
-        """Opaque markers of directory ``name`` in ``pfd`` (the dir ``pfd`` itself if name is None)."""
+    def _dir_kind(self, index: int, pfd: int, name: bytes | None) -> tuple[formats.DirKind, list[str]]:
+        """Opaque markers of directory ``name`` in ``pfd`` (the dir ``pfd`` itself if name is None),
+        and the names of its xattrs (one listxattr answers most questions about a directory)."""
         names = ovl.listxattr_at(pfd, name)
         values = {}
         for xname in formats.OPAQUE_NAMES:
@@ -101,11 +102,14 @@ class Union:
                 if v is not None:
                     values[xname] = v
         kind = formats.dir_kind_from_xattrs(values)
-        if kind is formats.DirKind.OPAQUE:
-            return kind
+        if kind is formats.DirKind.OPAQUE or not self.stack.layers[index].oci_whiteouts:
+            return kind, names
         try:
             if name is None:
                 opq = ovl.exists_at(pfd, formats.WH_OPAQUE)
+            elif not self.stack.is_upper(index):
+                # ``name`` was just seen to be a directory, and lower layers never change.
+                opq = ovl.exists_at(pfd, name + b"/" + formats.WH_OPAQUE)
             else:
                 fd = ovl.open_dir_at(pfd, name)
                 try:
@@ -114,7 +118,7 @@ class Union:
                     os.close(fd)
         except OSError:
             opq = False
-        return formats.DirKind.OPAQUE if opq else kind
+        return (formats.DirKind.OPAQUE if opq else kind), names
 
     def _is_whiteout(self, index: int, parent: Node, pfd: int, name: bytes, st: os.stat_result) -> bool:
         if formats.is_chardev_whiteout(st):
@@ -125,10 +129,12 @@ class Union:
                     return True
         return False
 
-    def resolve(self, parent: Node, name: bytes) -> Node | None:
+    def resolve(self, parent: Node, name: bytes, mask: int | None = None) -> Node | None:
         """Resolve ``name`` in directory ``parent`` across the layers; None if it does not exist.
 
-        The returned node is not yet in the inode table (see :meth:`lookup`).
+        ``mask``, from a listing of ``parent`` that is still current, says in which layers the
+        name is (whiteouts already applied): the others need no syscall.  The returned node is
+        not yet in the inode table (see :meth:`lookup`).
         """
         if formats.is_oci_marker(name):
             return None
@@ -143,6 +149,8 @@ class Union:
         while i < len(candidates):
             index = candidates[i]
             i += 1
+            if mask is not None and redirect is None and not (mask >> index) & 1:
+                continue
             if redirect is not None:
                 # A renamed directory: lower layers are searched at the path it came from.
                 pfd, real = self._redirect_parent(index, redirect)
@@ -170,12 +178,12 @@ class Union:
                     origin = st
                 if not is_dir:
                     break
-                kind = self._dir_kind(pfd, real)
+                kind, xnames = self._dir_kind(index, pfd, real)
                 if kind is formats.DirKind.XWHITEOUTS:
                     xwh.append(index)
                 if kind is formats.DirKind.OPAQUE:
                     break
-                if redirect is None:
+                if redirect is None and any(x in formats.REDIRECT_NAMES for x in xnames):
                     target = self._read_redirect(pfd, real)
                     if target is not None:
                         # A renamed directory: the layers below hold it at the path it came from,
@@ -184,8 +192,8 @@ class Union:
                         candidates = [j for j in self.root.layers if j > index]
                         i = 0
                         continue
-            if redirect is None and self.stack.layers[index].oci_whiteouts and len(name) + 4 <= 255 and \
-                    ovl.exists_at(pfd, formats.WH_PREFIX + name):
+            if redirect is None and mask is None and self.stack.layers[index].oci_whiteouts and \
+                    len(name) + 4 <= 255 and ovl.exists_at(pfd, formats.WH_PREFIX + name):
                 break
         if top is None:
             return None
@@ -242,7 +250,7 @@ class Union:
         except OSError:
             return None, tail
 
-    def lookup(self, parent: Node, name: bytes) -> Node:
+    def lookup(self, parent: Node, name: bytes, mask: int | None = None) -> Node:
         """Resolve and enter into the inode table; the caller counts the kernel's lookup."""
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -251,7 +259,7 @@ class Union:
         if name == b"..":
             return parent.parent or parent
         _check_name(name)
-        node = self.resolve(parent, name)
+        node = self.resolve(parent, name, mask)
         if node is None:
             raise OSError(errno.ENOENT, "no such file or directory")
         return self.inodes.remember(node)
@@ -325,26 +333,30 @@ class Union:
 
     # --- directories ------------------------------------------------------------
 
-    def list_names(self, node: Node) -> list[bytes]:
+    def list_names(self, node: Node, masks: list[int] | None = None) -> list[bytes]:
         """The merged listing of directory ``node``: deduplicated, whiteouts and markers removed.
 
-        Names come topmost layer first, each layer in its own order.
+        Names come topmost layer first, each layer in its own order.  With ``masks`` (a list),
+        it is filled in parallel with the names: for each, the layers holding it (bit per layer
+        index) above any whiteout, for :meth:`resolve`.
         """
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
-        seen: set[bytes] = set()
+        where: dict[bytes, int] = {}  # name -> position in out
         hidden: set[bytes] = set()  # whiteouts of layers above the one being read
         out: list[bytes] = []
+        bits: list[int] = []
         fsencode = os.fsencode
         for index in node.layers:
             fd = self.stack.dir_fd(index, node)
             oci = self.stack.layers[index].oci_whiteouts
             xwh = index in node.xwh
+            bit = 1 << index
             layer_hidden: list[bytes] = []
             with ovl.scandir(fd) as it:
                 for de in it:
                     name = fsencode(de.name)
-                    if name in seen or name in hidden:
+                    if name in hidden:
                         continue
                     if oci and name.startswith(formats.WH_PREFIX):
                         target = formats.oci_whiteout_target(name)
@@ -359,9 +371,16 @@ class Union:
                                     xwh and is_file and self._is_whiteout(index, node, fd, name, st)):
                                 layer_hidden.append(name)
                                 continue
-                    seen.add(name)
-                    out.append(name)
+                    pos = where.get(name)
+                    if pos is None:
+                        where[name] = len(out)
+                        out.append(name)
+                        bits.append(bit)
+                    else:
+                        bits[pos] |= bit
             hidden.update(layer_hidden)
+        if masks is not None:
+            masks[:] = bits
         return out
 
     # --- data ------------------------------------------------------------------
