@@ -66,6 +66,8 @@ class Union:
         # listing changed.
         self.changed: set[int] = set()
         self.dirty_dirs: set[int] = set()
+        self._tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._modes: dict[int, int] = {}
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
         self.inodes.add_root(self.root)
@@ -206,7 +208,11 @@ class Union:
             ino = self.inodes.ino_for(origin.st_dev, origin.st_ino)
             if top is origin and not stat.S_ISDIR(top.st_mode) and top.st_nlink > 1 and self._indexed(ino):
                 indexed = True  # a lower hard link copied up through another name: data in the index
-        node = Node(ino, parent, name, tuple(layers), top.st_mode, tuple(xwh), redirect)
+        # A million nodes share a handful of distinct layer tuples: keep one of each.
+        layer_tuple = tuple(layers)
+        layer_tuple = self._tuples.setdefault(layer_tuple, layer_tuple)
+        mode = self._modes.setdefault(top.st_mode, top.st_mode)
+        node = Node(ino, parent, name, layer_tuple, mode, tuple(xwh) if xwh else (), redirect)
         node.indexed = indexed
         return node
 
