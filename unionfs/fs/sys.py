@@ -114,6 +114,19 @@ def exists_at(dirfd: int, name: bytes) -> bool:
         return False
 
 
+def exists_beneath(dirfd: int, relpath: bytes) -> bool:
+    """Does ``relpath`` exist below ``dirfd``, resolved without following any symlink?"""
+    try:
+        os.close(open_beneath(dirfd, relpath, O_PATH))
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink on the way: not ours to follow
+            return False
+        raise
+
+
 def statvfs(fd: int) -> os.statvfs_result:
     return os.fstatvfs(fd)
 

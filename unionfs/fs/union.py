@@ -110,8 +110,7 @@ class Union:
             if name is None:
                 opq = ovl.exists_at(pfd, formats.WH_OPAQUE)
             elif not self.stack.is_upper(index):
-                # ``name`` was just seen to be a directory, and lower layers never change.
-                opq = ovl.exists_at(pfd, name + b"/" + formats.WH_OPAQUE)
+                opq = ovl.exists_beneath(pfd, name + b"/" + formats.WH_OPAQUE)
             else:
                 fd = ovl.open_dir_at(pfd, name)
                 try:
