@@ -304,8 +304,10 @@ class WritableUnion(Union):
             perm |= stat.S_ISGID
         # A directory where a lower one was removed is opaque (the whiteout says so).
         opaque = kind == stat.S_IFDIR and over_whiteout
-        # Build in the work dir when it has to replace a whiteout; else in place.
-        where, tname = (self.work_fd, self.temp_name()) if over_whiteout else (pfd, name)
+        # Built in the work dir with its owner and mode, then renamed into place: a crash never
+        # leaves a new entry with the daemon's owner or a half-set mode (and a whiteout it replaces
+        # goes in the same rename).
+        where, tname = self.work_fd, self.temp_name()
         fd: int | None = None
         try:
             if kind == stat.S_IFDIR:
@@ -333,13 +335,11 @@ class WritableUnion(Union):
                 ovl.chown_at(where, tname, uid, gid)
                 ovl.chmod_at(where, tname, perm)
                 st = ovl.lstat_at(where, tname)
-            if where != pfd:
-                self._swap_in(where, tname, pfd, name, kind == stat.S_IFDIR)
+            self._swap_in(where, tname, pfd, name, kind == stat.S_IFDIR)
         except BaseException:
             if fd is not None:
                 os.close(fd)
-            if where != pfd:
-                ovl.remove_tree_at(where, tname)
+            ovl.remove_tree_at(where, tname)
             raise
         if fd is not None and keep_open is None:
             os.close(fd)
