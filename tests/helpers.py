@@ -183,3 +183,22 @@ def diff_snapshots(a: dict, b: dict) -> list[str]:
         if a.get(k) != b.get(k):
             lines.append(f"{k}: {a.get(k)!r} != {b.get(k)!r}")
     return lines
+
+
+def as_user(uid: int, fn, *args) -> int:
+    """Run fn(*args) in a child process as ``uid``; returns its errno (0 for success)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            fn(*args)
+        except OSError as e:
+            code = e.errno or 255
+        except BaseException:
+            code = 254
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

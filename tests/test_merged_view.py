@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import diff_snapshots, overlay_mount, snapshot
+from helpers import as_user, diff_snapshots, overlay_mount, snapshot
 from stacks import build_rich_stack, write
 
 
@@ -202,23 +202,6 @@ def test_big_directory(layers, union_mount):
     assert os.lstat(m.mnt / "big/f99999").st_size == 0
 
 
-def _as_user(uid: int, fn, *args):
-    """Run fn(*args) in a child process as ``uid``; returns its errno (0 for success)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            fn(*args)
-        except OSError as e:
-            code = e.errno
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
 def test_acls_enforced_like_kernel_overlayfs(tmp_path, layers, union_mount):
     for p in (tmp_path, *tmp_path.parents):  # pytest's temp dirs are private: let uid 1000 through
         if p == Path("/tmp") or p == Path("/"):
@@ -234,10 +217,10 @@ def test_acls_enforced_like_kernel_overlayfs(tmp_path, layers, union_mount):
     read = lambda p: open(p, "rb").read()  # noqa: E731
     with overlay_mount(ko, [top, bottom]):
         for name in ("acl-file", "plain-file"):
-            want = _as_user(1000, read, ko / name)
-            assert _as_user(1000, read, m.mnt / name) == want, name
-        assert _as_user(1000, read, m.mnt / "acl-file") == 0
-        assert _as_user(1000, read, m.mnt / "plain-file") == errno.EACCES
+            want = as_user(1000, read, ko / name)
+            assert as_user(1000, read, m.mnt / name) == want, name
+        assert as_user(1000, read, m.mnt / "acl-file") == 0
+        assert as_user(1000, read, m.mnt / "plain-file") == errno.EACCES
         acl = subprocess.run(["getfacl", "-cn", str(m.mnt / "acl-file")], capture_output=True, text=True).stdout
         assert acl == subprocess.run(["getfacl", "-cn", str(ko / "acl-file")], capture_output=True, text=True).stdout
         assert "user:1000:r--" in acl

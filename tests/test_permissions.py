@@ -8,29 +8,10 @@ import os
 import stat
 from pathlib import Path
 
-from helpers import overlay_mount
+from helpers import as_user, overlay_mount
 from stacks import write
 
 USER = 1000
-
-
-def _as_user(uid: int, fn, *args) -> int:
-    """Run fn(*args) in a child process as ``uid``; returns its errno (0 for success)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            fn(*args)
-        except OSError as e:
-            code = e.errno or 255
-        except BaseException:
-            code = 254
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _read(p):
@@ -105,7 +86,7 @@ def _run_all(root: Path) -> dict:
             _append(root / rel)      # as root (CAP_FSETID): the bit stays
             out[what] = 0
             continue
-        out[what] = _as_user(USER, fn, root / rel)
+        out[what] = as_user(USER, fn, root / rel)
     for name in ("suid", "sgid", "both", "mine-suid", "root-suid", "tmp/others", "public"):
         st = os.lstat(root / name)
         out[f"mode of {name}"] = oct(stat.S_IMODE(st.st_mode))

@@ -30,9 +30,8 @@ import posixpath
 import shlex
 from dataclasses import dataclass
 
-from ..fs.formats import Style
-from ..image.extract import extract_layer
-from ..image.model import MEDIA_OCI_LAYER, Layer, Reference
+from ..image.load import add_layer_blob
+from ..image.model import MEDIA_OCI_LAYER, ImageError, Layer, Reference
 from ..image.save import image_manifest
 from ..image.store import Store, now_iso
 from . import model
@@ -226,22 +225,8 @@ def commit(store: Store, name: str, ref: str | None = None, message: str = "", a
 
 
 def _add_layer(store: Store, tar_path: str, diff_id: str, what: str) -> None:
-    """Extract the committed tar as load would, check it is the tar we hashed, register it."""
-    tmp = store.new_tmp_dir("layer")
-    root = os.path.join(tmp, "root")
-    os.mkdir(root, 0o755)
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    style = Style.default()
+    """Extract the committed tar exactly as load does, checked against the diff_id we hashed."""
     try:
-        with open(tar_path, "rb") as f:
-            ex = extract_layer(f, fd, what=what, style=style, devices=os.geteuid() == 0,
-                               space=max(0, store.free_bytes() - (64 << 20)))
-    finally:
-        os.close(fd)
-    if ex.diff_id != diff_id:
-        raise ContainerError(f"{what}: the layer changed while it was extracted (expected {diff_id}, "
-                             f"got {ex.diff_id})")
-    store.commit_layer(tmp, diff_id, {
-        "diff_id": diff_id, "digest": ex.digest, "size": ex.tar_size, "blob_size": ex.blob_size,
-        "compression": ex.compression, "entries": ex.entries, "whiteout_style": style.value,
-        "extracted": now_iso(), "committed_from": what})
+        add_layer_blob(store, tar_path, None, diff_id, what)
+    except ImageError as e:
+        raise ContainerError(str(e)) from None

@@ -272,18 +272,7 @@ class Client:
         what = f"{self.where}{'@' if ref.startswith('sha256:') else ':'}{ref}"
         resp = self._send("GET", f"/v2/{self.repository}/manifests/{ref}", headers={"Accept": ACCEPT},
                           stream=True)
-        try:
-            if resp.status_code != 200:
-                raise self._fail(resp, what)
-            data = b""
-            for chunk in resp.iter_bytes():
-                data += chunk
-                if len(data) > MAX_MANIFEST:
-                    raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST} bytes")
-        except httpx.HTTPError as e:
-            raise _transport_error(e, what, False) from None
-        finally:
-            resp.close()
+        data = self._read_bounded(resp, MAX_MANIFEST, what, "manifest larger than")
         digest = _sha256(data)
         if ref.startswith("sha256:") and digest != ref:
             raise RegistryError(f"{what}: manifest does not match its digest (got {digest})")
@@ -318,10 +307,8 @@ class Client:
             return False
         raise self._fail(resp, f"{self.where}: blob {digest}")
 
-    def get_small_blob(self, digest: str, limit: int = 64 << 20) -> bytes:
-        """A config blob, verified against its digest."""
-        what = f"{self.where}: blob {digest}"
-        resp = self._send("GET", f"/v2/{self.repository}/blobs/{digest}", stream=True)
+    def _read_bounded(self, resp: httpx.Response, limit: int, what: str, too_big: str) -> bytes:
+        """The whole body of a 200 answer, refusing more than ``limit`` bytes; the response is closed."""
         try:
             if resp.status_code != 200:
                 raise self._fail(resp, what)
@@ -329,11 +316,18 @@ class Client:
             for chunk in resp.iter_bytes():
                 data += chunk
                 if len(data) > limit:
-                    raise RegistryError(f"{what}: larger than {limit} bytes")
+                    raise RegistryError(f"{what}: {too_big} {limit} bytes")
+            return data
         except httpx.HTTPError as e:
             raise _transport_error(e, what, False) from None
         finally:
             resp.close()
+
+    def get_small_blob(self, digest: str, limit: int = 64 << 20) -> bytes:
+        """A config blob, verified against its digest."""
+        what = f"{self.where}: blob {digest}"
+        resp = self._send("GET", f"/v2/{self.repository}/blobs/{digest}", stream=True)
+        data = self._read_bounded(resp, limit, what, "larger than")
         if _sha256(data) != digest:
             raise RegistryError(f"{what}: does not match its digest (got {_sha256(data)})")
         return data
