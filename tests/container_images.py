@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import force_unmount, is_mounted, unionfs_cmd
+from helpers import force_unmount, is_mounted, mkdirs, unionfs_cmd  # noqa: F401 (mkdirs: re-exported)
 from image_archives import Img, d, docker_save_legacy, f, hard, layer_tar, sym
 
 BASE = layer_tar([
@@ -51,15 +51,6 @@ def store(tmp_path):
         subprocess.run(unionfs_cmd("umount", mp), capture_output=True, timeout=30)
         if is_mounted(mp):
             force_unmount(mp)
-
-
-def mkdirs(tmp_path, *names):
-    out = []
-    for n in names:
-        p = tmp_path / n
-        p.mkdir()
-        out.append(p)
-    return out
 
 
 def ps_rows(store):

@@ -63,6 +63,10 @@ class UnionMount:
         args.append(str(self.mnt))
         self.proc = subprocess.Popen(unionfs_cmd(*args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
+        return self.wait_mounted()
+
+    def wait_mounted(self) -> "UnionMount":
+        """Wait for the daemon in ``self.proc`` to have the mount up; never forever."""
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(self.mnt):
             if self.proc.poll() is not None:
@@ -202,3 +206,13 @@ def as_user(uid: int, fn, *args) -> int:
         finally:
             os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def mkdirs(base: Path, *names: str) -> list[Path]:
+    """Create ``base/name`` for each name; returns the paths in order."""
+    out = []
+    for n in names:
+        p = base / n
+        p.mkdir()
+        out.append(p)
+    return out

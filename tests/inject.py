@@ -95,7 +95,6 @@ class InjectedMount:
 
     def __new__(cls, mnt, lower, upper=None, work=None, options=None, log=None, spec=None):
         import subprocess
-        import time
 
         import helpers
 
@@ -111,16 +110,7 @@ class InjectedMount:
                 self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env,
                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE)
-                deadline = time.monotonic() + helpers.MOUNT_TIMEOUT
-                while not helpers.is_mounted(self.mnt):
-                    if self.proc.poll() is not None:
-                        err = self.proc.stderr.read().decode()
-                        raise RuntimeError(f"unionfs exited with {self.proc.returncode}: {err}")
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise RuntimeError("unionfs did not mount in time")
-                    time.sleep(0.02)
-                return self
+                return self.wait_mounted()
 
         return _Injected(mnt, lower, upper, work, options, log)
 

@@ -6,20 +6,11 @@ import os
 import pytest
 
 from difftest import Generator, apply, build_lower
-from helpers import diff_snapshots, overlay_mount, snapshot
+from helpers import diff_snapshots, mkdirs, overlay_mount, snapshot
 
 SEEDS = int(os.environ.get("UNIONFS_DIFF_SEEDS", "24"))
 STEPS = int(os.environ.get("UNIONFS_DIFF_STEPS", "120"))
 KO_OPTS = "index=on,redirect_dir=on"
-
-
-def _dirs(tmp_path, *names):
-    out = []
-    for n in names:
-        p = tmp_path / n
-        p.mkdir()
-        out.append(p)
-    return out
 
 
 def _without_our_xattrs(rec: tuple) -> tuple:
@@ -36,7 +27,7 @@ def _hardlinked(snap: dict) -> set[str]:
 
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_random_operations_match_kernel(tmp_path, union_mount, seed):
-    top, bottom, up_k, wk_k, up_u, wk_u, ko, ko2, wk2 = _dirs(
+    top, bottom, up_k, wk_k, up_u, wk_u, ko, ko2, wk2 = mkdirs(
         tmp_path, "top", "bottom", "up_k", "wk_k", "up_u", "wk_u", "ko", "ko2", "wk2")
     initial = build_lower(top, bottom)
     gen = Generator(seed, initial)
