@@ -19,9 +19,8 @@ import stat
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,7 +7,6 @@ and ``unionfs commit`` killed before each rename and after random delays. Prints
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import random
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import crashlib  # noqa: E402
-from helpers import UnionMount, force_unmount, is_mounted, snapshot  # noqa: E402
+from helpers import UnionMount, unmount_all_below  # noqa: E402
 
 
 def every_point(base: Path) -> tuple[int, int, list[str]]:
@@ -168,10 +167,7 @@ def main() -> int:
             print(f"   {cruns} commits, {cbad} bad outcomes; {cseen}", flush=True)
         status = 1 if (nbad or bad or cbad) else 0
     finally:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                if line.split()[4].startswith(str(base)):
-                    force_unmount(line.split()[4])
+        unmount_all_below(base)
         subprocess.run(["rm", "-rf", str(base)])
     print(f"total {time.monotonic() - t0:.0f}s, {'FAILED' if status else 'ok'}")
     return status

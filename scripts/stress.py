@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import UnionMount, force_unmount, is_mounted, snapshot  # noqa: E402
+from helpers import UnionMount, snapshot, unmount_all_below  # noqa: E402
 
 SHARED = 3
 OWN = 4
@@ -345,10 +345,7 @@ def main() -> int:
         if a.copyup_probe:
             print("copy-up probe:", copyup_probe(base / "probe"))
     finally:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                if line.split()[4].startswith(str(base)):
-                    force_unmount(line.split()[4])
+        unmount_all_below(base)
         subprocess.run(["rm", "-rf", str(base)])
     return status
 

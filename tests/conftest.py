@@ -1,13 +1,11 @@
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import UnionMount, force_unmount, is_mounted  # noqa: E402
+from helpers import UnionMount, is_mounted, unmount_all_below  # noqa: E402
 
 if os.geteuid() != 0:
     pytest.exit("the test suite mounts filesystems: run it as root (see README)", returncode=2)
@@ -47,10 +45,7 @@ def union_mount(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_stale_mounts(tmp_path):
     yield
-    with open("/proc/self/mountinfo") as f:
-        stale = [line.split()[4] for line in f if str(tmp_path) in line.split()[4]]
-    for mp in stale:
-        force_unmount(mp)
+    stale = unmount_all_below(tmp_path)
     assert not stale, f"test left mounts behind: {stale}"
 
 

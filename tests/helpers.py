@@ -40,6 +40,16 @@ def force_unmount(path: str | os.PathLike) -> None:
     subprocess.run(["umount", "-l", real], capture_output=True, timeout=30)
 
 
+def unmount_all_below(base: str | os.PathLike) -> list[str]:
+    """Force-unmount every mount at or below ``base``; returns their paths (for a stale-mount check)."""
+    prefix = str(base)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    for mp in sorted(mounts, reverse=True):
+        force_unmount(mp)
+    return mounts
+
+
 def unionfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "unionfs", *args]
 
@@ -54,15 +64,23 @@ class UnionMount:
         self.log = Path(log) if log else self.mnt.parent / f"{self.mnt.name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "UnionMount":
+    def mount_args(self) -> list[str]:
+        """``unionfs`` arguments for this mount, in the foreground with a log."""
         args = ["mount", "-f", "--log", str(self.log), "--lower", ":".join(str(p) for p in self.lower)]
         if self.upper is not None:
             args += ["--upper", str(self.upper), "--work", str(self.work)]
         for o in self.options:
             args += ["-o", o]
         args.append(str(self.mnt))
-        self.proc = subprocess.Popen(unionfs_cmd(*args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        return args
+
+    def spawn(self, args: list[str]) -> subprocess.Popen:
+        """Start the daemon (a subclass may start it another way, e.g. with faults injected)."""
+        return subprocess.Popen(unionfs_cmd(*args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+
+    def start(self) -> "UnionMount":
+        self.proc = self.spawn(self.mount_args())
         return self.wait_mounted()
 
     def wait_mounted(self) -> "UnionMount":

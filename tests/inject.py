@@ -99,18 +99,11 @@ class InjectedMount:
         import helpers
 
         class _Injected(helpers.UnionMount):
-            def start(self):
-                args = ["mount", "-f", "--log", str(self.log), "--lower", ":".join(str(p) for p in self.lower)]
-                if self.upper is not None:
-                    args += ["--upper", str(self.upper), "--work", str(self.work)]
-                for o in self.options:
-                    args += ["-o", o]
-                args.append(str(self.mnt))
+            def spawn(self, args):
                 env = dict(os.environ, UNIONFS_INJECT=json.dumps(spec or {}))
-                self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env,
-                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE)
-                return self.wait_mounted()
+                return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
 
         return _Injected(mnt, lower, upper, work, options, log)
 

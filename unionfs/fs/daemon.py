@@ -7,7 +7,6 @@ pipe).  In the foreground the same code runs in the calling process.
 """
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import logging.handlers
@@ -186,7 +185,6 @@ def _serve(cfg: MountConfig, union, ready) -> None:
     terminated = False
 
     async def main() -> None:
-        nonlocal terminated
         async with trio.open_nursery() as nursery:
             async def on_signals() -> None:
                 nonlocal terminated

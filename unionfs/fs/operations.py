@@ -12,7 +12,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 from dataclasses import dataclass, field
 
 import pyfuse3
