@@ -220,18 +220,24 @@ def _write_docker(store: Store, sel: list[Selected], sink) -> None:
         layers = []
         for ly in s.image.layers:
             name = ly.diff_id[7:] + ".tar"
-            if not sink.has(name):
-                stream, size, close = _uncompressed(store, s.name, ly)
-                try:
-                    sink.add(name, stream, size)
-                finally:
-                    close()
+            _add_layer_once(sink, name, _uncompressed, store, s.name, ly)
             layers.append(name)
         cfg_name = s.image.id[7:] + ".json"
         if not sink.has(cfg_name):
             sink.add(cfg_name, store.blob(s.image.id))
         manifest.append({"Config": cfg_name, "RepoTags": list(s.tags), "Layers": layers})
     sink.add("manifest.json", _json(manifest))
+
+
+def _add_layer_once(sink, name: str, opener, store: Store, image_name: str, ly: Layer) -> None:
+    """Add a layer blob under ``name`` unless an image written before shared it."""
+    if sink.has(name):
+        return
+    stream, size, close = opener(store, image_name, ly)
+    try:
+        sink.add(name, stream, size)
+    finally:
+        close()
 
 
 def _write_oci(store: Store, sel: list[Selected], sink) -> None:
@@ -242,13 +248,8 @@ def _write_oci(store: Store, sel: list[Selected], sink) -> None:
         for ly in s.image.layers:
             desc = layer_descriptor(store, ly)
             name = "blobs/sha256/" + desc["digest"][7:]
-            if not sink.has(name):
-                opener = _as_shipped if desc["digest"] == ly.digest else _uncompressed
-                stream, size, close = opener(store, s.name, ly)
-                try:
-                    sink.add(name, stream, size)
-                finally:
-                    close()
+            opener = _as_shipped if desc["digest"] == ly.digest else _uncompressed
+            _add_layer_once(sink, name, opener, store, s.name, ly)
             descs.append(desc)
         config = store.blob(s.image.id)
         if not sink.has("blobs/sha256/" + s.image.id[7:]):
