@@ -13,16 +13,17 @@ import pytest
 from helpers import force_unmount, is_mounted
 from stacks import write
 
-# The daemon, with Union.getattr broken for one name: the injected fault.
+# The daemon, with Union.attr_from_stat (what lookup and getattr build attributes with) broken
+# for one name: the injected fault.
 FAULTY_DAEMON = """
 import sys
 from unionfs.fs import union
-real = union.Union.getattr
-def getattr(self, node):
+real = union.Union.attr_from_stat
+def attr_from_stat(self, node, st):
     if node.name == b"poison":
         raise RuntimeError("injected fault")
-    return real(self, node)
-union.Union.getattr = getattr
+    return real(self, node, st)
+union.Union.attr_from_stat = attr_from_stat
 from unionfs.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -101,7 +102,7 @@ def test_kill_during_copy_up_leaves_old_or_new(tmp_path):
 FAULTS = [
     # (target, exception, trigger word)
     ("unionfs.fs.union:Union.list_names", "RuntimeError", "brokendir"),          # readdir
-    ("unionfs.fs.union:Union.lookup", "KeyError", "badentry"),                   # lookup, and readdir mid-way
+    ("unionfs.fs.union:Union.lookup_attr", "KeyError", "badentry"),              # lookup, and readdir mid-way
     ("unionfs.fs.writable:WritableUnion.write", "AssertionError", "poison"),     # write (the data)
     ("unionfs.fs.writable:WritableUnion.create", "MemoryError", "newpoison"),    # create
     ("unionfs.fs.writable:WritableUnion.rename", "RecursionError", "renpoison"),  # rename

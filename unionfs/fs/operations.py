@@ -139,10 +139,10 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self.inodes.get(parent_inode)
         try:
-            node = self.union.lookup(parent, name)
+            node, attr = self.union.lookup_attr(parent, name)
         except FileNotFoundError:
             return self._negative()
-        entry = self._entry(node, self.union.getattr(node))
+        entry = self._entry(node, attr)
         self.inodes.lookup(node)  # the kernel counts '.' and '..' lookups too (NFS export path)
         return entry
 
@@ -238,10 +238,10 @@ class Operations(pyfuse3.Operations):
                 if hit is None:
                     name = names[i]
                     try:
-                        child = self.union.lookup(node, name, masks[i] if masks is not None else None)
+                        child, attr = self.union.lookup_attr(node, name, masks[i] if masks is not None else None)
                     except FileNotFoundError:
                         continue  # gone since the snapshot
-                    entry = self._entry(child, self.union.getattr(child))
+                    entry = self._entry(child, attr)
                     if self._immutable(child):
                         cached[i] = (child, entry)
                 if not pyfuse3.readdir_reply(token, names[i], entry, off + 1):

@@ -137,6 +137,11 @@ class Union:
         name is (whiteouts already applied): the others need no syscall.  The returned node is
         not yet in the inode table (see :meth:`lookup`).
         """
+        found = self._resolve(parent, name, mask)
+        return found[0] if found is not None else None
+
+    def _resolve(self, parent: Node, name: bytes, mask: int | None) -> tuple[Node, os.stat_result] | None:
+        """:meth:`resolve`, with the stat of the topmost instance it made on the way."""
         if formats.is_oci_marker(name):
             return None
         layers: list[int] = []
@@ -213,7 +218,7 @@ class Union:
         mode = self._modes.setdefault(top.st_mode, top.st_mode)
         node = Node(ino, parent, name, layer_tuple, mode, tuple(xwh) if xwh else (), redirect)
         node.indexed = indexed
-        return node
+        return node, top
 
     # Hooks for the writable layer; a read-only stack has no upper metadata or index.
     def _upper_meta(self, pfd: int, name: bytes) -> "UpperMeta | None":
@@ -257,17 +262,26 @@ class Union:
 
     def lookup(self, parent: Node, name: bytes, mask: int | None = None) -> Node:
         """Resolve and enter into the inode table; the caller counts the kernel's lookup."""
+        return self.lookup_attr(parent, name, mask, attr=False)[0]
+
+    def lookup_attr(self, parent: Node, name: bytes, mask: int | None = None,
+                    attr: bool = True) -> tuple[Node, Attr | None]:
+        """:meth:`lookup` and the node's attributes, from the stat the resolution already made."""
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
-        if name == b".":
-            return parent
-        if name == b"..":
-            return parent.parent or parent
+        if name in (b".", b".."):
+            node = parent if name == b"." else (parent.parent or parent)
+            return node, self.getattr(node) if attr else None
         _check_name(name)
-        node = self.resolve(parent, name, mask)
-        if node is None:
+        found = self._resolve(parent, name, mask)
+        if found is None:
             raise OSError(errno.ENOENT, "no such file or directory")
-        return self.inodes.remember(node)
+        node = self.inodes.remember(found[0])
+        if not attr:
+            return node, None
+        if node.indexed or node.unlinked:  # the data, and its count, live elsewhere
+            return node, self.getattr(node)
+        return node, self.attr_from_stat(node, found[1])
 
     # --- attributes ---------------------------------------------------------------
 
