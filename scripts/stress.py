@@ -31,9 +31,6 @@ SHARED = 3
 OWN = 4
 LOWER_SHARED = 20
 RACY = {errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST}   # what a lost race may answer
-# Known bug, counted apart: the upper fs reuses the inode number of a removed entry while the kernel
-# still knows the old one; a create/mkdir given that number may answer ESTALE although it was done.
-KNOWN = {errno.ESTALE}
 
 
 def build(lower: Path) -> None:
@@ -157,17 +154,13 @@ def worker(i: int, mnt: Path, logdir: Path, seconds: float, seed: int) -> None:
     log.close()
 
 
-def implied_shared(logdir: Path, procs: int) -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
-    """The names each shared dir must hold, and the names whose fate is unknown (a KNOWN errno)."""
+def implied_shared(logdir: Path, procs: int) -> dict[str, set[str]]:
+    """The names each shared dir must hold."""
     alive: dict[str, set[str]] = {f"s{j}": {f"l{k}" for k in range(LOWER_SHARED)} for j in range(SHARED)}
-    created, removed, unknown = [], [], set()
+    created, removed = [], []
     for i in range(procs):
         for line in (logdir / f"p{i}.log").read_text().splitlines():
             rec = json.loads(line)
-            if rec.get("errno") in KNOWN and "name" in rec:
-                unknown.add((rec["dir"], rec["name"]))
-                if "to" in rec:
-                    unknown.add((rec["to_dir"], rec["to"]))
             if not rec.get("ok") or "dir" not in rec or rec["op"] in ("read", "list"):
                 continue
             if rec["op"] in ("create", "mkdir"):
@@ -181,7 +174,7 @@ def implied_shared(logdir: Path, procs: int) -> tuple[dict[str, set[str]], set[t
         alive[d].add(n)
     for d, n in removed:
         alive[d].discard(n)
-    return alive, unknown
+    return alive
 
 
 def run(base: Path, procs: int, seconds: float, seed: int, log=print) -> dict:
@@ -219,7 +212,7 @@ def run(base: Path, procs: int, seconds: float, seed: int, log=print) -> dict:
                     problems.append(f"worker {pid} hung")
                 time.sleep(0.05)
         finals = {}
-        ops = errs = failed = known = 0
+        ops = errs = failed = 0
         for i in range(procs):
             lines = (logdir / f"p{i}.log").read_text().splitlines()
             last = json.loads(lines[-1])
@@ -229,11 +222,9 @@ def run(base: Path, procs: int, seconds: float, seed: int, log=print) -> dict:
             failed += sum(1 for line in lines[:-1] if not json.loads(line).get("ok", True))
             for line in lines[:-1]:
                 rec = json.loads(line)
-                if not rec.get("ok", True) and rec.get("errno") in KNOWN:
-                    known += 1
-                elif not rec.get("ok", True) and rec.get("errno") not in RACY:
+                if not rec.get("ok", True) and rec.get("errno") not in RACY:
                     problems.append(f"p{i}: {rec}")
-        figures.update(ops=ops, racy_failures=failed - errs, unexpected_errors=errs - known, known_estale=known)
+        figures.update(ops=ops, racy_failures=failed - errs, unexpected_errors=errs)
         # own files, through the mount
         for i, last in finals.items():
             d = mnt / f"own/p{i}"
@@ -245,7 +236,7 @@ def run(base: Path, procs: int, seconds: float, seed: int, log=print) -> dict:
                 if (d / name).read_bytes() != bytes.fromhex(hexdata):
                     problems.append(f"p{i}: {name} differs from what it wrote")
         # shared dirs
-        alive, unknown = implied_shared(logdir, procs)
+        alive = implied_shared(logdir, procs)
         entries = 0
         for dname, want in alive.items():
             names = os.listdir(mnt / dname)
@@ -257,8 +248,7 @@ def run(base: Path, procs: int, seconds: float, seed: int, log=print) -> dict:
                     os.lstat(mnt / dname / n)
                 except OSError as e:
                     problems.append(f"{dname}/{n}: listed but {e}")
-            unsure = {n for d, n in unknown if d == dname}
-            if set(names) - unsure != want - unsure:
+            if set(names) != want:
                 problems.append(f"{dname}: {sorted(set(names) - want)[:5]} not implied by the logs, "
                                 f"{sorted(want - set(names))[:5]} missing")
         figures["shared_entries"] = entries
@@ -340,7 +330,7 @@ def main() -> int:
             print("PROBLEM:", p)
         print(f"{fig['ops']} ops ({fig['ops'] / (time.monotonic() - t0):.0f}/s), "
               f"{fig['racy_failures']} lost races (ENOENT/EEXIST/ENOTEMPTY), {fig['unexpected_errors']} unexpected "
-              f"errors, {fig['known_estale']} ESTALE (known bug: inode number reuse), {fig['shared_entries']} shared entries at the end, {len(fig['problems'])} problems")
+              f"errors, {fig['shared_entries']} shared entries at the end, {len(fig['problems'])} problems")
         status = 1 if fig["problems"] else 0
         if a.copyup_probe:
             print("copy-up probe:", copyup_probe(base / "probe"))

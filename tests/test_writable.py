@@ -142,6 +142,31 @@ def test_unlinked_open_file_stays_usable(rw):
     assert os.listdir(m.mnt) == []
 
 
+def test_reused_inode_number_is_a_new_object(rw):
+    """The upper filesystem may give a removed directory's number to a new one while the kernel
+    still holds the old inode (here: an open fd); the new directory must be a new object."""
+    m = rw.mount()
+    os.mkdir(m.mnt / "d")
+    fd = os.open(m.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old = os.fstat(fd).st_ino
+        os.rmdir(m.mnt / "d")
+        reused = None
+        for i in range(100):
+            os.mkdir(m.mnt / f"e{i}")
+            if os.lstat(m.mnt / f"e{i}").st_ino == old:
+                reused = m.mnt / f"e{i}"
+                break
+        if reused is None:
+            pytest.skip("the upper filesystem did not reuse the inode number")
+        (reused / "inside").write_text("x")     # the old, removed dir refused this (ENOENT)
+        assert os.listdir(reused) == ["inside"]
+        with pytest.raises(OSError):
+            os.listdir(fd)                        # the removed dir is not the new one
+    finally:
+        os.close(fd)
+
+
 def test_open_handles_see_copy_up_through_other_handles(rw):
     write(rw.lower, "f", b"0123456789" * 1000)
     m = rw.mount()

@@ -78,6 +78,8 @@ class InodeTable:
         self._dev_index = {d: i for i, d in enumerate(devs)}
         self._nodes: dict[int, Node] = {}
         self._fallback: dict[tuple[int, int], int] = {}
+        # FUSE generation numbers of inode numbers given to a second object (0 when absent).
+        self.generations: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -134,6 +136,18 @@ class InodeTable:
         if parent is not None:
             parent.children += 1
         node.parent, node.name = parent, name
+
+    def reuse(self, node: Node, parent: Node, name: bytes) -> None:
+        """The upper filesystem gave a removed object's number to a new one at parent/name.
+
+        The kernel may still hold an inode for the removed object (an open or current
+        directory, a FORGET in flight).  A new generation makes it drop that inode instead of
+        taking the new object for the old one; the node (and its lookup count, which covers
+        both kernel inodes) now stands for the new object.
+        """
+        self.generations[node.ino] = self.generations.get(node.ino, 0) + 1
+        self.move(node, parent, name)
+        node.unlinked = False
 
     def move(self, node: Node, parent: Node, name: bytes) -> None:
         """A rename through the mount: same object, new path."""

@@ -96,7 +96,7 @@ class Operations(pyfuse3.Operations):
     def _entry(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
-        e.generation = 0
+        e.generation = self.inodes.generations.get(attr.ino, 0) if self.inodes.generations else 0
         e.entry_timeout = e.attr_timeout = self._timeout(node)
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink

@@ -347,11 +347,10 @@ class WritableUnion(Union):
         # Nothing of this name exists below (checked above), so the new entry is all there is.
         node = Node(self.inodes.ino_for(st.st_dev, st.st_ino), parent, name, (0,), st.st_mode)
         old = self.inodes.find(node.ino)
-        if old is not None and (old.parent is not parent or old.name != name):
-            # The upper filesystem reused the number of a removed entry the kernel has not forgotten
-            # yet: the number now names this new object (else a new directory kept the old path).
-            self.inodes.move(old, parent, name)
-            old.unlinked = False
+        if old is not None:
+            # The upper filesystem reused the number of a removed entry the kernel has not
+            # forgotten yet.
+            self.inodes.reuse(old, parent, name)
         return self.inodes.remember(node), fd
 
     def _swap_in(self, wfd: int, tname: bytes, pfd: int, name: bytes, is_dir: bool) -> None:
