@@ -67,6 +67,11 @@ def _lower_tree(lower: Path) -> None:
     os.chmod(lower / "d", 0o2755)
 
 
+def _three_links(lower: Path) -> None:
+    _lower_tree(lower)
+    os.link(lower / "h1", lower / "h3")
+
+
 def _big(lower: Path, size: int = 24 << 20) -> None:
     _lower_tree(lower)
     _w(lower / "big", os.urandom(1 << 20) * (size >> 20))
@@ -100,6 +105,12 @@ SCENARIOS = [
         ("link h2 -> h3", lambda m: os.link(m / "h2", m / "h3")),
         ("unlink h1", lambda m: os.unlink(m / "h1")),
         ("write h3", lambda m: _append(m / "h3", b"!")),
+    ]),
+    Scenario("hardlinks-lower-names", _three_links, [
+        ("write h1 (copy-up through the index)", lambda m: _append(m / "h1", b"+")),
+        ("unlink h1", lambda m: os.unlink(m / "h1")),
+        ("unlink h2 (a name only in the lower layer)", lambda m: os.unlink(m / "h2")),
+        ("rename g over h3 (the last name)", lambda m: os.rename(m / "g", m / "h3")),
     ]),
     Scenario("large-copy-up", _big, [
         ("append to a 24 MiB lower file", lambda m: _append(m / "big", b"!")),

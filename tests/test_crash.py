@@ -28,21 +28,13 @@ def test_kill_at_chosen_points_is_all_or_nothing(tmp_path, name):
     assert {step for step, _ in outcomes} != {0}          # the points reach into later steps
 
 
-def test_hard_link_steps_keep_link_counts(tmp_path):
-    """Hard links through the index: the copy-up itself is all or nothing at every point."""
-    r = Runner(BY_NAME["hardlinks"], tmp_path / "hl")
+@pytest.mark.parametrize("name", ["hardlinks", "hardlinks-lower-names"])
+def test_hard_links_keep_link_counts_at_every_point(tmp_path, name):
+    """Hard links through the index: copy-up, link, unlink and rename of upper names and of names
+    only in the lower layer are each all or nothing at every crash point, link counts included."""
+    r = Runner(BY_NAME[name], tmp_path / "hl")
     r.reference()
-    for n in range(1, r.bounds[0] + 1):
-        r.crash_at(n)
-
-
-@pytest.mark.xfail(strict=True, raises=Failure,
-                   reason="known window: link/unlink of an indexed hard link updates the merged link count "
-                          "(an xattr on the index) in a second syscall after the name changed")
-def test_hard_link_link_and_unlink_keep_link_counts(tmp_path):
-    r = Runner(BY_NAME["hardlinks"], tmp_path / "hl")
-    r.reference()
-    for n in range(r.bounds[0] + 1, r.bounds[2] + 1):
+    for n in range(1, r.points + 1):
         r.crash_at(n)
 
 

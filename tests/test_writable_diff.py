@@ -16,7 +16,7 @@ KO_OPTS = "index=on,redirect_dir=on"
 def _without_our_xattrs(rec: tuple) -> tuple:
     """Our bookkeeping xattr (origin inode, link count) is visible to the kernel, not to our users."""
     *head, xattrs = rec
-    if b"nlink=" in xattrs.get("trusted.unionfs.origin", b""):
+    if b"lower=" in xattrs.get("trusted.unionfs.origin", b""):
         head[6] = None  # an indexed inode: its merged link count is ours, the kernel counts the index too
     return (*head, {k: v for k, v in xattrs.items() if not k.startswith("trusted.unionfs.")})
 

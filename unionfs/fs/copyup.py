@@ -115,8 +115,7 @@ class CopyUp:
         ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, u.temp_name(), truncate, index)
         log.debug("copy up %r", node)
         if index and u.index_has(node.ino):
-            # Another name of this inode was copied up already: one more link to it.
-            ovl.link_at(u.index_fd, index_name(node.ino), upper_parent_fd, node.name)
+            self._link_up(ctx)
         elif stat.S_ISDIR(st.st_mode):
             self._dir(ctx)
         else:
@@ -131,6 +130,28 @@ class CopyUp:
             node.layers = (0,)
             node.indexed = index
             u.reopen_readers(node)
+
+    def _link_up(self, c: CopyUpCtx) -> None:
+        """Another name of this inode was copied up already: this one becomes a link to it.
+
+        The name moves from the lower layers' count to the real link count.  The link is made
+        in the work dir and marked ``pending`` in the same xattr write that moves the count,
+        so that a crash before the rename into place can be undone at the next mount.
+        """
+        u = self.u
+        ino, iname = c.node.ino, index_name(c.node.ino)
+        meta = u._upper_meta(u.index_fd, iname)
+        lower_links = max(0, (meta.lower_links or 0) - 1) if meta is not None else 0
+        ovl.link_at(u.index_fd, iname, u.work_fd, c.temp)
+        try:
+            u.write_meta(u.index_fd, iname, ino, lower_links, pending=c.temp)
+            ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
+        except BaseException:
+            if meta is not None and ovl.exists_at(u.work_fd, c.temp):
+                u.write_meta(u.index_fd, iname, ino, meta.lower_links)
+                ovl.unlink_at(u.work_fd, c.temp)
+            raise
+        u.write_meta(u.index_fd, iname, ino, lower_links)
 
     def _dir(self, c: CopyUpCtx) -> None:
         u = self.u
@@ -176,12 +197,21 @@ class CopyUp:
                 ovl.mknod_at(u.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             copy_xattrs(c.lower_fd, c.lower_name, u.work_fd, c.temp)
             _set_owner_mode_times(u.work_fd, c.temp, st)
-            u.write_meta(u.work_fd, c.temp, c.node.ino, st.st_nlink if c.index else None)
             if c.index:
+                # Counted as a name in place already: a crash before the rename gives it back.
+                u.write_meta(u.work_fd, c.temp, c.node.ino, st.st_nlink - 1, pending=c.temp)
                 ovl.link_at(u.work_fd, c.temp, u.index_fd, index_name(c.node.ino))
+            else:
+                u.write_meta(u.work_fd, c.temp, c.node.ino)
             ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
+            if c.index:
+                u.write_meta(u.index_fd, index_name(c.node.ino), c.node.ino, st.st_nlink - 1)
         except BaseException:
             try:
+                if c.index and ovl.exists_at(u.work_fd, c.temp) and u.index_has(c.node.ino) and \
+                        ovl.lstat_at(u.index_fd, index_name(c.node.ino)).st_ino == \
+                        ovl.lstat_at(u.work_fd, c.temp).st_ino:
+                    ovl.unlink_at(u.index_fd, index_name(c.node.ino))  # no name of it is in place
                 ovl.unlink_at(u.work_fd, c.temp)
             except OSError:
                 pass

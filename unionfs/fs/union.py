@@ -24,10 +24,17 @@ log = logging.getLogger("unionfs.union")
 
 @dataclass(slots=True)
 class UpperMeta:
-    """What an upper non-directory remembers of its past: its inode number and merged link count."""
+    """What an upper non-directory remembers of its past: its inode number and, once indexed,
+    how many of its names are still only in the lower layers.
+
+    The merged link count is the real one (upper names plus the index entry) minus one plus
+    ``lower_links``.  Keeping it relative, as overlayfs does, makes link, unlink and rename of
+    upper names one atomic syscall each: the real count moves with the merged one.
+    """
 
     ino: int | None = None
-    nlink: int | None = None  # set when the inode is indexed (a lower hard link, copied up)
+    lower_links: int | None = None  # set when the inode is indexed
+    pending: bytes | None = None    # a work-dir link whose name is not in place yet (see CopyUp)
 
 
 @dataclass(slots=True)
@@ -206,7 +213,7 @@ class Union:
         indexed = False
         if meta is not None and meta.ino is not None:
             ino = meta.ino
-            indexed = meta.nlink is not None
+            indexed = meta.lower_links is not None and self._indexed(ino)
         else:
             origin = origin or top
             ino = self.inodes.ino_for(origin.st_dev, origin.st_ino)

@@ -80,15 +80,6 @@ def prepare_upper(stack: LayerStack, work: str) -> UpperLock:
         for sub in (WORK_TEMP, WORK_INDEX):
             if not ovl.exists_at(wfd, sub):
                 ovl.mkdir_at(wfd, sub, 0o700)
-        # Leftovers of an interrupted operation: never part of the view, safe to drop.
-        tfd = ovl.open_dir_at(wfd, WORK_TEMP)
-        try:
-            with os.scandir(tfd) as it:
-                for e in list(it):
-                    log.info("removing leftover %s from the work dir", e.name)
-                    ovl.remove_tree_at(tfd, os.fsencode(e.name))
-        finally:
-            os.close(tfd)
     except BaseException:
         os.close(wfd)
         raise
@@ -110,6 +101,31 @@ class WritableUnion(Union):
         self._temp_seq = 0
         self._open: dict[int, set[OpenFile]] = {}
         self.copy_up = CopyUp(self)
+        self._clean_work()
+
+    def _clean_work(self) -> None:
+        """Drop what an interrupted operation left in the work dir: never part of the view.
+
+        A leftover hard link that a copy-up had already counted as a name in place (its
+        ``pending`` mark) gives that count back; an index entry left with no name goes.
+        """
+        with os.scandir(self.work_fd) as it:
+            leftovers = [os.fsencode(e.name) for e in it]
+        for name in leftovers:
+            log.info("removing leftover %r from the work dir", name)
+            st = ovl.lstat_at(self.work_fd, name)
+            meta = self._upper_meta(self.work_fd, name) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
+            if meta is not None and meta.pending == name and meta.lower_links is not None:
+                self.write_meta(self.work_fd, name, meta.ino or 0, meta.lower_links + 1)
+            ovl.remove_tree_at(self.work_fd, name)
+        with os.scandir(self.index_fd) as it:
+            entries = [os.fsencode(e.name) for e in it]
+        for name in entries:
+            meta = self._upper_meta(self.index_fd, name)
+            if meta is not None and meta.lower_links is not None and \
+                    ovl.lstat_at(self.index_fd, name).st_nlink - 1 + meta.lower_links <= 0:
+                log.info("removing index entry %r: no name left", name)
+                ovl.unlink_at(self.index_fd, name)
 
     def close(self) -> None:
         os.close(self.work_fd)
@@ -144,12 +160,19 @@ class WritableUnion(Union):
             k, _, v = item.partition(b"=")
             if k == b"ino":
                 meta.ino = int(v)
-            elif k == b"nlink":
-                meta.nlink = int(v)
+            elif k == b"lower":
+                meta.lower_links = int(v)
+            elif k == b"pending":
+                meta.pending = v
         return meta
 
-    def write_meta(self, fd: int, name: bytes | None, ino: int, nlink: int | None) -> None:
-        value = b"ino=%d" % ino + (b";nlink=%d" % nlink if nlink is not None else b"")
+    def write_meta(self, fd: int, name: bytes | None, ino: int, lower_links: int | None = None,
+                   pending: bytes | None = None) -> None:
+        value = b"ino=%d" % ino
+        if lower_links is not None:
+            value += b";lower=%d" % lower_links
+        if pending is not None:
+            value += b";pending=" + pending
         ovl.setxattr_at(fd, name, self.meta_xattr, value)
 
     def set_redirect(self, dirfd: int, lower_path: bytes) -> None:
@@ -167,8 +190,8 @@ class WritableUnion(Union):
         a = super().attr_from_stat(node, st)
         if node.indexed and not node.unlinked:
             meta = self._upper_meta(self.index_fd, index_name(node.ino))
-            if meta is not None and meta.nlink is not None:
-                a.nlink = meta.nlink
+            if meta is not None and meta.lower_links is not None:
+                a.nlink = st.st_nlink - 1 + meta.lower_links
         return a
 
     def real_stat(self, node: Node) -> os.stat_result:
@@ -178,18 +201,22 @@ class WritableUnion(Union):
             raise OSError(errno.ENOENT, "deleted")
         return super().real_stat(node)
 
-    def _adjust_nlink(self, node: Node, delta: int) -> int:
-        """Change an indexed inode's merged link count; at zero its index entry goes. Returns the count."""
+    def _name_removed(self, node: Node) -> bool:
+        """After an upper name of an indexed inode went: was it the last? Then its index entry goes."""
         meta = self._upper_meta(self.index_fd, index_name(node.ino))
-        if meta is None or meta.nlink is None:
-            return 1
-        nlink = meta.nlink + delta
-        if nlink <= 0:
-            ovl.unlink_at(self.index_fd, index_name(node.ino))
-            node.indexed = False
-        else:
-            self.write_meta(self.index_fd, index_name(node.ino), node.ino, nlink)
-        return nlink
+        if meta is None or meta.lower_links is None:
+            return False
+        if ovl.lstat_at(self.index_fd, index_name(node.ino)).st_nlink - 1 + meta.lower_links > 0:
+            return False
+        ovl.unlink_at(self.index_fd, index_name(node.ino))
+        node.indexed = False
+        return True
+
+    def _link_up(self, node: Node) -> None:
+        """Before a name of a lower hard link goes, bring that name up (through the index), so that
+        removing it is one atomic change of the real link count."""
+        if not node.is_dir and not self.in_upper(node) and (node.indexed or self.real_stat(node).st_nlink > 1):
+            self.copy_up(node)
 
     def lower_exists(self, parent: Node, name: bytes) -> bool:
         """Does ``name`` show from the lower layers below ``parent``? Then removing it needs a whiteout."""
@@ -376,11 +403,10 @@ class WritableUnion(Union):
         self.copy_up(node)  # a lower hard link goes through the index
         if not node.indexed:
             # From now on the inode has several names: reach it through the index, whichever
-            # names come and go.
+            # names come and go.  The mark goes first: without an index entry it means nothing.
             sfd, sname = self.locate(node)
-            nlink = ovl.lstat_at(sfd, sname).st_nlink
+            self.write_meta(sfd, sname, node.ino, 0)
             ovl.link_at(sfd, sname, self.index_fd, index_name(node.ino))
-            self.write_meta(self.index_fd, index_name(node.ino), node.ino, nlink)
             node.indexed = True
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
@@ -391,8 +417,6 @@ class WritableUnion(Union):
             self._swap_in(self.work_fd, tname, pfd, name, False)
         else:
             ovl.link_at(sfd, sname, pfd, name)
-        if node.indexed:
-            self._adjust_nlink(node, +1)
         return node
 
     # --- removal ---------------------------------------------------------------------
@@ -414,8 +438,7 @@ class WritableUnion(Union):
 
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         self.dirty_dirs.add(parent.ino)
-        if not node.is_dir and not self.in_upper(node) and self.real_stat(node).st_nlink > 1:
-            self.copy_up(node)  # index a lower hard link before dropping one of its names
+        self._link_up(node)
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
         whiteout = self.lower_exists(parent, name)
@@ -440,9 +463,7 @@ class WritableUnion(Union):
                     ovl.remove_tree_at(self.work_fd, tname)
             else:
                 ovl.unlink_at(pfd, name)
-        last = True
-        if node.indexed:
-            last = self._adjust_nlink(node, -1) == 0
+        last = self._name_removed(node) if node.indexed else True
         if last and node.ino in self._open and not node.is_dir:
             node.unlinked = True
 
@@ -470,9 +491,8 @@ class WritableUnion(Union):
                 raise OSError(errno.EISDIR, "is a directory")
             if target.is_dir and self.list_names(target):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
-        if target is not None and not exchange and not target.is_dir and not target.indexed and \
-                not self.in_upper(target) and self.real_stat(target).st_nlink > 1:
-            self.copy_up(target)  # index a lower hard link before one of its names is replaced
+        if target is not None and not exchange and target is not node:
+            self._link_up(target)
         self.dirty_dirs.update((old_parent.ino, new_parent.ino))
         self.copy_up.dir_chain(old_parent)
         self.copy_up.dir_chain(new_parent)
@@ -487,8 +507,6 @@ class WritableUnion(Union):
             ovl.rename_at(ofd, old_name, nfd, new_name, ovl.RENAME_EXCHANGE)
         else:
             whiteout = self.lower_exists(old_parent, old_name)
-            if target is not None and not target.is_dir and target.indexed and target is not node:
-                self._adjust_nlink(target, -1)
             dest = self._upper_entry(new_parent, new_name)
             if node.is_dir and dest is not None and not stat.S_ISDIR(dest.st_mode):
                 # A directory onto a whiteout: swap them, the whiteout lands at the old name.
@@ -499,8 +517,9 @@ class WritableUnion(Union):
                 self._rename_whiteout(ofd, old_name, nfd, new_name)
             else:
                 ovl.rename_at(ofd, old_name, nfd, new_name)
-            if target is not None and target is not node and not target.is_dir and target.ino in self._open:
-                if not target.indexed or self._upper_meta(self.index_fd, index_name(target.ino)) is None:
+            if target is not None and target is not node and not target.is_dir:
+                last = self._name_removed(target) if target.indexed else True
+                if last and target.ino in self._open:
                     target.unlinked = True
         self.inodes.move(node, new_parent, new_name)
         if exchange and target is not None:
