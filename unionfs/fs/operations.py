@@ -13,8 +13,10 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyfuse3
+import trio
 
 from . import sys as sysmod
 from .dircache import DirCache, Listing
@@ -79,12 +81,19 @@ class Operations(pyfuse3.Operations):
     # enforces them, as it does on overlayfs; the upper filesystem applies default ACLs.
     enable_acl = True
 
-    def __init__(self, union: Union) -> None:
+    def __init__(self, union: Union, after_init: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.union = union
         self.inodes = union.inodes
         self.handles = Handles()
         self.listings = DirCache()
+        self.after_init = after_init
+
+    def init(self) -> None:
+        # Runs inside the INIT request, before its reply: the kernel applies the reply's settings
+        # afterwards, so what should override them runs once the loop comes round again.
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     # --- helpers ---------------------------------------------------------------
 
