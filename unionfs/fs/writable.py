@@ -99,6 +99,7 @@ class WritableUnion(Union):
         self.work_fd = ovl.open_dir_at(lock.work_fd, WORK_TEMP)
         self.index_fd = ovl.open_dir_at(lock.work_fd, WORK_INDEX)
         self._temp_seq = 0
+        self._euid, self._egid = os.geteuid(), os.getegid()
         self._open: dict[int, set[OpenFile]] = {}
         self.copy_up = CopyUp(self)
         self._clean_work()
@@ -331,9 +332,47 @@ class WritableUnion(Union):
             perm |= stat.S_ISGID
         # A directory where a lower one was removed is opaque (the whiteout says so).
         opaque = kind == stat.S_IFDIR and over_whiteout
-        # Built in the work dir with its owner and mode, then renamed into place: a crash never
-        # leaves a new entry with the daemon's owner or a half-set mode (and a whiteout it replaces
-        # goes in the same rename).
+        if not over_whiteout and uid == self._euid and (gid == self._egid or sgid_parent):
+            # Created by the daemon's own user (root in a container), the entry has its owner and
+            # mode from the creating syscall itself, as overlayfs creates in place: atomic as is.
+            fd, st = self._make_in_place(pfd, name, kind, perm, rdev, target)
+        else:
+            fd, st = self._make_in_work_dir(pfd, name, kind, perm, uid, gid, rdev, target, opaque)
+        if fd is not None and keep_open is None:
+            os.close(fd)
+            fd = None
+        # Nothing of this name exists below (checked above), so the new entry is all there is.
+        node = Node(self.inodes.ino_for(st.st_dev, st.st_ino), parent, name, (0,), st.st_mode)
+        old = self.inodes.find(node.ino)
+        if old is not None:
+            # The upper filesystem reused the number of a removed entry the kernel has not
+            # forgotten yet.
+            self.inodes.reuse(old, parent, name)
+        return self.inodes.remember(node), fd
+
+    @staticmethod
+    def _make_in_place(pfd: int, name: bytes, kind: int, perm: int, rdev: int,
+                       target: bytes | None) -> tuple[int | None, os.stat_result]:
+        fd: int | None = None
+        if kind == stat.S_IFDIR:
+            ovl.mkdir_at(pfd, name, perm)
+        elif kind == stat.S_IFLNK:
+            ovl.symlink_at(target or b"", pfd, name)
+        elif kind == stat.S_IFREG:
+            fd = ovl.open_at(pfd, name, os.O_RDWR | os.O_CREAT | os.O_EXCL, perm)
+        else:
+            ovl.mknod_at(pfd, name, kind | perm, rdev)
+        st = ovl.fstat(fd) if fd is not None else ovl.lstat_at(pfd, name)
+        if kind != stat.S_IFLNK and stat.S_IMODE(st.st_mode) != perm:
+            ovl.chmod_at(pfd, name, perm)  # a umask (outside the daemon, which runs without one)
+            st = ovl.fstat(fd) if fd is not None else ovl.lstat_at(pfd, name)
+        return fd, st
+
+    def _make_in_work_dir(self, pfd: int, name: bytes, kind: int, perm: int, uid: int, gid: int, rdev: int,
+                          target: bytes | None, opaque: bool) -> tuple[int | None, os.stat_result]:
+        """Built in the work dir with its owner and mode, then renamed into place: a crash never
+        leaves a new entry with the daemon's owner or a half-set mode (and a whiteout it replaces
+        goes in the same rename)."""
         where, tname = self.work_fd, self.temp_name()
         fd: int | None = None
         try:
@@ -368,17 +407,7 @@ class WritableUnion(Union):
                 os.close(fd)
             ovl.remove_tree_at(where, tname)
             raise
-        if fd is not None and keep_open is None:
-            os.close(fd)
-            fd = None
-        # Nothing of this name exists below (checked above), so the new entry is all there is.
-        node = Node(self.inodes.ino_for(st.st_dev, st.st_ino), parent, name, (0,), st.st_mode)
-        old = self.inodes.find(node.ino)
-        if old is not None:
-            # The upper filesystem reused the number of a removed entry the kernel has not
-            # forgotten yet.
-            self.inodes.reuse(old, parent, name)
-        return self.inodes.remember(node), fd
+        return fd, st
 
     def _swap_in(self, wfd: int, tname: bytes, pfd: int, name: bytes, is_dir: bool) -> None:
         """Atomically put work/tname at pfd/name, replacing a whiteout there if any."""
