@@ -58,7 +58,8 @@ def test_overlayfs_option_spelling(stack):
 def test_umount_after_daemon_died(stack):
     top, bottom, mnt = stack
     assert run("mount", "--lower", f"{top}:{bottom}", str(mnt)).returncode == 0
-    pid = int(open(f"/run/unionfs/{str(mnt).strip('/').replace('/', '%')}.pid").read())
+    pidfile = f"/run/unionfs/{str(mnt).strip('/').replace('/', '%')}.pid"
+    pid = int(open(pidfile).read())
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     with pytest.raises(OSError):
@@ -66,6 +67,7 @@ def test_umount_after_daemon_died(stack):
     r = run("umount", str(mnt))
     assert r.returncode == 0, r.stderr
     assert not is_mounted(mnt)
+    assert not os.path.exists(pidfile)  # the dead daemon's, removed by umount
 
 
 def test_foreground_sigterm_unmounts(stack, tmp_path):

@@ -178,7 +178,7 @@ def _widen_read_ahead(mountpoint: str) -> None:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+                point = _mountinfo_path(fields[4])
                 if point == mountpoint and fields[sep + 1].startswith("fuse"):
                     dev = fields[2]   # the last one: the newest mount on that path, ours
         if dev is not None:
@@ -305,11 +305,16 @@ def _close_fds_but(keep: set[int]) -> None:
                 pass
 
 
+def _mountinfo_path(field: str) -> str:
+    """A mount point as /proc/self/mountinfo writes it (space, tab, newline, backslash as octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 def is_mountpoint(path: str) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
+            mp = _mountinfo_path(line.split()[4])
             if mp == real:
                 return True
     return False
@@ -348,4 +353,10 @@ def umount(mountpoint: str, timeout: float = 10.0) -> int:
             except PermissionError:
                 break
             time.sleep(0.02)
+        else:
+            return 0
+        try:
+            os.unlink(pidfile)  # a killed daemon could not remove its own
+        except FileNotFoundError:
+            pass
     return 0
