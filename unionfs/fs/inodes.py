@@ -117,6 +117,8 @@ class InodeTable:
         changed by a copy-up done by another name), but keeps its identity.
         """
         old = self._nodes.get(node.ino)
+        if old is node:
+            return node  # a readdir serving a cached entry: nothing to refresh
         if old is not None:
             old.layers, old.mode, old.xwh, old.redirect = node.layers, node.mode, node.xwh, node.redirect
             old.indexed = node.indexed

@@ -257,9 +257,12 @@ class Operations(pyfuse3.Operations):
                     break
                 count(child)
             else:
+                # The kernel takes only d_ino and d_type from '.' and '..' (it links no dentry for
+                # them): no need to stat the directory and its parent on every opendir.
                 child = node if off == 0 else (node.parent or node)
-                if not pyfuse3.readdir_reply(token, b"." if off == 0 else b"..",
-                                             self._entry(child, self.union.getattr(child)), off + 1):
+                dot = pyfuse3.EntryAttributes()
+                dot.st_ino, dot.st_mode = child.ino, child.mode
+                if not pyfuse3.readdir_reply(token, b"." if off == 0 else b"..", dot, off + 1):
                     break
 
     @_guard
