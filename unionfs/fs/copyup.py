@@ -147,8 +147,8 @@ class CopyUp:
             u.write_meta(u.index_fd, iname, ino, lower_links, pending=c.temp)
             ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
         except BaseException:
-            if meta is not None and ovl.exists_at(u.work_fd, c.temp):
-                u.write_meta(u.index_fd, iname, ino, meta.lower_links)
+            if ovl.exists_at(u.work_fd, c.temp):  # not in place: the count goes back as it was
+                u.write_meta(u.index_fd, iname, ino, meta.lower_links if meta is not None else None)
                 ovl.unlink_at(u.work_fd, c.temp)
             raise
         u.write_meta(u.index_fd, iname, ino, lower_links)
