@@ -1,12 +1,12 @@
 """Loading archives as real tools write them, the OCI whiteout rules, and the image commands."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -239,14 +239,20 @@ def test_commands(tmp_path):
     assert r.returncode == 0 and os.listdir(store / "layers") == [] and os.listdir(store / "blobs/sha256") == []
 
 
-def test_rmi_refused_while_used(tmp_path):
+def _app_store_and_mountpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """A store with app:1 loaded from a legacy docker archive, and an empty mount point."""
     archive = tmp_path / "a.tar"
     docker_save_legacy(archive, [Img([BASE, APP], ["app:1"])])
     store = tmp_path / "store"
     load(store, archive)
-    R = ["--root", str(store)]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    return store, mnt
+
+
+def test_rmi_refused_while_used(tmp_path):
+    store, mnt = _app_store_and_mountpoint(tmp_path)
+    R = ["--root", str(store)]
     assert run(*R, "mount", "app:1", str(mnt)).returncode == 0
     try:
         r = run(*R, "rmi", "app:1")
@@ -263,12 +269,7 @@ def test_rmi_refused_while_used(tmp_path):
 
 
 def test_mount_by_name(tmp_path):
-    archive = tmp_path / "a.tar"
-    docker_save_legacy(archive, [Img([BASE, APP], ["app:1"])])
-    store = tmp_path / "store"
-    load(store, archive)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    store, mnt = _app_store_and_mountpoint(tmp_path)
     env = {**os.environ, "UNIONFS_ROOT": str(store)}   # the environment names the store too
     r = run("mount", "app:1", str(mnt), env=env)
     assert r.returncode == 0, r.stderr
@@ -292,12 +293,7 @@ def test_mount_by_name(tmp_path):
 
 
 def test_mount_writable(tmp_path):
-    archive = tmp_path / "a.tar"
-    docker_save_legacy(archive, [Img([BASE, APP], ["app:1"])])
-    store = tmp_path / "store"
-    load(store, archive)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    store, mnt = _app_store_and_mountpoint(tmp_path)
     r = run("--root", str(store), "mount", "--writable", "app:1", str(mnt))
     assert r.returncode == 0, r.stderr
     cid = r.stdout.split()[-1]
