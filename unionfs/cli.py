@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from .fs.daemon import UsageError, build_config, mount, umount
+from .errors import UsageError
+from .fs.daemon import build_config, mount, umount
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 ``diff``.  ``commit`` and ``run`` live in their own modules; the command line only parses arguments."""
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -29,7 +28,7 @@ def create(store: Store, image: str, name: str | None = None) -> Container:
         return model.create(store, image, name)
 
 
-def ps_table(store: Store, all_columns: bool = True, no_trunc: bool = False, quiet: bool = False) -> str:
+def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False) -> str:
     rows = []
     cs = model.containers(store)
     if quiet:
@@ -132,6 +131,3 @@ def diff_lines(store: Store, name: str) -> list[str]:
     c = model.resolve(store, name)
     return container_changes(store, c).lines()
 
-
-def is_path_like(arg: str) -> bool:
-    return "/" in arg or os.path.exists(arg)

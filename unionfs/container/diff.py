@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from ..fs import formats
 from ..fs import sys as ovl
-from .view import Stat, split
+from .view import split
 
 REDIRECT_NAMES = (formats.TRUSTED_PREFIX + formats.Xattr.REDIRECT.value,
                   formats.USER_PREFIX + formats.Xattr.REDIRECT.value)
@@ -207,6 +207,3 @@ def changes(upper: str, work: str | None, lower, merged) -> Changes:
     w.parents()
     return w.out
 
-
-def stat_of(view, path: bytes) -> Stat | None:
-    return view.stat(path)

@@ -25,7 +25,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from ..fs.daemon import UsageError, is_mountpoint
+from ..errors import UsageError
+from ..fs.daemon import is_mountpoint
 from ..image.store import Store, in_use_by_mounts, now_iso
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")   # Docker's rule for container names

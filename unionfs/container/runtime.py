@@ -40,7 +40,8 @@ import threading
 import time
 
 from ..fs import sys as ovl
-from ..fs.daemon import UsageError, is_mountpoint, umount
+from ..errors import UsageError
+from ..fs.daemon import is_mountpoint, umount
 from ..image.store import Store
 from . import model
 from .commands import mount_container

@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
+
 log = logging.getLogger("unionfs.daemon")
 
 # FUSE options we pass through to the kernel/libfuse as given.
@@ -26,10 +28,6 @@ PASSTHROUGH = {"allow_other", "default_permissions", "ro", "rw", "debug", "suid"
 PASSTHROUGH_VALUE = {"fsname", "subtype", "max_read", "blksize"}
 # Ours, accepted as -o options for overlayfs familiarity.
 OURS = {"lowerdir", "upperdir", "workdir"}
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: shown as one line, exit status 2."""
 
 
 @dataclass

@@ -284,10 +284,6 @@ def _copy_pread(src: int, dst: int, off: int, length: int) -> int:
     return len(buf)
 
 
-def is_dir(st: os.stat_result) -> bool:
-    return stat.S_ISDIR(st.st_mode)
-
-
 # --- image extraction (unionfs.image.extract; also uses fchown, futimens, remove_tree_at below) ---
 
 def fsetxattr(fd: int, attr: str, value: bytes) -> None:

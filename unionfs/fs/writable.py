@@ -26,10 +26,10 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from . import formats
 from . import sys as ovl
 from .copyup import CopyUp
-from .daemon import UsageError
 from .inodes import Node
 from .layers import LayerError, LayerStack, open_directory
 from .union import OpenFile, Union, UpperMeta, index_name

@@ -85,17 +85,6 @@ class Archive:
                                  f"(expected {digest}, got {actual})")
         return data
 
-    def hash_file(self, name: str, what: str) -> tuple[str, int]:
-        if not self.exists(name):
-            raise ImageError(f"{self.path}: {what} {name!r} is missing")
-        h = hashlib.sha256()
-        n = 0
-        with self.open(name) as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                n += len(chunk)
-        return "sha256:" + h.hexdigest(), n
-
     def __enter__(self) -> "Archive":
         return self
 

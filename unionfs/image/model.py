@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fs.daemon import UsageError
+from ..errors import UsageError
 
 
 class ImageError(UsageError):

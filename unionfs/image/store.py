@@ -271,10 +271,6 @@ class Store:
             layers.update(d["diff_id"] for d in rec["layers"])
         return layers, blobs
 
-    def unreferenced_layers(self) -> list[str]:
-        used, _ = self.referenced()
-        return [d for d in self.layer_ids() if d not in used]
-
     def gc(self) -> list[str]:
         """Remove layers and blobs no image references; each is unregistered by one rename first."""
         self._require_lock()
