@@ -13,26 +13,31 @@ from .fs.daemon import build_config, mount, umount
 def _cmd_mount(args: argparse.Namespace) -> int:
     if len(args.targets) > 2:
         raise UsageError("mount takes [IMAGE] MOUNTPOINT")
-    image = args.targets[0] if len(args.targets) == 2 else None
+    name = args.targets[0] if len(args.targets) == 2 else None
     mountpoint = args.targets[-1]
-    if image is not None and not args.writable:
-        from .container import commands as cc, model as cm
-        c = cm.find(_store(args), image) if _store(args).exists() else None
-        if c is not None:   # a container's name or id first, then an image's
-            if args.lower or args.upper or args.work:
-                raise UsageError("a container's layers come from the store: no --lower/--upper/--work")
-            return cc.mount_container(_store(args), c, mountpoint, args.options or [], args.foreground, args.log)
-    if image is not None:
-        return _mount_image(args, image, mountpoint)
-    if args.writable:
-        raise UsageError("--writable needs an IMAGE (for layer directories, give --upper and --work)")
-    lower = []
-    for value in args.lower or []:
+    options = args.options or []
+    if name is None:
+        if args.writable:
+            raise UsageError("--writable needs an IMAGE (for layer directories, give --upper and --work)")
         from .fs.daemon import split_lowerdir
-        lower += split_lowerdir(value)
-    cfg = build_config(mountpoint, lower, args.upper, args.work, args.options or [],
-                       args.foreground, args.log)
-    return mount(cfg)
+        lower = [d for value in args.lower or [] for d in split_lowerdir(value)]
+        return mount(build_config(mountpoint, lower, args.upper, args.work, options, args.foreground, args.log))
+    from .container import commands as cc, model as cm
+    from .image.commands import mount_image
+    if args.lower or any(o.startswith("lowerdir=") or ",lowerdir=" in o for o in options):
+        raise UsageError("give an IMAGE or CONTAINER, or lower layers (--lower, -o lowerdir=), not both")
+    store = _store(args)
+    if not args.writable:
+        c = cm.find(store, name) if store.exists() else None
+        if c is not None:   # a container's name or id first, then an image's
+            if args.upper or args.work:
+                raise UsageError("a container's layers come from the store: no --upper/--work")
+            return cc.mount_container(store, c, mountpoint, options, args.foreground, args.log)
+    if args.upper or args.work:
+        raise UsageError("an image's writable layer comes from the store: use --writable, not --upper/--work")
+    if args.writable:
+        return cc.create_and_mount(store, name, mountpoint, options, args.foreground, args.log)
+    return mount_image(store, name, mountpoint, options, args.foreground, args.log)
 
 
 # --- images ------------------------------------------------------------------------
@@ -40,39 +45,6 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 def _store(args: argparse.Namespace):
     from .image.store import Store
     return Store(getattr(args, "root", None))
-
-
-def _mount_image(args: argparse.Namespace, name: str, mountpoint: str) -> int:
-    """Mount an image by name: its layers (topmost first) as the lower stack, maybe a fresh writable layer."""
-    from .image.store import Store
-    options = list(args.options or [])
-    if args.lower or any(o.startswith("lowerdir=") or ",lowerdir=" in o for o in options):
-        raise UsageError("give an IMAGE or lower layers (--lower, -o lowerdir=), not both")
-    if args.upper or args.work:
-        raise UsageError("an image's writable layer comes from the store: use --writable, not --upper/--work")
-    store: Store = _store(args)
-    image = store.image(store.resolve(name))
-    if not image.layers:
-        raise UsageError(f"{name}: the image has no layers to mount")
-    lower = [store.layer_root(ly.diff_id) for ly in reversed(image.layers)]
-    if not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
-        options.append(f"fsname={name}")
-    if not args.writable:
-        return mount(build_config(mountpoint, lower, None, None, options, args.foreground, args.log))
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"mount point {mountpoint}: no such directory")
-    from .container import model as cm
-    with store.locked():
-        store.resolve(image.id)  # still there now that we hold the lock
-        record = cm.create(store, name, None, os.path.abspath(mountpoint)).to_record()
-    try:
-        cfg = build_config(mountpoint, lower, record["Upper"], record["Work"], options, args.foreground, args.log)
-        print(f"container {record['Id']}", flush=True)
-        return mount(cfg)
-    except BaseException:
-        with store.locked():
-            store.remove_container(record["Id"])
-        raise
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
@@ -115,78 +87,34 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
-    from .image.model import Reference
-    store = _store(args)
-    dst = Reference.parse(args.target)
-    with store.locked():
-        image_id = store.resolve(args.source)
-        tags = store.tags()
-        tags[str(dst)] = image_id
-        store.set_tags(tags)
+    from .image.commands import tag
+    tag(_store(args), args.source, args.target)
     return 0
 
 
 def _cmd_rmi(args: argparse.Namespace) -> int:
-    from .image.model import Reference
-    from .image.store import in_use_by_mounts
+    from .container.model import using
+    from .image.commands import rmi
     store = _store(args)
     with store.locked():
         for name in args.images:
-            image_id = store.resolve(name)
-            tags = store.tags()
-            mine = sorted(t for t, i in tags.items() if i == image_id)
-            by_tag = None
-            try:
-                ref = str(Reference.parse(name))
-                by_tag = ref if tags.get(ref) == image_id else None
-            except UsageError:
-                pass
-            if by_tag and len(mine) > 1:   # only a name goes; the image keeps its others
-                del tags[by_tag]
-                store.set_tags(tags)
-                print(f"Untagged: {by_tag}")
-                continue
-            if not by_tag and len(mine) > 1 and not args.force:
-                raise UsageError(f"{name}: image is tagged {', '.join(mine)}; remove the tags, or use -f")
-            users = [c["Id"][:12] for c in store.containers() if c.get("Image") == image_id]
-            if users:
-                raise UsageError(f"{name}: in use by container(s) {', '.join(users)}")
-            others = set()
-            for other in store.image_ids():
-                if other != image_id:
-                    others.update(ly.diff_id for ly in store.image(other).layers)
-            doomed = [store.layer_dir(ly.diff_id) for ly in store.image(image_id).layers if ly.diff_id not in others]
-            busy = in_use_by_mounts(doomed)
-            if busy:
-                raise UsageError(f"{name}: mounted (unionfs daemon pid {sorted(set(busy.values()))[0]}); unmount first")
-            store.remove_image(image_id)
-            store.gc()
-            for t in mine:
+            removed = rmi(store, name, args.force, lambda image_id: [c.short_id for c in using(store, image_id)])
+            for t in removed.untagged:
                 print(f"Untagged: {t}")
-            print(f"Deleted: {image_id}")
+            if removed.deleted:
+                print(f"Deleted: {removed.deleted}")
     return 0
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    if not os.path.lexists(args.mountpoint) and "/" not in args.mountpoint and _store(args).exists():
+    store = _store(args)
+    if not os.path.lexists(args.mountpoint) and "/" not in args.mountpoint and store.exists():
         from .container.commands import umount_container   # a container's name or id
-        return umount_container(_store(args), args.mountpoint)
+        return umount_container(store, args.mountpoint)
     return umount(args.mountpoint)
 
 
 # --- containers --------------------------------------------------------------------
-
-def _oneline(func):
-    """An OSError of a container command (a path the user gave, a damaged store) is one line, exit status 1."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except OSError as e:
-            where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
-            print(f"unionfs: {where}{e.strerror or e}", file=sys.stderr)
-            return 1
-    return run
-
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from .container.commands import create
@@ -238,22 +166,22 @@ def _container_parsers(sub, common) -> None:
     c = sub.add_parser("create", help="make a container: an image plus a writable layer of its own", parents=[common])
     c.add_argument("image", metavar="IMAGE")
     c.add_argument("--name", metavar="NAME", help="name it (default: a generated name)")
-    c.set_defaults(func=_oneline(_cmd_create))
+    c.set_defaults(func=_cmd_create)
 
     ps = sub.add_parser("ps", help="list containers", parents=[common])
     ps.add_argument("--no-trunc", action="store_true", help="show full container ids")
     ps.add_argument("--quiet", "-q", action="store_true", help="only ids")
-    ps.set_defaults(func=_oneline(_cmd_ps))
+    ps.set_defaults(func=_cmd_ps)
 
     rm = sub.add_parser("rm", help="remove containers (and their writable layers)", parents=[common])
     rm.add_argument("containers", nargs="+", metavar="CONTAINER")
     rm.add_argument("--force", "-f", action="store_true", help="unmount a mounted container first")
-    rm.set_defaults(func=_oneline(_cmd_rm))
+    rm.set_defaults(func=_cmd_rm)
 
     df = sub.add_parser("diff", help="changes of a container's writable layer (A added, C changed, D deleted)",
                         parents=[common])
     df.add_argument("container", metavar="CONTAINER")
-    df.set_defaults(func=_oneline(_cmd_diff))
+    df.set_defaults(func=_cmd_diff)
 
     cm = sub.add_parser("commit", help="a new image from a container's changes", parents=[common])
     cm.add_argument("container", metavar="CONTAINER")
@@ -262,14 +190,14 @@ def _container_parsers(sub, common) -> None:
     cm.add_argument("--author", "-a", metavar="AUTHOR", help='e.g. "Jane Doe <jane@example.com>"')
     cm.add_argument("--change", "-c", action="append", metavar="INSTRUCTION",
                     help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, WORKDIR, USER, EXPOSE, LABEL, VOLUME")
-    cm.set_defaults(func=_oneline(_cmd_commit))
+    cm.set_defaults(func=_cmd_commit)
 
     sv = sub.add_parser("save", help="write images to a docker save archive or an OCI layout", parents=[common])
     sv.add_argument("images", nargs="+", metavar="IMAGE")
     sv.add_argument("--output", "-o", required=True, metavar="FILE",
                     help="the archive (an OCI layout is a directory unless FILE ends in .tar)")
     sv.add_argument("--format", choices=("docker", "oci"), default="docker", help="docker (default) or oci")
-    sv.set_defaults(func=_oneline(_cmd_save))
+    sv.set_defaults(func=_cmd_save)
 
     rn = sub.add_parser("run", help="run a command in a new container of an image (with crun or runc)",
                         parents=[common], usage="%(prog)s [options] IMAGE [COMMAND [ARG...]]",
@@ -280,7 +208,7 @@ def _container_parsers(sub, common) -> None:
     rn.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
     rn.add_argument("image", metavar="IMAGE")
     rn.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
-    rn.set_defaults(func=_oneline(_cmd_run))
+    rn.set_defaults(func=_cmd_run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -358,11 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
         return 2
-    except OSError as e:
-        if args.command not in ("load", "images", "inspect", "history", "tag", "rmi", "pull", "push", "login",
-                                "logout") and not \
-                (args.command == "mount" and len(args.targets) == 2):
-            raise
+    except OSError as e:   # a path the user gave, a damaged store, a full disk: one line, exit status 1
         where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
         print(f"unionfs: {where}{e.strerror or e}", file=sys.stderr)
         return 1

@@ -2,10 +2,12 @@
 ``diff``.  ``commit`` and ``run`` live in their own modules; the command line only parses arguments."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
 from ..fs.daemon import build_config, is_mountpoint, mount, umount
+from ..image.commands import lower_stack, with_fsname
 from ..image.report import human_ago, human_size, table
 from ..image.store import Store
 from . import model
@@ -16,16 +18,28 @@ from .view import MountView, UnionView
 
 def image_lower(store: Store, image_id: str) -> list[str]:
     """The image's layer directories, topmost first (as a lower stack)."""
-    image = store.image(image_id)
-    if not image.layers:
-        raise ContainerError(f"image {image_id[7:19]} has no layers: nothing to make a container of")
-    return [store.layer_root(ly.diff_id) for ly in reversed(image.layers)]
+    return lower_stack(store, image_id, f"image {image_id[7:19]}")
 
 
 def create(store: Store, image: str, name: str | None = None) -> Container:
     with store.locked():
         image_lower(store, store.resolve(image))
         return model.create(store, image, name)
+
+
+def create_and_mount(store: Store, image: str, mountpoint: str, options: list[str], foreground: bool = False,
+                     log_file: str | None = None) -> int:
+    """``mount --writable IMAGE``: a new container of ``image``, mounted; removed again if the mount fails."""
+    if not os.path.isdir(mountpoint):
+        raise ContainerError(f"mount point {mountpoint}: no such directory")
+    c = create(store, image)
+    print(f"container {c.id}", flush=True)
+    try:
+        return mount_container(store, c, mountpoint, with_fsname(options, image), foreground, log_file)
+    except BaseException:
+        with store.locked():
+            model.remove(store, c)
+        raise
 
 
 def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False) -> str:
@@ -70,7 +84,7 @@ def remove(store: Store, names: list[str], force: bool = False) -> list[str]:
                 umount(state.mountpoint)
                 if model.mounted_at(c) is not None:
                     raise ContainerError(f"{c.name or c.short_id}: still mounted on {state.mountpoint}")
-            store.remove_container(c.id)
+            model.remove(store, c)
             done.append(c.name or c.id)
     return done
 
@@ -82,9 +96,7 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
     if state is not None:
         raise ContainerError(f"{c.name or c.short_id}: already mounted on "
                              f"{state.mountpoint or f'(unionfs pid {state.pid})'}")
-    options = list(options)
-    if not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
-        options.append(f"fsname={c.name or c.short_id}")
+    options = with_fsname(options, c.name or c.short_id)
     with store.locked():
         c = model.resolve(store, c.id)   # still there now that we hold the lock
         cfg = build_config(mountpoint, image_lower(store, c.image), c.upper, c.work, options, foreground, log_file)

@@ -24,10 +24,11 @@ import random
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
 from ..errors import UsageError
-from ..fs.daemon import is_mountpoint
-from ..image.store import Store, in_use_by_mounts, now_iso
+from ..fs.daemon import daemons_holding, is_mountpoint
+from ..image.store import Store, now_iso
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")   # Docker's rule for container names
 
@@ -79,12 +80,29 @@ class Container:
         return os.path.join(self.dir, "bundle")
 
 
+def _records(store: Store) -> Iterator[dict]:
+    if not store.exists():
+        return
+    for name in sorted(os.listdir(store.path("containers"))):
+        try:
+            with open(store.path("containers", name, "container.json"), "rb") as f:
+                yield json.load(f)
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+
+
 def containers(store: Store) -> list[Container]:
+    """Every container of the store, newest first."""
     out = []
-    for rec in store.containers():
+    for rec in _records(store):
         if isinstance(rec, dict) and isinstance(rec.get("Id"), str) and os.path.isdir(store.path("containers", rec["Id"])):
             out.append(Container.from_record(store, rec))
     return sorted(out, key=lambda c: (c.created, c.id), reverse=True)
+
+
+def using(store: Store, image_id: str) -> list[Container]:
+    """The containers of ``image_id`` (an image cannot be removed while it has any)."""
+    return [c for c in containers(store) if c.image == image_id]
 
 
 def find(store: Store, name: str) -> Container | None:
@@ -160,6 +178,11 @@ def create(store: Store, image_name: str, name: str | None = None, mountpoint: s
     return c
 
 
+def remove(store: Store, c: Container) -> None:
+    """Remove a container's record and writable layer (the caller holds the store's lock)."""
+    store.discard(c.dir)
+
+
 def save(c: Container) -> None:
     """Rewrite a container's record atomically (the caller holds the store's lock)."""
     tmp = os.path.join(c.dir, f".container.json.{uuid.uuid4().hex}")
@@ -183,7 +206,7 @@ def mounted_at(c: Container) -> MountState | None:
     /run/unionfs and /proc/PID/fd tell; the mount point is the recorded one if it is
     mounted (``/proc/self/mountinfo``).
     """
-    busy = in_use_by_mounts([c.upper])
+    busy = daemons_holding([c.upper])
     if not busy:
         return None
     pid = next(iter(busy.values()))

@@ -300,4 +300,4 @@ def run(store: Store, image: str, command: list[str], name: str | None = None, r
         if remove:
             with store.locked():
                 if model.mounted_at(c) is None:
-                    store.remove_container(c.id)
+                    model.remove(store, c)

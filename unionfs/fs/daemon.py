@@ -137,10 +137,43 @@ def _open_union(cfg: MountConfig):
     return Union(stack)
 
 
+def _pidfile_dir() -> str:
+    return "/run/unionfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp") + "/unionfs"
+
+
 def _pidfile(mountpoint: str) -> str:
-    base = "/run/unionfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp") + "/unionfs"
+    base = _pidfile_dir()
     os.makedirs(base, exist_ok=True)
     return os.path.join(base, os.path.realpath(mountpoint).strip("/").replace("/", "%") + ".pid")
+
+
+def daemons_holding(paths: list[str]) -> dict[str, int]:
+    """Which of ``paths`` (layer or upper dirs) a running unionfs daemon holds open: {path: pid}.
+
+    A daemon keeps fds on its layers' directories for the life of the mount, so its
+    pidfile and /proc tell what an ``rmi`` or ``rm`` would pull from under a mount.
+    """
+    found: dict[str, int] = {}
+    try:
+        pidfiles = os.listdir(_pidfile_dir())
+    except OSError:
+        return found
+    prefixes = [p.rstrip("/") + "/" for p in paths]
+    for pf in pidfiles:
+        try:
+            pid = int(open(os.path.join(_pidfile_dir(), pf)).read())
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (OSError, ValueError):
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}") + "/"
+            except OSError:
+                continue
+            for pre, p in zip(prefixes, paths):
+                if target.startswith(pre):
+                    found[p] = pid
+    return found
 
 
 def _setup_logging(cfg: MountConfig) -> None:

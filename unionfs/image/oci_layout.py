@@ -8,17 +8,13 @@ digest before it is parsed.
 from __future__ import annotations
 
 import json
-import platform
 
 from .archive import Archive, SourceImage, SourceLayer
+from . import platform
 from .model import INDEX_TYPES, MANIFEST_TYPES, ImageError, Reference, check_digest, parse_json, parse_manifest
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
-
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
-         "s390x": "s390x", "riscv64": "riscv64"}
-
 
 def blob_name(digest: str) -> str:
     alg, hexpart = digest.split(":", 1)
@@ -29,25 +25,6 @@ def is_layout(archive: Archive) -> bool:
     return archive.exists("oci-layout") and archive.exists("index.json")
 
 
-def host_platform() -> tuple[str, str]:
-    m = platform.machine()
-    return "linux", _ARCH.get(m, m)
-
-
-def _pick_platform(archive: Archive, index: dict, where: str) -> dict:
-    manifests = [d for d in index.get("manifests") or [] if isinstance(d, dict)]
-    if not manifests:
-        raise ImageError(f"{where}: empty image index")
-    want_os, want_arch = host_platform()
-    for d in manifests:
-        p = d.get("platform") or {}
-        if p.get("os") == want_os and p.get("architecture") == want_arch:
-            return d
-    if len(manifests) == 1:
-        return manifests[0]
-    raise ImageError(f"{where}: no image for {want_os}/{want_arch} in a multi-platform index")
-
-
 def resolve_manifest(archive: Archive, desc: dict, where: str, depth: int = 0) -> tuple[str, bytes]:
     """Follow a descriptor (through nested indexes) to an image manifest: (digest, bytes), verified."""
     digest = check_digest(desc.get("digest"), where)
@@ -56,7 +33,8 @@ def resolve_manifest(archive: Archive, desc: dict, where: str, depth: int = 0) -
     if media in INDEX_TYPES or (media is None and "manifests" in parse_json(data, where)):
         if depth > 4:
             raise ImageError(f"{where}: image indexes nested too deeply")
-        return resolve_manifest(archive, _pick_platform(archive, parse_json(data, where), where), where, depth + 1)
+        desc = platform.pick(parse_json(data, where), platform.host(), where, any_single=True)
+        return resolve_manifest(archive, desc, where, depth + 1)
     if media is not None and media not in MANIFEST_TYPES:
         raise ImageError(f"{where}: unsupported manifest type {media!r}")
     return digest, data

@@ -278,48 +278,19 @@ class Store:
         removed = []
         for diff_id in self.layer_ids():
             if diff_id not in used_layers:
-                doomed = self.path("tmp", f"gc-{uuid.uuid4().hex}")
-                os.rename(self.layer_dir(diff_id), doomed)
-                _rmtree(doomed)
+                self.discard(self.layer_dir(diff_id))
                 removed.append(diff_id)
         for name in os.listdir(self.path("blobs", "sha256")):
             if "sha256:" + name not in used_blobs:
                 os.unlink(self.path("blobs", "sha256", name))
         return removed
 
-    # --- containers (writable layers) --------------------------------------------------
-
-    def containers(self) -> list[dict]:
-        if not self.exists():
-            return []
-        out = []
-        for name in sorted(os.listdir(self.path("containers"))):
-            try:
-                out.append(self._read_json(self.path("containers", name, "container.json")))
-            except (FileNotFoundError, ValueError):
-                continue
-        return out
-
-    def new_container(self, image_id: str, image_ref: str, mountpoint: str) -> dict:
-        """A fresh writable layer for ``image_id``: ``containers/<id>/{upper,work}`` and its record."""
-        self._require_lock()
-        cid = uuid.uuid4().hex + uuid.uuid4().hex
-        tmp = self.new_tmp_dir("container")
-        os.mkdir(os.path.join(tmp, "upper"), 0o755)
-        os.mkdir(os.path.join(tmp, "work"), 0o700)
-        final = self.path("containers", cid)
-        record = {"Id": cid, "Image": image_id, "ImageRef": image_ref, "Created": now_iso(),
-                  "Mountpoint": mountpoint, "Upper": os.path.join(final, "upper"),
-                  "Work": os.path.join(final, "work")}
-        with open(os.path.join(tmp, "container.json"), "w") as f:
-            json.dump(record, f, indent=1)
-        os.rename(tmp, final)
-        return record
-
-    def remove_container(self, cid: str) -> None:
+    def discard(self, path: str) -> None:
+        """Remove a tree of the store: unregistered by one rename into ``tmp/`` first, so a crash
+        midway leaves only ``tmp/`` (cleaned by the next writer), never half a layer or container."""
         self._require_lock()
         doomed = self.path("tmp", f"gc-{uuid.uuid4().hex}")
-        os.rename(self.path("containers", cid), doomed)
+        os.rename(path, doomed)
         _rmtree(doomed)
 
 
@@ -333,34 +304,3 @@ def _rmtree(path: str) -> None:
         else:
             raise exc_info[1]
     shutil.rmtree(path, onerror=onerror)
-
-
-def in_use_by_mounts(paths: list[str]) -> dict[str, int]:
-    """Which of ``paths`` (layer dirs) a running unionfs daemon holds open: {path: pid}.
-
-    Daemons keep fds on their layers' directories, so /proc tells us what an
-    ``rmi`` would pull from under a read-only mount.
-    """
-    base = "/run/unionfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp") + "/unionfs"
-    found: dict[str, int] = {}
-    try:
-        pidfiles = os.listdir(base)
-    except OSError:
-        return found
-    prefixes = [p.rstrip("/") + "/" for p in paths]
-    for pf in pidfiles:
-        try:
-            pid = int(open(os.path.join(base, pf)).read())
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except (OSError, ValueError):
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}") + "/"
-            except OSError:
-                continue
-            for pre, p in zip(prefixes, paths):
-                if target.startswith(pre):
-                    found[p] = pid
-    return found
-

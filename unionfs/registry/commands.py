@@ -22,9 +22,10 @@ def _client(args: argparse.Namespace, registry: str, repository: str, actions: t
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from .pull import parse_platform, pull
+    from ..image import platform as platforms
+    from .pull import pull
     ref = Reference.parse(args.reference, allow_digest=True)
-    parse_platform(args.platform)   # a mistake is reported before anything is fetched
+    platforms.parse(args.platform)   # a mistake is reported before anything is fetched
     store = Store(getattr(args, "root", None))
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     if not args.quiet:

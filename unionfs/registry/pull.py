@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..image.load import add_layer_blob, progress_enabled, register_image
 from ..image.model import INDEX_TYPES, Config, ImageError, Layer, Reference, check_digest, parse_json, parse_manifest
-from ..image.oci_layout import host_platform
+from ..image import platform as platforms
 from ..image.store import Store
 from .client import Cancelled, Client, RegistryError
 
@@ -43,36 +43,7 @@ class Pulled:
     fetched_bytes: int
 
 
-def parse_platform(text: str | None) -> tuple[str, str, str | None]:
-    if not text:
-        return (*host_platform(), None)
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ImageError(f"--platform {text!r}: expected OS/ARCH or OS/ARCH/VARIANT (e.g. linux/amd64)")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-
-
-def _pick(index: dict, platform: tuple[str, str, str | None], where: str) -> dict:
-    want_os, want_arch, want_variant = platform
-    found = []
-    for d in index.get("manifests") or []:
-        if not isinstance(d, dict):
-            continue
-        p = d.get("platform") or {}
-        if p.get("os") == want_os and p.get("architecture") == want_arch and \
-                (want_variant is None or p.get("variant") == want_variant):
-            found.append(d)
-    if not found:
-        have = sorted({"/".join(x for x in ((d.get("platform") or {}).get("os"),
-                                            (d.get("platform") or {}).get("architecture"),
-                                            (d.get("platform") or {}).get("variant")) if x)
-                       for d in index.get("manifests") or [] if isinstance(d, dict)})
-        want = "/".join(x for x in platform if x)
-        raise RegistryError(f"{where}: no image for {want} (the index has {', '.join(have) or 'nothing'})")
-    return found[0]
-
-
-def resolve(client: Client, ref: Reference, platform: tuple[str, str, str | None]) -> tuple[str, bytes, str, str]:
+def resolve(client: Client, ref: Reference, platform: platforms.Platform) -> tuple[str, bytes, str, str]:
     """(digest the reference names, manifest bytes, manifest digest, media type), following an index."""
     where = str(ref)
     data, media, top = client.get_manifest(ref.digest or ref.tag or "latest")
@@ -84,7 +55,7 @@ def resolve(client: Client, ref: Reference, platform: tuple[str, str, str | None
         media = doc.get("mediaType") or media
         if media not in INDEX_TYPES and "manifests" not in doc:
             break
-        desc = _pick(doc, platform, where)
+        desc = platforms.pick(doc, platform, where)
         digest = check_digest(desc.get("digest"), f"{where}: index")
         data, media, _ = client.get_manifest(digest)
     else:
@@ -97,7 +68,7 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
     if progress is None:
         progress = progress_enabled()
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    plat = parse_platform(platform)
+    plat = platforms.parse(platform)
     where = str(ref)
     top, manifest, manifest_digest, media = resolve(client, ref, plat)
     config_desc, layer_descs = parse_manifest(manifest, f"{where}: manifest {manifest_digest}")
@@ -111,7 +82,7 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
     if len(config.diff_ids) != len(layer_descs):
         raise RegistryError(f"{where}: the manifest has {len(layer_descs)} layers but the config lists "
                             f"{len(config.diff_ids)} diff_ids")
-    if platform is not None and (config.os, config.architecture) != plat[:2]:
+    if platform is not None and (config.os, config.architecture) != (plat.os, plat.architecture):
         raise RegistryError(f"{where}: the image is for {config.os}/{config.architecture}, not {platform}")
     layers = [Layer(diff_id, d["digest"], d.get("mediaType") or "", int(d.get("size") or 0))
               for d, diff_id in zip(layer_descs, config.diff_ids)]

@@ -1,0 +1,90 @@
+"""What the image subcommands do: ``tag``, ``rmi``, and mounting an image read-only.
+
+``load``, ``save`` and the reports (``images``, ``inspect``, ``history``) live in
+their own modules; the command line only parses arguments.  Nothing here knows
+containers: ``rmi`` is told who uses an image by its caller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..fs.daemon import build_config, daemons_holding, mount
+from .model import ImageError, Reference
+from .store import Store
+
+
+def lower_stack(store: Store, image_id: str, what: str) -> list[str]:
+    """The image's layer directories, topmost first: a lower stack, as overlayfs's lowerdir lists it."""
+    image = store.image(image_id)
+    if not image.layers:
+        raise ImageError(f"{what}: the image has no layers to mount")
+    return [store.layer_root(ly.diff_id) for ly in reversed(image.layers)]
+
+
+def with_fsname(options: list[str], name: str) -> list[str]:
+    """``options`` plus ``fsname=NAME`` unless one is given: ``df`` and ``mount`` then show what is mounted."""
+    options = list(options)
+    if not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
+        options.append(f"fsname={name}")
+    return options
+
+
+def mount_image(store: Store, name: str, mountpoint: str, options: list[str], foreground: bool = False,
+                log_file: str | None = None) -> int:
+    """Mount an image's layers read-only on ``mountpoint``."""
+    lower = lower_stack(store, store.resolve(name), name)
+    return mount(build_config(mountpoint, lower, None, None, with_fsname(options, name), foreground, log_file))
+
+
+def tag(store: Store, source: str, target: str) -> None:
+    dst = Reference.parse(target)
+    with store.locked():
+        tags = store.tags()
+        tags[str(dst)] = store.resolve(source)
+        store.set_tags(tags)
+
+
+@dataclass
+class Removed:
+    untagged: list[str] = field(default_factory=list)
+    deleted: str | None = None
+
+
+def rmi(store: Store, name: str, force: bool, users: Callable[[str], list[str]]) -> Removed:
+    """Remove a name, or the image with its last name (and the layers no other image uses).
+
+    ``users(image_id)`` names the containers of an image: an image in use, or mounted
+    (a daemon holds one of the layers it would take along), stays.  Docker's rules: by
+    tag, only that tag goes while the image has others; by id, an image with several
+    tags needs ``force``.  The caller holds the store's lock.
+    """
+    image_id = store.resolve(name)
+    tags = store.tags()
+    mine = sorted(t for t, i in tags.items() if i == image_id)
+    by_tag = None
+    try:
+        ref = str(Reference.parse(name))
+        by_tag = ref if tags.get(ref) == image_id else None
+    except ImageError:
+        pass
+    if by_tag and len(mine) > 1:   # only a name goes; the image keeps its others
+        del tags[by_tag]
+        store.set_tags(tags)
+        return Removed([by_tag])
+    if not by_tag and len(mine) > 1 and not force:
+        raise ImageError(f"{name}: image is tagged {', '.join(mine)}; remove the tags, or use -f")
+    in_use = users(image_id)
+    if in_use:
+        raise ImageError(f"{name}: in use by container(s) {', '.join(in_use)}")
+    others = set()
+    for other in store.image_ids():
+        if other != image_id:
+            others.update(ly.diff_id for ly in store.image(other).layers)
+    doomed = [store.layer_dir(ly.diff_id) for ly in store.image(image_id).layers if ly.diff_id not in others]
+    busy = daemons_holding(doomed)
+    if busy:
+        raise ImageError(f"{name}: mounted (unionfs daemon pid {sorted(set(busy.values()))[0]}); unmount first")
+    store.remove_image(image_id)
+    store.gc()
+    return Removed(mine, image_id)
