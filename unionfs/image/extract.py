@@ -37,6 +37,7 @@ log = logging.getLogger("unionfs.image.extract")
 
 MAX_MEMBER_SIZE = 1 << 40          # 1 TiB: no honest layer has a bigger file
 MAX_DIR_CACHE = 512
+MAX_TRAILING = 1 << 20             # bytes after the end-of-archive blocks: record padding, not content
 
 
 class HostileLayer(ImageError):
@@ -290,7 +291,8 @@ class _StrictTarInfo(tarfile.TarInfo):
 
     ``tarfile`` silently ends an archive at a corrupt or truncated header after the
     first; Go refuses it.  Both accept a tar that simply stops at a header boundary
-    without the end-of-archive blocks.
+    without the end-of-archive blocks.  A zero block ends the archive in ``tarfile``
+    whatever follows; in Go only when the next block is zero too or absent.
     """
 
     @classmethod
@@ -298,12 +300,64 @@ class _StrictTarInfo(tarfile.TarInfo):
         buf = tf.fileobj.read(tarfile.BLOCKSIZE)
         if not buf:  # the stream ends at a header boundary: the end of the archive (also for a 0-byte layer)
             raise tarfile.EOFHeaderError("end of file")  # type: ignore[attr-defined]
+        if buf == _ZERO_BLOCK:
+            second = tf.fileobj.read(tarfile.BLOCKSIZE)
+            if second and second != _ZERO_BLOCK:
+                raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]
+                    "invalid tar header: a zero block followed by data" if len(second) == tarfile.BLOCKSIZE
+                    else "truncated end-of-archive block")
+            raise tarfile.EOFHeaderError("end of archive")  # type: ignore[attr-defined]
         try:
             obj = cls.frombuf(buf, tf.encoding, tf.errors)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:  # type: ignore[attr-defined]
             raise tarfile.SubsequentHeaderError(f"invalid tar header: {e}") from None  # type: ignore[attr-defined]
         obj.offset = tf.fileobj.tell() - tarfile.BLOCKSIZE
         return obj._proc_member(tf)
+
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+class _GoTarFile(tarfile.TarFile):
+    """A streaming ``TarFile`` that moves between members as Go's archive/tar does.
+
+    ``tarfile`` skips to the padded end of a member before reading on, and calls the
+    archive truncated when the stream ends inside the padding.  Go reads the rest of
+    the member's data (which must all be there) and then the padding, where the end
+    of the stream is a clean end of the archive: ``umoci insert`` (0.4.7) writes layers
+    that stop right after the last file's data.
+    """
+
+    def next(self):  # type: ignore[override]
+        if self.firstmember is None and not self._loaded and self.offset and self.offset != self.fileobj.tell():
+            last = self._last
+            data_end = min(self.offset, last.offset_data + last.size) if last is not None else self.offset
+            if self.fileobj.tell() < data_end and self.fileobj.seek(data_end) < data_end:
+                raise tarfile.ReadError("unexpected end of data")  # the member's data is cut short
+            if self.fileobj.seek(self.offset) < self.offset:
+                self._loaded = True  # the stream ends inside the padding: the archive ends here
+                return None
+        member = super().next()
+        self._last = member
+        return member
+
+    _last: tarfile.TarInfo | None = None
+
+
+def _trailing(tf: tarfile.TarFile, what: str) -> int:
+    """Read (and so hash) what follows the end of the archive: at most :data:`MAX_TRAILING` bytes.
+
+    Go's reader stops at the end blocks and its users (containerd, docker) hash the rest of
+    the stream unread, so trailing bytes belong to the diff_id but are never members.  Tar
+    tools pad to their record size (GNU tar: 10 KiB); more than a MiB is not padding but
+    work (5 GiB of zeros compress to 5 MB), and is refused.
+    """
+    n = 0
+    while chunk := tf.fileobj.read(1 << 16):
+        n += len(chunk)
+        if n > MAX_TRAILING:
+            raise ImageError(f"{what}: more than {MAX_TRAILING >> 20} MiB of data after the end of the tar archive")
+    return n
 
 
 def _ns(member: tarfile.TarInfo) -> int:
@@ -351,8 +405,9 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
         try:
             kind, stream = decompressed(raw)
             tar_in = HashingReader(stream)  # type: ignore[arg-type]
-            # A tar that ends without the two zero blocks (umoci 0.4.7) ends cleanly here, as in Go.
-            tf = tarfile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
+            # A tar that ends without the two zero blocks, or inside its last member's padding
+            # (umoci 0.4.7), ends cleanly here, as in Go.
+            tf = _GoTarFile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
         except (tarfile.TarError, *DECOMPRESS_ERRORS) as e:
             raise corrupt(what, e) from None
         while True:
@@ -376,6 +431,7 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
         except OSError as e:
             raise ImageError(f"{what}: applying whiteouts: {e.strerror or e}") from None
         try:
+            _trailing(tf, what)
             tar_in.drain()
             raw.drain()
         except DECOMPRESS_ERRORS as e:
