@@ -15,6 +15,13 @@ and a whiteout "only applies to lower layers": they become overlayfs's own
 format (:func:`unionfs.fs.formats.make_whiteout` / ``mark_opaque``), so kernel
 overlayfs can mount the extracted layers too.  Directory modes and mtimes are
 set last, deepest first, after everything inside them was written.
+
+A directory the tar only implies (``a/`` of an entry ``a/b`` without an entry ``a/``
+of its own; also the layer root without ``./``) is made 0755 and marked
+(:func:`unionfs.fs.formats.mark_implied`): the layer is shared by every image that
+uses it, so it cannot carry the attributes of the directory below it in one image;
+the merged view takes them from there, as ``umoci unpack`` and containerd keep an
+existing directory when a layer only implies it.
 """
 from __future__ import annotations
 
@@ -86,6 +93,7 @@ class LayerWriter:
         self._nondirs: set[tuple[bytes, ...]] = set()
         self._whiteouts: set[tuple[tuple[bytes, ...], bytes]] = set()
         self._opaque: set[tuple[bytes, ...]] = set()
+        self._implied: set[tuple[bytes, ...]] = {()}   # dirs made as parents, with no entry of their own
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -110,6 +118,7 @@ class LayerWriter:
                 raise
             ovl.mkdir_at(parent, name, 0o755)   # parents a tar does not list, as Docker makes them
             fd = ovl.open_dir_at(parent, name)
+            self._implied.add(parts)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(ovl.lstat_at(parent, name).st_mode):
                 raise HostileLayer(f"{self.what}: {_show(parts)} is a symlink; refusing to write through it") from None
@@ -126,6 +135,7 @@ class LayerWriter:
             os.close(self._dirs.pop(p))
         for p in [p for p in self._dir_attrs if p[:n] == parts]:
             del self._dir_attrs[p]
+        self._implied = {p for p in self._implied if p[:n] != parts}
         self._nondirs = {p for p in self._nondirs if p[:n] != parts}
 
     # --- members -------------------------------------------------------------
@@ -145,6 +155,7 @@ class LayerWriter:
             if member.isdir():
                 self._set_owner_xattrs(self.root_fd, None, member)
                 self._dir_attrs[()] = (member.mode, _ns(member))
+                self._implied.discard(())
                 return
             raise HostileLayer(f"{self.what}: the layer root is not a directory")
         pfd = self._dir(parts[:-1])
@@ -158,6 +169,7 @@ class LayerWriter:
                 fd = self._dir(parts)
                 self._set_owner_xattrs(fd, None, member)
                 self._dir_attrs[parts] = (member.mode, _ns(member))
+                self._implied.discard(parts)
                 return
             # A later entry of the same name replaces the earlier one, as tar does.
             self._forget(parts)
@@ -273,9 +285,18 @@ class LayerWriter:
                 formats.make_whiteout(pfd, target, self.style)
                 continue
             # The same layer also has this name: the entry stays.  A directory must still hide
-            # what lower layers have below it, so it becomes opaque.
+            # what lower layers have below it, so it becomes opaque, and is a new one: the
+            # attributes of the one it replaces are not its own.
             if stat.S_ISDIR(st.st_mode):
                 formats.mark_opaque(self._dir(parent + (target,), create=False), self.style)
+                self._implied.discard(parent + (target,))
+        for parts in sorted(self._implied):
+            try:
+                fd = self._dir(parts, create=False)
+            except (FileNotFoundError, ImageError):
+                continue
+            formats.mark_implied(fd, self.style)
+            ovl.fchmod(fd, 0o755)   # whatever the umask: where no layer has it, it shows as Docker makes it
         for parts in sorted(self._dir_attrs, key=len, reverse=True):
             mode, ns = self._dir_attrs[parts]
             try:
