@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from podman_env import Podman
+from test_image_interop import _w   # write a file with mode and owner
 
 APPLETS = ("sh", "true", "cat", "echo", "ls", "id", "mkdir", "chmod", "chown", "rm", "touch", "ln")
 
@@ -41,15 +42,6 @@ class Item:
     @property
     def tag(self) -> str:
         return f"corpus/{self.name}:1"
-
-
-def _w(root: Path, rel: str, data: bytes, mode: int = 0o644, owner: tuple[int, int] = (0, 0)) -> Path:
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-    os.chown(p, *owner)
-    os.chmod(p, mode)
-    return p
 
 
 def umoci_base(base: Path) -> Path:
