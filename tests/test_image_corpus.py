@@ -206,7 +206,7 @@ def registry(tmp_path_factory):
         yield reg
 
 
-@pytest.mark.parametrize("name", ["umoci", "skopeo-oci-zstd", "podman-build-oci-archive"])
+@pytest.mark.parametrize("name", ITEMS)
 def test_push_pull_and_skopeo_reads_it(corpus, references, registry, mounts, tmp_path, name):
     item = corpus[name]
     src, dst = tmp_path / "src", tmp_path / "dst"
