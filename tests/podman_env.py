@@ -35,8 +35,7 @@ class Podman:
         return r.stdout
 
     def close(self) -> None:
-        """Remove the private store (vfs layers are plain directories: nothing is mounted)."""
-        subprocess.run(self.cmd("system", "reset", "--force"), capture_output=True, timeout=120,
-                       stdin=subprocess.DEVNULL)
+        """Remove the private store: vfs layers are plain directories, nothing is mounted.  (Not
+        ``podman system reset``, which also removes the host's networks.)"""
         shutil.rmtree(self.base, ignore_errors=True)
         shutil.rmtree(self.runroot, ignore_errors=True)
