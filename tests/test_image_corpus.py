@@ -247,3 +247,23 @@ def test_run_commit_save_and_podman_loads_it(corpus, mounts, tmp_path, name):
     finally:
         pm.close()
     same(expected, tree(umoci_unpack(f"oci-archive:{back}", tmp_path / "unpacked")))
+
+
+def test_implied_opaque_and_recreated_directories(tmp_path, mounts):
+    """Layers no tool here writes but the spec allows, with umoci unpack as the judge: an opaque
+    marker in a directory the layer only implies (the directory stays, with its attributes, its old
+    contents go), and a whiteout of a directory the same layer then implies anew."""
+    from image_archives import Img, d, f, layer_tar, oci_layout
+    base = layer_tar([d("srv"), d("srv/data", 0o2775, gid=50, pax={"SCHILY.xattr.user.who": "base"}),
+                      f("srv/data/old", b"old"), d("home"), d("home/app", 0o750, uid=1000, gid=1000),
+                      f("home/app/old", b"old")])
+    top = layer_tar([f("srv/data/.wh..wh..opq"), f("srv/data/new", b"new"),
+                     f("home/.wh.app"), f("home/app/fresh", b"fresh")], end_blocks=False)
+    layout = tmp_path / "oci"
+    oci_layout(layout, [Img([base, top], ["x"], compression="gzip")])
+    expected = tree(umoci_unpack(f"oci:{layout}:x", tmp_path / "unpacked"))
+    assert expected["srv/data"][1:4] == (0o2775, 0, 50) and "srv/data/old" not in expected
+    assert expected["home/app"][1:4] == (0o755, 0, 0) and "home/app/old" not in expected
+    store = tmp_path / "store"
+    run(store, "load", str(layout), "--tag", "spec/x:1")
+    same(expected, mounts(store, "spec/x:1"))
