@@ -101,7 +101,7 @@ class CopyUp:
 
     def one(self, node: Node, truncate: bool = False) -> None:
         u = self.u
-        lower = node.top
+        lower = node.attr_layer if node.attr_layer is not None else node.top  # a dir's real attributes
         lower_fd, lower_name = u.stack.parent_fd(lower, node), node.name
         if node.redirect is not None:
             lower_fd = u.stack.path_fd(lower, node.redirect.rpartition(b"/")[0])
@@ -126,6 +126,7 @@ class CopyUp:
         u.dirty_dirs.add(parent.ino)  # its entry there is no longer immutable
         if stat.S_ISDIR(st.st_mode):
             node.layers = (0,) + tuple(node.layers)
+            node.attr_layer = None
         else:
             node.layers = (0,)
             node.indexed = index

@@ -19,6 +19,14 @@ overlayfs mounted over our upper dir shows the same merged view.
 
 The OCI ``.wh.`` names (tar changesets) are translated by :func:`oci_whiteout_name`
 and friends, used by image extraction and commit.
+
+An extracted image layer marks each directory its tar only implies (a parent of an
+entry, with no entry of its own) with ``trusted.overlay.unionfs.implied``
+(``user.overlay.`` when rootless): such a directory has no attributes of its own, and
+the merged view takes them from the layer below that has it (:func:`is_implied`).  The
+name is in overlayfs's private namespace so that kernel overlayfs over the store's
+layers hides it too (it ignores names it does not know), and a layer's own xattrs of
+that name arrive escaped (``trusted.overlay.overlay.``), so a tar cannot forge it.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ class Xattr(enum.Enum):
     ORIGIN = "origin"
     IMPURE = "impure"
     NLINK = "nlink"
+    IMPLIED = "unionfs.implied"  # ours: a directory an image layer only implies
 
 
 TRUSTED_PREFIX = "trusted.overlay."
@@ -53,6 +62,9 @@ ESCAPE = "overlay."
 OPAQUE_NAMES = (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque", FUSE_OVERLAYFS_PREFIX + "opaque")
 XWHITEOUT_NAMES = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
 REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
+
+
+IMPLIED_NAMES = (TRUSTED_PREFIX + Xattr.IMPLIED.value, USER_PREFIX + Xattr.IMPLIED.value)
 
 
 def xattr_name(role: Xattr, userxattr: bool = False) -> str:
@@ -79,6 +91,11 @@ def dir_kind_from_xattrs(values: dict[str, bytes]) -> DirKind:
         if v[:1] == b"x":
             x = True
     return DirKind.XWHITEOUTS if x else DirKind.PLAIN
+
+
+def is_implied(xattr_names: list[str]) -> bool:
+    """Is this layer directory only implied by its layer's tar (from the names of its xattrs)?"""
+    return any(n in IMPLIED_NAMES for n in xattr_names)
 
 
 def is_chardev_whiteout(st: os.stat_result) -> bool:
@@ -176,6 +193,12 @@ def mark_opaque(dirfd: int, style: Style) -> None:
     """Mark the directory ``dirfd`` opaque: nothing of lower layers shows below it."""
     from . import sys as ovl
     ovl.setxattr_at(dirfd, None, style.prefix + Xattr.OPAQUE.value, b"y")
+
+
+def mark_implied(dirfd: int, style: Style) -> None:
+    """Mark the layer directory ``dirfd`` as only implied by its tar: its attributes are not its own."""
+    from . import sys as ovl
+    ovl.setxattr_at(dirfd, None, style.prefix + Xattr.IMPLIED.value, b"y")
 
 
 def is_whiteout_at(dirfd: int, name: bytes, st: os.stat_result) -> bool:

@@ -35,7 +35,7 @@ class Node:
     """
 
     __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "indexed",
-                 "unlinked")
+                 "unlinked", "attr_layer")
 
     def __init__(self, ino: int, parent: "Node | None", name: bytes, layers: tuple[int, ...], mode: int,
                  xwh: tuple[int, ...] = (), redirect: bytes | None = None) -> None:
@@ -50,6 +50,7 @@ class Node:
         self.redirect = redirect  # path of a renamed dir in the lower layers (None: same path)
         self.indexed = False      # a hard-linked lower file copied up: its data lives in the index
         self.unlinked = False     # removed while open: attributes come from an open fd
+        self.attr_layer: int | None = None  # a dir only implied by its top layers: the layer of its attributes
 
     @property
     def is_dir(self) -> bool:
@@ -121,7 +122,7 @@ class InodeTable:
             return node  # a readdir serving a cached entry: nothing to refresh
         if old is not None:
             old.layers, old.mode, old.xwh, old.redirect = node.layers, node.mode, node.xwh, node.redirect
-            old.indexed = node.indexed
+            old.indexed, old.attr_layer = node.indexed, node.attr_layer
             if not old.is_dir and (old.parent is not node.parent or old.name != node.name):
                 # Another name of a hard-linked file: the name just resolved is certainly valid
                 # now, the one we had may be gone.

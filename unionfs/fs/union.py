@@ -77,6 +77,8 @@ class Union:
         self._modes: dict[int, int] = {}
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
+        self.root.attr_layer = next((ly.index for ly in self.stack.layers
+                                     if not formats.is_implied(ovl.listxattr_at(ly.fd, None))), None)
         self.inodes.add_root(self.root)
 
     def _root_layers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -157,6 +159,7 @@ class Union:
         origin: os.stat_result | None = None
         redirect: bytes | None = None
         meta: UpperMeta | None = None
+        attr: tuple[int, os.stat_result] | None = None  # a directory's topmost instance that is not implied
         candidates = list(parent.layers)
         i = 0
         while i < len(candidates):
@@ -192,9 +195,13 @@ class Union:
                 if not is_dir:
                     break
                 kind, xnames = self._dir_kind(index, pfd, real)
+                if attr is None and not formats.is_implied(xnames):
+                    attr = (index, st)
                 if kind is formats.DirKind.XWHITEOUTS:
                     xwh.append(index)
                 if kind is formats.DirKind.OPAQUE:
+                    if attr is None and redirect is None:
+                        attr = self._real_dir_below(parent, name, candidates[i:])
                     break
                 if redirect is None and any(x in formats.REDIRECT_NAMES for x in xnames):
                     target = self._read_redirect(pfd, real)
@@ -222,10 +229,31 @@ class Union:
         # A million nodes share a handful of distinct layer tuples: keep one of each.
         layer_tuple = tuple(layers)
         layer_tuple = self._tuples.setdefault(layer_tuple, layer_tuple)
+        attr_layer = None
+        if attr is not None and attr[0] != layers[0] and redirect is None:
+            attr_layer, top = attr  # a directory only implied by the layers above: attributes from below
         mode = self._modes.setdefault(top.st_mode, top.st_mode)
         node = Node(ino, parent, name, layer_tuple, mode, tuple(xwh) if xwh else (), redirect)
         node.indexed = indexed
+        node.attr_layer = attr_layer
         return node, top
+
+    def _real_dir_below(self, parent: Node, name: bytes, below: list[int]) -> tuple[int, os.stat_result] | None:
+        """The directory an implied, opaque one stands on: its own opaque marker hides what
+        is below it, not the directory itself (as ``umoci unpack`` empties it and keeps it)."""
+        for index in below:
+            pfd = self.stack.dir_fd(index, parent)
+            try:
+                st = ovl.lstat_at(pfd, name)
+            except (FileNotFoundError, NotADirectoryError):
+                if self.stack.layers[index].oci_whiteouts and ovl.exists_at(pfd, formats.WH_PREFIX + name):
+                    return None
+                continue
+            if self._is_whiteout(index, parent, pfd, name, st) or not stat.S_ISDIR(st.st_mode):
+                return None
+            if not formats.is_implied(ovl.listxattr_at(pfd, name)):
+                return index, st
+        return None
 
     # Hooks for the writable layer; a read-only stack has no upper metadata or index.
     def _upper_meta(self, pfd: int, name: bytes) -> "UpperMeta | None":
@@ -295,7 +323,10 @@ class Union:
     def locate(self, node: Node) -> tuple[int, bytes | None]:
         """Where the topmost real instance of ``node`` is: (directory fd, name), or (dir fd, None) for a dir."""
         if node.is_dir:
-            return self.stack.dir_fd(node.top, node), None
+            # A directory's attributes and xattrs come from its topmost layer that has it for real.
+            layer = node.attr_layer if node.attr_layer is not None and not self.stack.is_upper(node.top) \
+                else node.top
+            return self.stack.dir_fd(layer, node), None
         if node.indexed:
             return self.index_fd, index_name(node.ino)
         return self.stack.parent_fd(node.top, node), node.name

@@ -15,6 +15,13 @@ and a whiteout "only applies to lower layers": they become overlayfs's own
 format (:func:`unionfs.fs.formats.make_whiteout` / ``mark_opaque``), so kernel
 overlayfs can mount the extracted layers too.  Directory modes and mtimes are
 set last, deepest first, after everything inside them was written.
+
+A directory the tar only implies (``a/`` of an entry ``a/b`` without an entry ``a/``
+of its own; also the layer root without ``./``) is made 0755 and marked
+(:func:`unionfs.fs.formats.mark_implied`): the layer is shared by every image that
+uses it, so it cannot carry the attributes of the directory below it in one image;
+the merged view takes them from there, as ``umoci unpack`` and containerd keep an
+existing directory when a layer only implies it.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ log = logging.getLogger("unionfs.image.extract")
 
 MAX_MEMBER_SIZE = 1 << 40          # 1 TiB: no honest layer has a bigger file
 MAX_DIR_CACHE = 512
+MAX_TRAILING = 1 << 20             # bytes after the end-of-archive blocks: record padding, not content
 
 
 class HostileLayer(ImageError):
@@ -85,6 +93,7 @@ class LayerWriter:
         self._nondirs: set[tuple[bytes, ...]] = set()
         self._whiteouts: set[tuple[tuple[bytes, ...], bytes]] = set()
         self._opaque: set[tuple[bytes, ...]] = set()
+        self._implied: set[tuple[bytes, ...]] = {()}   # dirs made as parents, with no entry of their own
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -109,6 +118,7 @@ class LayerWriter:
                 raise
             ovl.mkdir_at(parent, name, 0o755)   # parents a tar does not list, as Docker makes them
             fd = ovl.open_dir_at(parent, name)
+            self._implied.add(parts)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(ovl.lstat_at(parent, name).st_mode):
                 raise HostileLayer(f"{self.what}: {_show(parts)} is a symlink; refusing to write through it") from None
@@ -125,6 +135,7 @@ class LayerWriter:
             os.close(self._dirs.pop(p))
         for p in [p for p in self._dir_attrs if p[:n] == parts]:
             del self._dir_attrs[p]
+        self._implied = {p for p in self._implied if p[:n] != parts}
         self._nondirs = {p for p in self._nondirs if p[:n] != parts}
 
     # --- members -------------------------------------------------------------
@@ -144,6 +155,7 @@ class LayerWriter:
             if member.isdir():
                 self._set_owner_xattrs(self.root_fd, None, member)
                 self._dir_attrs[()] = (member.mode, _ns(member))
+                self._implied.discard(())
                 return
             raise HostileLayer(f"{self.what}: the layer root is not a directory")
         pfd = self._dir(parts[:-1])
@@ -157,6 +169,7 @@ class LayerWriter:
                 fd = self._dir(parts)
                 self._set_owner_xattrs(fd, None, member)
                 self._dir_attrs[parts] = (member.mode, _ns(member))
+                self._implied.discard(parts)
                 return
             # A later entry of the same name replaces the earlier one, as tar does.
             self._forget(parts)
@@ -272,9 +285,18 @@ class LayerWriter:
                 formats.make_whiteout(pfd, target, self.style)
                 continue
             # The same layer also has this name: the entry stays.  A directory must still hide
-            # what lower layers have below it, so it becomes opaque.
+            # what lower layers have below it, so it becomes opaque, and is a new one: the
+            # attributes of the one it replaces are not its own.
             if stat.S_ISDIR(st.st_mode):
                 formats.mark_opaque(self._dir(parent + (target,), create=False), self.style)
+                self._implied.discard(parent + (target,))
+        for parts in sorted(self._implied):
+            try:
+                fd = self._dir(parts, create=False)
+            except (FileNotFoundError, ImageError):
+                continue
+            formats.mark_implied(fd, self.style)
+            ovl.fchmod(fd, 0o755)   # whatever the umask: where no layer has it, it shows as Docker makes it
         for parts in sorted(self._dir_attrs, key=len, reverse=True):
             mode, ns = self._dir_attrs[parts]
             try:
@@ -290,7 +312,8 @@ class _StrictTarInfo(tarfile.TarInfo):
 
     ``tarfile`` silently ends an archive at a corrupt or truncated header after the
     first; Go refuses it.  Both accept a tar that simply stops at a header boundary
-    without the end-of-archive blocks.
+    without the end-of-archive blocks.  A zero block ends the archive in ``tarfile``
+    whatever follows; in Go only when the next block is zero too or absent.
     """
 
     @classmethod
@@ -298,12 +321,64 @@ class _StrictTarInfo(tarfile.TarInfo):
         buf = tf.fileobj.read(tarfile.BLOCKSIZE)
         if not buf:  # the stream ends at a header boundary: the end of the archive (also for a 0-byte layer)
             raise tarfile.EOFHeaderError("end of file")  # type: ignore[attr-defined]
+        if buf == _ZERO_BLOCK:
+            second = tf.fileobj.read(tarfile.BLOCKSIZE)
+            if second and second != _ZERO_BLOCK:
+                raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]
+                    "invalid tar header: a zero block followed by data" if len(second) == tarfile.BLOCKSIZE
+                    else "truncated end-of-archive block")
+            raise tarfile.EOFHeaderError("end of archive")  # type: ignore[attr-defined]
         try:
             obj = cls.frombuf(buf, tf.encoding, tf.errors)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:  # type: ignore[attr-defined]
             raise tarfile.SubsequentHeaderError(f"invalid tar header: {e}") from None  # type: ignore[attr-defined]
         obj.offset = tf.fileobj.tell() - tarfile.BLOCKSIZE
         return obj._proc_member(tf)
+
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+class _GoTarFile(tarfile.TarFile):
+    """A streaming ``TarFile`` that moves between members as Go's archive/tar does.
+
+    ``tarfile`` skips to the padded end of a member before reading on, and calls the
+    archive truncated when the stream ends inside the padding.  Go reads the rest of
+    the member's data (which must all be there) and then the padding, where the end
+    of the stream is a clean end of the archive: ``umoci insert`` (0.4.7) writes layers
+    that stop right after the last file's data.
+    """
+
+    def next(self):  # type: ignore[override]
+        if self.firstmember is None and not self._loaded and self.offset and self.offset != self.fileobj.tell():
+            last = self._last
+            data_end = min(self.offset, last.offset_data + last.size) if last is not None else self.offset
+            if self.fileobj.tell() < data_end and self.fileobj.seek(data_end) < data_end:
+                raise tarfile.ReadError("unexpected end of data")  # the member's data is cut short
+            if self.fileobj.seek(self.offset) < self.offset:
+                self._loaded = True  # the stream ends inside the padding: the archive ends here
+                return None
+        member = super().next()
+        self._last = member
+        return member
+
+    _last: tarfile.TarInfo | None = None
+
+
+def _trailing(tf: tarfile.TarFile, what: str) -> int:
+    """Read (and so hash) what follows the end of the archive: at most :data:`MAX_TRAILING` bytes.
+
+    Go's reader stops at the end blocks and its users (containerd, docker) hash the rest of
+    the stream unread, so trailing bytes belong to the diff_id but are never members.  Tar
+    tools pad to their record size (GNU tar: 10 KiB); more than a MiB is not padding but
+    work (5 GiB of zeros compress to 5 MB), and is refused.
+    """
+    n = 0
+    while chunk := tf.fileobj.read(1 << 16):
+        n += len(chunk)
+        if n > MAX_TRAILING:
+            raise ImageError(f"{what}: more than {MAX_TRAILING >> 20} MiB of data after the end of the tar archive")
+    return n
 
 
 def _ns(member: tarfile.TarInfo) -> int:
@@ -351,8 +426,9 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
         try:
             kind, stream = decompressed(raw)
             tar_in = HashingReader(stream)  # type: ignore[arg-type]
-            # A tar that ends without the two zero blocks (umoci 0.4.7) ends cleanly here, as in Go.
-            tf = tarfile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
+            # A tar that ends without the two zero blocks, or inside its last member's padding
+            # (umoci 0.4.7), ends cleanly here, as in Go.
+            tf = _GoTarFile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
         except (tarfile.TarError, *DECOMPRESS_ERRORS) as e:
             raise corrupt(what, e) from None
         while True:
@@ -376,6 +452,7 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
         except OSError as e:
             raise ImageError(f"{what}: applying whiteouts: {e.strerror or e}") from None
         try:
+            _trailing(tf, what)
             tar_in.drain()
             raw.drain()
         except DECOMPRESS_ERRORS as e:
