@@ -1,0 +1,169 @@
+"""``unionfs run``: a new container of an image, set up as docker sets one up, run under our supervisor.
+
+1. The container is created (its writable layer) and its run configuration recorded.
+2. The supervisor (:mod:`.lifecycle`) mounts it on ``containers/<id>/rootfs`` with
+   ``suid,dev,allow_other`` and calls :func:`prepare` with the mounted view: the user
+   is resolved in its /etc/passwd and /etc/group, volumes are created (and a new one
+   filled with what the image has at its mount point), /etc/hosts, /etc/hostname and
+   /etc/resolv.conf are written in the record dir (bind-mounted: never in the
+   layers), and the bundle's ``config.json`` is written (:mod:`.spec`).
+3. It runs in the foreground (our stdio, our exit status) or detached (``-d``: the
+   supervisor is a background process, the output goes to ``container.log``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from ..fs import sys as ovl
+from ..image.store import Store
+from . import model, volumes
+from .lifecycle import Attach, RunConfig, detach, supervise
+from .model import Container, ContainerError
+from .runtime import find_runtime
+from .spec import INIT_PATH, Mount, RunOptions, bind, describe, process_spec, runtime_spec, stop_signal, tmpfs_mount
+
+TINI = ("tini-static",)     # --init: a static tini (the image may have no libc), on the container's /dev
+
+
+def _image_config(store: Store, c: Container) -> dict:
+    return json.loads(store.blob(c.image)).get("config") or {}
+
+
+def etc_files(c: Container, hostname: str) -> list[dict]:
+    """/etc/hosts, /etc/hostname, /etc/resolv.conf of the container: files in its record dir, bind-mounted."""
+    d = c.file("etc")
+    os.makedirs(d, exist_ok=True)
+    files = {
+        "hostname": f"{hostname}\n",
+        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
+    }
+    try:
+        with open("/etc/resolv.conf") as f:
+            files["resolv.conf"] = f.read()
+    except OSError:
+        files["resolv.conf"] = ""
+    out = []
+    for name, text in files.items():
+        path = os.path.join(d, name)
+        with open(path, "w") as f:
+            f.write(text)
+        out.append(bind(path, f"/etc/{name}"))
+    return out
+
+
+def _depth(m: Mount) -> int:
+    return m.destination.rstrip("/").count("/")
+
+
+def resolve_mounts(store: Store, c: Container, opts: RunOptions, config: dict, root_fd: int) -> list[dict]:
+    """The user's mounts and the image's VOLUME paths as runtime-spec mounts, parents first; volumes created
+    (and filled) as needed and recorded on the container, so none is removed while it is used."""
+    given = {m.destination for m in opts.mounts}
+    wanted = list(opts.mounts) + [Mount("volume", os.path.normpath(p)) for p in sorted(config.get("Volumes") or {})
+                                  if os.path.normpath(p) not in given and os.path.normpath(p) != "/"]
+    out: list[dict] = []
+    names: list[str] = []
+    with store.locked():
+        for m in sorted(wanted, key=_depth):
+            if m.type == "bind":
+                if not os.path.exists(m.source):
+                    if "create" not in m.options:
+                        raise ContainerError(f"bind source path does not exist: {m.source}")
+                    os.makedirs(m.source, exist_ok=True)     # -v creates a missing host directory, as docker
+                out.append(bind(m.source, m.destination, m.readonly))
+            elif m.type == "volume":
+                v, new = volumes.create(store, m.source or None)
+                names.append(v.name)
+                if new:
+                    volumes.fill_from_image(root_fd, m.destination, v)
+                out.append(bind(v.data, m.destination, m.readonly))
+            else:
+                out.append(tmpfs_mount(m.destination, m.options, m.readonly))
+        rec = model.resolve(store, c.id)
+        rec.volumes = names
+        model.save(rec)
+        c.volumes = names
+    return out
+
+
+def init_mount() -> dict:
+    for name in TINI:
+        path = shutil.which(name)
+        if path:
+            return bind(path, INIT_PATH, readonly=True)
+    raise ContainerError("--init needs a static tini: apt-get install tini")
+
+
+def prepare(store: Store, c: Container, config: dict, opts: RunOptions) -> None:
+    """Write the bundle of a new container from its mounted rootfs (see the module docstring)."""
+    hostname = opts.hostname or c.short_id
+    root_fd = os.open(c.rootfs, ovl.O_DIR & ~os.O_NOFOLLOW)
+    try:
+        process = process_spec(config, root_fd, opts, hostname)
+        mounts = resolve_mounts(store, c, opts, config, root_fd)
+    finally:
+        os.close(root_fd)
+    mounts = etc_files(c, hostname) + mounts
+    if opts.init:
+        mounts.append(init_mount())
+    spec = runtime_spec(process, c.rootfs, hostname, opts, mounts)
+    os.makedirs(c.bundle, mode=0o700, exist_ok=True)
+    tmp = os.path.join(c.bundle, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(spec, f, indent=1)
+    os.rename(tmp, os.path.join(c.bundle, "config.json"))
+    cfg = RunConfig.load(c)
+    cfg.command = describe(process["args"])
+    cfg.save(c)
+
+
+def run(store: Store, image: str, opts: RunOptions, name: str | None = None, remove: bool = False,
+        detached: bool = False, runtime: str | None = None) -> int:
+    """``docker run``: the container's exit status in the foreground; with ``detached``, 0 once it runs
+    (the id is printed).  Failures to start raise :class:`.lifecycle.RunFailed` with docker's code."""
+    runtime_path = find_runtime(runtime)            # before anything is created
+    if opts.init:
+        init_mount()
+    from .commands import create
+    c: Container = create(store, image, name)
+    try:
+        config = _image_config(store, c)
+        RunConfig(runtime_path, stop_signal(config), opts.tty, opts.interactive, remove).save(c)
+    except BaseException:
+        with store.locked():
+            model.remove(store, c)
+        raise
+
+    def setup() -> None:
+        prepare(store, c, config, opts)
+    if detached:
+        detach(store, c, setup)
+        print(c.id, flush=True)
+        return 0
+    return supervise(store, c, Attach(True, opts.interactive), prepare=setup)
+
+
+def options(command: list[str], *, env: list[str], env_files: list[str], volumes_: list[str], mounts: list[str],
+            tmpfs: list[str], entrypoint: str | None, workdir: str | None, user: str | None,
+            hostname: str | None, network: str, read_only: bool, cap_add: list[str], cap_drop: list[str],
+            privileged: bool, init: bool, tty: bool, interactive: bool) -> RunOptions:
+    """``docker run``'s flags as :class:`RunOptions` (each checked: a mistake is one line, nothing created)."""
+    from .spec import NETWORKS, parse_caps, parse_entrypoint, parse_env, read_env_file
+    if network not in NETWORKS:
+        raise ContainerError(f"--network {network}: only none or host")
+    if hostname is not None and not hostname:
+        raise ContainerError("--hostname: empty")
+    file_env = [e for path in env_files for e in read_env_file(path)]
+    ms = ([volumes.parse_volume(v) for v in volumes_] + [volumes.parse_mount(m) for m in mounts]
+          + [volumes.parse_tmpfs(t) for t in tmpfs])
+    seen: set[str] = set()
+    for m in ms:
+        if m.destination in seen:
+            raise ContainerError(f"duplicate mount point: {m.destination}")
+        seen.add(m.destination)
+    return RunOptions(command=list(command), entrypoint=None if entrypoint is None else parse_entrypoint(entrypoint),
+                      env=parse_env(file_env + list(env)), workdir=workdir, user=user, hostname=hostname, mounts=ms,
+                      read_only=read_only, network=network, cap_add=parse_caps(cap_add), cap_drop=parse_caps(cap_drop),
+                      privileged=privileged, init=init, tty=tty, interactive=interactive)
