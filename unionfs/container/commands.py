@@ -21,6 +21,12 @@ def image_lower(store: Store, image_id: str) -> list[str]:
     return lower_stack(store, image_id, f"image {image_id[7:19]}")
 
 
+def container_lower(store: Store, c: Container) -> list[str]:
+    """A container's lower stack: its init layer (mount points made by ``run``), if any, over the image's."""
+    init = c.file("init")
+    return ([init] if os.path.isdir(init) else []) + image_lower(store, c.image)
+
+
 def create(store: Store, image: str, name: str | None = None) -> Container:
     with store.locked():
         image_lower(store, store.resolve(image))
@@ -122,7 +128,7 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
     options = with_fsname(options, c.name or c.short_id)
     with store.locked():
         c = model.resolve(store, c.id)   # still there now that we hold the lock
-        cfg = build_config(mountpoint, image_lower(store, c.image), c.upper, c.work, options, foreground, log_file)
+        cfg = build_config(mountpoint, container_lower(store, c), c.upper, c.work, options, foreground, log_file)
         c.mountpoint = cfg.mountpoint
         model.save(c)
     # Not under the lock: the daemon is forked from this process and would inherit (and keep) it.

@@ -53,6 +53,67 @@ def etc_files(c: Container, hostname: str) -> list[dict]:
     return out
 
 
+ETC_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+
+
+def init_layer(store: Store, c: Container, config: dict, opts: RunOptions) -> None:
+    """Docker's "init layer": a lower layer of the container's own, above the image's, holding the mount
+    points the runtime needs and the image lacks (/etc/hosts, volume and bind targets), so the runtime
+    never creates them in the writable layer and ``diff``/``commit`` never show them.
+
+    An existing parent is copied with its owner, mode and mtime (the merged directory looks as in the
+    image); nothing is made below a symlink or over anything the image has."""
+    from .commands import image_lower
+    from .view import UnionView, split
+    targets = [(p, True) for p in ETC_FILES]
+    for m in opts.mounts:
+        targets.append((m.destination, m.type == "bind" and os.path.isfile(m.source)))
+    targets += [(os.path.normpath(p), False) for p in (config.get("Volumes") or {})]
+    root = c.file("init")
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    mirrored: list[tuple[bytes, int]] = []
+    with UnionView(image_lower(store, c.image)) as view:
+        root_fd = os.open(root, ovl.O_DIR)
+        try:
+            for path, is_file in targets:
+                parts = split(os.fsencode(path))
+                if not parts or view.stat(b"/".join(parts)) is not None:
+                    continue
+                fd = os.dup(root_fd)
+                try:
+                    for i, name in enumerate(parts):
+                        rel = b"/".join(parts[:i + 1])
+                        last = i == len(parts) - 1
+                        st = view.stat(rel)
+                        if st is not None and not st.is_dir:
+                            break                     # below a symlink or a file: leave it to the runtime
+                        if not ovl.exists_at(fd, name):
+                            if last and is_file:
+                                os.close(ovl.open_at(fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                                break
+                            ovl.mkdir_at(fd, name, 0o755)
+                            if st is not None:
+                                ovl.chown_at(fd, name, st.uid, st.gid)
+                                ovl.chmod_at(fd, name, st.mode & 0o7777)
+                                mirrored.append((rel, st.mtime_ns))
+                        if last:
+                            break
+                        nfd = ovl.open_dir_at(fd, name)
+                        os.close(fd)
+                        fd = nfd
+                finally:
+                    os.close(fd)
+            for rel, mtime in sorted(mirrored, key=lambda r: -r[0].count(b"/")):   # after their children
+                head, _, name = rel.rpartition(b"/")
+                pfd = ovl.open_beneath(root_fd, head)
+                try:
+                    ovl.utime_at(pfd, name, (mtime, mtime))
+                finally:
+                    os.close(pfd)
+        finally:
+            os.close(root_fd)
+
+
 def _depth(m: Mount) -> int:
     return m.destination.rstrip("/").count("/")
 
@@ -131,6 +192,7 @@ def run(store: Store, image: str, opts: RunOptions, name: str | None = None, rem
     try:
         config = _image_config(store, c)
         RunConfig(runtime_path, stop_signal(config), opts.tty, opts.interactive, remove).save(c)
+        init_layer(store, c, config, opts)
     except BaseException:
         with store.locked():
             model.remove(store, c)
