@@ -166,7 +166,8 @@ def prepare(store: Store, c: Container, config: dict, opts: RunOptions) -> None:
         mounts = resolve_mounts(store, c, opts, config, root_fd)
     finally:
         os.close(root_fd)
-    mounts = etc_files(c, hostname) + mounts
+    given = {m["destination"] for m in mounts}
+    mounts = mounts + [m for m in etc_files(c, hostname) if m["destination"] not in given]   # after volumes
     if opts.init:
         mounts.append(init_mount())
     spec = runtime_spec(process, c.rootfs, hostname, opts, mounts)
