@@ -120,10 +120,12 @@ def _boot_id() -> str:
 
 
 def _start_time(pid: int) -> int:
-    """A process's start time (clock ticks since boot): with the pid, it names one process for good."""
+    """A live process's start time (clock ticks since boot): with the pid, it names one process for good;
+    -1 if there is none (or only a zombie)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
+            fields = f.read().rsplit(")", 1)[1].split()
+        return -1 if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, IndexError, ValueError):
         return -1
 
@@ -271,8 +273,8 @@ def _clear_leftovers(c: Container, rt: Runtime) -> None:
 def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None) -> int:
     """Run the container (already given a bundle and run.json) to its end; returns its exit code.
 
-    ``prepare()`` runs once the rootfs is mounted (``run`` writes the bundle there); ``started(None)`` is
-    called once the container runs, ``started(error)`` if it could not start (the error is raised too).  The caller must not hold the store's lock (the mount's daemon is forked from here).
+    ``prepare()`` runs once the rootfs is mounted (``run`` writes the bundle there); ``started()`` is
+    called once the container runs.  What keeps it from starting is raised after the cleanup.  The caller must not hold the store's lock (the mount's daemon is forked from here).
     """
     from .commands import mount_container
     cfg = RunConfig.load(c)
@@ -290,62 +292,57 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
     threads: list[threading.Thread] = []
     console = None
     try:
+        os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
+        mount_container(store, c, c.rootfs, ["suid,dev,allow_other"])
+        _reap_daemon(c)
+        if prepare is not None:
+            prepare()
+        with open(os.path.join(c.bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+        make_workdir(c.rootfs, spec["process"].get("cwd") or "/")
+        _set_subreaper()
+        pidfile = c.file("init.pid")
+        args = ["create", "--bundle", c.bundle, "--pid-file", pidfile]
+        if cfg.tty:
+            console = ConsoleSocket()
+            args += ["--console-socket", console.path]
+        devnull = os.open(os.devnull, os.O_RDWR)
+        pipes: dict[str, tuple[int, int]] = {}
+        if io.attached:
+            fds = (0 if io.stdin else devnull, 1, 2)
+        else:
+            log = _Log(c.file("container.log"))
+            pipes = {"stdout": os.pipe(), "stderr": os.pipe()}
+            fds = (devnull, pipes["stdout"][1], pipes["stderr"][1])
         try:
-            os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
-            mount_container(store, c, c.rootfs, ["suid,dev,allow_other"])
-            _reap_daemon(c)
-            if prepare is not None:
-                prepare()
-            with open(os.path.join(c.bundle, "config.json"), "rb") as f:
-                spec = json.load(f)
-            make_workdir(c.rootfs, spec["process"].get("cwd") or "/")
-            _set_subreaper()
-            pidfile = c.file("init.pid")
-            args = ["create", "--bundle", c.bundle, "--pid-file", pidfile]
-            if cfg.tty:
-                console = ConsoleSocket()
-                args += ["--console-socket", console.path]
-            devnull = os.open(os.devnull, os.O_RDWR)
-            pipes: dict[str, tuple[int, int]] = {}
-            if io.attached:
-                fds = (0 if io.stdin else devnull, 1, 2)
-            else:
-                log = _Log(c.file("container.log"))
-                pipes = {"stdout": os.pipe(), "stderr": os.pipe()}
-                fds = (devnull, pipes["stdout"][1], pipes["stderr"][1])
-            try:
-                proc = rt.popen(args + [c.runtime_id], stdin=fds[0], stdout=fds[1], stderr=fds[2])
-                rc = proc.wait()
-            finally:
-                os.close(devnull)
-                for _, w in pipes.values():
-                    os.close(w)
-            if rc != 0:
-                msg = rt.errors() or f"{os.path.basename(cfg.runtime)} create failed (status {rc})"
-                raise RunFailed(msg, exit_code_of_failure(msg))
-            with open(pidfile) as f:
-                pid = int(f.read().strip())
-            master = console.receive() if console else None
-            for stream, (r, _) in pipes.items():
-                threads.append(threading.Thread(target=_drain, args=(r, lambda d, s=stream: log.write(s, d)),
-                                                daemon=True))
-            stop_ev = threading.Event()
-            if master is not None:
-                out = (lambda d: _write_all(1, d)) if io.attached else (lambda d: log.write("stdout", d))
-                threads.append(threading.Thread(target=pump, args=(master, 0 if io.attached and io.stdin else None,
-                                                                   out, stop_ev), daemon=True))
-            st = State("running", pid, 0, now_iso(), "", "", _me())
-            write_state(c, st)
-            r = rt.call(["start", c.runtime_id])
-            if r.returncode != 0:
-                msg = rt.errors() or r.stderr.strip() or "start failed"
-                raise RunFailed(msg, exit_code_of_failure(msg))
-        except BaseException as e:
-            if started is not None:
-                started(e)
-            raise
+            proc = rt.popen(args + [c.runtime_id], stdin=fds[0], stdout=fds[1], stderr=fds[2])
+            rc = proc.wait()
+        finally:
+            os.close(devnull)
+            for _, w in pipes.values():
+                os.close(w)
+        if rc != 0:
+            msg = rt.errors() or f"{os.path.basename(cfg.runtime)} create failed (status {rc})"
+            raise RunFailed(msg, exit_code_of_failure(msg))
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        master = console.receive() if console else None
+        for stream, (r, _) in pipes.items():
+            threads.append(threading.Thread(target=_drain, args=(r, lambda d, s=stream: log.write(s, d)),
+                                            daemon=True))
+        stop_ev = threading.Event()
+        if master is not None:
+            out = (lambda d: _write_all(1, d)) if io.attached else (lambda d: log.write("stdout", d))
+            threads.append(threading.Thread(target=pump, args=(master, 0 if io.attached and io.stdin else None,
+                                                               out, stop_ev), daemon=True))
+        st = State("running", pid, 0, now_iso(), "", "", _me())
+        write_state(c, st)
+        r = rt.call(["start", c.runtime_id])
+        if r.returncode != 0:
+            msg = rt.errors() or r.stderr.strip() or "start failed"
+            raise RunFailed(msg, exit_code_of_failure(msg))
         if started is not None:
-            started(None)
+            started()
         for t in threads:
             t.start()
         interactive_tty = master is not None and io.attached and io.stdin
@@ -358,6 +355,9 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
         if master is not None:
             os.close(master)
         return code
+    except RunFailed as e:
+        code = e.code                   # recorded as its exit code, as docker does for 126/127
+        raise
     finally:
         if console is not None:
             console.close()
@@ -448,17 +448,19 @@ def detach(store: Store, c: Container, prepare=None) -> None:
             os.closerange(3, w)
             os.closerange(w + 1, 65536)
 
-            def started(err: BaseException | None) -> None:
-                if err is None:
-                    os.write(w, b"ok\n")
-                else:
-                    code_ = err.code if isinstance(err, RunFailed) else 125
-                    os.write(w, f"{code_} {' '.join(str(err).splitlines()) or type(err).__name__}\n".encode())
+            told = []
+
+            def started() -> None:
+                os.write(w, b"ok\n")
                 os.close(w)
+                told.append(True)
             try:
                 supervise(store, c, Attach(False, False), started, prepare)
-            except BaseException:
+            except BaseException as err:      # told after the cleanup (--rm done), so the caller sees it done
                 code = 1
+                if not told:
+                    code_ = err.code if isinstance(err, RunFailed) else 125
+                    os.write(w, f"{code_} {' '.join(str(err).splitlines()) or type(err).__name__}\n".encode())
         finally:
             os._exit(code)
     os.close(w)
