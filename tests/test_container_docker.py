@@ -9,7 +9,9 @@ import select
 import shutil
 import signal
 import struct
+import subprocess
 import sys
+import tempfile
 import termios
 import time
 
@@ -157,3 +159,62 @@ def test_volumes_and_bind_mounts_outlive_containers(bb, tmp_path):
     assert ok(bb, "volume", "prune").split() == []                        # named volumes are not pruned...
     assert sorted(ok(bb, "volume", "prune", "-a").split()) == ["spare", "vol1"]   # ...unless -a
     assert ok(bb, "volume", "ls", "-q") == "\n"
+
+
+@pytest.fixture
+def podman(tmp_path):
+    """podman as root with a private store, crun hidden from the hybrid cgroup layout like ours
+    (README "Comparing with podman"); removed with the test."""
+    if not shutil.which("podman"):
+        pytest.skip("podman is needed (scripts/setup --test installs it)")
+    base = tmp_path / "podman"
+    base.mkdir()
+    wrapper = base / "crun"
+    wrapper.write_text("#!/bin/sh\nexec unshare -m sh -c 'mount -t tmpfs none /sys/fs/cgroup/unified 2>/dev/null; "
+                       "exec crun \"$@\"' sh \"$@\"\n")
+    wrapper.chmod(0o755)
+    conf = base / "containers.conf"
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n')
+    runroot = tempfile.mkdtemp(prefix="pm-", dir="/run" if os.path.isdir("/run") else None)   # < 50 characters
+    argv = ["podman", "--root", str(base / "root"), "--runroot", runroot, "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file", "--storage-driver", "vfs", "--runtime", str(wrapper)]
+
+    def pm(*args, **kw):
+        return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, CONTAINERS_CONF=str(conf)), stdin=subprocess.DEVNULL, **kw)
+    yield pm
+    pm("rm", "-af")
+    for d in (str(base / "root"), runroot):
+        subprocess.run(["umount", "-R", d], capture_output=True, timeout=30)
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(runroot, ignore_errors=True)
+
+
+def test_same_as_podman(bb, tmp_path, podman):
+    """The same image and the same flags through podman run and unionfs run: what a user sees inside."""
+    archive = tmp_path / "bb-save.tar"
+    ok(bb, "save", "bb:1", "-o", str(archive))                        # podman loads what unionfs save wrote
+    r = podman("load", "-i", str(archive))
+    assert r.returncode == 0, r.stderr
+    host = tmp_path / "shared"
+    host.mkdir()
+    os.chown(host, 1000, 1000)
+    envfile = tmp_path / "env"
+    envfile.write_text("FROM_FILE=1\nGREETING=over\n")
+    script = ("env | grep -v -e ^container= -e ^TERM= | sort; id -un; id -g; pwd; echo $(cat /etc/hostname); "
+              "grep -E ' /(etc/hosts|etc/hostname|etc/resolv.conf|var/data|data|scratch) ' /proc/self/mountinfo "
+              "| cut -d' ' -f5 | sort; ls -a /var/data; echo rw > /data/by-$0")
+    flags = ["--hostname", "box", "-e", "X=1", "--env-file", str(envfile), "-w", "/tmp", "-v", f"{host}:/data",
+             "--tmpfs", "/scratch", "-u", "app"]
+    theirs = podman("run", "--rm", *flags, "localhost/bb:1", "sh", "-c", script, "podman")
+    ours = run(bb, "run", "--rm", *flags, "bb:1", "sh", "-c", script, "unionfs")
+    assert theirs.returncode == 0 and ours.returncode == 0, (theirs.stderr, ours.stderr)
+    assert ours.stdout == theirs.stdout, (ours.stdout, theirs.stdout)
+    assert sorted(os.listdir(host)) == ["by-podman", "by-unionfs"]
+    # Exit codes: the command's own; 127 not found; 126 not executable; 125 an image that is not there.
+    for args, code in ((["bb:1", "sh", "-c", "exit 3"], 3), (["bb:1", "/no/such"], 127), (["bb:1", "/etc/passwd"], 126),
+                       (["nope:1"], 125)):
+        image, rest = args[0], args[1:]
+        theirs = podman("run", "--rm", ("localhost/" + image) if image == "bb:1" else "localhost/" + image, *rest)
+        ours = run(bb, "run", "--rm", image, *rest)
+        assert ours.returncode == theirs.returncode == code, (args, ours.stderr, theirs.stderr)
