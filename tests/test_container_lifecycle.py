@@ -122,3 +122,12 @@ def test_detached_failures_and_rm(bb):
     r = run(bb, "wait", cid)                                         # may already be gone with --rm
     assert r.returncode in (0, 2)
     assert ok(bb, "ps", "-aq") == "\n"
+
+
+def test_create_then_start(bb):
+    """``create`` + ``start -a``, as ``docker create`` + ``docker start -a``: the image's own command."""
+    ok(bb, "create", "bb:s", "--name", "c")
+    r = run(bb, "start", "-a", "c")
+    assert r.returncode == 0 and r.stdout == "hello from /home/app as 1000:1000 1000 2000\n", r.stderr
+    assert ps_rows(bb)["c"][4].startswith("Exited (0) ")
+    assert ok(bb, "diff", "c") == ""

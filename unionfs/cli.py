@@ -191,7 +191,7 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from .container.lifecycle import start
+    from .container.run import start
     code = 0
     for name in args.containers:
         code = start(_store(args), name, args.attach, args.interactive)

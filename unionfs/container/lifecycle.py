@@ -477,13 +477,13 @@ def detach(store: Store, c: Container, prepare=None) -> None:
 
 # --- the commands on a container -----------------------------------------------------
 
-def start(store: Store, name: str, attach: bool = False, interactive: bool = False) -> int:
+def start(store: Store, name: str, attach: bool = False, interactive: bool = False, prepare=None) -> int:
     c = model.resolve(store, name)
     if read_state(c).running:
         return 0                  # docker: starting a running container is a no-op
     if attach:
-        return supervise(store, c, Attach(True, interactive))
-    detach(store, c)
+        return supervise(store, c, Attach(True, interactive), prepare=prepare)
+    detach(store, c, prepare)
     return 0
 
 

@@ -230,3 +230,21 @@ def options(command: list[str], *, env: list[str], env_files: list[str], volumes
                       env=parse_env(file_env + list(env)), workdir=workdir, user=user, hostname=hostname, mounts=ms,
                       read_only=read_only, network=network, cap_add=parse_caps(cap_add), cap_drop=parse_caps(cap_drop),
                       privileged=privileged, init=init, tty=tty, interactive=interactive)
+
+
+def start(store: Store, name: str, attach: bool = False, interactive: bool = False, runtime: str | None = None) -> int:
+    """``start``: a stopped container again, with the bundle it was run with; a container made by ``create``
+    gets one now, from the image's config alone (as ``docker create`` + ``docker start``)."""
+    from .lifecycle import start as start_again
+    c = model.resolve(store, name)
+    prepare_now = None
+    if not os.path.exists(os.path.join(c.bundle, "config.json")):
+        opts = RunOptions()
+        config = _image_config(store, c)
+        if not os.path.exists(c.file("run.json")):
+            RunConfig(find_runtime(runtime), stop_signal(config)).save(c)
+        init_layer(store, c, config, opts)
+
+        def prepare_now() -> None:
+            prepare(store, c, config, opts)
+    return start_again(store, name, attach, interactive, prepare_now)
