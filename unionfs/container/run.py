@@ -190,13 +190,22 @@ def run(store: Store, image: str, opts: RunOptions, name: str | None = None, rem
         init_mount()
     from .commands import create
     c: Container = create(store, image, name)
+    return run_container(store, c, opts, remove, detached, runtime_path)
+
+
+def run_container(store: Store, c: Container, opts: RunOptions, remove: bool = False, detached: bool = False,
+                  runtime: str | None = None) -> int:
+    """Run ``opts`` in an existing, never-run container (``run``; a Dockerfile's ``RUN`` on a container
+    of the previous step): in the foreground its exit status, with our stdio."""
     try:
+        runtime_path = find_runtime(runtime)
         config = _image_config(store, c)
         RunConfig(runtime_path, stop_signal(config), opts.tty, opts.interactive, remove).save(c)
         init_layer(store, c, config, opts)
     except BaseException:
-        with store.locked():
-            model.remove(store, c)
+        if remove:
+            with store.locked():
+                model.remove(store, c)
         raise
 
     def setup() -> None:
@@ -206,7 +215,6 @@ def run(store: Store, image: str, opts: RunOptions, name: str | None = None, rem
         print(c.id, flush=True)
         return 0
     return supervise(store, c, Attach(True, opts.interactive), prepare=setup)
-
 
 def options(command: list[str], *, env: list[str], env_files: list[str], volumes_: list[str], mounts: list[str],
             tmpfs: list[str], entrypoint: str | None, workdir: str | None, user: str | None,
