@@ -71,6 +71,8 @@ def test_detached_lifecycle(bb):
         r = run(bb, "exec", "-i", "d", "cat", input="through exec\n")
         assert r.stdout == "through exec\n", r.stderr
         assert run(bb, "exec", "d", "no-such-cmd").returncode == 127
+        r = run(bb, "exec", "-t", "d", "sh", "-c", "tty; echo $TERM")         # a terminal of its own
+        assert r.returncode == 0 and r.stdout.split() == ["/dev/pts/0", "xterm"], (r.stdout, r.stderr)
         ok(bb, "stop", "-t", "20", "d")                              # SIGUSR1, trapped: exit 7
         out, err = follow.communicate(timeout=60)                    # logs -f ends when the container does
     finally:
