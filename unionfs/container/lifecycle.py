@@ -38,7 +38,7 @@ from ..fs.daemon import is_mountpoint, umount
 from ..image.store import Store, now_iso
 from . import model
 from .model import Container, ContainerError
-from .runtime import Runtime, exit_code_of_failure, find_runtime
+from .runtime import Runtime, exit_code_of_failure
 from .terminal import ConsoleSocket, follow_winsize, pump, raw_terminal
 
 PR_SET_CHILD_SUBREAPER = 36
