@@ -348,7 +348,7 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
         interactive_tty = master is not None and io.attached and io.stdin
         with raw_terminal(0 if interactive_tty else None), \
                 follow_winsize(0 if master is not None and io.attached else None, master):
-            code = _wait(pid, forward=io.attached and master is None)
+            code = _wait(pid, forward=io.attached and not interactive_tty)   # raw: ^C is a byte
         stop_ev.set()
         for t in threads:
             t.join(timeout=5)
@@ -441,6 +441,7 @@ def detach(store: Store, c: Container, prepare=None) -> None:
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
+            os.chdir("/")             # pin no directory of the caller's
             devnull = os.open(os.devnull, os.O_RDWR)
             for std in (0, 1, 2):
                 os.dup2(devnull, std)
