@@ -226,6 +226,8 @@ def options(command: list[str], *, env: list[str], env_files: list[str], volumes
         raise ContainerError(f"--network {network}: only none or host")
     if hostname is not None and not hostname:
         raise ContainerError("--hostname: empty")
+    if workdir is not None and not workdir.startswith("/"):
+        raise ContainerError(f"the working directory {workdir!r} is invalid: it needs to be an absolute path")
     file_env = [e for path in env_files for e in read_env_file(path)]
     ms = ([volumes.parse_volume(v) for v in volumes_] + [volumes.parse_mount(m) for m in mounts]
           + [volumes.parse_tmpfs(t) for t in tmpfs])

@@ -115,7 +115,10 @@ def parse_mount(value: str) -> Mount:
         if "tmpfs-size" in fields:
             options.append(f"size={fields.pop('tmpfs-size')}")
         if "tmpfs-mode" in fields:
-            options.append(f"mode={int(fields.pop('tmpfs-mode'), 8):o}")
+            mode = fields.pop("tmpfs-mode")
+            if not re.fullmatch(r"0?[0-7]{1,4}", mode):
+                raise ContainerError(f"--mount {value}: tmpfs-mode must be an octal mode like 1777")
+            options.append(f"mode={int(mode, 8):o}")
     elif kind == "bind":
         if not src:
             raise ContainerError(f"--mount {value}: a bind mount needs a source=")
