@@ -133,3 +133,30 @@ def test_create_then_start(bb):
     assert r.returncode == 0 and r.stdout == "hello from /home/app as 1000:1000 1000 2000\n", r.stderr
     assert ps_rows(bb)["c"][4].startswith("Exited (0) ")
     assert ok(bb, "diff", "c") == ""
+
+
+def test_daemon_crash_and_reboot_leave_it_startable(bb):
+    """The FUSE daemon killed under a running container: stop still works, the dead mount goes, start mounts
+    anew.  A state written before a reboot (another boot id) reads as stopped and starts again."""
+    from unionfs.container import model
+    from unionfs.image.store import Store
+    cid = ok(bb, "run", "-d", "--name", "k", "bb:s", "sh", "-c", LOOP).strip()
+    c = model.resolve(Store(str(bb)), cid)
+    daemon = model.mounted_at(c).pid
+    os.kill(daemon, signal.SIGKILL)
+    _wait_dead(daemon)
+    ok(bb, "stop", "-t", "3", "k")
+    assert ps_rows(bb)["k"][4].startswith("Exited (")
+    assert not is_mounted(bb / "containers" / cid / "rootfs")
+    ok(bb, "start", "k")
+    assert ps_rows(bb)["k"][4].startswith("Up ") and model.mounted_at(c).pid != daemon
+    ok(bb, "kill", "k")
+    assert ok(bb, "wait", "k") == "137\n"
+    path = bb / "containers" / cid / "state.json"
+    st = json.loads(path.read_text())
+    st.update(Status="running", Supervisor={"Pid": os.getpid(), "StartTime": 0, "BootId": "another-boot"})
+    path.write_text(json.dumps(st))
+    assert ps_rows(bb)["k"][4].startswith("Exited (255) ")
+    ok(bb, "start", "k")
+    assert ps_rows(bb)["k"][4].startswith("Up ")
+    ok(bb, "rm", "-f", "k")
