@@ -294,7 +294,6 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
     try:
         os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
         mount_container(store, c, c.rootfs, ["suid,dev,allow_other"])
-        _reap_daemon(c)
         if prepare is not None:
             prepare()
         with open(os.path.join(c.bundle, "config.json"), "rb") as f:
@@ -405,20 +404,6 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _reap_daemon(c: Container) -> None:
-    """The mount's daemon may be our child: reap it when it exits, in a thread (no zombie left)."""
-    state = model.mounted_at(c)
-    if state is None:
-        return
-
-    def wait() -> None:
-        try:
-            os.waitpid(state.pid, 0)
-        except ChildProcessError:
-            pass
-    threading.Thread(target=wait, name="reap-unionfs-daemon", daemon=True).start()
 
 
 def _auto_remove(store: Store, c: Container) -> None:
