@@ -274,7 +274,8 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
     """Run the container (already given a bundle and run.json) to its end; returns its exit code.
 
     ``prepare()`` runs once the rootfs is mounted (``run`` writes the bundle there); ``started()`` is
-    called once the container runs.  What keeps it from starting is raised after the cleanup.  The caller must not hold the store's lock (the mount's daemon is forked from here).
+    called once the container runs.  What keeps it from starting is raised after the cleanup.  The
+    caller must not hold the store's lock (the mount's daemon is forked from here).
     """
     from .commands import mount_container
     cfg = RunConfig.load(c)
@@ -288,9 +289,8 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
         pass
     code = 125
     st = State("exited", 0, 125, now_iso(), "", "", _me())
-    log = None
-    threads: list[threading.Thread] = []
-    console = None
+    log: _Log | None = None
+    console: ConsoleSocket | None = None
     try:
         os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
         mount_container(store, c, c.rootfs, ["suid,dev,allow_other"])
@@ -300,40 +300,14 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
             spec = json.load(f)
         make_workdir(c.rootfs, spec["process"].get("cwd") or "/")
         _set_subreaper()
-        pidfile = c.file("init.pid")
-        args = ["create", "--bundle", c.bundle, "--pid-file", pidfile]
         if cfg.tty:
             console = ConsoleSocket()
-            args += ["--console-socket", console.path]
-        devnull = os.open(os.devnull, os.O_RDWR)
-        pipes: dict[str, tuple[int, int]] = {}
-        if io.attached:
-            fds = (0 if io.stdin else devnull, 1, 2)
-        else:
+        if not io.attached:
             log = _Log(c.file("container.log"))
-            pipes = {"stdout": os.pipe(), "stderr": os.pipe()}
-            fds = (devnull, pipes["stdout"][1], pipes["stderr"][1])
-        try:
-            proc = rt.popen(args + [c.runtime_id], stdin=fds[0], stdout=fds[1], stderr=fds[2])
-            rc = proc.wait()
-        finally:
-            os.close(devnull)
-            for _, w in pipes.values():
-                os.close(w)
-        if rc != 0:
-            msg = rt.errors() or f"{os.path.basename(cfg.runtime)} create failed (status {rc})"
-            raise RunFailed(msg, exit_code_of_failure(msg))
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
+        pid, outputs = _create(rt, c, io, console)
         master = console.receive() if console else None
-        for stream, (r, _) in pipes.items():
-            threads.append(threading.Thread(target=_drain, args=(r, lambda d, s=stream: log.write(s, d)),
-                                            daemon=True))
         stop_ev = threading.Event()
-        if master is not None:
-            out = (lambda d: _write_all(1, d)) if io.attached else (lambda d: log.write("stdout", d))
-            threads.append(threading.Thread(target=pump, args=(master, 0 if io.attached and io.stdin else None,
-                                                               out, stop_ev), daemon=True))
+        threads = _copiers(io, outputs, master, log, stop_ev)
         st = State("running", pid, 0, now_iso(), "", "", _me())
         write_state(c, st)
         r = rt.call(["start", c.runtime_id])
@@ -373,6 +347,48 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
                     write_state(c, st)
                 if cfg.auto_remove:
                     _auto_remove(store, c)
+
+
+def _create(rt: Runtime, c: Container, io: Attach,
+            console: ConsoleSocket | None) -> tuple[int, dict[str, int]]:
+    """``RUNTIME create``: the container's init, waiting to be started, with our stdio (attached) or pipes
+    (detached).  Returns (init's pid, the read ends of the output pipes by stream)."""
+    pidfile = c.file("init.pid")
+    args = ["create", "--bundle", c.bundle, "--pid-file", pidfile]
+    if console is not None:
+        args += ["--console-socket", console.path]
+    devnull = os.open(os.devnull, os.O_RDWR)
+    pipes: dict[str, tuple[int, int]] = {}
+    if io.attached:
+        fds = (0 if io.stdin else devnull, 1, 2)
+    else:
+        pipes = {"stdout": os.pipe(), "stderr": os.pipe()}
+        fds = (devnull, pipes["stdout"][1], pipes["stderr"][1])
+    try:
+        rc = rt.popen(args + [c.runtime_id], stdin=fds[0], stdout=fds[1], stderr=fds[2]).wait()
+    finally:
+        os.close(devnull)
+        for _, w in pipes.values():
+            os.close(w)
+    if rc != 0:
+        for r, _ in pipes.values():
+            os.close(r)
+        msg = rt.errors() or f"{os.path.basename(rt.path)} create failed (status {rc})"
+        raise RunFailed(msg, exit_code_of_failure(msg))
+    with open(pidfile) as f:
+        return int(f.read().strip()), {stream: r for stream, (r, _) in pipes.items()}
+
+
+def _copiers(io: Attach, outputs: dict[str, int], master: int | None, log: "_Log | None",
+             stop: threading.Event) -> list[threading.Thread]:
+    """Threads (not started) copying the container's output to the log, and its terminal to and from ours."""
+    threads = [threading.Thread(target=_drain, args=(r, lambda d, s=stream: log.write(s, d)), daemon=True)
+               for stream, r in outputs.items()]
+    if master is not None:
+        out = (lambda d: _write_all(1, d)) if io.attached else (lambda d: log.write("stdout", d))
+        threads.append(threading.Thread(target=pump, args=(master, 0 if io.attached and io.stdin else None,
+                                                           out, stop), daemon=True))
+    return threads
 
 
 def _wait(pid: int, forward: bool) -> int:
