@@ -54,13 +54,15 @@ def store(tmp_path):
 
 
 def ps_rows(store):
-    lines = ok(store, "ps", "--no-trunc").splitlines()
+    """``ps -a`` as {name: [id, image, command, created, status, mounted, size, name]}."""
+    lines = ok(store, "ps", "-a", "--no-trunc").splitlines()
     header = lines[0]
-    cols = [header.index(h) for h in ("CONTAINER ID", "IMAGE", "CREATED", "MOUNTED", "SIZE", "NAMES")]
+    cols = [header.index(h) for h in ("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MOUNTED", "SIZE",
+                                      "NAMES")]
     rows = {}
     for line in lines[1:]:
         cells = [line[a:b].strip() for a, b in zip(cols, cols[1:] + [None])]
-        rows[cells[5]] = cells
+        rows[cells[7]] = cells
     return rows
 
 

@@ -24,7 +24,7 @@ def test_default_command_env_workdir_user(bb):
     r = run(bb, "run", "--rm", "bb:1")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "hello from /home/app as 1000:1000 1000 2000\n"    # Env, WorkingDir, User + its groups
-    assert ok(bb, "ps", "-q") == "\n"                                     # --rm
+    assert ok(bb, "ps", "-aq") == "\n"                                    # --rm
 
 
 def test_exit_status_output_and_the_container_left(bb, tmp_path):
@@ -36,7 +36,8 @@ def test_exit_status_output_and_the_container_left(bb, tmp_path):
     assert out[0] == "hi" and r.stderr == "oops\n"
     assert out[1] == "1"                                                 # a pid namespace of its own
     row = ps_rows(bb)["x"]
-    assert out[2] == row[0][:12] and row[3] == "-"                       # hostname; unmounted afterwards
+    assert out[2] == row[0][:12] and row[5] == "-"                       # hostname; unmounted afterwards
+    assert row[4].startswith("Exited (3) ") and row[2].startswith("sh -c ")
     root = out[3].split()
     assert "fuse.unionfs" in root and "nosuid" not in root[5] and "nodev" not in root[5], root
     assert ok(bb, "diff", "x") == "C /tmp\nA /tmp/x\n"
@@ -48,7 +49,9 @@ def test_exit_status_output_and_the_container_left(bb, tmp_path):
 
 
 def test_stdin_passes_through_and_as_root(bb):
-    r = run(bb, "run", "--rm", "bb:1", "cat", input="piped\nlines\n")
+    r = run(bb, "run", "--rm", "bb:1", "cat", input="not read\n")       # without -i, stdin is not the container's
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    r = run(bb, "run", "--rm", "-i", "bb:1", "cat", input="piped\nlines\n")
     assert r.returncode == 0 and r.stdout == "piped\nlines\n", r.stderr
     ok(bb, "create", "bb:1", "--name", "base")   # a container of the image is not touched by runs
     ok(bb, "commit", "base", "bb:root", "-c", "USER root", "-c", "WORKDIR /tmp", "-c", "ENV GREETING=hi")
@@ -59,14 +62,20 @@ def test_missing_runtime_and_bad_command(bb, tmp_path):
     env = dict(os.environ, PATH=str(tmp_path))   # no crun, no runc
     r = subprocess.run(unionfs_cmd("--root", str(bb), "run", "--rm", "bb:1"), capture_output=True, text=True,
                        timeout=60, env=env, stdin=subprocess.DEVNULL)
-    assert r.returncode == 2 and "apt-get install crun" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 125 and "apt-get install crun" in r.stderr and len(r.stderr.splitlines()) == 1
     r = run(bb, "run", "--runtime", "no-such-runtime", "bb:1")
-    assert r.returncode == 2 and "not found" in r.stderr
+    assert r.returncode == 125 and "not found" in r.stderr                # docker's 125: unionfs failed
     r = run(bb, "run", "nope:1")
-    assert r.returncode == 2 and "no such image" in r.stderr
-    assert ok(bb, "ps", "-q") == "\n"            # nothing created by any of them
+    assert r.returncode == 125 and "no such image" in r.stderr
+    r = run(bb, "run", "-v", "rel:x", "bb:1")
+    assert r.returncode == 125 and "not an absolute path" in r.stderr
+    assert ok(bb, "ps", "-aq") == "\n"           # nothing created by any of them
     r = run(bb, "run", "--rm", "bb:1", "/no/such/program")
-    assert r.returncode != 0 and ok(bb, "ps", "-q") == "\n"
+    assert r.returncode == 127 and "not found" in r.stderr and ok(bb, "ps", "-aq") == "\n"
+    r = run(bb, "run", "--rm", "bb:1", "/etc/passwd")                     # not executable
+    assert r.returncode == 126, r.stderr
+    r = run(bb, "run", "--rm", "bb:1", "sh", "-c", "exit 42")
+    assert r.returncode == 42
 
 
 @pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="dpkg-deb is needed")

@@ -22,8 +22,8 @@ def test_create_ps_mount_two_containers_rm(store, tmp_path):
         r = run(store, *bad)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.splitlines()) == 1, (bad, r.stderr)
     rows = ps_rows(store)
-    assert set(rows) == {"a", "b"} and rows["a"][0] == a_id and rows["a"][1] == "app:1" and rows["a"][3] == "-"
-    assert rows["a"][4].startswith("0B (virtual ")
+    assert set(rows) == {"a", "b"} and rows["a"][0] == a_id and rows["a"][1] == "app:1" and rows["a"][5] == "-"
+    assert rows["a"][6].startswith("0B (virtual ")
 
     ma, mb = mkdirs(tmp_path, "ma", "mb")
     ok(store, "mount", "a", str(ma))
@@ -35,9 +35,9 @@ def test_create_ps_mount_two_containers_rm(store, tmp_path):
     assert not (mb / "only-a").exists() and (ma / "etc/shared").read_bytes() == b"base"
     assert (ma / "etc/os-release").read_text() == "ID=app\n"
     rows = ps_rows(store)
-    assert rows["a"][3] == str(ma) and rows["b"][3] == str(mb)
-    assert rows["a"][4] == f"3kB (virtual {human_size(3000 + len(BASE) + len(APP))})"
-    assert rows["b"][4] == f"0B (virtual {human_size(len(BASE) + len(APP))})"
+    assert rows["a"][5] == str(ma) and rows["b"][5] == str(mb)
+    assert rows["a"][6] == f"3kB (virtual {human_size(3000 + len(BASE) + len(APP))})"
+    assert rows["b"][6] == f"0B (virtual {human_size(len(BASE) + len(APP))})"
     # the two containers share the image's layers: one copy of each in the store
     assert len(os.listdir(store / "layers")) == 2
 
@@ -47,14 +47,14 @@ def test_create_ps_mount_two_containers_rm(store, tmp_path):
     r = run(store, "rmi", "app:1")
     assert r.returncode == 2 and "in use by container" in r.stderr
     ok(store, "umount", "b")                           # umount by container name
-    assert not is_mounted(mb) and ps_rows(store)["b"][3] == "-"
+    assert not is_mounted(mb) and ps_rows(store)["b"][5] == "-"
     ok(store, "rm", "--force", "a")
     assert not is_mounted(ma) and not (store / "containers" / a_id).exists()
     ok(store, "mount", "b", str(mb))                   # b's changes survived its unmount
     assert not (mb / "etc/shared").exists()
     ok(store, "umount", str(mb))
     ok(store, "rm", "b")
-    assert ok(store, "ps", "-q") == "\n" and os.listdir(store / "containers") == []
+    assert ok(store, "ps", "-aq") == "\n" and os.listdir(store / "containers") == []
     ok(store, "rmi", "app:1")
 
 

@@ -124,13 +124,13 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 def _cmd_ps(args: argparse.Namespace) -> int:
     from .container.commands import ps_table
-    print(ps_table(_store(args), no_trunc=args.no_trunc, quiet=args.quiet))
+    print(ps_table(_store(args), no_trunc=args.no_trunc, quiet=args.quiet, all_=args.all))
     return 0
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
     from .container.commands import remove
-    for name in remove(_store(args), args.containers, args.force):
+    for name in remove(_store(args), args.containers, args.force, args.volumes):
         print(name)
     return 0
 
@@ -157,9 +157,103 @@ def _cmd_save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docker_status(fn, args: argparse.Namespace) -> int:
+    """run and exec exit as docker's: the command's status, 125 when unionfs failed, 126/127 from the runtime."""
+    from .container.lifecycle import RunFailed
+    try:
+        return fn(args)
+    except RunFailed as e:
+        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
+        return e.code
+    except UsageError as e:
+        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
+        return 125
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .container.runtime import run
-    return run(_store(args), args.image, args.command, args.name, args.rm, args.runtime)
+    from .container.run import options, run
+
+    def go(a: argparse.Namespace) -> int:
+        opts = options(a.command, env=a.env or [], env_files=a.env_file or [], volumes_=a.volume or [],
+                       mounts=a.mount or [], tmpfs=a.tmpfs or [], entrypoint=a.entrypoint, workdir=a.workdir,
+                       user=a.user, hostname=a.hostname, network=a.network, read_only=a.read_only,
+                       cap_add=a.cap_add or [], cap_drop=a.cap_drop or [], privileged=a.privileged, init=a.init,
+                       tty=a.tty, interactive=a.interactive)
+        return run(_store(a), a.image, opts, a.name, a.rm, a.detach, a.runtime)
+    return _docker_status(go, args)
+
+
+def _cmd_exec(args: argparse.Namespace) -> int:
+    from .container.lifecycle import exec_in
+    from .container.spec import parse_env
+    return _docker_status(lambda a: exec_in(_store(a), a.container, a.command, parse_env(a.env or []), a.user,
+                                            a.workdir, a.tty, a.interactive), args)
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from .container.run import start
+    code = 0
+    for name in args.containers:
+        code = start(_store(args), name, args.attach, args.interactive)
+        if not args.attach:
+            print(name)
+    return code
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from .container.lifecycle import restart, stop
+    for name in args.containers:
+        (restart if args.verb == "restart" else stop)(_store(args), name, args.time)
+        print(name)
+    return 0
+
+
+def _cmd_kill(args: argparse.Namespace) -> int:
+    from .container.lifecycle import kill
+    from .container.spec import parse_signal
+    for name in args.containers:
+        kill(_store(args), name, parse_signal(args.signal))
+        print(name)
+    return 0
+
+
+def _cmd_wait(args: argparse.Namespace) -> int:
+    from .container.lifecycle import wait
+    for name in args.containers:
+        print(wait(_store(args), name), flush=True)
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .container.lifecycle import logs
+    tail = None if args.tail in (None, "all") else int(args.tail)
+    logs(_store(args), args.container, args.follow, tail)
+    return 0
+
+
+def _cmd_volume(args: argparse.Namespace) -> int:
+    from .container import volumes
+    store = _store(args)
+    if args.action == "create":
+        with store.locked():
+            print(volumes.create(store, args.names[0] if args.names else None)[0].name)
+    elif args.action == "ls":
+        print(volumes.ls_table(store, args.quiet))
+    elif args.action == "inspect":
+        print(json.dumps([volumes.resolve(store, n).inspect() for n in args.names], indent=4))
+    elif args.action == "rm":
+        for n in volumes.remove(store, args.names, args.force):
+            print(n)
+    elif args.action == "prune":
+        for n in volumes.prune(store, args.all):
+            print(n)
+    return 0
+
+
+def _tail(value: str) -> str:
+    if value != "all" and not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError("a number of lines, or all")
+    return value
 
 
 def _container_parsers(sub, common) -> None:
@@ -171,11 +265,13 @@ def _container_parsers(sub, common) -> None:
     ps = sub.add_parser("ps", help="list containers", parents=[common])
     ps.add_argument("--no-trunc", action="store_true", help="show full container ids")
     ps.add_argument("--quiet", "-q", action="store_true", help="only ids")
+    ps.add_argument("--all", "-a", action="store_true", help="all containers (default: the running ones)")
     ps.set_defaults(func=_cmd_ps)
 
     rm = sub.add_parser("rm", help="remove containers (and their writable layers)", parents=[common])
     rm.add_argument("containers", nargs="+", metavar="CONTAINER")
-    rm.add_argument("--force", "-f", action="store_true", help="unmount a mounted container first")
+    rm.add_argument("--force", "-f", action="store_true", help="kill a running, unmount a mounted container first")
+    rm.add_argument("--volumes", "-v", action="store_true", help="also remove its anonymous volumes")
     rm.set_defaults(func=_cmd_rm)
 
     df = sub.add_parser("diff", help="changes of a container's writable layer (A added, C changed, D deleted)",
@@ -204,11 +300,87 @@ def _container_parsers(sub, common) -> None:
                         description="Create a container of IMAGE, mount it, and run COMMAND (default: the image's "
                                     "Entrypoint and Cmd) in it with an OCI runtime; exits with its status.")
     rn.add_argument("--name", metavar="NAME", help="name the container")
-    rn.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    rn.add_argument("--rm", action="store_true", help="remove the container (and its anonymous volumes) when it exits")
     rn.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
+    rn.add_argument("-i", "--interactive", action="store_true", help="keep stdin open to the container")
+    rn.add_argument("-t", "--tty", action="store_true", help="give the container a terminal")
+    rn.add_argument("-d", "--detach", action="store_true", help="run in the background; print the container id")
+    rn.add_argument("-e", "--env", action="append", metavar="K=V|K", help="set an environment variable")
+    rn.add_argument("--env-file", action="append", metavar="FILE", help="K=V lines (# comments)")
+    rn.add_argument("-w", "--workdir", metavar="DIR", help="the working directory (created if missing)")
+    rn.add_argument("-u", "--user", metavar="NAME|UID[:GROUP|GID]", help="the user, from the image's /etc/passwd")
+    rn.add_argument("--entrypoint", metavar="CMD", help="replace the image's Entrypoint (\"\" clears it)")
+    rn.add_argument("-v", "--volume", action="append", metavar="SRC:DST[:ro|rw]",
+                    help="a host path (bind mount) or a named volume; -v DST: an anonymous volume")
+    rn.add_argument("--mount", action="append", metavar="type=bind|volume|tmpfs,...",
+                    help="source=,target=,readonly,tmpfs-size=,tmpfs-mode=")
+    rn.add_argument("--tmpfs", action="append", metavar="DST[:OPTS]", help="a tmpfs at DST")
+    rn.add_argument("--read-only", action="store_true", help="the container's root read-only")
+    rn.add_argument("--hostname", metavar="NAME", help="the container's hostname (default: its short id)")
+    rn.add_argument("--network", "--net", default="host", metavar="host|none",
+                    help="host (default: the host's network) or none (only loopback)")
+    rn.add_argument("--cap-add", action="append", metavar="CAP", help="add a capability (or ALL)")
+    rn.add_argument("--cap-drop", action="append", metavar="CAP", help="drop a capability (or ALL)")
+    rn.add_argument("--privileged", action="store_true", help="every capability, /sys writable, nothing masked")
+    rn.add_argument("--init", action="store_true", help="run tini as the container's pid 1 (reaps zombies)")
     rn.add_argument("image", metavar="IMAGE")
     rn.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
     rn.set_defaults(func=_cmd_run)
+
+    ex = sub.add_parser("exec", help="run a command in a running container", parents=[common],
+                        usage="%(prog)s [options] CONTAINER COMMAND [ARG...]")
+    ex.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    ex.add_argument("-t", "--tty", action="store_true", help="a terminal")
+    ex.add_argument("-e", "--env", action="append", metavar="K=V|K")
+    ex.add_argument("-u", "--user", metavar="NAME|UID[:GROUP|GID]")
+    ex.add_argument("-w", "--workdir", metavar="DIR")
+    ex.add_argument("container", metavar="CONTAINER")
+    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    ex.set_defaults(func=_cmd_exec)
+
+    st = sub.add_parser("start", help="start stopped containers (in the background unless -a)", parents=[common])
+    st.add_argument("-a", "--attach", action="store_true", help="in the foreground: its output, its exit status")
+    st.add_argument("-i", "--interactive", action="store_true", help="with -a: our stdin to it")
+    st.add_argument("containers", nargs="+", metavar="CONTAINER")
+    st.set_defaults(func=_cmd_start)
+
+    for verb, text in (("stop", "stop containers: the image's StopSignal, then SIGKILL"),
+                       ("restart", "stop, then start containers")):
+        sp = sub.add_parser(verb, help=text, parents=[common])
+        sp.add_argument("-t", "--time", type=float, default=None, metavar="SECS",
+                        help="seconds before SIGKILL (default 10)")
+        sp.add_argument("containers", nargs="+", metavar="CONTAINER")
+        sp.set_defaults(func=_cmd_stop, verb=verb)
+
+    kl = sub.add_parser("kill", help="send a signal to running containers", parents=[common])
+    kl.add_argument("-s", "--signal", default="KILL", metavar="SIG", help="default KILL")
+    kl.add_argument("containers", nargs="+", metavar="CONTAINER")
+    kl.set_defaults(func=_cmd_kill)
+
+    wt = sub.add_parser("wait", help="wait for containers to stop; print their exit codes", parents=[common])
+    wt.add_argument("containers", nargs="+", metavar="CONTAINER")
+    wt.set_defaults(func=_cmd_wait)
+
+    lg = sub.add_parser("logs", help="a detached container's output", parents=[common])
+    lg.add_argument("-f", "--follow", action="store_true", help="keep following while it runs")
+    lg.add_argument("--tail", type=_tail, default=None, metavar="N", help="only the last N lines")
+    lg.add_argument("container", metavar="CONTAINER")
+    lg.set_defaults(func=_cmd_logs)
+
+    vo = sub.add_parser("volume", help="named volumes: create, ls, inspect, rm, prune", parents=[common])
+    vsub = vo.add_subparsers(dest="action", required=True, metavar="ACTION")
+    vc = vsub.add_parser("create", help="a new volume (a generated name if none)", parents=[common])
+    vc.add_argument("names", nargs="?", action="append", metavar="NAME")
+    vl = vsub.add_parser("ls", help="list volumes", parents=[common])
+    vl.add_argument("--quiet", "-q", action="store_true", help="only names")
+    vi = vsub.add_parser("inspect", help="volumes as JSON", parents=[common])
+    vi.add_argument("names", nargs="+", metavar="NAME")
+    vr = vsub.add_parser("rm", help="remove volumes no container uses", parents=[common])
+    vr.add_argument("names", nargs="+", metavar="NAME")
+    vr.add_argument("--force", "-f", action="store_true", help="no error for a missing volume")
+    vp = vsub.add_parser("prune", help="remove unused anonymous volumes", parents=[common])
+    vp.add_argument("--all", "-a", action="store_true", help="unused named volumes too")
+    vo.set_defaults(func=_cmd_volume)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -21,6 +21,12 @@ def image_lower(store: Store, image_id: str) -> list[str]:
     return lower_stack(store, image_id, f"image {image_id[7:19]}")
 
 
+def container_lower(store: Store, c: Container) -> list[str]:
+    """A container's lower stack: its init layer (mount points made by ``run``), if any, over the image's."""
+    init = c.file("init")
+    return ([init] if os.path.isdir(init) else []) + image_lower(store, c.image)
+
+
 def create(store: Store, image: str, name: str | None = None) -> Container:
     with store.locked():
         image_lower(store, store.resolve(image))
@@ -42,9 +48,12 @@ def create_and_mount(store: Store, image: str, mountpoint: str, options: list[st
         raise
 
 
-def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False) -> str:
+def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False, all_: bool = False) -> str:
+    """Running containers (with ``all_``, every one): STATUS as docker's (Up ..., Exited (N) ..., Created)."""
+    from .lifecycle import RunConfig, read_state, status_text
     rows = []
-    cs = model.containers(store)
+    states = {c.id: read_state(c) for c in model.containers(store)}
+    cs = [c for c in model.containers(store) if all_ or states[c.id].running]
     if quiet:
         return "\n".join(c.id if no_trunc else c.short_id for c in cs)
     tags = store.tags()
@@ -62,17 +71,34 @@ def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False) -> str:
             virtual = size + sum(seen.values())
         except (OSError, ValueError):
             virtual = size
-        rows.append([c.id if no_trunc else c.short_id, image, human_ago(c.created), mounted,
-                     f"{human_size(size)} (virtual {human_size(virtual)})", c.name])
-    return table(["CONTAINER ID", "IMAGE", "CREATED", "MOUNTED", "SIZE", "NAMES"], rows)
+        try:
+            command = RunConfig.load(c).command
+        except ContainerError:
+            command = ""
+        if not no_trunc and len(command) > 20:
+            command = command[:19] + "…"
+        rows.append([c.id if no_trunc else c.short_id, image, command, human_ago(c.created),
+                     status_text(states[c.id]), mounted, f"{human_size(size)} (virtual {human_size(virtual)})",
+                     c.name])
+    return table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MOUNTED", "SIZE", "NAMES"], rows)
 
 
-def remove(store: Store, names: list[str], force: bool = False) -> list[str]:
-    """Remove containers; a mounted one only with ``force`` (it is unmounted first). Returns what went."""
+def remove(store: Store, names: list[str], force: bool = False, volumes: bool = False) -> list[str]:
+    """Remove containers; a running or mounted one only with ``force`` (killed, unmounted first); with
+    ``volumes``, their anonymous volumes too. Returns what went."""
+    from .lifecycle import force_stop, read_state
+    from .volumes import remove_anonymous
+    targets = [model.resolve(store, n) for n in names]   # all or nothing: every name must resolve
+    for c in targets:
+        if read_state(c).running:
+            if not force:
+                raise ContainerError(f"{c.name or c.short_id}: the container is running: stop it first, "
+                                     "or use --force")
+    for c in targets:
+        force_stop(c)          # its supervisor unmounts it (not under the lock: it takes the lock to finish)
     done = []
     with store.locked():
-        targets = [model.resolve(store, n) for n in names]   # all or nothing: every name must resolve
-        for c in targets:
+        for c in [t for t in (model.find(store, c.id) for c in targets) if t is not None]:
             state = model.mounted_at(c)
             if state is not None:
                 where = state.mountpoint or f"by unionfs pid {state.pid}"
@@ -84,8 +110,11 @@ def remove(store: Store, names: list[str], force: bool = False) -> list[str]:
                 umount(state.mountpoint)
                 if model.mounted_at(c) is not None:
                     raise ContainerError(f"{c.name or c.short_id}: still mounted on {state.mountpoint}")
+            if volumes:
+                remove_anonymous(store, c)
             model.remove(store, c)
             done.append(c.name or c.id)
+        done += [c.name or c.id for c in targets if c.name not in done and c.id not in done]   # gone by --rm
     return done
 
 
@@ -99,7 +128,7 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
     options = with_fsname(options, c.name or c.short_id)
     with store.locked():
         c = model.resolve(store, c.id)   # still there now that we hold the lock
-        cfg = build_config(mountpoint, image_lower(store, c.image), c.upper, c.work, options, foreground, log_file)
+        cfg = build_config(mountpoint, container_lower(store, c), c.upper, c.work, options, foreground, log_file)
         c.mountpoint = cfg.mountpoint
         model.save(c)
     # Not under the lock: the daemon is forked from this process and would inherit (and keep) it.

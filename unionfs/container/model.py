@@ -8,6 +8,9 @@ half-written)::
     containers/<id>/work/            its work dir (temporary files, the hard-link index)
     containers/<id>/rootfs/          where ``unionfs run`` mounts it (made on demand)
     containers/<id>/bundle/          the OCI bundle ``unionfs run`` gives the runtime
+    containers/<id>/state.json       run state: Running, Pid, ExitCode, StartedAt... (see lifecycle)
+    containers/<id>/container.log    a detached container's output (``logs``)
+    containers/<id>/etc/             hosts, hostname, resolv.conf: bind-mounted, never in the layers
 
 This is the record ``mount --writable IMAGE`` has always written, plus ``Name``.
 Records written before names existed (or by hand) still read: a missing field
@@ -23,7 +26,7 @@ import os
 import random
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..errors import UsageError
@@ -53,6 +56,7 @@ class Container:
     upper: str
     work: str
     dir: str
+    volumes: list[str] = field(default_factory=list)   # names of the volumes it mounts (refused to rm)
 
     @classmethod
     def from_record(cls, store: Store, rec: dict) -> "Container":
@@ -61,11 +65,12 @@ class Container:
         return cls(cid, str(rec.get("Name") or ""), str(rec.get("Image") or ""), str(rec.get("ImageRef") or ""),
                    str(rec.get("Created") or ""), str(rec.get("Mountpoint") or ""),
                    str(rec.get("Upper") or os.path.join(d, "upper")), str(rec.get("Work") or os.path.join(d, "work")),
-                   d)
+                   d, [str(v) for v in rec.get("Volumes") or []])
 
     def to_record(self) -> dict:
         return {"Id": self.id, "Name": self.name, "Image": self.image, "ImageRef": self.image_ref,
-                "Created": self.created, "Mountpoint": self.mountpoint, "Upper": self.upper, "Work": self.work}
+                "Created": self.created, "Mountpoint": self.mountpoint, "Upper": self.upper, "Work": self.work,
+                "Volumes": self.volumes}
 
     @property
     def short_id(self) -> str:
@@ -78,6 +83,14 @@ class Container:
     @property
     def bundle(self) -> str:
         return os.path.join(self.dir, "bundle")
+
+    @property
+    def runtime_id(self) -> str:
+        """The container's name for the OCI runtime."""
+        return f"unionfs-{self.short_id}"
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.dir, name)
 
 
 def _records(store: Store) -> Iterator[dict]:
