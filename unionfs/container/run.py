@@ -247,14 +247,11 @@ def start(store: Store, name: str, attach: bool = False, interactive: bool = Fal
     gets one now, from the image's config alone (as ``docker create`` + ``docker start``)."""
     from .lifecycle import start as start_again
     c = model.resolve(store, name)
-    prepare_now = None
-    if not os.path.exists(os.path.join(c.bundle, "config.json")):
-        opts = RunOptions()
-        config = _image_config(store, c)
-        if not os.path.exists(c.file("run.json")):
-            RunConfig(find_runtime(runtime), stop_signal(config)).save(c)
-        init_layer(store, c, config, opts)
-
-        def prepare_now() -> None:
-            prepare(store, c, config, opts)
-    return start_again(store, name, attach, interactive, prepare_now)
+    if os.path.exists(os.path.join(c.bundle, "config.json")):
+        return start_again(store, name, attach, interactive, None)
+    opts = RunOptions()
+    config = _image_config(store, c)
+    if not os.path.exists(c.file("run.json")):
+        RunConfig(find_runtime(runtime), stop_signal(config)).save(c)
+    init_layer(store, c, config, opts)
+    return start_again(store, name, attach, interactive, lambda: prepare(store, c, config, opts))
