@@ -2,7 +2,9 @@
 commands on two private stores, one mounting through each program, give the same results."""
 from __future__ import annotations
 
+import os
 import re
+import time
 
 import pytest
 from podman_env import image_layers, podmans, requirements_missing, tar_members  # noqa: F401
@@ -95,25 +97,38 @@ def test_build(podmans):
         assert a == b
 
 
+def _logs_until_end(p, name: str) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        logs = p("logs", name).stdout
+        if logs.endswith("END\n"):
+            return logs[:-len("END\n")]
+        time.sleep(0.2)
+    raise AssertionError(f"{name}: no END in the logs: {logs!r}")
+
+
 def _uidmap(p) -> dict:
-    """A container in a user namespace (--uidmap): the store keeps the image's ids, the mount program
-    shifts them (uidmapping=); with a single id, squash_to_uid/squash_to_gid."""
+    """Containers in a user namespace (--uidmap): podman passes uidmapping=/gidmapping= (with a single id,
+    squash_to_uid=/squash_to_gid=) to the mount program.  (Podman 4.3 also puts the lower layers on a
+    kernel idmapped mount, ``mapped/0``, so the ids the program reads are shifted once already.)"""
     script = "stat -c '%u:%g %n' /home/app /srv/owned /etc/passwd; touch /tmp/new; stat -c '%u:%g' /tmp/new"
-    out = {"mapped": p("run", "--name", "m", "--uidmap", "0:10000:5000", "--gidmap", "0:10000:5000",
-                       "bb:1", "sh", "-c", script).stdout,
-           "squashed": p("run", "--rm", "--uidmap", "0:20000:1", "--gidmap", "0:20000:1",
-                         "bb:1", "sh", "-c", script).stdout}
-    upper = p("inspect", "m", "--format", "{{.GraphDriver.Data.UpperDir}}").stdout.strip()
-    import os
-    st = os.lstat(os.path.join(upper, "tmp/new"))
-    out["stored"] = (st.st_uid, st.st_gid)
-    p("rm", "-f", "-t", "0", "m")
+    out = {}
+    for name, ids in (("mapped", "0:10000:5000"), ("squashed", "0:20000:1")):
+        # The container stays up: podman waits 20 s (conmon's timeout) for one in a user namespace to exit here.
+        p("run", "-d", "--name", name, "--uidmap", ids, "--gidmap", ids, "bb:1", "sh", "-c",
+          script + "; echo END; exec sleep 600")
+        out[name] = _logs_until_end(p, name)
+        upper = p("inspect", name, "--format", "{{.GraphDriver.Data.UpperDir}}").stdout.strip()
+        st = os.lstat(os.path.join(upper, "tmp/new"))
+        out[name + " stored"] = (st.st_uid, st.st_gid)
+        p("rm", "-f", "-t", "0", name)
     return out
 
 
 def test_user_namespace_id_mapping(podmans):
     ours, theirs = _uidmap(podmans["unionfs"]), _uidmap(podmans["fuse-overlayfs"])
-    assert ours["stored"] == (0, 0)                     # root in the container is the image's root on disk
+    assert ours["mapped stored"] == (0, 0)             # the container's root is the image's root on disk
+    assert ours["squashed stored"] == (20000, 20000)  # squashing changes what shows, not what is written
     assert ours["mapped"].splitlines()[-1] == "0:0"
     assert ours["squashed"].splitlines() == ["0:0 /home/app", "0:0 /srv/owned", "0:0 /etc/passwd", "0:0"]
     assert ours == theirs
