@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ class Podman:
         self.env = dict(os.environ, CONTAINERS_CONF=str(base / "containers.conf"),
                         CONTAINERS_STORAGE_CONF=str(base / "storage.conf"), TMPDIR=str(base))
         self.runtime = str(wrapper)
+        self.seq = 0
 
     def __call__(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         argv = ["podman", "--runtime", self.runtime, *args]
@@ -67,6 +69,22 @@ class Podman:
         if check:
             assert r.returncode == 0, f"{' '.join(argv)} ({self.program}): {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
+
+    def sh(self, image: str, script: str, *run_options: str, keep: bool = False) -> str:
+        """The output of ``sh -c SCRIPT`` in a new container; the container is removed unless ``keep``.
+        It is left running until read: podman waits 20 s (conmon's timeout) for a short-lived one here."""
+        self.seq += 1
+        name = next((run_options[i + 1] for i, o in enumerate(run_options) if o == "--name"), f"sh{self.seq}")
+        if "--name" not in run_options:
+            run_options += ("--name", name)
+        self("run", "-d", *run_options, image, "sh", "-c", f"{script}\necho END; exec sleep 600")
+        deadline = time.monotonic() + TIMEOUT
+        while not (logs := self("logs", name).stdout).endswith("END\n"):
+            assert time.monotonic() < deadline, f"{name}: no END in its output: {logs!r}"
+            time.sleep(0.1)
+        if not keep:
+            self("rm", "-f", "-t", "0", name)
+        return logs[:-len("END\n")]
 
     def cleanup(self) -> None:
         """Containers, their mounts and podman's own leftovers, however the test ended."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 import pytest
 from podman_env import image_layers, podmans, requirements_missing, tar_members  # noqa: F401
@@ -46,8 +45,8 @@ def _run_session(p) -> dict:
                                                            "run/.containerenv"))
     p("rm", "-f", "-t", "0", "c")
     # The committed image runs, and shows the changes.
-    out["rerun"] = p("run", "--rm", "--user", "app", "bb:2", "sh", "-c",
-                     "cat /srv-moved/new /srv-moved/data; ls /home/app/cache; test -e /etc/group || echo gone").stdout
+    out["rerun"] = p.sh("bb:2", "cat /srv-moved/new /srv-moved/data; ls /home/app/cache; test -e /etc/group || "
+                        "echo gone", "--user", "app")
     return out
 
 
@@ -84,8 +83,7 @@ def _build(p) -> dict:
     build = p("build", "--isolation", "chroot", "-t", "built:1", str(ctx)).stdout
     return {"layers": image_layers(p, "localhost/built:1"),
             "steps": re.findall(r"^STEP \d+/\d+: .*$", build, re.M),
-            "run": p("run", "--rm", "built:1", "sh", "-c",
-                     "cat /data/out /home/app/uid; stat -c '%a %u' /srv/hello; ls /srv").stdout}
+            "run": p.sh("built:1", "cat /data/out /home/app/uid; stat -c '%a %u' /srv/hello; ls /srv")}
 
 
 def test_build(podmans):
@@ -97,16 +95,6 @@ def test_build(podmans):
         assert a == b
 
 
-def _logs_until_end(p, name: str) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        logs = p("logs", name).stdout
-        if logs.endswith("END\n"):
-            return logs[:-len("END\n")]
-        time.sleep(0.2)
-    raise AssertionError(f"{name}: no END in the logs: {logs!r}")
-
-
 def _uidmap(p) -> dict:
     """Containers in a user namespace (--uidmap): podman passes uidmapping=/gidmapping= (with a single id,
     squash_to_uid=/squash_to_gid=) to the mount program.  (Podman 4.3 also puts the lower layers on a
@@ -114,10 +102,7 @@ def _uidmap(p) -> dict:
     script = "stat -c '%u:%g %n' /home/app /srv/owned /etc/passwd; touch /tmp/new; stat -c '%u:%g' /tmp/new"
     out = {}
     for name, ids in (("mapped", "0:10000:5000"), ("squashed", "0:20000:1")):
-        # The container stays up: podman waits 20 s (conmon's timeout) for one in a user namespace to exit here.
-        p("run", "-d", "--name", name, "--uidmap", ids, "--gidmap", ids, "bb:1", "sh", "-c",
-          script + "; echo END; exec sleep 600")
-        out[name] = _logs_until_end(p, name)
+        out[name] = p.sh("bb:1", script, "--name", name, "--uidmap", ids, "--gidmap", ids, keep=True)
         upper = p("inspect", name, "--format", "{{.GraphDriver.Data.UpperDir}}").stdout.strip()
         st = os.lstat(os.path.join(upper, "tmp/new"))
         out[name + " stored"] = (st.st_uid, st.st_gid)
