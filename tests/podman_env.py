@@ -50,7 +50,7 @@ class Podman:
     def __init__(self, base: Path, program: str) -> None:
         self.base, self.program = base, program
         base.mkdir(parents=True)
-        (base / "storage.conf").write_text(STORAGE_CONF.format(base=base, program=program))
+        self.use_program(program)
         (base / "containers.conf").write_text(CONTAINERS_CONF)
         wrapper = base / "crun-wrapper"
         wrapper.write_text(RUNTIME_WRAPPER)
@@ -69,6 +69,11 @@ class Podman:
         if check:
             assert r.returncode == 0, f"{' '.join(argv)} ({self.program}): {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
+
+    def use_program(self, program: str) -> None:
+        """Mount through ``program`` from now on (containers/storage reads storage.conf at every start)."""
+        self.program = program
+        (self.base / "storage.conf").write_text(STORAGE_CONF.format(base=self.base, program=program))
 
     def sh(self, image: str, script: str, *run_options: str, keep: bool = False) -> str:
         """The output of ``sh -c SCRIPT`` in a new container; the container is removed unless ``keep``.

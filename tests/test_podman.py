@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from podman_env import image_layers, podmans, requirements_missing, tar_members  # noqa: F401
+from podman_env import UNIONFS, image_layers, podmans, requirements_missing, tar_members  # noqa: F401
 
 pytestmark = pytest.mark.skipif(requirements_missing() is not None, reason=requirements_missing() or "")
 
@@ -117,3 +117,17 @@ def test_user_namespace_id_mapping(podmans):
     assert ours["mapped"].splitlines()[-1] == "0:0"
     assert ours["squashed"].splitlines() == ["0:0 /home/app", "0:0 /srv/owned", "0:0 /etc/passwd", "0:0"]
     assert ours == theirs
+
+
+@pytest.mark.xfail(strict=True, reason="a work dir fuse-overlayfs left (work/work) is refused: accepting it is "
+                                       "branch interop-index's (writable.py prepare_upper)")
+def test_switching_mount_program_keeps_containers(podmans):
+    """A container made with fuse-overlayfs as the mount program starts and shows its changes with unionfs."""
+    p = podmans["fuse-overlayfs"]
+    p("run", "-d", "--name", "k", "bb:1", "sleep", "600")
+    p("exec", "k", "sh", "-c", "echo kept > /srv/kept; rm /etc/group")
+    p("stop", "-t", "0", "k")
+    p.use_program(UNIONFS)
+    p("start", "k")
+    assert p("exec", "k", "sh", "-c", "cat /srv/kept; test -e /etc/group || echo gone").stdout == "kept\ngone\n"
+    assert _mounts_of("fuse.unionfs")
