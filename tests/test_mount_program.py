@@ -179,22 +179,6 @@ def _owners(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _as(uid: int, gid: int, fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            fn(*args)
-        except OSError as e:
-            code = e.errno or 255
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
 def _shift_session(program: str, base: Path, tmp: Path, opts: str) -> dict:
     up, wk, mnt = tmp / "upper", tmp / "work", tmp / "mnt"
     for p in (up, wk, mnt):
@@ -206,8 +190,8 @@ def _shift_session(program: str, base: Path, tmp: Path, opts: str) -> dict:
         os.chown(m / "app-file", 100007, 100008)               # a chown of a lower file: copied up, shifted in
         root = os.open(m, os.O_PATH)   # (the test's tmp dirs are 0700)
         try:
-            created = _as(100005, 100006, lambda: os.close(os.open("tmp/by-mapped", os.O_CREAT | os.O_WRONLY, 0o644,
-                                                                   dir_fd=root)))
+            created = as_user(100005, lambda: os.close(os.open("tmp/by-mapped", os.O_CREAT | os.O_WRONLY, 0o644,
+                                                               dir_fd=root)), gid=100006)
         finally:
             os.close(root)
         after = _owners(m)

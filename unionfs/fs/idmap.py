@@ -56,20 +56,19 @@ class IdShift:
         """The owner the merged view shows for an owner stored in a layer."""
         if self.squash is not None:
             return self.squash
-        if not self.ranges:
-            return stored
-        for r in self.ranges:
-            if r.inside <= stored < r.inside + r.count:
-                return r.outside + stored - r.inside
-        return self.overflow
+        return self._through(stored, inward=False)
 
     def stored(self, shown: int) -> int:
         """The owner to write to the upper layer for a caller's (or a chown's) id."""
+        return self._through(shown, inward=True)
+
+    def _through(self, id_: int, inward: bool) -> int:
         if not self.ranges:
-            return shown
+            return id_
         for r in self.ranges:
-            if r.outside <= shown < r.outside + r.count:
-                return r.inside + shown - r.outside
+            src, dst = (r.outside, r.inside) if inward else (r.inside, r.outside)
+            if src <= id_ < src + r.count:
+                return dst + id_ - src
         return self.overflow
 
     @property
