@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -226,3 +227,47 @@ def test_subcommands_are_never_taken_for_a_mount_program_argv():
     assert set(sub.choices) == cli._COMMANDS
     assert not cli._is_mount_program_argv(["mount", "-o", "lowerdir=x", "/m"])
     assert cli._is_mount_program_argv(["-o", "lowerdir=x", "/m"]) and cli._is_mount_program_argv(["src", "/m", "-o", "x"])
+
+
+def _daemon_pid(mnt: Path) -> int:
+    pidfile = "/run/unionfs/" + str(mnt).strip("/").replace("/", "%") + ".pid"
+    return int(Path(pidfile).read_text())
+
+
+def _traced(pid: int, tid: str) -> bool:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in f)
+
+
+def _fsyncs_of_the_daemon(tmp_path: Path, opts: str) -> list[str]:
+    """The fsync(2)/fdatasync(2) calls the daemon makes while a client fsyncs a file (seen by strace)."""
+    for d in ("up", "wk", "mnt", "low"):
+        (tmp_path / d).mkdir(parents=True)
+    mnt, trace = tmp_path / "mnt", tmp_path / "trace"
+    with mounted(UNIONFS, f"lowerdir={tmp_path}/low,upperdir={tmp_path}/up,workdir={tmp_path}/wk{opts}", mnt):
+        pid = _daemon_pid(mnt)
+        tids = os.listdir(f"/proc/{pid}/task")
+        strace = subprocess.Popen(["strace", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+                                   *(a for t in tids for a in ("-p", t))], stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while not all(_traced(pid, t) for t in tids):   # attached before the client's fsync
+                assert time.monotonic() < deadline and strace.poll() is None, "strace did not attach"
+                time.sleep(0.05)
+            fd = os.open(mnt / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+            os.write(fd, b"data")
+            os.fsync(fd)
+            os.fdatasync(fd)
+            os.close(fd)
+        finally:
+            strace.terminate()
+            strace.wait(timeout=30)
+    return [line for line in trace.read_text().splitlines() if "sync(" in line]
+
+
+def test_volatile_means_no_fsync(tmp_path):
+    if shutil.which("strace") is None:
+        pytest.skip("strace is needed (scripts/setup --test installs it)")
+    assert len(_fsyncs_of_the_daemon(tmp_path / "a", "")) == 2                  # the caller's fsync reaches the disk
+    assert _fsyncs_of_the_daemon(tmp_path / "b", ",,volatile") == []            # podman's run --rm and build
+    assert _fsyncs_of_the_daemon(tmp_path / "c", ",fsync=0") == []

@@ -35,7 +35,8 @@ def _run_session(p) -> dict:
            "app": p("exec", "--user", "app", "c", "sh", "-c", AS_APP).stdout,
            "app-uid": p("exec", "--user", "4321:4321", "c", "sh", "-c", "echo x > /tmp/t; stat -c %u:%g /tmp/t").stdout,
            "diff": sorted(p("diff", "c").stdout.splitlines()),
-           "mounted-by": p("inspect", "c", "--format", "{{.GraphDriver.Name}}").stdout.strip()}
+           "mounted-by": p("inspect", "c", "--format", "{{.GraphDriver.Name}}").stdout.strip(),
+           "info": p("info", "--format", "{{json .Store.GraphOptions}}").stdout}
     out["mounts"] = _mounts_of("fuse.unionfs" if p.program.endswith("unionfs") else "fuse.fuse-overlayfs")
     p("commit", "c", "bb:2")
     out["commit"] = image_layers(p, "localhost/bb:2")
@@ -52,6 +53,7 @@ def _run_session(p) -> dict:
 
 def test_run_exec_diff_commit_export(podmans):
     ours, theirs = _run_session(podmans["unionfs"]), _run_session(podmans["fuse-overlayfs"])
+    assert '"Version":"unionfs version ' in ours["info"] and ours["mounted-by"] == "overlay", ours["info"]
     assert ours["mounts"] and all("nosuid" not in m.split(" - ")[1] for m in ours["mounts"]), ours["mounts"]
     assert ours["app"].splitlines()[:3] == ["1000", "1000", "1000:1000 644 /home/app/cache/mine"], ours["app"]
     assert ours["app"].count("refused") == 2 and "Permission denied" in ours["app"]
