@@ -271,3 +271,26 @@ def test_volatile_means_no_fsync(tmp_path):
     assert len(_fsyncs_of_the_daemon(tmp_path / "a", "")) == 2                  # the caller's fsync reaches the disk
     assert _fsyncs_of_the_daemon(tmp_path / "b", ",,volatile") == []            # podman's run --rm and build
     assert _fsyncs_of_the_daemon(tmp_path / "c", ",fsync=0") == []
+
+
+def test_noacl_as_fuse_overlayfs(tmp_path):
+    """POSIX ACLs are enforced by the kernel (an ACL entry that shuts uid 1000 out of a 0644 file), and with
+    noacl not at all, for both programs."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "secret").write_text("s")
+    subprocess.run(["setfacl", "-m", "u:1000:---", str(base / "secret")], check=True, timeout=30)
+    seen = {}
+    for name, program in (("ours", UNIONFS), ("theirs", FUSE_OVERLAYFS)):
+        for opts in ("", ",noacl"):
+            up, wk, mnt = (tmp_path / f"{name}{opts.strip(',')}-{d}" for d in ("up", "wk", "mnt"))
+            for d in (up, wk, mnt):
+                d.mkdir()
+            with mounted(program, f"lowerdir={base},upperdir={up},workdir={wk}{opts}", mnt) as m:
+                root = os.open(m, os.O_PATH)
+                try:
+                    seen[name, opts] = as_user(1000, lambda: os.close(os.open("secret", os.O_RDONLY, dir_fd=root)))
+                finally:
+                    os.close(root)
+    assert seen == {("ours", ""): errno.EACCES, ("ours", ",noacl"): 0,
+                    ("theirs", ""): errno.EACCES, ("theirs", ",noacl"): 0}
