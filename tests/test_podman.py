@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tarfile
 
 import pytest
 from podman_env import UNIONFS, image_layers, podmans, requirements_missing, tar_members  # noqa: F401
@@ -42,6 +43,8 @@ def _run_session(p) -> dict:
     out["commit"] = image_layers(p, "localhost/bb:2")
     export = p.base / "c.tar"
     p("export", "-o", str(export), "c")
+    with tarfile.open(export) as tar:
+        out["export links"] = sorted((m.name, m.linkname) for m in tar if m.islnk())
     out["export"] = tar_members(export.read_bytes(), skip=("etc/hostname", "etc/hosts", "etc/resolv.conf",
                                                            "run/.containerenv"))
     p("rm", "-f", "-t", "0", "c")
@@ -61,6 +64,7 @@ def test_run_exec_diff_commit_export(podmans):
     assert {"D /etc/group", "A /srv-moved/new", "A /srv-moved/data", "D /srv", "A /var/data/sub/f"} <= set(ours["diff"])
     assert ours["rerun"] == "new\ndata\nmore\nmine\ngone\n"
     assert ours["export"]["srv-moved/data"][4] == ours["export"]["srv-moved/data-link"][4]
+    assert {frozenset(pair) for pair in ours["export links"]} == {frozenset({"srv-moved/data", "srv-moved/data-link"})}
     for key in ("root", "app", "app-uid", "diff", "rerun", "export"):
         assert ours[key] == theirs[key], key
     # The committed layer: the same members (fuse-overlayfs breaks the lower hard link; tar_members
