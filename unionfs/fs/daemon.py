@@ -65,7 +65,7 @@ class MountConfig:
     log_file: str | None = None
     debug: bool = False
     fsync: bool = True            # volatile, fsync=0: fsync(2) and copy-ups do not wait for the disk
-    idmap: IdMap | None = None    # uidmapping, gidmapping, squash_to_*
+    idmap: IdMap = IdMap()        # uidmapping, gidmapping, squash_to_*
     acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1

@@ -71,27 +71,23 @@ class IdShift:
                 return dst + id_ - src
         return self.overflow
 
-    @property
-    def identity(self) -> bool:
-        return self.squash is None and not self.ranges
-
 
 @dataclass(frozen=True)
 class IdMap:
-    uid: IdShift
-    gid: IdShift
+    """Both directions' maps; the default one changes nothing."""
+
+    uid: IdShift = IdShift()
+    gid: IdShift = IdShift()
 
     @classmethod
     def from_options(cls, uidmapping: str | None = None, gidmapping: str | None = None,
                      squash_to_root: bool = False, squash_to_uid: int | None = None,
-                     squash_to_gid: int | None = None) -> "IdMap | None":
-        """The map the options ask for, or None when they ask for none (the common case: no cost)."""
+                     squash_to_gid: int | None = None) -> "IdMap":
+        """The map the options ask for."""
         uid = IdShift(parse_ranges(uidmapping) if uidmapping else (),
                       squash_to_uid if squash_to_uid is not None else (0 if squash_to_root else None),
                       _overflow("uid"))
         gid = IdShift(parse_ranges(gidmapping) if gidmapping else (),
                       squash_to_gid if squash_to_gid is not None else (0 if squash_to_root else None),
                       _overflow("gid"))
-        if uid.identity and gid.identity:
-            return None
         return cls(uid, gid)

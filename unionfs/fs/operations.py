@@ -83,11 +83,11 @@ class Operations(pyfuse3.Operations):
     # enforces them, as it does on overlayfs; the upper filesystem applies default ACLs.
     enable_acl = True
 
-    def __init__(self, union: Union, after_init: Callable[[], None] | None = None, idmap: IdMap | None = None,
+    def __init__(self, union: Union, after_init: Callable[[], None] | None = None, idmap: IdMap = IdMap(),
                  acl: bool = True, xattrs: bool = True, static_nlink: bool = False) -> None:
         super().__init__()
         self.union = union
-        self.idmap = idmap                # owners shown and written (uidmapping, squash_to_*)
+        self.uids, self.gids = idmap.uid, idmap.gid   # owners shown and written (uidmapping, squash_to_*)
         self.enable_acl = acl and xattrs  # read by pyfuse3.init
         self.xattrs = xattrs
         self.static_nlink = static_nlink
@@ -116,10 +116,8 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = e.attr_timeout = self._timeout(node)
         e.st_mode = attr.mode
         e.st_nlink = 1 if self.static_nlink and stat.S_ISDIR(attr.mode) else attr.nlink
-        if self.idmap is None:
-            e.st_uid, e.st_gid = attr.uid, attr.gid
-        else:
-            e.st_uid, e.st_gid = self.idmap.uid.shown(attr.uid), self.idmap.gid.shown(attr.gid)
+        e.st_uid = self.uids.shown(attr.uid)
+        e.st_gid = self.gids.shown(attr.gid)
         e.st_rdev = attr.rdev
         e.st_size = attr.size
         e.st_blksize = attr.blksize
@@ -147,9 +145,7 @@ class Operations(pyfuse3.Operations):
 
     def _owner(self, ctx) -> tuple[int, int]:
         """The caller's ids as the layers store them."""
-        if self.idmap is None:
-            return ctx.uid, ctx.gid
-        return self.idmap.uid.stored(ctx.uid), self.idmap.gid.stored(ctx.gid)
+        return self.uids.stored(ctx.uid), self.gids.stored(ctx.gid)
 
     def _no_xattrs(self) -> None:
         if not self.xattrs:   # noxattrs: ENOSYS once, then the kernel answers EOPNOTSUPP itself
@@ -192,11 +188,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def access(self, inode, mode, ctx):
-        gids = [ctx.gid, *pyfuse3.get_sup_groups(ctx.pid)]
-        uid = ctx.uid
-        if self.idmap is not None:
-            uid, gids = self.idmap.uid.stored(uid), [self.idmap.gid.stored(g) for g in gids]
-        self.union.access(self.inodes.get(inode), mode, uid, gids)
+        gids = [self.gids.stored(g) for g in (ctx.gid, *pyfuse3.get_sup_groups(ctx.pid))]
+        self.union.access(self.inodes.get(inode), mode, self.uids.stored(ctx.uid), gids)
 
     @_guard
     async def statfs(self, ctx):
@@ -331,10 +324,8 @@ class Operations(pyfuse3.Operations):
         f = self.handles.files.get(fh) if fh is not None else None
         u.setattr(node, f,
                   mode=attr.st_mode if fields.update_mode else None,
-                  uid=(attr.st_uid if self.idmap is None else self.idmap.uid.stored(attr.st_uid))
-                  if fields.update_uid else None,
-                  gid=(attr.st_gid if self.idmap is None else self.idmap.gid.stored(attr.st_gid))
-                  if fields.update_gid else None,
+                  uid=self.uids.stored(attr.st_uid) if fields.update_uid else None,
+                  gid=self.gids.stored(attr.st_gid) if fields.update_gid else None,
                   size=attr.st_size if fields.update_size else None,
                   atime_ns=attr.st_atime_ns if fields.update_atime else None,
                   mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
