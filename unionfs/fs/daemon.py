@@ -45,8 +45,9 @@ NO_OP = {
     "splice_write": "pyfuse3 does not splice", "no_splice_move": "pyfuse3 does not splice",
     "no_splice_read": "pyfuse3 does not splice", "no_splice_write": "pyfuse3 does not splice",
 }
-# libfuse 3 refuses these; as root we mount with them unless told otherwise, as fuse-overlayfs
-# does: a rootfs needs setuid binaries, device nodes, and users other than root.
+# libfuse mounts nosuid,nodev and for the mounting user alone; as root we mount with these unless
+# told otherwise (the option named beside each), as fuse-overlayfs does: a rootfs needs setuid
+# binaries, device nodes, and users other than root.
 ROOT_DEFAULTS = {"allow_other": "allow_root", "suid": "nosuid", "dev": "nodev"}
 
 
