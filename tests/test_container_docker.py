@@ -9,15 +9,14 @@ import select
 import shutil
 import signal
 import struct
-import subprocess
 import sys
-import tempfile
 import termios
 import time
 
 import pytest
 from container_images import busybox_image, ok, ps_rows, run, store  # noqa: F401
 from helpers import unionfs_cmd
+from podman_env import HAVE_PODMAN, Podman
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/bin/busybox") or not (shutil.which("crun") or shutil.which("runc")),
                                 reason="busybox-static and crun are needed (scripts/setup --test installs them)")
@@ -163,31 +162,14 @@ def test_volumes_and_bind_mounts_outlive_containers(bb, tmp_path):
 
 @pytest.fixture
 def podman(tmp_path):
-    """podman as root with a private store, crun hidden from the hybrid cgroup layout like ours
-    (README "Comparing with podman"); removed with the test."""
-    if not shutil.which("podman"):
+    """podman as root with a private vfs store (tests/podman_env.py); removed with the test."""
+    if not HAVE_PODMAN:
         pytest.skip("podman is needed (scripts/setup --test installs it)")
-    base = tmp_path / "podman"
-    base.mkdir()
-    wrapper = base / "crun"
-    wrapper.write_text("#!/bin/sh\nexec unshare -m sh -c 'mount -t tmpfs none /sys/fs/cgroup/unified 2>/dev/null; "
-                       "exec crun \"$@\"' sh \"$@\"\n")
-    wrapper.chmod(0o755)
-    conf = base / "containers.conf"
-    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n')
-    runroot = tempfile.mkdtemp(prefix="pm-", dir="/run" if os.path.isdir("/run") else None)   # < 50 characters
-    argv = ["podman", "--root", str(base / "root"), "--runroot", runroot, "--cgroup-manager", "cgroupfs",
-            "--events-backend", "file", "--storage-driver", "vfs", "--runtime", str(wrapper)]
-
-    def pm(*args, **kw):
-        return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, CONTAINERS_CONF=str(conf)), stdin=subprocess.DEVNULL, **kw)
-    yield pm
-    pm("rm", "-af")
-    for d in (str(base / "root"), runroot):
-        subprocess.run(["umount", "-R", d], capture_output=True, timeout=30)
-    shutil.rmtree(base, ignore_errors=True)
-    shutil.rmtree(runroot, ignore_errors=True)
+    pm = Podman(tmp_path / "podman")
+    try:
+        yield lambda *args: pm(*args, check=False)
+    finally:
+        pm.close()
 
 
 def test_same_as_podman(bb, tmp_path, podman):

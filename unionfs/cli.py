@@ -451,7 +451,52 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mount_program(argv: list[str]) -> int:
+    """fuse-overlayfs's command line, for podman's ``mount_program`` and for mount.fuse3
+    (``mount -t fuse.unionfs``, /etc/fstab): ``unionfs [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT``.
+    Returns once mounted (in front with -f); SOURCE, if given, names the mount (fsname)."""
+    p = argparse.ArgumentParser(prog="unionfs", usage="%(prog)s -o lowerdir=...[,upperdir=...,workdir=...] "
+                                "[SOURCE] MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
+    p.add_argument("-f", dest="foreground", action="store_true")
+    p.add_argument("-d", dest="debug", action="store_true", help="foreground and debug log")
+    p.add_argument("targets", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    args = p.parse_intermixed_args(argv)
+    if len(args.targets) > 2:
+        raise UsageError("give [SOURCE] MOUNTPOINT")
+    options = list(args.options)
+    if len(args.targets) == 2 and not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
+        options.append("fsname=" + args.targets[0].replace(",", "_"))
+    if args.debug:
+        options.append("debug")
+    return mount(build_config(args.targets[-1], [], None, None, options, args.foreground or args.debug))
+
+
+def _is_mount_program_argv(argv: list[str]) -> bool:
+    """``-o ...`` first (podman), or SOURCE MOUNTPOINT -o ... (mount.fuse3), not a subcommand."""
+    if not argv or argv[0] in ("-h", "--help", "--version", "--root") or argv[0].startswith("--root="):
+        return False
+    if argv[0].startswith("-o") or argv[0] in ("-f", "-d"):
+        return True
+    return argv[0] not in _COMMANDS and "-o" in argv
+
+
+_COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
+             "commit", "save", "run", "pull", "push", "login", "logout"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"] or argv == ["-V"]:
+        from . import __version__
+        print(f"unionfs version {__version__}")
+        return 0
+    if _is_mount_program_argv(argv):
+        try:
+            return _mount_program(argv)
+        except UsageError as e:
+            print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
+            return 2
     args = parser().parse_args(argv)
     try:
         return args.func(args)

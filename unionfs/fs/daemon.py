@@ -19,15 +19,37 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from .idmap import IdMap
 
 log = logging.getLogger("unionfs.daemon")
 
 # FUSE options we pass through to the kernel/libfuse as given.
-PASSTHROUGH = {"allow_other", "default_permissions", "ro", "rw", "debug", "suid", "nosuid", "dev", "nodev",
-               "exec", "noexec", "atime", "noatime", "relatime", "auto_unmount"}
+PASSTHROUGH = {"allow_other", "allow_root", "default_permissions", "ro", "rw", "debug", "suid", "nosuid", "dev",
+               "nodev", "exec", "noexec", "atime", "noatime", "relatime", "dirsync", "sync", "async", "auto_unmount"}
 PASSTHROUGH_VALUE = {"fsname", "subtype", "max_read", "blksize"}
 # Ours, accepted as -o options for overlayfs familiarity.
 OURS = {"lowerdir", "upperdir", "workdir"}
+# fuse-overlayfs's options (and FUSE ones libfuse 3 or pyfuse3 lack) that change nothing here, and why
+# (README, "unionfs as podman's mount_program").
+NO_OP = {
+    "threaded": "one trio loop serves every request",
+    "fast_ino": "inode numbers come from the layers' own inodes",
+    "ino32_t": "inode numbers are the layer files' own (32-bit on ext4)",
+    "xino": "inode numbers are always as overlayfs's xino=on",
+    "redirect_dir": "directory renames always record trusted.overlay.redirect (as redirect_dir=on)",
+    "timeout": "the kernel caches lower entries for a day, upper ones for a second",
+    "writeback": "writes always reach the daemon (no writeback cache)",
+    "kernel_cache": "file pages are always kept (keep_cache)",
+    "max_write": "pyfuse3 sizes its own buffers",
+    "diratime": "FUSE does not update atimes", "nodiratime": "FUSE does not update atimes",
+    "splice_move": "pyfuse3 does not splice", "splice_read": "pyfuse3 does not splice",
+    "splice_write": "pyfuse3 does not splice", "no_splice_move": "pyfuse3 does not splice",
+    "no_splice_read": "pyfuse3 does not splice", "no_splice_write": "pyfuse3 does not splice",
+}
+# libfuse mounts nosuid,nodev and for the mounting user alone; as root we mount with these unless
+# told otherwise (the option named beside each), as fuse-overlayfs does: a rootfs needs setuid
+# binaries, device nodes, and users other than root.
+ROOT_DEFAULTS = {"allow_other": "allow_root", "suid": "nosuid", "dev": "nodev"}
 
 
 @dataclass
@@ -40,6 +62,11 @@ class MountConfig:
     foreground: bool = False
     log_file: str | None = None
     debug: bool = False
+    fsync: bool = True            # volatile, fsync=0: fsync(2) and copy-ups do not wait for the disk
+    idmap: IdMap = IdMap()        # uidmapping, gidmapping, squash_to_*
+    acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
+    xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
+    static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
 
 
 def split_lowerdir(value: str) -> list[str]:
@@ -64,21 +91,42 @@ def split_lowerdir(value: str) -> list[str]:
 
 
 def split_options(values: list[str]) -> dict[str, str | None]:
-    """``-o a,b=c -o d`` -> {a: None, b: c, d: None}; commas inside lowerdir escaped as in mount(8)."""
+    """``-o a,b=c -o d`` -> {a: None, b: c, d: None}.  A comma inside double quotes is part of the
+    value (podman's ``context="system_u:object_r:container_file_t:s0:c1,c2"``); empty items are
+    skipped (podman writes ``workdir=W,,volatile``)."""
     out: dict[str, str | None] = {}
     for value in values:
-        for item in value.split(","):
-            if not item:
-                continue
+        for item in re.findall(r'(?:[^,"]|"[^"]*")+', value):
             k, sep, v = item.partition("=")
             out[k] = v if sep else None
     return out
+
+
+def _flag(k: str, v: str | None) -> bool:
+    """fuse-overlayfs's ``%d`` options: ``noxattrs=1``; a bare name means 1."""
+    if v is None:
+        return True
+    if v.strip().isdigit():
+        return int(v) != 0
+    raise UsageError(f"mount option {k}={v}: want a number")
+
+
+def _number(k: str, v: str | None) -> int:
+    if v is None or not v.isdigit():
+        raise UsageError(f"mount option {k} needs a number: {k}=N")
+    return int(v)
+
+
+def _selinux_enabled() -> bool:
+    return os.path.exists("/sys/fs/selinux/enforce")
 
 
 def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str | None,
                  options: list[str], foreground: bool, log_file: str | None = None) -> MountConfig:
     opts = split_options(options)
     fuse: set[str] = {"default_permissions"}
+    fsync, acl, xattrs, static_nlink = True, True, True, False
+    ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
             if lower:
@@ -92,6 +140,33 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             fuse.add(k)
         elif k in PASSTHROUGH_VALUE and v:
             fuse.add(f"{k}={v}")
+        elif k == "volatile" and v is None:
+            fsync = False
+        elif k in ("fsync", "sync") and v is not None:   # fuse-overlayfs spells it fsync=0
+            fsync = fsync and _flag(k, v)
+        elif k in ("uidmapping", "gidmapping") and v:
+            ids[k] = v
+        elif k == "squash_to_root" and v is None:
+            ids[k] = True
+        elif k in ("squash_to_uid", "squash_to_gid"):
+            ids[k] = _number(k, v)
+        elif k == "noacl" and v is None:
+            acl = False
+        elif k == "noxattrs":
+            xattrs = not _flag(k, v)
+        elif k == "static_nlink" and v is None:
+            static_nlink = True
+        elif k == "xattr_permissions":
+            if _flag(k, v):
+                raise UsageError(f"xattr_permissions={v}: owners and modes in xattrs are not supported "
+                                 "(podman's force_mask); owners and modes are kept on the files")
+        elif k == "context" and v:
+            if _selinux_enabled():   # without SELinux the kernel would refuse the mount
+                fuse.add(f"context={v}")
+        elif k == "plugins":
+            raise UsageError("plugins= (fuse-overlayfs's lazy-loading plugins) is not supported")
+        elif k in NO_OP:
+            pass
         else:
             raise UsageError(f"unknown mount option {k!r}")
     if not lower:
@@ -106,12 +181,21 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         fuse.add("ro")
     if "ro" in fuse:
         fuse.discard("rw")
+    if "allow_root" in fuse and "allow_other" in fuse:
+        raise UsageError("allow_root and allow_other exclude each other")
+    if os.geteuid() == 0:
+        fuse |= {opt for opt, unless in ROOT_DEFAULTS.items() if unless not in fuse}
     if not any(o.startswith("fsname=") for o in fuse):
         fuse.add("fsname=unionfs")
     if not any(o.startswith("subtype=") for o in fuse):
         fuse.add("subtype=unionfs")
+    try:
+        idmap = IdMap.from_options(**ids)   # type: ignore[arg-type]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
-                       debug="debug" in fuse)
+                       debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
+                       static_nlink=static_nlink)
 
 
 # --- running -----------------------------------------------------------------
@@ -133,7 +217,7 @@ def _open_union(cfg: MountConfig):
         except UsageError:
             stack.close()
             raise
-        return WritableUnion(stack, lock)
+        return WritableUnion(stack, lock, fsync=cfg.fsync)
     return Union(stack)
 
 
@@ -227,7 +311,8 @@ def _serve(cfg: MountConfig, union, ready) -> None:
     from .operations import Operations
 
     real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting (see below)
-    ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint))
+    ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint), idmap=cfg.idmap,
+                     acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink)
     os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
     try:

@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,7 @@ import trio
 
 from . import sys as sysmod
 from .dircache import DirCache, Listing
+from .idmap import IdMap
 from .inodes import ROOT_INO, Node
 from .union import Attr, OpenFile, Union
 
@@ -81,9 +83,14 @@ class Operations(pyfuse3.Operations):
     # enforces them, as it does on overlayfs; the upper filesystem applies default ACLs.
     enable_acl = True
 
-    def __init__(self, union: Union, after_init: Callable[[], None] | None = None) -> None:
+    def __init__(self, union: Union, after_init: Callable[[], None] | None = None, idmap: IdMap = IdMap(),
+                 acl: bool = True, xattrs: bool = True, static_nlink: bool = False) -> None:
         super().__init__()
         self.union = union
+        self.uids, self.gids = idmap.uid, idmap.gid   # owners shown and written (uidmapping, squash_to_*)
+        self.enable_acl = acl and xattrs  # read by pyfuse3.init
+        self.xattrs = xattrs
+        self.static_nlink = static_nlink
         self.inodes = union.inodes
         self.handles = Handles()
         self.listings = DirCache()
@@ -108,9 +115,9 @@ class Operations(pyfuse3.Operations):
         e.generation = self.inodes.generations.get(attr.ino, 0) if self.inodes.generations else 0
         e.entry_timeout = e.attr_timeout = self._timeout(node)
         e.st_mode = attr.mode
-        e.st_nlink = attr.nlink
-        e.st_uid = attr.uid
-        e.st_gid = attr.gid
+        e.st_nlink = 1 if self.static_nlink and stat.S_ISDIR(attr.mode) else attr.nlink
+        e.st_uid = self.uids.shown(attr.uid)
+        e.st_gid = self.gids.shown(attr.gid)
         e.st_rdev = attr.rdev
         e.st_size = attr.size
         e.st_blksize = attr.blksize
@@ -135,6 +142,14 @@ class Operations(pyfuse3.Operations):
                 pyfuse3.invalidate_inode(ino, attr_only=True)
             except OSError:
                 pass  # the kernel no longer knows it: nothing cached
+
+    def _owner(self, ctx) -> tuple[int, int]:
+        """The caller's ids as the layers store them."""
+        return self.uids.stored(ctx.uid), self.gids.stored(ctx.gid)
+
+    def _no_xattrs(self) -> None:
+        if not self.xattrs:   # noxattrs: ENOSYS once, then the kernel answers EOPNOTSUPP itself
+            raise pyfuse3.FUSEError(errno.ENOSYS)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -173,7 +188,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def access(self, inode, mode, ctx):
-        self.union.access(self.inodes.get(inode), mode, ctx.uid, [ctx.gid, *pyfuse3.get_sup_groups(ctx.pid)])
+        gids = [self.gids.stored(g) for g in (ctx.gid, *pyfuse3.get_sup_groups(ctx.pid))]
+        self.union.access(self.inodes.get(inode), mode, self.uids.stored(ctx.uid), gids)
 
     @_guard
     async def statfs(self, ctx):
@@ -189,6 +205,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode, name, ctx):
+        self._no_xattrs()
         try:
             return self.union.getxattr(self.inodes.get(inode), os.fsdecode(name))
         except OSError as e:
@@ -198,6 +215,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def listxattr(self, inode, ctx):
+        self._no_xattrs()
         return [os.fsencode(n) for n in self.union.listxattr(self.inodes.get(inode))]
 
     # --- directories -----------------------------------------------------------
@@ -306,8 +324,8 @@ class Operations(pyfuse3.Operations):
         f = self.handles.files.get(fh) if fh is not None else None
         u.setattr(node, f,
                   mode=attr.st_mode if fields.update_mode else None,
-                  uid=attr.st_uid if fields.update_uid else None,
-                  gid=attr.st_gid if fields.update_gid else None,
+                  uid=self.uids.stored(attr.st_uid) if fields.update_uid else None,
+                  gid=self.gids.stored(attr.st_gid) if fields.update_gid else None,
                   size=attr.st_size if fields.update_size else None,
                   atime_ns=attr.st_atime_ns if fields.update_atime else None,
                   mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
@@ -315,17 +333,17 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        node = self._writable().mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        node = self._writable().mknod(self.inodes.get(parent_inode), name, mode, rdev, *self._owner(ctx))
         return self._new_entry(node)
 
     @_guard
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node = self._writable().mkdir(self.inodes.get(parent_inode), name, mode, ctx.uid, ctx.gid)
+        node = self._writable().mkdir(self.inodes.get(parent_inode), name, mode, *self._owner(ctx))
         return self._new_entry(node)
 
     @_guard
     async def symlink(self, parent_inode, name, target, ctx):
-        node = self._writable().symlink(self.inodes.get(parent_inode), name, target, ctx.uid, ctx.gid)
+        node = self._writable().symlink(self.inodes.get(parent_inode), name, target, *self._owner(ctx))
         return self._new_entry(node)
 
     @_guard
@@ -353,7 +371,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
-        f = self._writable().create(self.inodes.get(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
+        f = self._writable().create(self.inodes.get(parent_inode), name, mode, flags, *self._owner(ctx))
         fh = self.handles.add(self.handles.files, f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(f.node)
 
@@ -378,10 +396,12 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def setxattr(self, inode, name, value, ctx):
+        self._no_xattrs()
         self._writable().setxattr(self.inodes.get(inode), os.fsdecode(name), value)
 
     @_guard
     async def removexattr(self, inode, name, ctx):
+        self._no_xattrs()
         try:
             self._writable().removexattr(self.inodes.get(inode), os.fsdecode(name))
         except OSError as e:

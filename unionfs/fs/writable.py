@@ -272,7 +272,8 @@ class WritableUnion(Union):
         return ovl.pwrite(f.fd, data, off)
 
     def fsync_file(self, f: OpenFile, datasync: bool) -> None:
-        ovl.fsync(f.fd, datasync)
+        if self.fsync:   # off for a volatile mount (podman's run --rm and build)
+            ovl.fsync(f.fd, datasync)
 
     def release(self, f: OpenFile) -> None:
         files = self._open.get(f.node.ino)
@@ -655,7 +656,7 @@ class WritableUnion(Union):
         ovl.removexattr_at(fd, real, stored)
 
     def fsyncdir(self, node: Node, datasync: bool) -> None:
-        if self.in_upper(node):
+        if self.fsync and self.in_upper(node):
             ovl.fsync(self.stack.dir_fd(0, node), datasync)
 
     def statfs(self) -> os.statvfs_result:
