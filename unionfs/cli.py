@@ -482,7 +482,8 @@ def _is_mount_program_argv(argv: list[str]) -> bool:
 
 
 _COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
-             "commit", "save", "run", "pull", "push", "login", "logout"}
+             "commit", "save", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
+             "pull", "push", "login", "logout"}
 
 
 def main(argv: list[str] | None = None) -> int:
