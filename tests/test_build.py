@@ -1,0 +1,194 @@
+"""unionfs build: real Dockerfiles built by us and by ``podman build --isolation chroot`` (the oracle), compared
+tree against tree and config against config; the cache; SOURCE_DATE_EPOCH; bad input and killed builds."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from build_env import PODMAN_ARTIFACTS, Podman, config_fields, make_base, ok, our_config, sh, unionfs
+from helpers import diff_snapshots, is_mounted, snapshot, unionfs_cmd, unmount_all_below
+
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("podman", "umoci", "skopeo", "crun")) or not os.path.exists("/bin/busybox"),
+    reason="podman, umoci, skopeo, crun and busybox-static are needed (scripts/setup --test installs them)")
+
+# The features of one build; podman 4.3 (buildah 1.28) has no heredocs, so its Dockerfile says the same without.
+DOCKERFILE = r"""# syntax=docker/dockerfile:1
+# escape=\
+ARG BASE=bb:1
+FROM $BASE AS builder
+ARG GREETING=hello
+RUN mkdir -p /out && echo "$GREETING from the builder" > /out/greeting && ln -s greeting /out/link
+
+FROM busybox-that-is-not-needed AS unused
+RUN exit 1
+
+FROM ${BASE}
+ARG VERSION=1.0
+# a comment between instructions
+ENV APP_HOME=/opt/app \
+    VERSION=$VERSION
+ENV OLD=${APP_HOME:-none} UNSET=${NOPE:-dflt} ALT=${VERSION:+set} KEEP=\$VERSION T=first
+ENV T=second SEES=$T
+LABEL org.example.version=$VERSION description="a test image"
+COPY app/ $APP_HOME/
+COPY --chown=app:staff --chmod=0640 notes.txt keep.log /opt/app/docs/
+COPY --chown=1000 w*.txt /wild/
+COPY link /opt/linked
+ADD data.tar.gz /opt/data/
+ADD notes.txt /opt/notes-added
+COPY --from=builder /out /opt/from-builder
+@RUN1@
+@COPY1@
+WORKDIR /srv/work
+RUN touch here && mkdir -p sub && echo $VERSION > sub/v
+USER app
+EXPOSE 8080 53/udp
+VOLUME ["/data"]
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=5s --retries=3 CMD ["true"]
+SHELL ["/bin/sh", "-ec"]
+ONBUILD RUN echo onbuild trigger ran
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["echo $VERSION"]
+"""
+OURS = {
+    "@RUN1@": "RUN <<EOF\nset -e\nrm /bin/mkfifo /bin/cp\nmv /opt/app/conf /opt/app/conf-renamed\n"
+              "echo \"$VERSION\" > /opt/app/version\nEOF",
+    "@COPY1@": 'COPY <<-CONF /etc/app.conf\n\thome=$APP_HOME\nCONF',
+}
+THEIRS = {
+    "@RUN1@": "RUN set -e; rm /bin/mkfifo /bin/cp; mv /opt/app/conf /opt/app/conf-renamed; "
+              "echo \"$VERSION\" > /opt/app/version",
+    "@COPY1@": "COPY app.conf /etc/app.conf",
+}
+
+
+def dockerfile(subst: dict) -> str:
+    text = DOCKERFILE
+    for k, v in subst.items():
+        text = text.replace(k, v)
+    return text
+
+
+def make_context(ctx: Path) -> None:
+    (ctx / "app/conf").mkdir(parents=True)
+    (ctx / "app/main.sh").write_text("#!/bin/sh\necho main\n")
+    os.chmod(ctx / "app/main.sh", 0o755)
+    (ctx / "app/conf/a.conf").write_text("a=1\n")
+    os.chmod(ctx / "app/conf", 0o750)
+    (ctx / "app/debug.log").write_text("excluded\n")
+    (ctx / "app/tmp-cache").write_text("excluded by **\n")
+    (ctx / "keep.log").write_text("kept by an exception\n")
+    (ctx / "secret").mkdir()
+    (ctx / "secret/key").write_text("never sent\n")
+    (ctx / "notes.txt").write_text("notes\n")
+    os.setxattr(ctx / "notes.txt", "user.note", b"kept")
+    (ctx / "w1.txt").write_text("1\n")
+    (ctx / "w2.txt").write_text("2\n")
+    os.symlink("app/conf/a.conf", ctx / "link")
+    (ctx / "app.conf").write_text("home=/opt/app\n")
+    (ctx / ".dockerignore").write_text("# comment\n*.log\n**/*.log\n!keep.log\nsecret/\n**/tmp*\n")
+    src = ctx / "tarsrc"
+    (src / "x/y").mkdir(parents=True)
+    (src / "x/y/file").write_text("from the tar\n")
+    os.symlink("y/file", src / "x/sym")
+    sh("tar", "-czf", str(ctx / "data.tar.gz"), "-C", str(src), "--owner=1000", "--group=50", "x")
+    shutil.rmtree(src)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    work = tmp_path_factory.mktemp("build")
+    oci = make_base(work)
+    store = work / "store"
+    ok(store, "load", str(oci), "--tag", "bb:1")
+    podman = Podman(work / "podman")
+    try:
+        podman.load_oci(oci, "bb", "bb:1")
+        yield {"work": work, "store": store, "podman": podman}
+    finally:
+        podman.close()
+        unmount_all_below(work)
+
+
+def test_full_build_matches_podman(env, tmp_path):
+    store, podman = env["store"], env["podman"]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    make_context(ctx)
+    (tmp_path / "Dockerfile.ours").write_text(dockerfile(OURS))
+    (tmp_path / "Dockerfile.podman").write_text(dockerfile(THEIRS))
+
+    r = unionfs(store, "build", "-t", "t:1", "-t", "t:also", "-f", str(tmp_path / "Dockerfile.ours"),
+                "--build-arg", "VERSION=2.5", str(ctx))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "[1/3] STEP 1/29: FROM $BASE AS builder"          # the unused stage is not built
+    assert "busybox-that-is-not-needed" not in r.stdout
+    assert "hello from the builder" not in r.stdout
+    assert any(line.startswith("[3/3] STEP ") and "RUN touch here" in line for line in lines)
+    image_id = lines[-1]
+    assert len(image_id) == 64 and ok(store, "inspect", "t:also").count(image_id) >= 1
+    podman.build(ctx, tmp_path / "Dockerfile.podman", "t:1", "VERSION=2.5")
+
+    # The trees: names, types, modes, owners, sizes, contents, link targets, xattrs.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ok(store, "mount", "t:1", str(mnt))
+    try:
+        pm = podman.mount("t:1")
+        ours, theirs = snapshot(mnt), snapshot(pm)
+    finally:
+        ok(store, "umount", str(mnt))
+    for k in list(theirs):
+        if k in PODMAN_ARTIFACTS:
+            del theirs[k]
+    assert diff_snapshots(theirs, ours) == []
+    assert ours["opt/app/version"][4] == 4 and ours["opt/app/docs/notes.txt"][1:4] == (0o640, 1000, 50)
+    assert ours["opt/app/docs/notes.txt"][7] == {"user.note": b"kept"}
+    assert "opt/app/conf" not in ours and "opt/app/conf-renamed/a.conf" in ours and "bin/mkfifo" not in ours
+    assert "opt/app/debug.log" not in ours and "secret" not in ours and "opt/app/docs/keep.log" in ours
+    assert ours["opt/data/x/y/file"][2:4] == (1000, 50) and ours["opt/data/x/sym"][5] == "y/file"
+
+    # The config, and a history that lines up with the layers.
+    cfg, pcfg = our_config(store, "t:1"), podman.config("t:1")
+    assert config_fields(cfg) == config_fields(pcfg)
+    inner = cfg["config"]
+    assert "OLD=/opt/app" in inner["Env"] and "SEES=first" in inner["Env"] and "KEEP=$VERSION" in inner["Env"]
+    assert "UNSET=dflt" in inner["Env"] and "ALT=set" in inner["Env"] and "T=second" in inner["Env"]
+    assert inner["Healthcheck"] == {"Test": ["CMD", "true"], "Interval": 30 * 10**9, "Timeout": 5 * 10**9,
+                                    "Retries": 3}
+    hist = cfg["history"]
+    assert sum(not h.get("empty_layer") for h in hist) == len(cfg["rootfs"]["diff_ids"])
+    by = [h["created_by"] for h in hist]
+    assert "/bin/sh -c #(nop) ENV APP_HOME=/opt/app VERSION=2.5" in by
+    theirs_by = [h["created_by"] for h in pcfg["history"]]
+    for what in ("touch here", "USER app", "EXPOSE", "ONBUILD", "in /wild/", "in /opt/app/docs/"):   # as podman writes them
+        def norm(b: str) -> str:
+            return re.sub(r"(dir|file|multi):[0-9a-f]{64}", r"\1:HASH", b)   # (the hashes are each tool's own)
+        assert [norm(b) for b in by if what in b] == [norm(b) for b in theirs_by if what in b], what
+    assert [b for b in by if "COPY" in b][0].startswith("/bin/sh -c #(nop) COPY dir:")
+    hist_out = ok(store, "history", "t:1")
+    assert "<empty>" in hist_out and "USER app" in hist_out
+
+    # What we save, podman loads and runs (and the ONBUILD trigger runs in a child build).
+    ok(store, "save", "t:1", "-o", str(tmp_path / "t.tar"))
+    assert "Loaded image" in podman("load", "-i", str(tmp_path / "t.tar"))
+    saved = json.loads(sh("skopeo", "inspect", "--config", f"docker-archive:{tmp_path / 't.tar'}").stdout)
+    assert saved["config"]["Entrypoint"] == ["/bin/sh", "-c"]
+    (tmp_path / "child").mkdir()
+    (tmp_path / "child/Dockerfile").write_text("FROM t:1\nLABEL child=yes\n")
+    r = unionfs(store, "build", "-t", "child:1", str(tmp_path / "child"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "onbuild trigger ran" in r.stdout
+    child = our_config(store, "child:1")["config"]
+    assert not child.get("OnBuild") and child["Labels"]["child"] == "yes"
