@@ -192,3 +192,133 @@ def test_full_build_matches_podman(env, tmp_path):
     assert "onbuild trigger ran" in r.stdout
     child = our_config(store, "child:1")["config"]
     assert not child.get("OnBuild") and child["Labels"]["child"] == "yes"
+
+
+CACHED = """FROM bb:1
+ARG A=1
+COPY first.txt /first.txt
+RUN echo ran-run-$A; echo $A > /ran
+COPY last.txt /last.txt
+ENV X=$A
+RUN true
+"""
+
+
+def _build(store: Path, ctx: Path, *args: str, env=None) -> tuple[str, str]:
+    r = unionfs(store, "build", *args, str(ctx), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.splitlines()[-1], r.stdout
+
+
+def ran(out: str) -> str | None:
+    """What the RUN printed, if it ran (None when it came from the cache)."""
+    return next((line[len("ran-run-"):] for line in out.splitlines() if line.startswith("ran-run-")), None)
+
+
+def test_cache_rebuilds_only_what_changed(env, tmp_path):
+    store = env["store"]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(CACHED)
+    (ctx / "first.txt").write_text("first\n")
+    (ctx / "last.txt").write_text("last\n")
+    first, out = _build(store, ctx, "-t", "c:1")
+    assert ran(out) == "1" and "Using cache" not in out
+    cfg = our_config(store, "c:1")
+    assert len(cfg["rootfs"]["diff_ids"]) == 1 + 3 and cfg["history"][-1]["empty_layer"] is True   # RUN true: no layer
+
+    t0 = time.monotonic()
+    again, out = _build(store, ctx, "-t", "c:1")
+    cached_seconds = time.monotonic() - t0
+    assert again == first and out.count("--> Using cache") == 6 and not ran(out)
+    print(f"fully cached rebuild of 7 steps: {cached_seconds:.2f} s")
+
+    os.utime(ctx / "first.txt", (1, 1))               # only the mtime: the same image
+    os.utime(ctx / "last.txt", (2, 2))
+    assert _build(store, ctx)[0] == first
+
+    (ctx / "last.txt").write_text("changed\n")        # a late file: only the steps from its COPY on
+    changed, out = _build(store, ctx, "-t", "c:2")
+    assert changed != first and out.count("--> Using cache") == 3 and not ran(out)
+    assert our_config(store, "c:2")["rootfs"]["diff_ids"][:3] == cfg["rootfs"]["diff_ids"][:3]
+
+    other, out = _build(store, ctx, "--build-arg", "A=2")   # an ARG counts where it is used
+    assert ran(out) == "2" and out.count("--> Using cache") == 2 and other != changed
+    assert _build(store, ctx)[0] == changed                # and a hit after that miss
+    nocache, out = _build(store, ctx, "--no-cache")
+    assert ran(out) == "1" and "Using cache" not in out
+
+    # SOURCE_DATE_EPOCH: every created time, and the layers' mtimes capped: two fresh builds, one image.
+    e = dict(os.environ, SOURCE_DATE_EPOCH="1700000000")
+    a, _ = _build(store, ctx, "--no-cache", "-t", "r:1", env=e)
+    time.sleep(1.1)
+    b, _ = _build(store, ctx, "--no-cache", "-t", "r:2", env=e)
+    assert a == b
+    rcfg = our_config(store, "r:1")
+    assert rcfg["created"] == "2023-11-14T22:13:20Z"
+    assert {h["created"] for h in rcfg["history"][-6:]} == {"2023-11-14T22:13:20Z"}   # ours, not the base's
+
+
+def test_bad_input_one_line_naming_file_and_line(env, tmp_path):
+    store = env["store"]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("f")
+    (tmp_path / "outside").write_text("secret")
+    os.symlink("../outside", ctx / "escape")
+    cases = [
+        ("FROM bb:1\n\nFOO bar\n", "Dockerfile:3: unknown instruction: FOO"),
+        ("FROM bb:1\nRUN <<EOF\necho\n", "Dockerfile:2: RUN: unterminated heredoc <<EOF"),
+        ("FROM bb:1\nCOPY ../outside /x\n", "Dockerfile:2: COPY: ../outside: outside the build context"),
+        ("FROM bb:1\nCOPY escape /x\n", "Dockerfile:2: COPY: escape: outside the build context (through a symlink)"),
+        ("FROM bb:1\nCOPY missing /x\n", "Dockerfile:2: COPY: missing: no such file or directory"),
+        ("FROM bb:1\nCOPY --from=nostage /f /x\n", "Dockerfile:2: COPY: --from=nostage: no such stage or image"),
+        ("FROM missing:1\n", "Dockerfile:1: FROM: missing:1: no such image"),
+        ("RUN true\n", "Dockerfile:1: RUN: the first instruction (after ARGs) must be FROM"),
+        ("FROM bb:1\nSHELL /bin/sh\n", "Dockerfile:2: SHELL: needs the JSON form"),
+    ]
+    for text, want in cases:
+        (ctx / "Dockerfile").write_text(text)
+        r = unionfs(store, "build", str(ctx))
+        assert r.returncode == 2, (text, r.stdout, r.stderr)
+        err = r.stderr.strip()
+        assert len(err.splitlines()) == 1 and want in err, (text, err)
+        assert "STEP 2" not in r.stdout or "COPY" in text, (text, r.stdout)
+    (ctx / "Dockerfile").write_text("FROM bb:1\nFROM bb:1 AS b\n")
+    r = unionfs(store, "build", "--target", "nope", str(ctx))
+    assert r.returncode == 2 and "--target nope: no stage of that name" in r.stderr
+
+
+def test_failing_run_and_killed_build_leave_nothing_half_built(env, tmp_path):
+    store = env["store"]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM bb:1\nENV A=1\nRUN echo partial > /p; echo to-stderr >&2; exit 3\n")
+    r = unionfs(store, "build", "-t", "fail:1", str(ctx))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "to-stderr" in r.stderr and "Dockerfile:3: RUN" in r.stderr and "status 3" in r.stderr
+    assert "fail:1" not in ok(store, "images") and ok(store, "ps", "-q").strip() == ""
+
+    (ctx / "Dockerfile").write_text("FROM bb:1\nRUN echo started-$((40+2)); sleep 60\n")
+    proc = subprocess.Popen(unionfs_cmd("--root", str(store), "build", "-t", "killed:1", str(ctx)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("STEP 1/2")
+        deadline = time.monotonic() + 60
+        while proc.stdout.readline() != "started-42\n":   # the RUN's own output: its container runs
+            assert time.monotonic() < deadline
+        proc.kill()                                   # mid-RUN: its container and mount are left behind
+        proc.wait(timeout=30)
+        assert ok(store, "ps", "-q").strip() != ""
+        (ctx / "Dockerfile").write_text("FROM bb:1\nRUN echo next > /next\n")
+        r = unionfs(store, "build", "-t", "next:1", str(ctx), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert ok(store, "ps", "-q").strip() == ""    # the killed build's container: stopped, unmounted, removed
+        images = ok(store, "images")
+        assert "killed" not in images and "next" in images
+        with open("/proc/self/mountinfo") as f:
+            assert str(store) not in f.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
