@@ -247,6 +247,10 @@ def test_cache_rebuilds_only_what_changed(env, tmp_path):
     assert _build(store, ctx)[0] == changed                # and a hit after that miss
     nocache, out = _build(store, ctx, "--no-cache")
     assert ran(out) == "1" and "Using cache" not in out
+    steps = [line.split()[-1] for line in out.splitlines() if line.startswith("--> ")]
+    listed, listed_all = ok(store, "images"), ok(store, "images", "-a")
+    assert steps[2][:12] not in listed and steps[2][:12] in listed_all   # a build step's image: hidden, as docker
+    assert other[:12] in listed and nocache[:12] in listed                # untagged results are listed
 
     # SOURCE_DATE_EPOCH: every created time, and the layers' mtimes capped: two fresh builds, one image.
     e = dict(os.environ, SOURCE_DATE_EPOCH="1700000000")
@@ -322,3 +326,27 @@ def test_failing_run_and_killed_build_leave_nothing_half_built(env, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_stdin_target_label_quiet_network_platform(env, tmp_path):
+    store = env["store"]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    text = ("FROM bb:1 AS one\nLABEL stage=one\nRUN --network=none cat /proc/net/dev > /net\n"
+            "FROM bb:1 AS two\nLABEL stage=two\nRUN exit 1\n")
+    r = unionfs(store, "build", "-q", "-f", "-", "--target", "one", "--label", "by=test", "-t", "one:1", str(ctx),
+                input=text)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("\n") == 1 and r.stdout.startswith("sha256:")     # -q: the id alone
+    cfg = our_config(store, "one:1")
+    assert cfg["config"]["Labels"] == {"stage": "one", "by": "test"}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ok(store, "mount", "one:1", str(mnt))
+    try:
+        ifaces = [line.split(":")[0].strip() for line in (mnt / "net").read_text().splitlines()[2:]]
+    finally:
+        ok(store, "umount", str(mnt))
+    assert ifaces == ["lo"]                                                # a network namespace of its own
+    r = unionfs(store, "build", "--platform", "linux/arm64", "-f", "-", str(ctx), input=text)
+    assert r.returncode == 2 and "only linux/amd64" in r.stderr

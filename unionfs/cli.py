@@ -66,8 +66,10 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
+    from .build.cache import intermediates
     from .image.report import images_table
-    print(images_table(_store(args), args.no_trunc))
+    store = _store(args)
+    print(images_table(store, args.no_trunc, hide=set() if args.all else intermediates(store)))
     return 0
 
 
@@ -292,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("images", help="list images", parents=[common])
     im.add_argument("--no-trunc", action="store_true", help="show full image ids")
+    im.add_argument("--all", "-a", action="store_true", help="also the untagged images of build steps")
     im.set_defaults(func=_cmd_images)
 
     ins = sub.add_parser("inspect", help="an image's details as JSON (as docker image inspect)", parents=[common])
