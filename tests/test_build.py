@@ -6,15 +6,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from build_env import PODMAN_ARTIFACTS, Podman, config_fields, make_base, ok, our_config, sh, unionfs
-from helpers import diff_snapshots, is_mounted, snapshot, unionfs_cmd, unmount_all_below
+from helpers import diff_snapshots, snapshot, unionfs_cmd, unmount_all_below
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("podman", "umoci", "skopeo", "crun")) or not os.path.exists("/bin/busybox"),
