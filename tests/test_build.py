@@ -330,10 +330,18 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     store = env["store"]
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    text = ("FROM bb:1 AS one\nLABEL stage=one\nRUN --network=none cat /proc/net/dev > /net\n"
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d/f").write_text("in a tar\n")
+    for opt, name in (("-cf", "plain.tar"), ("-cjf", "b.tar.bz2"), ("-cJf", "x.tar.xz"), ("-czf", "z.txt")):
+        sh("tar", opt, str(ctx / name), "-C", str(src), "d")         # told by content, not by name
+    (ctx / "fake.tar.gz").write_text("not an archive\n")
+    text = ("FROM bb:1 AS one\nLABEL stage=one\n"
+            "ADD plain.tar b.tar.bz2 x.tar.xz z.txt fake.tar.gz /t/\nCOPY z.txt /copied/z.txt\nCOPY fake.tar.gz /f\n"
+            "RUN --network=none sh -c 'cat /proc/net/dev > /net; echo \"$HTTP_PROXY\" > /proxy'\n"
             "FROM bb:1 AS two\nLABEL stage=two\nRUN exit 1\n")
-    r = unionfs(store, "build", "-q", "-f", "-", "--target", "one", "--label", "by=test", "-t", "one:1", str(ctx),
-                input=text)
+    r = unionfs(store, "build", "-q", "-f", "-", "--target", "one", "--label", "by=test", "-t", "one:1",
+                "--build-arg", "HTTP_PROXY=http://proxy.example:3128", str(ctx), input=text)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("\n") == 1 and r.stdout.startswith("sha256:")     # -q: the id alone
     cfg = our_config(store, "one:1")
@@ -343,8 +351,14 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     ok(store, "mount", "one:1", str(mnt))
     try:
         ifaces = [line.split(":")[0].strip() for line in (mnt / "net").read_text().splitlines()[2:]]
+        proxy = (mnt / "proxy").read_text()
+        added = sorted(str(p.relative_to(mnt / "t")) for p in (mnt / "t").rglob("*"))
+        copied, fake = (mnt / "copied/z.txt").read_bytes(), (mnt / "f").read_text()
     finally:
         ok(store, "umount", str(mnt))
     assert ifaces == ["lo"]                                                # a network namespace of its own
+    assert proxy == "http://proxy.example:3128\n" and "proxy.example" not in json.dumps(cfg["history"])
+    assert added == ["d", "d/f", "fake.tar.gz"]                             # four archives extracted, one not
+    assert copied[:2] == b"\x1f\x8b" and fake == "not an archive\n"        # COPY never extracts
     r = unionfs(store, "build", "--platform", "linux/arm64", "-f", "-", str(ctx), input=text)
     assert r.returncode == 2 and "only linux/amd64" in r.stderr

@@ -48,6 +48,9 @@ def test_json_and_shell_forms_flags_heredocs():
     ("FROM scratch\nHEALTHCHECK echo\n", "Df:2: HEALTHCHECK: takes CMD ... or NONE"),
     ("# escape=x\nFROM scratch\n", "Df:1: invalid escape character"),
     ("\n\n", "Df:1: the Dockerfile has no instructions"),
+    ("FROM scratch\nENV a=\"b\n", "Df:2: ENV: unterminated \" quote"),              # found before anything runs
+    ("FROM scratch\nWORKDIR ${a\n", "Df:2: WORKDIR: missing '}' in substitution"),
+    ("FROM scratch\nCOPY --exclude=*.c a b\n", "Df:2: COPY: --exclude is not supported"),
 ])
 def test_syntax_errors_name_file_line_and_instruction(text, msg):
     with pytest.raises(DockerfileError) as e:
