@@ -81,6 +81,7 @@ def make_context(ctx: Path) -> None:
     (ctx / "app/conf").mkdir(parents=True)
     (ctx / "app/main.sh").write_text("#!/bin/sh\necho main\n")
     os.chmod(ctx / "app/main.sh", 0o755)
+    os.link(ctx / "app/main.sh", ctx / "app/main-link.sh")
     (ctx / "app/conf/a.conf").write_text("a=1\n")
     os.chmod(ctx / "app/conf", 0o750)
     (ctx / "app/debug.log").write_text("excluded\n")
@@ -156,6 +157,7 @@ def test_full_build_matches_podman(env, tmp_path):
     assert "opt/app/conf" not in ours and "opt/app/conf-renamed/a.conf" in ours and "bin/mkfifo" not in ours
     assert "opt/app/debug.log" not in ours and "secret" not in ours and "opt/app/docs/keep.log" in ours
     assert ours["opt/data/x/y/file"][2:4] == (1000, 50) and ours["opt/data/x/sym"][5] == "y/file"
+    assert ["opt/app/main-link.sh", "opt/app/main.sh"] in ours["<hardlinks>"]
 
     # The config, and a history that lines up with the layers.
     cfg, pcfg = our_config(store, "t:1"), podman.config("t:1")
