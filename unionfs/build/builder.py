@@ -17,38 +17,31 @@ every mtime in new layers, so the same inputs give the same image id.
 """
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import json
 import os
 import posixpath
 import re
 import stat
-import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from ..container import model as cmodel
-from ..container.commands import image_lower, mount_container
+from ..container.commands import image_lower
 from ..container.commit import add_layer_tar, container_layer, register_config
-from ..container import runtime
 from ..errors import UsageError
 from ..image.mutate import new_config
 from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store
-from . import cache, copying, words
+from . import cache, copying, runstep, words
 from .context import Context, ContextError, hash_entries
 from .dockerfile import Dockerfile, Instruction, parse, parse_trigger
 from .layer import ImageTree, Member, write_tar
 
 PROXY_ARGS = {n for k in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY") for n in (k, k.lower())}
 PREDEFINED = PROXY_ARGS | {"SOURCE_DATE_EPOCH"}   # build args that need no ARG (and draw no "not consumed" warning)
-BUILD_PREFIX = "unionfs-build-"
 PLATFORM = ("linux", "amd64")
-PR_SET_CHILD_SUBREAPER = 36
 NOP = "/bin/sh -c #(nop)"   # the history of a step without a command, whatever the SHELL (as docker and buildah write it)
 
 
@@ -233,12 +226,12 @@ class Builder:
     # --- the build ----------------------------------------------------------------
 
     def build(self) -> str:
-        _become_subreaper()
+        runstep.become_subreaper()
         df = self.read_dockerfile()
         meta, stages = self.stages(df)
         todo = self.needed(df, meta, stages)
         self.steps_total = sum(1 + len(s.body) for s in todo)
-        self._sweep()
+        runstep.sweep(self.store, self.opts.runtime)
         with Context(self.context_dir) as ctx:
             self.ctx = ctx
             image_id = ""
@@ -271,34 +264,6 @@ class Builder:
             self.say(f"Successfully tagged {r}")
         print(image_id[7:] if not self.opts.quiet else image_id, file=self.out, flush=True)
         return image_id
-
-    def _sweep(self) -> None:
-        """Containers of builds that were killed: unmounted and removed (nothing of them stays)."""
-        if not self.store.exists():
-            return
-        for c in cmodel.containers(self.store):
-            if not c.name.startswith(BUILD_PREFIX) or _builder_alive(c.name):
-                continue
-            if cmodel.mounted_at(c) is not None:
-                self._stop_container(c)
-                try:
-                    runtime._unmount(c.rootfs)
-                except UsageError:
-                    continue
-            with self.store.locked():
-                if cmodel.mounted_at(c) is None:
-                    cmodel.remove(self.store, c)
-
-    def _stop_container(self, c) -> None:
-        """A killed build's RUN may still run: its processes are killed with the runtime (or it is gone)."""
-        try:
-            path = runtime.find_runtime(self.opts.runtime)
-        except UsageError:
-            return
-        argv, hide = runtime.runtime_command(path, c.bundle, f"unionfs-{c.short_id}", runtime.cgroup_layout())
-        delete = argv[:-4] + ["delete", "--force", f"unionfs-{c.short_id}"]
-        subprocess.run(delete, capture_output=True, timeout=60,
-                       preexec_fn=runtime._private_cgroup_view if hide else None)
 
     def _load(self, image_id: str) -> State:
         cfg = json.loads(self.store.blob(image_id))
@@ -712,81 +677,19 @@ class Builder:
         if not state.layers:
             raise BuildError(f"{df.path}:{ins.line}: RUN: the image has no layers (FROM scratch): nothing to run")
         if self.runtime_path is None:
-            self.runtime_path = runtime.find_runtime(self.opts.runtime)
+            self.runtime_path = runstep.find_runtime(self.opts.runtime)
         config = dict(state.inner)
         config["Env"] = [f"{k}={val}" for k, val in {**build_args, **proxies, **env}.items()]
         return self._run_container(df, ins, state, config, args, network, parts, created_by)
 
     def _run_container(self, df: Dockerfile, ins: Instruction, state: State, config: dict, args: list[str],
                        network: str, parts, created_by: str) -> State:
-        with self.store.locked():
-            c = cmodel.create(self.store, state.image_id, f"{BUILD_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        try:
-            os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
-            mount_container(self.store, c, c.rootfs, ["suid,dev,allow_other"])
-            runtime._reap_daemon(c)
-            try:
-                root_fd = os.open(c.rootfs, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    user = runtime.resolve_user(root_fd, str(config.get("User") or ""))
-                finally:
-                    os.close(root_fd)
-                spec = runtime.bundle_config(config, c.rootfs, args, user, c.short_id, False)
-                if network == "none":
-                    spec["linux"]["namespaces"].append({"type": "network"})
-                os.makedirs(c.bundle, mode=0o700, exist_ok=True)
-                with open(os.path.join(c.bundle, "config.json"), "w") as f:
-                    json.dump(spec, f, indent=1)
-                code = self._run_bundle(c)
-            finally:
-                runtime._unmount(c.rootfs)
+        with runstep.step_container(self.store, state.image_id) as c:
+            code = runstep.run(self.store, c, config, args, network, self.runtime_path, self.opts.quiet, self.out)
             if code != 0:
                 raise BuildError(f"{df.path}:{ins.line}: RUN {ins.rest[:60]}: exited with status {code}", code)
             return self.commit_step(state, parts, created_by, None,
                                     lambda: container_layer(self.store, c, skip_empty=True, clamp_mtime=self.now)[0])
-        finally:
-            with self.store.locked():
-                if cmodel.mounted_at(c) is None:
-                    cmodel.remove(self.store, c)
-
-    def _run_bundle(self, c) -> int:
-        """The runtime in the foreground; its output is the step's (not shown with -q)."""
-        self.out.flush()
-        sys.stdout.flush()
-        saved = None
-        if self.opts.quiet or self.out is not sys.stdout:
-            saved = os.dup(1)
-            target = os.open(os.devnull, os.O_WRONLY) if self.opts.quiet else self.out.fileno()
-            os.dup2(target, 1)
-            if self.opts.quiet:
-                os.close(target)
-        try:
-            return runtime.run_bundle(self.runtime_path, c.bundle, f"unionfs-{c.short_id}")
-        finally:
-            if saved is not None:
-                os.dup2(saved, 1)
-                os.close(saved)
-
-
-def _become_subreaper() -> None:
-    """Be the parent of the mount daemons we start (they double-fork), so each is reaped the moment it exits:
-    ``umount`` waits for the daemon to be gone, and where init reaps orphans lazily (seconds, on this VM) a
-    zombie would make every RUN step wait for it."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _builder_alive(name: str) -> bool:
-    """Is the build that made container ``unionfs-build-PID-...`` still running? (A concurrent build's
-    containers are not ours to remove.)"""
-    pid = name[len(BUILD_PREFIX):].partition("-")[0]
-    if not pid.isdigit():
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"build" in argv and any(b"unionfs" in a for a in argv)
 
 
 def _is_json_list(s: str) -> bool:
