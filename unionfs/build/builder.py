@@ -36,7 +36,7 @@ from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store
 from . import cache, copying, runstep, words
 from .context import Context, ContextError, hash_entries
-from .dockerfile import Dockerfile, Instruction, parse, parse_trigger
+from .dockerfile import Dockerfile, Instruction, json_array, parse, parse_trigger
 from .layer import ImageTree, Member, write_tar
 
 PROXY_ARGS = {n for k in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY") for n in (k, k.lower())}
@@ -483,8 +483,8 @@ class Builder:
             hc: dict = {"Test": ["NONE"]}
         else:
             rest = rest.strip()
-            j = json.loads(rest) if rest.startswith("[") and _is_json_list(rest) else None
-            hc = {"Test": ["CMD"] + j if j is not None else ["CMD-SHELL", rest]}
+            j = json_array(rest)
+            hc = {"Test": ["CMD", *j] if j is not None else ["CMD-SHELL", rest]}
             names = {"interval": "Interval", "timeout": "Timeout", "start-period": "StartPeriod",
                      "start-interval": "StartInterval"}
             for k, val in ins.flags:
@@ -690,14 +690,6 @@ class Builder:
                 raise BuildError(f"{df.path}:{ins.line}: RUN {ins.rest[:60]}: exited with status {code}", code)
             return self.commit_step(state, parts, created_by, None,
                                     lambda: container_layer(self.store, c, skip_empty=True, clamp_mtime=self.now)[0])
-
-
-def _is_json_list(s: str) -> bool:
-    try:
-        v = json.loads(s)
-    except ValueError:
-        return False
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 def build(store: Store, context_dir: str, opts: Options, out: TextIO = sys.stdout) -> str:

@@ -25,8 +25,8 @@ from typing import BinaryIO, Callable, Iterator
 
 from ..errors import UsageError
 from ..fs import sys as ovl
+from . import paths
 
-MAX_LINKS = 40
 # Xattrs that travel with a copied file (BuildKit's rule: not security.* or system.*, except the capability).
 def keep_xattr(name: str) -> bool:
     return not name.startswith(("security.", "system.", "trusted.")) or name == "security.capability"
@@ -166,37 +166,25 @@ class Context:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # Resolution: follow symlinks only while they stay inside.
     def _real(self, rel: str, what: str) -> list[str]:
-        parts = [p for p in rel.split("/") if p and p != "."]
-        done: list[str] = []
-        hops = 0
-        while parts:
-            p = parts.pop(0)
-            if p == "..":
-                if not done:
-                    via = " (through a symlink)" if hops else ""
-                    raise ContextError(f"{what}: {rel}: outside the build context{via}")
-                done.pop()
-                continue
-            dfd = self._open_dir(done)
+        """``rel`` with its symlinks followed, only while they stay inside the context."""
+        def readlink(p: str) -> str | None:
+            head, _, name = p.rpartition("/")
+            dfd = ovl.open_beneath(self.fd, os.fsencode(head))
             try:
-                st = ovl.lstat_at(dfd, os.fsencode(p))
-                if stat.S_ISLNK(st.st_mode):
-                    hops += 1
-                    if hops > MAX_LINKS:
-                        raise ContextError(f"{what}: too many levels of symbolic links")
-                    target = os.fsdecode(ovl.readlink_at(dfd, os.fsencode(p)))
-                    if target.startswith("/"):
-                        raise ContextError(f"{what}: {rel}: outside the build context (through a symlink to {target})")
-                    parts = [x for x in target.split("/") if x and x != "."] + parts
-                    continue
-            except FileNotFoundError:
-                raise ContextError(f"{what}: {rel}: no such file or directory in the build context") from None
+                st = ovl.lstat_at(dfd, os.fsencode(name))
+                return os.fsdecode(ovl.readlink_at(dfd, os.fsencode(name))) if stat.S_ISLNK(st.st_mode) else None
             finally:
                 os.close(dfd)
-            done.append(p)
-        return done
+        try:
+            return paths.resolve(rel, readlink, clamp=False)
+        except paths.Escape as e:
+            raise ContextError(f"{what}: {rel}: outside the build context"
+                               f"{' (through a symlink)' if e.via_link else ''}") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise ContextError(f"{what}: {rel}: no such file or directory in the build context") from None
+        except OSError as e:
+            raise ContextError(f"{what}: {rel}: {e.strerror}") from None
 
     def _open_dir(self, parts: list[str]) -> int:
         return ovl.open_beneath(self.fd, os.fsencode("/".join(parts)))

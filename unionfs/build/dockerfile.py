@@ -81,7 +81,7 @@ class Dockerfile:
         return DockerfileError(f"{self.path}:{ins}: {msg}")
 
 
-def _json_array(text: str) -> tuple[str, ...] | None:
+def json_array(text: str) -> tuple[str, ...] | None:
     s = text.strip()
     if not s.startswith("["):
         return None
@@ -162,7 +162,7 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
                     raise df.error(start, f"{cmd}: unknown flag: --{k}")
         rest = rest.strip()
         heredocs: list[Heredoc] = []
-        if cmd in HEREDOC_INSTRUCTIONS and _json_array(rest) is None:
+        if cmd in HEREDOC_INSTRUCTIONS and json_array(rest) is None:
             for m in _HEREDOC.finditer(rest):
                 strip_tabs = m.group(1) == "-"
                 name = m.group(2) or m.group(3) or m.group(4)
@@ -180,7 +180,7 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
                 heredocs.append(Heredoc(name, "".join(body), m.group(4) is not None))
         if not rest:
             raise df.error(start, f"{cmd} needs an argument")
-        df.instructions.append(Instruction(cmd, rest, start, tuple(flags), tuple(heredocs), _json_array(rest),
+        df.instructions.append(Instruction(cmd, rest, start, tuple(flags), tuple(heredocs), json_array(rest),
                                            logical))
     if not df.instructions:
         raise df.error(1, "the Dockerfile has no instructions")

@@ -17,6 +17,7 @@ from typing import BinaryIO, Callable
 
 from ..container.changeset import HashingWriter
 from ..container.view import UnionView
+from . import paths
 
 
 @dataclass(frozen=True)
@@ -53,28 +54,11 @@ class ImageTree:
 
     def resolve(self, path: str, follow_last: bool = True) -> str:
         """``path`` with every symlink resolved as in a chroot of the image (``..`` stops at the root)."""
-        parts = [p for p in path.split("/") if p and p != "."]
-        done: list[str] = []
-        hops = 0
-        while parts:
-            p = parts.pop(0)
-            if p == "..":
-                if done:
-                    done.pop()
-                continue
-            cand = "/".join(done + [p])
-            st = self.stat(cand)
-            if st is not None and stat.S_ISLNK(st.mode) and (parts or follow_last):
-                hops += 1
-                if hops > 40:
-                    raise OSError(40, "too many levels of symbolic links", path)
-                target = os.fsdecode(self.view.readlink(os.fsencode(cand)))
-                if target.startswith("/"):
-                    done = []
-                parts = [x for x in target.split("/") if x and x != "."] + parts
-                continue
-            done.append(p)
-        return "/".join(done)
+        def readlink(p: str) -> str | None:
+            st = self.stat(p)
+            return os.fsdecode(self.view.readlink(os.fsencode(p))) if st is not None and stat.S_ISLNK(st.mode) \
+                else None
+        return "/".join(paths.resolve(path, readlink, clamp=True, follow_last=follow_last))
 
     def member(self, path: str, as_path: str | None = None) -> Member:
         """The image's entry at ``path`` (resolved already) as a tar member named ``as_path``."""
