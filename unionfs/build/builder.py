@@ -227,6 +227,7 @@ class Builder:
 
     def build(self) -> str:
         runstep.become_subreaper()
+        refs = [Reference.parse(t) for t in self.opts.tags]   # a bad tag is refused before anything runs
         df = self.read_dockerfile()
         meta, stages = self.stages(df)
         todo = self.needed(df, meta, stages)
@@ -253,7 +254,6 @@ class Builder:
             image_id = state.image_id
         if not image_id:
             raise UsageError(f"{df.path}: the target stage makes no image (FROM scratch and nothing else)")
-        refs = [Reference.parse(t) for t in self.opts.tags]
         with self.store.locked():
             tags = self.store.tags()
             for r in refs:
