@@ -338,7 +338,7 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     for opt, name in (("-cf", "plain.tar"), ("-cjf", "b.tar.bz2"), ("-cJf", "x.tar.xz"), ("-czf", "z.txt")):
         sh("tar", opt, str(ctx / name), "-C", str(src), "d")         # told by content, not by name
     (ctx / "fake.tar.gz").write_text("not an archive\n")
-    text = ("FROM bb:1 AS one\nLABEL stage=one\n"
+    text = ("FROM --platform=$BUILDPLATFORM bb:1 AS one\nARG TARGETARCH\nLABEL stage=one arch=$TARGETARCH\n"
             "ADD plain.tar b.tar.bz2 x.tar.xz z.txt fake.tar.gz /t/\nCOPY z.txt /copied/z.txt\nCOPY fake.tar.gz /f\n"
             "RUN --network=none sh -c 'cat /proc/net/dev > /net; echo \"$HTTP_PROXY\" > /proxy'\n"
             "FROM bb:1 AS two\nLABEL stage=two\nRUN exit 1\n")
@@ -347,7 +347,7 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("\n") == 1 and r.stdout.startswith("sha256:")     # -q: the id alone
     cfg = our_config(store, "one:1")
-    assert cfg["config"]["Labels"] == {"stage": "one", "by": "test"}
+    assert cfg["config"]["Labels"] == {"stage": "one", "arch": "amd64", "by": "test"}
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     ok(store, "mount", "one:1", str(mnt))

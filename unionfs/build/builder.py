@@ -156,7 +156,11 @@ class Builder:
         return parse(text, path)
 
     def stages(self, df: Dockerfile) -> tuple[dict[str, str], list[Stage]]:
-        meta: dict[str, str] = {}
+        os_, arch = self.platform
+        # BuildKit's automatic platform ARGs: in the global scope, and in a stage once declared by ``ARG NAME``.
+        meta: dict[str, str] = {"BUILDPLATFORM": f"{os_}/{arch}", "BUILDOS": os_, "BUILDARCH": arch,
+                                "BUILDVARIANT": "", "TARGETPLATFORM": f"{os_}/{arch}", "TARGETOS": os_,
+                                "TARGETARCH": arch, "TARGETVARIANT": ""}
         stages: list[Stage] = []
         for ins in df.instructions:
             if ins.cmd == "FROM":
