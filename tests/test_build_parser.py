@@ -1,13 +1,17 @@
-"""The Dockerfile parser, substitution and .dockerignore matching, in plain Python (no build runs).
+"""The Dockerfile parser, substitution, .dockerignore matching and ADD's archive rules, in plain Python.
 
 The expectations are the Dockerfile reference's own examples (moby/buildkit docs/reference.md: "Environment
 replacement", "Parser directives", "Here-Documents") and moby/patternmatcher's rules; the full builds in
 test_build.py check the same features against podman build."""
 from __future__ import annotations
 
+import io
+import tarfile
+
 import pytest
 
 from unionfs.build.context import ignored, parse_ignore
+from unionfs.build.copying import CopyError, Plan, extract_archive
 from unionfs.build.dockerfile import DockerfileError, parse
 from unionfs.build.words import SubstitutionError, pairs, word, words
 
@@ -96,3 +100,35 @@ def test_words_pairs_and_one_value_per_instruction():
 ])
 def test_dockerignore(patterns, path, out):
     assert ignored(parse_ignore(patterns), path) is out
+
+
+def _archive(members) -> "tarfile.TarFile":
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    buf.seek(0)
+    return tarfile.open(fileobj=buf, mode="r:*")
+
+
+def _member(name: str, kind=tarfile.REGTYPE, link: str = "", data: bytes | None = None) -> tuple:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.size = kind, link, len(data or b"")
+    return ti, data
+
+
+@pytest.mark.parametrize("members,msg", [
+    ([_member("../up", data=b"x")], "leaves its directory"),
+    ([_member("a", data=b"x"), _member("b", tarfile.LNKTYPE, "../../etc/passwd")], "not to an earlier file"),
+    ([_member("b", tarfile.LNKTYPE, "a"), _member("a", data=b"x")], "not to an earlier file"),
+])
+def test_add_refuses_archives_that_leave_the_destination(members, msg):
+    with pytest.raises(CopyError) as e:
+        extract_archive(_archive(members), "dest", Plan(), None, "ADD")
+    assert msg in str(e.value)
+
+
+def test_add_keeps_hard_links_inside_the_archive():
+    p = Plan()
+    extract_archive(_archive([_member("./a", data=b"x"), _member("c", tarfile.LNKTYPE, "./a")]), "dest", p, None, "ADD")
+    assert [(m.path, m.link, m.hardlink) for m in p.members] == [("dest/a", "", False), ("dest/c", "dest/a", True)]

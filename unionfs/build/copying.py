@@ -124,7 +124,7 @@ def plan(sources: list[Source], dest: str, workdir: str, tree: ImageTree, *, wha
         if archive is not None:
             out.closers.append(archive)
             parents(real_dest)
-            _extract(archive, real_dest, out, chown, what)
+            extract_archive(archive, real_dest, out, chown, what)
             continue
         if src.is_dir:
             target = real_dest
@@ -155,8 +155,13 @@ def _put(out: Plan, path: str, e: Entry, owner, mode_of) -> None:
                               hardlink=first != path))
 
 
-def _extract(tf: tarfile.TarFile, dest: str, out: Plan, chown: tuple[int, int] | None, what: str) -> None:
-    for m in tf.getmembers():
+def extract_archive(tf: tarfile.TarFile, dest: str, out: Plan, chown: tuple[int, int] | None, what: str) -> None:
+    try:
+        members = tf.getmembers()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise CopyError(f"{what}: a broken archive: {e}") from None
+    seen: set[str] = set()
+    for m in members:
         name = posixpath.normpath("/" + m.name).lstrip("/")
         if ".." in m.name.split("/") or not name:
             if not name:
@@ -167,8 +172,12 @@ def _extract(tf: tarfile.TarFile, dest: str, out: Plan, chown: tuple[int, int] |
         xattrs = tuple(sorted((k[len("SCHILY.xattr."):], v.encode("utf-8", "surrogateescape"))
                               for k, v in m.pax_headers.items()
                               if k.startswith("SCHILY.xattr.") and keep_xattr(k[len("SCHILY.xattr."):])))
+        seen.add(name)
         if m.islnk():
             target = posixpath.normpath("/" + m.linkname).lstrip("/")
+            if target not in seen or ".." in m.linkname.split("/"):
+                raise CopyError(f"{what}: the archive's hard link {m.name!r} points to {m.linkname!r}, "
+                                "not to an earlier file of the archive")
             out.members.append(Member(path, stat.S_IFREG | m.mode, uid, gid, int(m.mtime),
                                       posixpath.join(dest, target) if dest else target, xattrs,
                                       lambda tf=tf, m=m: tf.extractfile(m), m.size, hardlink=True))
