@@ -340,6 +340,7 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     (ctx / "fake.tar.gz").write_text("not an archive\n")
     text = ("FROM --platform=$BUILDPLATFORM bb:1 AS one\nARG TARGETARCH\nLABEL stage=one arch=$TARGETARCH\n"
             "ADD plain.tar b.tar.bz2 x.tar.xz z.txt fake.tar.gz /t/\nCOPY z.txt /copied/z.txt\nCOPY fake.tar.gz /f\n"
+            "COPY --from=bb:1 /etc/group /from-image/\n"
             "RUN --network=none sh -c 'cat /proc/net/dev > /net; echo \"$HTTP_PROXY\" > /proxy'\n"
             "FROM bb:1 AS two\nLABEL stage=two\nRUN exit 1\n")
     r = unionfs(store, "build", "-q", "-f", "-", "--target", "one", "--label", "by=test", "-t", "one:1",
@@ -356,11 +357,13 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
         proxy = (mnt / "proxy").read_text()
         added = sorted(str(p.relative_to(mnt / "t")) for p in (mnt / "t").rglob("*"))
         copied, fake = (mnt / "copied/z.txt").read_bytes(), (mnt / "f").read_text()
+        group = (mnt / "from-image/group").read_text()
     finally:
         ok(store, "umount", str(mnt))
     assert ifaces == ["lo"]                                                # a network namespace of its own
     assert proxy == "http://proxy.example:3128\n" and "proxy.example" not in json.dumps(cfg["history"])
     assert added == ["d", "d/f", "fake.tar.gz"]                             # four archives extracted, one not
     assert copied[:2] == b"\x1f\x8b" and fake == "not an archive\n"        # COPY never extracts
+    assert "staff:x:50:" in group                                          # COPY --from an image of the store
     r = unionfs(store, "build", "--platform", "linux/arm64", "-f", "-", str(ctx), input=text)
     assert r.returncode == 2 and "only linux/amd64" in r.stderr
