@@ -341,6 +341,7 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     text = ("FROM --platform=$BUILDPLATFORM bb:1 AS one\nARG TARGETARCH\nLABEL stage=one arch=$TARGETARCH\n"
             "ADD plain.tar b.tar.bz2 x.tar.xz z.txt fake.tar.gz /t/\nCOPY z.txt /copied/z.txt\nCOPY fake.tar.gz /f\n"
             "COPY --from=bb:1 /etc/group /from-image/\n"
+            "RUN <<EOF\n#!/bin/sh -e\necho \"$0\" > /script-name\nEOF\n"              # a heredoc with its own #!
             "RUN --network=none sh -c 'cat /proc/net/dev > /net; echo \"$HTTP_PROXY\" > /proxy'\n"
             "FROM bb:1 AS two\nLABEL stage=two\nRUN exit 1\n")
     r = unionfs(store, "build", "-q", "-f", "-", "--target", "one", "--label", "by=test", "-t", "one:1",
@@ -358,6 +359,7 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
         added = sorted(str(p.relative_to(mnt / "t")) for p in (mnt / "t").rglob("*"))
         copied, fake = (mnt / "copied/z.txt").read_bytes(), (mnt / "f").read_text()
         group = (mnt / "from-image/group").read_text()
+        script_name, dev = (mnt / "script-name").read_text(), os.listdir(mnt / "dev")
     finally:
         ok(store, "umount", str(mnt))
     assert ifaces == ["lo"]                                                # a network namespace of its own
@@ -365,5 +367,6 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     assert added == ["d", "d/f", "fake.tar.gz"]                             # four archives extracted, one not
     assert copied[:2] == b"\x1f\x8b" and fake == "not an archive\n"        # COPY never extracts
     assert "staff:x:50:" in group                                          # COPY --from an image of the store
+    assert script_name == "/dev/.unionfs-run-script\n" and dev == []       # run as a file, not left behind
     r = unionfs(store, "build", "--platform", "linux/arm64", "-f", "-", str(ctx), input=text)
     assert r.returncode == 2 and "only linux/amd64" in r.stderr

@@ -654,18 +654,23 @@ class Builder:
             raise df.error(ins, f"--network={network}: only none and host can be honoured here")
         if ins.flag("mount") or ins.flag("security"):
             raise df.error(ins, "--mount and --security are not supported")
+        script_file = None
         if ins.json is not None:
             args = list(ins.json)
             shown = " ".join(args)
         else:
             script = ins.rest
             only = ins.heredoc(script)
-            if only is not None:            # RUN <<EOF: the heredoc is the script
-                script = only.content
-            elif ins.heredocs:              # RUN cmd <<EOF: the shell reads the heredocs
-                script = script + "\n" + "".join(h.content + h.name + "\n" for h in ins.heredocs)
-            args = state.shell + [script]
-            shown = " ".join(state.shell) + " " + script
+            if only is not None and only.content.startswith("#!"):   # a script for its own interpreter (BuildKit)
+                script_file = only.content
+                args, shown = [runstep.SCRIPT], only.content
+            else:
+                if only is not None:            # RUN <<EOF: the heredoc is the shell script
+                    script = only.content
+                elif ins.heredocs:              # RUN cmd <<EOF: the shell reads the heredocs
+                    script = script + "\n" + "".join(h.content + h.name + "\n" for h in ins.heredocs)
+                args = state.shell + [script]
+                shown = " ".join(state.shell) + " " + script
         env = state.env()
         build_args = {k: val for k, val in state.args.items() if k not in env}
         proxies = {k: val for k, val in self.opts.build_args.items() if k in PROXY_ARGS and k not in state.args}
@@ -674,7 +679,7 @@ class Builder:
         declared = sorted(state.args.items())   # every ARG of the stage with a value, as buildah writes it
         created_by = (f"|{len(declared)} " + " ".join(f"{k}={val}" for k, val in declared) + " " if declared
                       else "") + shown
-        parts = ("RUN", args, declared, network)
+        parts = ("RUN", args, script_file, declared, network)
         hit = self.cached(state, parts)
         if hit is not None:
             return hit
@@ -684,12 +689,13 @@ class Builder:
             self.runtime_path = runstep.find_runtime(self.opts.runtime)
         config = dict(state.inner)
         config["Env"] = [f"{k}={val}" for k, val in {**build_args, **proxies, **env}.items()]
-        return self._run_container(df, ins, state, config, args, network, parts, created_by)
+        return self._run_container(df, ins, state, config, args, network, parts, created_by, script_file)
 
     def _run_container(self, df: Dockerfile, ins: Instruction, state: State, config: dict, args: list[str],
-                       network: str, parts, created_by: str) -> State:
+                       network: str, parts, created_by: str, script: str | None) -> State:
         with runstep.step_container(self.store, state.image_id) as c:
-            code = runstep.run(self.store, c, config, args, network, self.runtime_path, self.opts.quiet, self.out)
+            code = runstep.run(self.store, c, config, args, network, self.runtime_path, self.opts.quiet, self.out,
+                               script)
             if code != 0:
                 raise BuildError(f"{df.path}:{ins.line}: RUN {ins.rest[:60]}: exited with status {code}", code)
             return self.commit_step(state, parts, created_by, None,

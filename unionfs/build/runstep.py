@@ -71,9 +71,13 @@ def step_container(store: Store, image_id: str) -> Iterator[Container]:
                 cmodel.remove(store, c)
 
 
+SCRIPT = "/dev/.unionfs-run-script"   # on the container's /dev tmpfs: never in the rootfs, never in a layer
+
+
 def run(store: Store, c: Container, config: dict, args: list[str], network: str, runtime_path: str,
-        quiet: bool, out: TextIO) -> int:
-    """Mount ``c``, run ``args`` in it with the stage's ``config``, unmount; the command's exit status."""
+        quiet: bool, out: TextIO, script: str | None = None) -> int:
+    """Mount ``c``, run ``args`` in it with the stage's ``config``, unmount; the command's exit status.
+    ``script``: a heredoc with a ``#!`` line, bound read-only at :data:`SCRIPT` for ``args`` to run."""
     os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
     mount_container(store, c, c.rootfs, ["suid,dev,allow_other"])
     _reap(c)
@@ -87,6 +91,13 @@ def run(store: Store, c: Container, config: dict, args: list[str], network: str,
         if network == "none":   # a network namespace of its own: loopback only
             spec["linux"]["namespaces"].append({"type": "network"})
         os.makedirs(c.bundle, mode=0o700, exist_ok=True)
+        if script is not None:
+            path = os.path.join(c.bundle, "script")
+            with open(path, "w") as f:
+                f.write(script)
+            os.chmod(path, 0o755)
+            spec["mounts"].append({"destination": SCRIPT, "type": "bind", "source": path,
+                                   "options": ["bind", "ro"]})
         with open(os.path.join(c.bundle, "config.json"), "w") as f:
             json.dump(spec, f, indent=1)
         return _run_bundle(c, runtime_path, quiet, out)
