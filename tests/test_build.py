@@ -172,7 +172,8 @@ def test_full_build_matches_podman(env, tmp_path):
     by = [h["created_by"] for h in hist]
     assert "/bin/sh -c #(nop) ENV APP_HOME=/opt/app VERSION=2.5" in by
     theirs_by = [h["created_by"] for h in pcfg["history"]]
-    for what in ("touch here", "USER app", "EXPOSE", "ONBUILD", "in /wild/", "in /opt/app/docs/"):   # as podman writes them
+    # created_by as podman writes it
+    for what in ("touch here", "USER app", "EXPOSE", "ONBUILD", "in /wild/", "in /opt/app/docs/"):
         def norm(b: str) -> str:
             return re.sub(r"(dir|file|multi):[0-9a-f]{64}", r"\1:HASH", b)   # (the hashes are each tool's own)
         assert [norm(b) for b in by if what in b] == [norm(b) for b in theirs_by if what in b], what

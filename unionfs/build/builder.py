@@ -42,7 +42,8 @@ from .layer import ImageTree, Member, write_tar
 PROXY_ARGS = {n for k in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY") for n in (k, k.lower())}
 PREDEFINED = PROXY_ARGS | {"SOURCE_DATE_EPOCH"}   # build args that need no ARG (and draw no "not consumed" warning)
 PLATFORM = ("linux", "amd64")
-NOP = "/bin/sh -c #(nop)"   # the history of a step without a command, whatever the SHELL (as docker and buildah write it)
+# The history of a step without a command, whatever the SHELL (as docker and buildah write it).
+NOP = "/bin/sh -c #(nop)"
 
 
 class BuildError(UsageError):
@@ -300,7 +301,8 @@ class Builder:
             try:
                 image_id = self.store.resolve(base)
             except ImageError:
-                raise df.error(s.from_ins, f"{base}: no such image in the store (unionfs pull or load it first)") from None
+                raise df.error(s.from_ins, f"{base}: no such image in the store (unionfs pull or load it "
+                                           "first)") from None
             state = self._load(image_id)
             arch = state.config.get("architecture")
             if arch and arch != self.platform[1]:
@@ -567,74 +569,35 @@ class Builder:
 
     def copy(self, df: Dockerfile, state: State, ins: Instruction, v: dict[str, str]) -> State:
         what = f"{df.path}:{ins.line}: {ins.cmd}"
-        if ins.json is not None:
-            args = [self._word(df, ins, a, v) for a in ins.json]
-        else:
-            args = self._words(df, ins, ins.rest, v)
+        args = [self._word(df, ins, a, v) for a in ins.json] if ins.json is not None else \
+            self._words(df, ins, ins.rest, v)
         srcs_text, dest = args[:-1], args[-1]
         if not srcs_text:
             raise df.error(ins, "needs a source and a destination")
         src_from = ins.flag("from")
-        chown_spec = ins.flag("chown")
-        chmod_spec = ins.flag("chmod")
         chmod = None
-        if chmod_spec is not None:
-            chmod_spec = self._word(df, ins, chmod_spec, v)
-            if not re.fullmatch(r"[0-7]{3,4}", chmod_spec):
-                raise df.error(ins, f"--chmod={chmod_spec}: give octal permission bits, e.g. 0755")
-            chmod = int(chmod_spec, 8)
-        from_tree = None
-        closers = []
-        tree = ImageTree(image_lower(self.store, state.image_id) if state.layers else [])
-        closers.append(tree)
+        if ins.flag("chmod") is not None:
+            spec = self._word(df, ins, ins.flag("chmod"), v)
+            if not re.fullmatch(r"[0-7]{3,4}", spec):
+                raise df.error(ins, f"--chmod={spec}: give octal permission bits, e.g. 0755")
+            chmod = int(spec, 8)
+        workdir = state.inner.get("WorkingDir") or "/"
+        trees = [ImageTree(image_lower(self.store, state.image_id) if state.layers else [])]
         try:
-            sources = []
-            many = False
-            if src_from is not None:
-                ref = self._word(df, ins, src_from, v)
-                image_id = self.stage_images.get(ref.lower()) or self.stage_images.get(ref)
-                if image_id is None:
-                    try:
-                        image_id = self.store.resolve(ref)
-                    except ImageError:
-                        raise df.error(ins, f"--from={ref}: no such stage or image") from None
-                from_tree = ImageTree(image_lower(self.store, image_id) if self.store.image(image_id).layers else [])
-                closers.append(from_tree)
-                for s in srcs_text:
-                    if any(c in s for c in "*?["):
-                        raise df.error(ins, f"{s}: wildcards in --from sources are not supported")
-                    try:
-                        sources.append(copying.image_source(from_tree, s.lstrip("/"), what))
-                    except UsageError as e:
-                        raise BuildError(str(e)) from None
-            else:
-                for s in srcs_text:
-                    hd = ins.heredoc(s)
-                    if hd is not None:
-                        content = self._word(df, ins, hd.content, v) if hd.expand else hd.content
-                        sources.append(copying.heredoc_source(hd.name, content))
-                        continue
-                    if s.startswith(("http://", "https://", "git@")):
-                        raise df.error(ins, f"{s}: remote sources are not supported (no network builds)")
-                    try:
-                        matches = self.ctx.glob(s, what)
-                        many = many or len(matches) > 1 or any(c in s for c in "*?[")
-                        for m in matches:
-                            sources.append(self.ctx.source(m, what))
-                    except ContextError as e:
-                        raise BuildError(str(e)) from None
-            chown = self._chown(df, ins, self._word(df, ins, chown_spec, v), tree) if chown_spec else None
+            tree = trees[0]
+            sources, many = self._sources(df, ins, v, srcs_text, src_from, what, trees)
+            chown = self._chown(df, ins, self._word(df, ins, ins.flag("chown"), v), tree) if ins.flag("chown") \
+                else None
             digest = hash_entries([e for s in sources for e in s.entries])
-            parts = (ins.cmd, digest, [s.base for s in sources], dest, state.inner.get("WorkingDir") or "/", chown, chmod, src_from)
-            kind = "multi" if len(sources) > 1 else ("dir" if sources[0].is_dir else "file")
-            created_by = f"{NOP} {ins.cmd} {kind}:{digest} in {dest} "
+            parts = (ins.cmd, digest, [s.base for s in sources], dest, workdir, chown, chmod, src_from)
             hit = self.cached(state, parts)
             if hit is not None:
                 return hit
+            kind = "multi" if len(sources) > 1 else ("dir" if sources[0].is_dir else "file")
+            created_by = f"{NOP} {ins.cmd} {kind}:{digest} in {dest} "
             try:
-                p = copying.plan(sources, dest, state.inner.get("WorkingDir") or "/", tree, what=what, many=many,
-                                 chown=chown, chmod=chmod, keep_owner=src_from is not None, now=self._mtime(),
-                                 extract=ins.cmd == "ADD")
+                p = copying.plan(sources, dest, workdir, tree, what=what, many=many, chown=chown, chmod=chmod,
+                                 keep_owner=src_from is not None, now=self._mtime(), extract=ins.cmd == "ADD")
             except UsageError as e:
                 raise BuildError(str(e)) from None
             try:
@@ -643,8 +606,48 @@ class Builder:
             finally:
                 p.close()
         finally:
-            for c in closers:
-                c.close()
+            for t in trees:
+                t.close()
+
+    def _sources(self, df: Dockerfile, ins: Instruction, v: dict[str, str], srcs_text: list[str],
+                 src_from: str | None, what: str, trees: list[ImageTree]) -> tuple[list, bool]:
+        """The COPY/ADD sources: from a stage or an image (``--from``), else heredocs and the context.
+        Also whether several were asked for (a wildcard), which needs a directory destination."""
+        sources = []
+        many = False
+        if src_from is not None:
+            ref = self._word(df, ins, src_from, v)
+            image_id = self.stage_images.get(ref.lower()) or self.stage_images.get(ref)
+            if image_id is None:
+                try:
+                    image_id = self.store.resolve(ref)
+                except ImageError:
+                    raise df.error(ins, f"--from={ref}: no such stage or image") from None
+            from_tree = ImageTree(image_lower(self.store, image_id) if self.store.image(image_id).layers else [])
+            trees.append(from_tree)
+            for s in srcs_text:
+                if any(c in s for c in "*?["):
+                    raise df.error(ins, f"{s}: wildcards in --from sources are not supported")
+                try:
+                    sources.append(copying.image_source(from_tree, s.lstrip("/"), what))
+                except UsageError as e:
+                    raise BuildError(str(e)) from None
+            return sources, many
+        for s in srcs_text:
+            hd = ins.heredoc(s)
+            if hd is not None:
+                content = self._word(df, ins, hd.content, v) if hd.expand else hd.content
+                sources.append(copying.heredoc_source(hd.name, content))
+                continue
+            if s.startswith(("http://", "https://", "git@")):
+                raise df.error(ins, f"{s}: remote sources are not supported (no network builds)")
+            try:
+                matches = self.ctx.glob(s, what)
+                many = many or len(matches) > 1 or any(c in s for c in "*?[")
+                sources += [self.ctx.source(m, what) for m in matches]
+            except ContextError as e:
+                raise BuildError(str(e)) from None
+        return sources, many
 
     # --- RUN ----------------------------------------------------------------------------
 
