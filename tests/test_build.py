@@ -339,7 +339,8 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     for opt, name in (("-cf", "plain.tar"), ("-cjf", "b.tar.bz2"), ("-cJf", "x.tar.xz"), ("-czf", "z.txt")):
         sh("tar", opt, str(ctx / name), "-C", str(src), "d")         # told by content, not by name
     (ctx / "fake.tar.gz").write_text("not an archive\n")
-    text = ("FROM --platform=$BUILDPLATFORM bb:1 AS one\nARG TARGETARCH\nLABEL stage=one arch=$TARGETARCH\n"
+    text = ("FROM --platform=$BUILDPLATFORM bb:1 AS one\nMAINTAINER tests <t@example.com>\nARG TARGETARCH\n"
+            "LABEL stage=one arch=$TARGETARCH\n"
             "ADD plain.tar b.tar.bz2 x.tar.xz z.txt fake.tar.gz /t/\nCOPY z.txt /copied/z.txt\nCOPY fake.tar.gz /f\n"
             "COPY --from=bb:1 /etc/group /from-image/\n"
             "RUN <<EOF\n#!/bin/sh -e\necho \"$0\" > /script-name\nEOF\n"              # a heredoc with its own #!
@@ -351,6 +352,7 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     assert r.stdout.count("\n") == 1 and r.stdout.startswith("sha256:")     # -q: the id alone
     cfg = our_config(store, "one:1")
     assert cfg["config"]["Labels"] == {"stage": "one", "arch": "amd64", "by": "test"}
+    assert cfg["author"] == "tests <t@example.com>"                         # MAINTAINER, kept by later steps
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     ok(store, "mount", "one:1", str(mnt))

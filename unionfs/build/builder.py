@@ -326,16 +326,20 @@ class Builder:
     # --- committing ------------------------------------------------------------------
 
     def commit_step(self, state: State, key_parts, created_by: str, change: Callable[[dict], None] | None = None,
-                    make_layer: Callable[[], Layer | None] | None = None) -> State:
+                    make_layer: Callable[[], Layer | None] | None = None, author: str | None = None) -> State:
         """A new image: ``state`` plus ``change`` to its config and the layer ``make_layer`` adds to the store,
         if any; then a cache entry for it.  All under one hold of the lock: a layer no image references yet
         would be collected by the next writer."""
         with self.store.locked():
             layer = make_layer() if make_layer is not None else None
-            return self._commit_locked(state, key_parts, created_by, change, layer)
+            return self._commit_locked(state, key_parts, created_by, change, layer, author)
 
-    def _commit_locked(self, state: State, key_parts, created_by: str, change, layer: Layer | None) -> State:
+    def _commit_locked(self, state: State, key_parts, created_by: str, change, layer: Layer | None,
+                       author: str | None) -> State:
         cfg = new_config(state.config, layer.diff_id if layer else None, created_by)
+        author = author or state.config.get("author")
+        if author:   # MAINTAINER's (or the base's), for every later step too
+            cfg["author"] = author
         if state.image_id is None:   # FROM scratch: no history before ours
             cfg["history"] = cfg["history"][-1:]
         inner = cfg.setdefault("config", {})
@@ -423,10 +427,9 @@ class Builder:
             return self.meta_step(state, ins, " ".join(f"{k}={val}" for k, val in pairs),
                                   lambda c: c.__setitem__("Labels", {**(c.get("Labels") or {}), **dict(pairs)}))
         if cmd == "MAINTAINER":
-            who = ins.rest
-            st = self.meta_step(state, ins, who, lambda c: None)
-            st.config["author"] = who
-            return st
+            parts = ("MAINTAINER", ins.rest)
+            return self.cached(state, parts) or self.commit_step(state, parts, f"{NOP} MAINTAINER {ins.rest}",
+                                                                 author=ins.rest)
         if cmd in ("CMD", "ENTRYPOINT"):
             value = list(ins.json) if ins.json is not None else state.shell + [ins.rest]
             field_ = "Cmd" if cmd == "CMD" else "Entrypoint"
