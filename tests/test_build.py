@@ -373,3 +373,23 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
     assert script_name == "/dev/.unionfs-run-script\n" and dev == []       # run as a file, not left behind
     r = unionfs(store, "build", "--platform", "linux/arm64", "-f", "-", str(ctx), input=text)
     assert r.returncode == 2 and "only linux/amd64" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/docker-registry"), reason="docker-registry is needed")
+def test_built_image_pushes_and_pulls(env, tmp_path):
+    from registry_server import Registry
+    store = env["store"]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("pushed\n")
+    (ctx / "Dockerfile").write_text("FROM bb:1\nCOPY f /f\nCMD [\"cat\", \"/f\"]\n")
+    image_id, _ = _build(store, ctx, "-t", "push:1")
+    e = dict(os.environ, UNIONFS_CONFIG_DIR=str(tmp_path / "cfg"), DOCKER_CONFIG=str(tmp_path / "docker"))
+    with Registry(tmp_path / "registry") as reg:
+        ref = f"{reg.host}/built/push:1"
+        ok(store, "push", "push:1", ref, "--insecure", env=e)
+        seen = json.loads(sh("skopeo", "inspect", "--tls-verify=false", "--config", f"docker://{ref}").stdout)
+        assert seen["config"]["Cmd"] == ["cat", "/f"] and len(seen["rootfs"]["diff_ids"]) == 2
+        other = tmp_path / "other"
+        ok(other, "pull", ref, "--insecure", env=e)
+        assert json.loads(ok(other, "inspect", ref))[0]["Id"] == "sha256:" + image_id
