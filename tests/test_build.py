@@ -191,8 +191,11 @@ def test_full_build_matches_podman(env, tmp_path):
     r = unionfs(store, "build", "-t", "child:1", str(tmp_path / "child"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "onbuild trigger ran" in r.stdout
-    child = our_config(store, "child:1")["config"]
+    child_cfg = our_config(store, "child:1")
+    child = child_cfg["config"]
     assert not child.get("OnBuild") and child["Labels"]["child"] == "yes"
+    # The trigger ran through the parent's SHELL, as a RUN of the child's.
+    assert "/bin/sh -ec echo onbuild trigger ran" in [h["created_by"] for h in child_cfg["history"]]
 
 
 CACHED = """FROM bb:1
