@@ -22,6 +22,7 @@ def test_directives_comments_continuations():
     assert df.escape == "`" and df.directives == {"syntax": "docker/dockerfile:1", "escape": "`"}
     run = df.instructions[1]
     assert (run.cmd, run.line, run.rest) == ("RUN", 6, "dir c:\\   && echo done")
+    assert parse("\ufeffFROM scratch\r\nCMD [\"a\"]\r\n").instructions[1].json == ("a",)   # BOM, CRLF
     # After the first instruction a directive is only a comment.
     df = parse("FROM scratch\n# escape=`\nRUN echo a \\\n b\n")
     assert df.escape == "\\" and df.instructions[1].rest == "echo a  b"

@@ -121,6 +121,8 @@ def _duration(text: str, what: str) -> int:
 
 
 class Builder:
+    """One build: the Dockerfile's stages the target needs, step by step, each step an image of the store."""
+
     def __init__(self, store: Store, context_dir: str, opts: Options, out: TextIO = sys.stdout) -> None:
         self.store, self.context_dir, self.opts, self.out = store, context_dir, opts, out
         self.now = opts.source_date_epoch

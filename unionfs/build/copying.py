@@ -156,6 +156,7 @@ def _put(out: Plan, path: str, e: Entry, owner, mode_of) -> None:
 
 
 def extract_archive(tf: tarfile.TarFile, dest: str, out: Plan, chown: tuple[int, int] | None, what: str) -> None:
+    """ADD of a local archive: its members below ``dest``; none may leave it, hard links only to earlier files."""
     try:
         members = tf.getmembers()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:

@@ -108,7 +108,7 @@ def _take_flags(rest: str) -> tuple[list[tuple[str, str]], str]:
 def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
     """Parse a whole Dockerfile; a :class:`DockerfileError` names the file and line of the first mistake."""
     df = Dockerfile(path)
-    lines = text.splitlines()
+    lines = text.removeprefix("\ufeff").splitlines()   # a UTF-8 BOM, as Windows editors write it
     i = 0
     # Parser directives: only at the very top, each at most once.
     while i < len(lines):
