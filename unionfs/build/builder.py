@@ -149,8 +149,11 @@ class Builder:
         path = self.opts.dockerfile
         if path == "-":
             return parse(sys.stdin.read(), "Dockerfile")
-        if path is None:
+        if path is None:   # podman's Containerfile when there is no Dockerfile
             path = os.path.join(self.context_dir, "Dockerfile")
+            alt = os.path.join(self.context_dir, "Containerfile")
+            if not os.path.lexists(path) and os.path.lexists(alt):
+                path = alt
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
