@@ -212,6 +212,18 @@ class Builder:
                     todo.append(dep)
         return [s for s in stages if s.index in want]
 
+    def check_bases(self, df: Dockerfile, meta: dict[str, str], todo: list[Stage], stages: list[Stage]) -> None:
+        """Every base image the build needs is in the store: else the first missing one stops it before it starts."""
+        for s in todo:
+            base = self._word(df, s.from_ins, s.from_ins.rest.split()[0], meta)
+            if base.lower() == "scratch" or self._stage_ref(stages[:s.index + 1], base, s) is not None:
+                continue
+            try:
+                self.store.resolve(base)
+            except ImageError:
+                raise df.error(s.from_ins, f"{base}: no such image in the store (unionfs pull or load it "
+                                           "first)") from None
+
     @staticmethod
     def _stage_ref(stages: list[Stage], ref: str, current: Stage) -> Stage | None:
         for s in stages:
@@ -241,6 +253,7 @@ class Builder:
         df = self.read_dockerfile()
         meta, stages = self.stages(df)
         todo = self.needed(df, meta, stages)
+        self.check_bases(df, meta, todo, stages)
         self.steps_total = sum(1 + len(s.body) for s in todo)
         runstep.sweep(self.store, self.opts.runtime)
         with Context(self.context_dir) as ctx:
@@ -705,8 +718,13 @@ class Builder:
     def _run_container(self, df: Dockerfile, ins: Instruction, state: State, config: dict, args: list[str],
                        network: str, parts, created_by: str, script: str | None) -> State:
         with runstep.step_container(self.store, state.image_id) as c:
-            code = runstep.run(self.store, c, config, args, network, self.runtime_path, self.opts.quiet, self.out,
-                               script)
+            try:
+                code = runstep.run(self.store, c, config, args, network, self.runtime_path, self.opts.quiet,
+                                   self.out, script)
+            except BuildError:
+                raise
+            except UsageError as e:   # e.g. a USER the image's /etc/passwd does not know
+                raise BuildError(f"{df.path}:{ins.line}: RUN: {e}") from None
             if code != 0:
                 raise BuildError(f"{df.path}:{ins.line}: RUN {ins.rest[:60]}: exited with status {code}", code)
             return self.commit_step(state, parts, created_by, None,
