@@ -398,3 +398,44 @@ def test_built_image_pushes_and_pulls(env, tmp_path):
         other = tmp_path / "other"
         ok(other, "pull", ref, "--insecure", env=e)
         assert json.loads(ok(other, "inspect", ref))[0]["Id"] == "sha256:" + image_id
+
+
+COPY_RULES = """FROM bb:1
+COPY d/ /home/app/
+COPY top /etc/passwd2
+COPY top /root/
+COPY top /newdir/newname
+COPY dirlink /viadirlink
+COPY d /tmp/
+COPY --chown=app top d/a /home/app/sub/
+RUN ln -s /home/app /linkdir
+COPY top /linkdir/
+"""
+
+
+def test_copy_destination_rules_match_podman(env, tmp_path):
+    """Existing destination dirs keep their owner and mode, a symlinked destination is followed inside the
+    image, a file lands on DEST/ or DEST, a source symlink to a directory copies its contents."""
+    store, podman = env["store"], env["podman"]
+    ctx = tmp_path / "ctx"
+    (ctx / "d/sub").mkdir(parents=True)
+    (ctx / "d/a").write_text("a\n")
+    (ctx / "d/sub/s").write_text("s\n")
+    os.chmod(ctx / "d/sub", 0o700)
+    (ctx / "top").write_text("top\n")
+    os.symlink("d", ctx / "dirlink")
+    (ctx / "Dockerfile").write_text(COPY_RULES)
+    _build(store, ctx, "-t", "rules:1")
+    podman.build(ctx, ctx / "Dockerfile", "rules:1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ok(store, "mount", "rules:1", str(mnt))
+    try:
+        ours, theirs = snapshot(mnt), snapshot(podman.mount("rules:1"))
+    finally:
+        ok(store, "umount", str(mnt))
+    for k in PODMAN_ARTIFACTS:
+        theirs.pop(k, None)
+    assert diff_snapshots(theirs, ours) == []
+    assert ours["home/app"][2:4] == (1000, 1000) and ours["home/app/top"][2:4] == (0, 0)
+    assert ours["home/app/sub/top"][2:4] == (1000, 1000) and "viadirlink/sub/s" in ours
