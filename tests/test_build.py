@@ -104,6 +104,14 @@ def make_context(ctx: Path) -> None:
     shutil.rmtree(src)
 
 
+@pytest.fixture
+def ctx(tmp_path) -> Path:
+    """An empty build context."""
+    d = tmp_path / "ctx"
+    d.mkdir()
+    return d
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     work = tmp_path_factory.mktemp("build")
@@ -119,10 +127,8 @@ def env(tmp_path_factory):
         unmount_all_below(work)
 
 
-def test_full_build_matches_podman(env, tmp_path):
+def test_full_build_matches_podman(env, tmp_path, ctx):
     store, podman = env["store"], env["podman"]
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
     make_context(ctx)
     (tmp_path / "Dockerfile.ours").write_text(dockerfile(OURS))
     (tmp_path / "Dockerfile.podman").write_text(dockerfile(THEIRS))
@@ -219,10 +225,8 @@ def ran(out: str) -> str | None:
     return next((line[len("ran-run-"):] for line in out.splitlines() if line.startswith("ran-run-")), None)
 
 
-def test_cache_rebuilds_only_what_changed(env, tmp_path):
+def test_cache_rebuilds_only_what_changed(env, tmp_path, ctx):
     store = env["store"]
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
     (ctx / "Dockerfile").write_text(CACHED)
     (ctx / "first.txt").write_text("first\n")
     (ctx / "last.txt").write_text("last\n")
@@ -267,10 +271,8 @@ def test_cache_rebuilds_only_what_changed(env, tmp_path):
     assert {h["created"] for h in rcfg["history"][-6:]} == {"2023-11-14T22:13:20Z"}   # ours, not the base's
 
 
-def test_bad_input_one_line_naming_file_and_line(env, tmp_path):
+def test_bad_input_one_line_naming_file_and_line(env, tmp_path, ctx):
     store = env["store"]
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
     (ctx / "f").write_text("f")
     (tmp_path / "outside").write_text("secret")
     os.symlink("../outside", ctx / "escape")
@@ -299,10 +301,8 @@ def test_bad_input_one_line_naming_file_and_line(env, tmp_path):
     assert r.returncode == 2 and "--target nope: no stage of that name" in r.stderr
 
 
-def test_failing_run_and_killed_build_leave_nothing_half_built(env, tmp_path):
+def test_failing_run_and_killed_build_leave_nothing_half_built(env, tmp_path, ctx):
     store = env["store"]
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
     (ctx / "Dockerfile").write_text("FROM bb:1\nENV A=1\nRUN echo partial > /p; echo to-stderr >&2; exit 3\n")
     r = unionfs(store, "build", "-t", "fail:1", str(ctx))
     assert r.returncode == 3, r.stdout + r.stderr
@@ -334,10 +334,8 @@ def test_failing_run_and_killed_build_leave_nothing_half_built(env, tmp_path):
             proc.wait(timeout=30)
 
 
-def test_stdin_target_label_quiet_network_platform(env, tmp_path):
+def test_stdin_target_label_quiet_network_platform(env, tmp_path, ctx):
     store = env["store"]
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d/f").write_text("in a tar\n")
@@ -381,11 +379,9 @@ def test_stdin_target_label_quiet_network_platform(env, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/docker-registry"), reason="docker-registry is needed")
-def test_built_image_pushes_and_pulls(env, tmp_path):
+def test_built_image_pushes_and_pulls(env, tmp_path, ctx):
     from registry_server import Registry
     store = env["store"]
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
     (ctx / "f").write_text("pushed\n")
     (ctx / "Dockerfile").write_text("FROM bb:1\nCOPY f /f\nCMD [\"cat\", \"/f\"]\n")
     image_id, _ = _build(store, ctx, "-t", "push:1")
