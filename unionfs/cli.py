@@ -66,8 +66,10 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
+    from .build.cache import intermediates
     from .image.report import images_table
-    print(images_table(_store(args), args.no_trunc))
+    store = _store(args)
+    print(images_table(store, args.no_trunc, hide=set() if args.all else intermediates(store)))
     return 0
 
 
@@ -256,6 +258,46 @@ def _tail(value: str) -> str:
     return value
 
 
+def _key_values(values: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for kv in values or []:
+        k, eq, v = kv.partition("=")
+        if not k:
+            raise UsageError(f"{what} {kv!r}: give KEY=VALUE")
+        out[k] = v if eq else os.environ.get(k, "")
+    return out
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build.builder import BuildError, Options, build
+    opts = Options(tags=args.tag or [], dockerfile=args.file, build_args=_key_values(args.build_arg, "--build-arg"),
+                   target=args.target, no_cache=args.no_cache, labels=_key_values(args.label, "--label"),
+                   platform=args.platform, quiet=args.quiet, runtime=args.runtime)
+    try:
+        build(_store(args), args.context, opts)
+    except BuildError as e:
+        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
+        return e.status
+    return 0
+
+
+def _build_parser(sub, common) -> None:
+    b = sub.add_parser("build", help="build an image from a Dockerfile", parents=[common],
+                       description="Build an image from CONTEXT/Dockerfile (or -f FILE; -f - reads stdin): each RUN "
+                                   "runs in a container on a writable union mount, each step is cached.")
+    b.add_argument("context", metavar="CONTEXT")
+    b.add_argument("--tag", "-t", action="append", metavar="NAME[:TAG]", help="name the image (repeatable)")
+    b.add_argument("--file", "-f", metavar="DOCKERFILE", help="default CONTEXT/Dockerfile; - for stdin")
+    b.add_argument("--build-arg", action="append", metavar="KEY=VALUE", help="set a build-time variable (ARG)")
+    b.add_argument("--target", metavar="STAGE", help="build up to this stage")
+    b.add_argument("--no-cache", action="store_true", help="run every step again")
+    b.add_argument("--label", action="append", metavar="KEY=VALUE", help="add a label to the image")
+    b.add_argument("--platform", metavar="OS/ARCH", help="only linux/amd64, this host's")
+    b.add_argument("--quiet", "-q", action="store_true", help="print only the image id")
+    b.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
+    b.set_defaults(func=_cmd_build)
+
+
 def _container_parsers(sub, common) -> None:
     c = sub.add_parser("create", help="make a container: an image plus a writable layer of its own", parents=[common])
     c.add_argument("image", metavar="IMAGE")
@@ -424,6 +466,7 @@ def parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("images", help="list images", parents=[common])
     im.add_argument("--no-trunc", action="store_true", help="show full image ids")
+    im.add_argument("--all", "-a", action="store_true", help="also the untagged images of build steps")
     im.set_defaults(func=_cmd_images)
 
     ins = sub.add_parser("inspect", help="an image's details as JSON (as docker image inspect)", parents=[common])
@@ -445,6 +488,7 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("--force", "-f", action="store_true", help="remove an image with several tags by id")
     rm.set_defaults(func=_cmd_rmi)
     _container_parsers(sub, common)
+    _build_parser(sub, common)
 
     from .registry.commands import add_parsers as add_registry_parsers   # pull, push, login, logout
     add_registry_parsers(sub, common)
@@ -482,7 +526,7 @@ def _is_mount_program_argv(argv: list[str]) -> bool:
 
 
 _COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
-             "commit", "save", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
+             "commit", "save", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
              "pull", "push", "login", "logout"}
 
 

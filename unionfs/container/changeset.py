@@ -73,8 +73,9 @@ def _pax_value(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
-def write_changeset(changes: Changes, view, out: BinaryIO) -> Written:
-    """Write the layer tar of ``changes`` (read from ``view``, the merged view) to ``out``."""
+def write_changeset(changes: Changes, view, out: BinaryIO, clamp_mtime: int | None = None) -> Written:
+    """Write the layer tar of ``changes`` (read from ``view``, the merged view) to ``out``; ``clamp_mtime``
+    (``SOURCE_DATE_EPOCH`` of a build) caps every mtime, so the same changes made later give the same tar."""
     members: list[tuple[list[bytes], bytes, bool]] = []   # (sort key, path, is a whiteout)
     for kind, path in changes.sorted():
         parts = sort_key(path)
@@ -109,6 +110,8 @@ def write_changeset(changes: Changes, view, out: BinaryIO) -> Written:
         ti.mode = stat.S_IMODE(st.mode)
         ti.uid, ti.gid = st.uid, st.gid
         ti.mtime = st.mtime_ns // 1_000_000_000
+        if clamp_mtime is not None:
+            ti.mtime = min(ti.mtime, clamp_mtime)
         xattrs = view.xattrs(path)
         if xattrs:
             ti.pax_headers = {"SCHILY.xattr." + k: _pax_value(v) for k, v in sorted(xattrs.items())}

@@ -34,7 +34,7 @@ from ..image.mutate import apply_change, new_config
 from ..image.save import image_manifest
 from ..image.store import Store
 from . import model
-from .changeset import write_changeset
+from .changeset import Written, write_changeset
 from .commands import views
 from .diff import changes
 from .model import ContainerError
@@ -61,31 +61,52 @@ def commit(store: Store, name: str, ref: str | None = None, message: str = "", a
         c = model.resolve(store, name)
         base = json.loads(store.blob(c.image))
         image = store.image(c.image)
-        tmp = store.new_tmp_dir("commit")
-        tar_path = os.path.join(tmp, "layer.tar")
-        with views(store, c) as (image_view, merged):
-            ch = changes(c.upper, c.work, image_view, merged)
-            with open(tar_path, "xb") as out:
-                written = write_changeset(ch, merged, out)
-                out.flush()
-                os.fsync(out.fileno())
-        diff_id = written.diff_id
-        if not store.has_layer(diff_id):
-            _add_layer(store, tar_path, diff_id, f"commit of {c.name or c.short_id}")
-        store.put_blob_file(diff_id, tar_path)   # the uncompressed tar is the layer's blob
-        layers = list(image.layers) + [Layer(diff_id, diff_id, MEDIA_OCI_LAYER, written.size)]
+        ly, written = container_layer(store, c)
+        layers = list(image.layers) + [ly]
+        diff_id = ly.diff_id
         cfg = new_config(base, diff_id, f"unionfs commit {c.short_id}", message, author, change)
-        config_bytes = json.dumps(cfg, indent=None, separators=(",", ":")).encode()
-        image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-        manifest = image_manifest(store, image_id, len(config_bytes), layers)
-        manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-        register_image(store, image_id, config_bytes, manifest, manifest_digest, layers)
+        image_id = register_config(store, cfg, layers)
         if tag is not None:
             tags = store.tags()
             tags[str(tag)] = image_id
             store.set_tags(tags)
     return Committed(image_id, diff_id, str(tag) if tag else None, written.entries, written.size,
                      tuple(written.skipped))
+
+
+def register_config(store: Store, cfg: dict, layers: list[Layer]) -> str:
+    """Record an image of ``cfg`` whose layers are in the store (config, manifest, record): its id."""
+    config_bytes = json.dumps(cfg, indent=None, separators=(",", ":")).encode()
+    image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    manifest = image_manifest(store, image_id, len(config_bytes), layers)
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    register_image(store, image_id, config_bytes, manifest, manifest_digest, layers)
+    return image_id
+
+
+def container_layer(store: Store, c: model.Container, skip_empty: bool = False,
+                    clamp_mtime: int | None = None) -> tuple[Layer | None, "Written"]:
+    """The container's changes as a new layer of the store (the caller holds the lock); with
+    ``skip_empty``, None when nothing changed (a build step that adds no layer)."""
+    tmp = store.new_tmp_dir("commit")
+    tar_path = os.path.join(tmp, "layer.tar")
+    with views(store, c) as (image_view, merged):
+        ch = changes(c.upper, c.work, image_view, merged)
+        if skip_empty and not ch.kinds and not ch.replaced:
+            return None, Written("", 0, 0)
+        with open(tar_path, "xb") as out:
+            written = write_changeset(ch, merged, out, clamp_mtime)
+            out.flush()
+            os.fsync(out.fileno())
+    return add_layer_tar(store, tar_path, written.diff_id, written.size, f"commit of {c.name or c.short_id}"), written
+
+
+def add_layer_tar(store: Store, tar_path: str, diff_id: str, size: int, what: str) -> Layer:
+    """An uncompressed layer tar we wrote (hashed on the way) becomes a layer of the store, and its blob."""
+    if not store.has_layer(diff_id):
+        _add_layer(store, tar_path, diff_id, what)
+    store.put_blob_file(diff_id, tar_path)   # the uncompressed tar is the layer's blob
+    return Layer(diff_id, diff_id, MEDIA_OCI_LAYER, size)
 
 
 def _add_layer(store: Store, tar_path: str, diff_id: str, what: str) -> None:

@@ -71,10 +71,13 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def images_table(store: Store, no_trunc: bool = False) -> str:
+def images_table(store: Store, no_trunc: bool = False, hide: set[str] = frozenset()) -> str:
+    """``hide``: untagged images not to list (a build's intermediate steps, as docker hides them)."""
     tags = store.tags()
     rows = []
     for image_id in store.image_ids():
+        if image_id in hide and image_id not in tags.values():
+            continue
         img = store.image(image_id)
         short = image_id if no_trunc else image_id[7:19]
         names = sorted(t for t, i in tags.items() if i == image_id) or \

@@ -1,0 +1,1 @@
+"""Images from Dockerfiles: ``unionfs build`` (see builder.py)."""
