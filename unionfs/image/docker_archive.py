@@ -16,7 +16,7 @@ import re
 
 from . import oci_layout
 from .archive import Archive, SourceImage, SourceLayer
-from .model import MEDIA_DOCKER_LAYER, ImageError, Reference, parse_json
+from .model import MEDIA_DOCKER_LAYER, ImageError, Reference, field_of, parse_json
 
 _DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.json)$")
 
@@ -58,7 +58,7 @@ def read(archive: Archive) -> list[SourceImage]:
             if not isinstance(name, str):
                 raise ImageError(f"{where}: layer name is not a string")
             layers.append(SourceLayer(name, _digest_of_name(name), MEDIA_DOCKER_LAYER))
-        tags = tuple(Reference.parse(t) for t in (e.get("RepoTags") or []))
+        tags = tuple(Reference.parse(t) for t in field_of(e, "RepoTags", list, where, []))   # null: untagged
         config_digest = _digest_of_name(e["Config"])
         manifest_digest, manifest = manifests.get(config_digest or "", (None, None))
         out.append(SourceImage(e["Config"], config_digest, tuple(layers), tags, manifest, manifest_digest))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import errno
 import logging
+import math
 import os
 import stat
 import tarfile
@@ -31,12 +32,21 @@ from typing import BinaryIO, Callable
 from ..fs import formats
 from ..fs import sys as ovl
 from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed
-from .model import ImageError
+from .model import ImageError, quote
 
 log = logging.getLogger("unionfs.image.extract")
 
 MAX_MEMBER_SIZE = 1 << 40          # 1 TiB: no honest layer has a bigger file
 MAX_DIR_CACHE = 512
+# Bounds on a member's header (what the kernel, Go's archive/tar and a sane rootfs can hold).
+MAX_PATH = 4096                    # bytes of a member name or a symlink target (PATH_MAX)
+MAX_COMPONENT = 255                # bytes of one name (NAME_MAX)
+MAX_ID = (1 << 32) - 2             # uid/gid: 32 bits, and (uid_t)-1 means "no change" to chown
+MAX_MTIME = 9_000_000_000          # seconds either side of 1970: the ns count must fit in 64 bits
+MAX_DEV = (1 << 32) - 1
+MAX_PAX_HEADER = 1 << 20           # an extended header is read into memory whole: no honest one is this big
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 64 << 10         # XATTR_SIZE_MAX
 
 
 class HostileLayer(ImageError):
@@ -55,17 +65,60 @@ class Extracted:
 
 def _split(name: str, what: str) -> tuple[bytes, ...]:
     """A member name -> path components below the layer root; ``..`` and absolute paths refused."""
-    b = os.fsencode(name)
+    b = check_path(name, what, "path")
     if b.startswith(b"/"):
-        raise HostileLayer(f"{what}: absolute path {name!r}")
+        raise HostileLayer(f"{what}: absolute path {quote(name)}")
     parts = tuple(p for p in b.split(b"/") if p not in (b"", b"."))
     if b".." in parts:
-        raise HostileLayer(f"{what}: path {name!r} leaves the layer ('..')")
+        raise HostileLayer(f"{what}: path {quote(name)} leaves the layer ('..')")
+    for p in parts:
+        if len(p) > MAX_COMPONENT:
+            raise ImageError(f"{what}: path {quote(name)}: a component is longer than {MAX_COMPONENT} bytes")
     return parts
 
 
+def check_path(name: str, what: str, kind: str) -> bytes:
+    """A member name or link target as bytes: no NUL byte, at most MAX_PATH bytes."""
+    b = os.fsencode(name)
+    if b"\0" in b:
+        raise ImageError(f"{what}: {kind} {quote(name)} holds a NUL byte")
+    if len(b) > MAX_PATH:
+        raise ImageError(f"{what}: {kind} {quote(name)} is longer than {MAX_PATH} bytes")
+    return b
+
+
+def check_member(member: tarfile.TarInfo, what: str) -> None:
+    """The header fields the extractor hands to syscalls, each within what the kernel takes.
+
+    A tar header can hold an mtime of 1e30, a base-256 uid of 2^40 or -5, a PAX path with a
+    NUL byte; refused here in one line rather than as an OverflowError or ValueError later.
+    """
+    name = quote(member.name)
+    if member.linkname:
+        check_path(member.linkname, what, f"{name}: link target")
+    mtime = member.mtime
+    if not isinstance(mtime, (int, float)) or not math.isfinite(mtime) or abs(mtime) > MAX_MTIME:
+        raise ImageError(f"{what}: {name}: mtime {quote(mtime)} is out of range")
+    for field, value in (("uid", member.uid), ("gid", member.gid)):
+        if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+            raise ImageError(f"{what}: {name}: {field} {quote(value)} is out of range (0 to {MAX_ID})")
+    if member.size < 0:
+        raise ImageError(f"{what}: {name}: negative size {member.size}")
+    if member.ischr() or member.isblk():
+        for field, value in (("major", member.devmajor), ("minor", member.devminor)):
+            if not 0 <= value <= MAX_DEV:
+                raise ImageError(f"{what}: {name}: device {field} {value} is out of range")
+
+
+def check_header_block(info: tarfile.TarInfo) -> None:
+    """An extended header (PAX, GNU long name) is read into memory whole: refuse absurd sizes first."""
+    if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                     tarfile.GNUTYPE_LONGLINK) and info.size > MAX_PAX_HEADER:
+        raise tarfile.HeaderError(f"extended header of {info.size} bytes (at most {MAX_PAX_HEADER})")
+
+
 def _show(parts: tuple[bytes, ...]) -> str:
-    return os.fsdecode(b"/".join(parts)) or "/"
+    return quote(os.fsdecode(b"/".join(parts)) or "/")
 
 
 class LayerWriter:
@@ -95,12 +148,25 @@ class LayerWriter:
 
     def _dir(self, parts: tuple[bytes, ...], create: bool = True) -> int:
         """An fd of the directory ``parts`` (borrowed from the cache), opened without following links."""
-        if not parts:
-            return self.root_fd
-        fd = self._dirs.get(parts)
-        if fd is not None:
-            return fd
-        parent = self._dir(parts[:-1], create)
+        # The deepest cached ancestor, then one component at a time (a loop: layers nest thousands deep).
+        known = len(parts)
+        while known and parts[:known] not in self._dirs:
+            known -= 1
+        fd = self._dirs[parts[:known]] if known else self.root_fd
+        owned = False   # fd is an intermediate opened here and not cached: close it once past it
+        for depth in range(known + 1, len(parts) + 1):
+            try:
+                child = self._open_child(fd, parts[:depth], create)
+            finally:
+                if owned:
+                    os.close(fd)
+            fd = child
+            owned = depth < len(parts) and len(self._dirs) >= MAX_DIR_CACHE
+            if not owned:
+                self._dirs[parts[:depth]] = fd
+        return fd
+
+    def _open_child(self, parent: int, parts: tuple[bytes, ...], create: bool) -> int:
         name = parts[-1]
         try:
             fd = ovl.open_dir_at(parent, name)
@@ -115,7 +181,6 @@ class LayerWriter:
             if e.errno == errno.ENOTDIR:
                 raise ImageError(f"{self.what}: {_show(parts)} is not a directory but has entries below it") from None
             raise
-        self._dirs[parts] = fd
         return fd
 
     def _forget(self, parts: tuple[bytes, ...]) -> None:
@@ -133,12 +198,13 @@ class LayerWriter:
         if len(self._dirs) > MAX_DIR_CACHE:
             self.close()
         parts = _split(member.name, self.what)
+        check_member(member, self.what)
         self.entries += 1
         if parts and parts[-1].startswith(formats.WH_PREFIX):
             self._add_whiteout(parts)
             return
         if member.size > MAX_MEMBER_SIZE or (member.isreg() and self.written + member.size > self.space):
-            raise HostileLayer(f"{self.what}: {member.name!r} claims {member.size} bytes, more than the store "
+            raise HostileLayer(f"{self.what}: {quote(member.name)} claims {member.size} bytes, more than the store "
                                f"can hold ({self.space - self.written} bytes free)")
         if not parts:  # the layer root itself ("./")
             if member.isdir():
@@ -177,7 +243,7 @@ class LayerWriter:
             self._hardlink(parts, pfd, name, member)
         elif member.ischr() or member.isblk() or member.isfifo():
             if not member.isfifo() and not self.devices:
-                raise HostileLayer(f"{self.what}: device node {member.name!r}: only root may create device nodes")
+                raise HostileLayer(f"{self.what}: device node {quote(member.name)}: only root may create device nodes")
             kind = stat.S_IFIFO if member.isfifo() else stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             dev = 0 if member.isfifo() else os.makedev(member.devmajor, member.devminor)
             ovl.mknod_at(pfd, name, kind | 0o600, dev)
@@ -185,7 +251,7 @@ class LayerWriter:
             ovl.chmod_at(pfd, name, member.mode & 0o7777)
             ovl.utime_at(pfd, name, (_ns(member), _ns(member)))
         else:
-            raise ImageError(f"{self.what}: {member.name!r}: unsupported tar entry type {member.type!r}")
+            raise ImageError(f"{self.what}: {quote(member.name)}: unsupported tar entry type {member.type!r}")
         self._nondirs.add(parts)
 
     def _file(self, pfd: int, name: bytes, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
@@ -210,7 +276,7 @@ class LayerWriter:
     def _hardlink(self, parts: tuple[bytes, ...], pfd: int, name: bytes, member: tarfile.TarInfo) -> None:
         target = _split(member.linkname, self.what)
         if target not in self._nondirs:
-            raise HostileLayer(f"{self.what}: hard link {member.name!r} -> {member.linkname!r}: the target is not "
+            raise HostileLayer(f"{self.what}: hard link {quote(member.name)} -> {quote(member.linkname)}: the target is not "
                                "a file extracted earlier from this layer")
         tfd = self._dir(target[:-1], create=False)
         ovl.link_at(tfd, target[-1], pfd, name)
@@ -222,7 +288,7 @@ class LayerWriter:
                 ovl.fchown(fd, member.uid, member.gid)
             else:
                 ovl.chown_at(fd, name, member.uid, member.gid)
-        for attr, value in _xattrs(member):
+        for attr, value in _xattrs(member, self.what):
             try:
                 if name is None:
                     ovl.fsetxattr(fd, attr, value)
@@ -240,7 +306,7 @@ class LayerWriter:
         if name != formats.WH_OPAQUE:
             target = formats.oci_whiteout_target(name)
             if target is None or target in (b".", b".."):
-                raise ImageError(f"{self.what}: {_show(parts)!r} is not a valid whiteout (nothing after '.wh.')")
+                raise ImageError(f"{self.what}: {_show(parts)} is not a valid whiteout (nothing after '.wh.')")
         try:
             self._dir(parts[:-1])  # the directory exists in this layer, even if the tar lists nothing else in it
         except ImageError:
@@ -302,6 +368,7 @@ class _StrictTarInfo(tarfile.TarInfo):
             obj = cls.frombuf(buf, tf.encoding, tf.errors)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:  # type: ignore[attr-defined]
             raise tarfile.SubsequentHeaderError(f"invalid tar header: {e}") from None  # type: ignore[attr-defined]
+        check_header_block(obj)
         obj.offset = tf.fileobj.tell() - tarfile.BLOCKSIZE
         return obj._proc_member(tf)
 
@@ -310,7 +377,7 @@ def _ns(member: tarfile.TarInfo) -> int:
     return int(round(member.mtime * 1_000_000_000))
 
 
-def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+def _xattrs(member: tarfile.TarInfo, what: str) -> list[tuple[str, bytes]]:
     """xattrs from PAX headers (``SCHILY.xattr.*``, ``LIBARCHIVE.xattr.*``), made safe for a layer.
 
     A layer's own overlay xattrs are escaped one level (as overlayfs does for nested
@@ -329,12 +396,20 @@ def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
                 continue
         else:
             continue
+        check_xattr(member, attr, raw, what)
         if attr.startswith((formats.TRUSTED_PREFIX, formats.USER_PREFIX)):
             attr = formats.escape_xattr(attr)
         elif formats.is_private_xattr(attr):
             continue
         out.append((attr, raw))
     return out
+
+
+def check_xattr(member: tarfile.TarInfo, attr: str, value: bytes, what: str) -> None:
+    """An xattr from a PAX header: a name the kernel takes (no NUL, at most 255 bytes), a bounded value."""
+    b = os.fsencode(attr)
+    if not b or b"\0" in b or len(b) > MAX_XATTR_NAME or len(value) > MAX_XATTR_VALUE:
+        raise ImageError(f"{what}: {quote(member.name)}: xattr {quote(attr)} ({len(value)} bytes): not a valid xattr")
 
 
 def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Style, devices: bool,
@@ -370,7 +445,7 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
             except (tarfile.TarError, *DECOMPRESS_ERRORS[1:], EOFError) as e:
                 raise corrupt(what, e) from None
             except OSError as e:
-                raise ImageError(f"{what}: {member.name!r}: {e.strerror or e}") from None
+                raise ImageError(f"{what}: {quote(member.name)}: {e.strerror or e}") from None
         try:
             writer.finish()
         except OSError as e:
