@@ -53,7 +53,7 @@ def _mount_image(args: argparse.Namespace, name: str, mountpoint: str) -> int:
     image = store.image(store.resolve(name))
     if not image.layers:
         raise UsageError(f"{name}: the image has no layers to mount")
-    lower = [store.layer_root(ly.diff_id) for ly in reversed(image.layers)]
+    lower = store.lower_dirs([ly.diff_id for ly in image.layers])
     if not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
         options.append(f"fsname={name}")
     if not args.writable:

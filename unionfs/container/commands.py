@@ -20,7 +20,7 @@ def image_lower(store: Store, image_id: str) -> list[str]:
     image = store.image(image_id)
     if not image.layers:
         raise ContainerError(f"image {image_id[7:19]} has no layers: nothing to make a container of")
-    return [store.layer_root(ly.diff_id) for ly in reversed(image.layers)]
+    return store.lower_dirs([ly.diff_id for ly in image.layers])
 
 
 def create(store: Store, image: str, name: str | None = None) -> Container:

@@ -98,3 +98,17 @@ DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
 
 def corrupt(what: str, e: BaseException) -> ImageError:
     return ImageError(f"{what}: corrupt or truncated data ({e.__class__.__name__}: {e})")
+
+
+def blob_hashes(blob: BinaryIO, what: str) -> tuple[str, str, int]:
+    """(digest, diff_id, size) of a layer blob: its sha256 as shipped and of its uncompressed tar,
+    read once without extracting anything (a blob is checked against a layer already in the store)."""
+    raw = HashingReader(blob)
+    try:
+        _, stream = decompressed(raw)
+        tar = HashingReader(stream)  # type: ignore[arg-type]
+        tar.drain()
+        raw.drain()
+    except DECOMPRESS_ERRORS as e:
+        raise corrupt(what, e) from None
+    return raw.digest, tar.digest, raw.count

@@ -113,7 +113,7 @@ def inspect(store: Store, img: Image) -> dict:
         "Os": img.config.os,
         "Size": img.size,
         "GraphDriver": {"Name": "unionfs",
-                        "Data": {"LowerDir": ":".join(store.layer_root(ly.diff_id) for ly in reversed(img.layers))}},
+                        "Data": {"LowerDir": ":".join(store.lower_dirs([ly.diff_id for ly in img.layers]))}},
         "RootFS": {"Type": "layers", "Layers": list(img.config.diff_ids)},
         "Metadata": {"ManifestDigest": img.manifest_digest},
     }
