@@ -49,6 +49,11 @@ MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 << 10         # XATTR_SIZE_MAX
 
 
+# What tarfile raises on a malformed header (a bad number in a PAX record or sparse map, bad UTF-8, ...).
+HEADER_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.TarError, *DECOMPRESS_ERRORS, UnicodeError, ValueError, OverflowError, MemoryError)
+
+
 class HostileLayer(ImageError):
     """The layer tries to leave its directory or to create what it must not."""
 
@@ -428,12 +433,12 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
             tar_in = HashingReader(stream)  # type: ignore[arg-type]
             # A tar that ends without the two zero blocks (umoci 0.4.7) ends cleanly here, as in Go.
             tf = tarfile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
-        except (tarfile.TarError, *DECOMPRESS_ERRORS) as e:
+        except HEADER_ERRORS as e:   # tarfile reads the first header when it opens the stream
             raise corrupt(what, e) from None
         while True:
             try:
                 member = tf.next()
-            except (tarfile.TarError, *DECOMPRESS_ERRORS, UnicodeError, ValueError, OverflowError, MemoryError) as e:
+            except HEADER_ERRORS as e:
                 raise corrupt(what, e) from None
             if member is None:
                 break
