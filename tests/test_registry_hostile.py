@@ -109,6 +109,12 @@ class HostileRegistry:
                         reg.stop.wait(60)
                         self.close_connection = True
                         return
+                    if mode == "index-bad-platform" and path.endswith("/manifests/1"):
+                        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                 "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                                "digest": sha(MANIFEST), "size": len(MANIFEST), "platform": "linux"}]}
+                        return self.send(200, json.dumps(index).encode(),
+                                         ctype="application/vnd.oci.image.index.v1+json")
                     if mode == "huge-error":
                         return self.endless(404, "application/json")
                     return self.send(200, MANIFEST, ctype="application/vnd.oci.image.manifest.v1+json")
@@ -196,6 +202,7 @@ CASES = {
     "huge-error": "not found (404)",
     "redirect-loop": "more than 10 redirects",
     "html": "not JSON",
+    "index-bad-platform": "platform is a string, not an object",
     "schema1": "schema 1 manifests are not supported",
     "stall-manifest": "the registry stopped answering (nothing for 2 s",
     "stall-blob": "the registry stopped answering (nothing for 2 s",

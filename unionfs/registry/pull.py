@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..image.load import add_layer_blob, check_blob, progress_enabled, register_image
-from ..image.model import INDEX_TYPES, Config, ImageError, Layer, Reference, check_digest, parse_json, parse_manifest
+from ..image.model import (INDEX_TYPES, Config, ImageError, Layer, Reference, check_descriptor, check_digest, field_of,
+                           parse_json, parse_manifest)
 from ..image.oci_layout import host_platform
 from ..image.store import Store
 from .client import Cancelled, Client, RegistryError
@@ -55,20 +56,20 @@ def parse_platform(text: str | None) -> tuple[str, str, str | None]:
 def _pick(index: dict, platform: tuple[str, str, str | None], where: str) -> dict:
     want_os, want_arch, want_variant = platform
     found = []
-    for d in index.get("manifests") or []:
-        if not isinstance(d, dict):
-            continue
+    descs = [check_descriptor(d, f"{where}: index") for d in field_of(index, "manifests", list, f"{where}: index", [])]
+    for d in descs:
         p = d.get("platform") or {}
         if p.get("os") == want_os and p.get("architecture") == want_arch and \
                 (want_variant is None or p.get("variant") == want_variant):
             found.append(d)
     if not found:
-        have = sorted({"/".join(x for x in ((d.get("platform") or {}).get("os"),
+        have = sorted({"/".join(str(x)[:40] for x in ((d.get("platform") or {}).get("os"),
                                             (d.get("platform") or {}).get("architecture"),
                                             (d.get("platform") or {}).get("variant")) if x)
-                       for d in index.get("manifests") or [] if isinstance(d, dict)})
+                       for d in descs})
         want = "/".join(x for x in platform if x)
-        raise RegistryError(f"{where}: no image for {want} (the index has {', '.join(have) or 'nothing'})")
+        raise RegistryError(f"{where}: no image for {want} (the index has {', '.join(have[:20]) or 'nothing'}"
+                            f"{', ...' if len(have) > 20 else ''})")
     return found[0]
 
 
@@ -81,7 +82,7 @@ def resolve(client: Client, ref: Reference, platform: tuple[str, str, str | None
         doc = parse_json(data, f"{where}: manifest")
         if not isinstance(doc, dict):
             raise RegistryError(f"{where}: manifest is not a JSON object")
-        media = doc.get("mediaType") or media
+        media = field_of(doc, "mediaType", str, f"{where}: manifest") or media
         if media not in INDEX_TYPES and "manifests" not in doc:
             break
         desc = _pick(doc, platform, where)

@@ -11,6 +11,7 @@ The manifest goes last, under the tag.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -49,6 +50,9 @@ def push(store: Store, name: str, ref: Reference, client: Client, chunk_size: in
     log = log or (lambda msg: print(msg, file=sys.stderr))
     image = store.image(store.resolve(name))
     manifest = store.blob(image.manifest_digest)
+    for digest, data in ((image.manifest_digest, manifest), (image.id, store.blob(image.id))):
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:   # verified before anything is sent
+            raise ImageError(f"{name}: the store's blob {digest} does not match its digest (store damaged?)")
     config_desc, layer_descs = parse_manifest(manifest, f"{name}: manifest {image.manifest_digest}")
     try:
         media = json.loads(manifest).get("mediaType") or MEDIA_OCI_MANIFEST
