@@ -95,3 +95,24 @@ def test_repeated_layers_run_save_reload(tmp_path):
         assert again["Id"] == image_id and len(again["RootFS"]["Layers"]) == 6
         r = run(fresh, "run", "--rm", "rep:1", "cat", "/f")
         assert (r.returncode, r.stdout) == (0, "L1"), r.stderr
+
+
+@pytest.mark.skipif(not __import__("registry_server").have_registry(),
+                    reason="docker-registry is needed (scripts/setup --test installs it)")
+def test_repeated_layers_push_and_pull(tmp_path, mnt):
+    from registry_server import Registry
+    store, other = tmp_path / "store", tmp_path / "other"
+    archive = tmp_path / "rep.tar"
+    docker_save_legacy(archive, [Img([EMPTY, L1, EMPTY, L2, L1], ["rep:1"])])
+    ok(store, "load", str(archive))
+    view = mounted_view(store, "rep:1", mnt)
+    env = dict(os.environ, UNIONFS_CONFIG_DIR=str(tmp_path / "cfg"), DOCKER_CONFIG=str(tmp_path / "docker"))
+    with Registry(tmp_path / "registry") as registry:
+        ref = f"{registry.host}/team/rep:1"
+        for root, args in ((store, ("push", "rep:1", ref)), (other, ("pull", ref))):
+            r = subprocess.run(unionfs_cmd("--root", str(root), *args, "--insecure"), capture_output=True,
+                               text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, r.stderr
+    mine, theirs = (json.loads(ok(root, "inspect", name))[0] for root, name in ((store, "rep:1"), (other, ref)))
+    assert theirs["Id"] == mine["Id"] and theirs["RootFS"]["Layers"] == mine["RootFS"]["Layers"]
+    assert diff_snapshots(mounted_view(other, ref, mnt), view) == []
