@@ -10,24 +10,13 @@ import subprocess
 
 import pytest
 
-from container_images import busybox_layer
+from container_images import busybox_layer, mounted_snapshot, ok, run
 from helpers import diff_snapshots, force_unmount, is_mounted, overlay_mount, snapshot, unionfs_cmd
 from image_archives import Img, d, docker_save_legacy, f, layer_tar, sha
 
 EMPTY = layer_tar([])
 L1 = layer_tar([d("d"), f("d/one", b"L1"), f("f", b"L1"), f(".wh.g"), d("o"), f("o/.wh..wh..opq"), f("o/x", b"L1")])
 L2 = layer_tar([d("d"), f("d/two", b"L2"), f("f", b"L2"), f("g", b"L2"), f("h", b"L2"), d("o"), f("o/y", b"L2")])
-
-
-def run(store, *args, timeout=120):
-    return subprocess.run(unionfs_cmd("--root", str(store), *args), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def ok(store, *args, **kw):
-    r = run(store, *args, **kw)
-    assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r.stdout
 
 
 @pytest.fixture
@@ -42,14 +31,6 @@ def mnt(tmp_path):
                 force_unmount(p)
 
 
-def mounted_view(store, name, mnt):
-    ok(store, "mount", name, str(mnt))
-    try:
-        return snapshot(mnt)
-    finally:
-        ok(store, "umount", str(mnt))
-
-
 def test_repeated_layers_mount_as_kernel_overlayfs_over_copies(tmp_path, mnt):
     """Base first: EMPTY, L1, EMPTY, L2, L1.  The top L1 re-applies its content, whiteout and opaque dir over
     L2 (f is L1's, g is hidden, o/y is hidden)."""
@@ -60,7 +41,7 @@ def test_repeated_layers_mount_as_kernel_overlayfs_over_copies(tmp_path, mnt):
     assert out.returncode == 0 and "2 extracted" not in out.stderr, out.stderr
     info = json.loads(ok(store, "inspect", "rep:1"))[0]
     assert info["RootFS"]["Layers"] == [sha(EMPTY), sha(L1), sha(EMPTY), sha(L2), sha(L1)]
-    ours = mounted_view(store, "rep:1", mnt)
+    ours = mounted_snapshot(store, "rep:1", mnt)
     layer = {x: store / "layers" / sha(x)[7:] / "root" for x in (EMPTY, L1, L2)}
     copies = tmp_path / "copies"
     copies.mkdir()
@@ -105,7 +86,7 @@ def test_repeated_layers_push_and_pull(tmp_path, mnt):
     archive = tmp_path / "rep.tar"
     docker_save_legacy(archive, [Img([EMPTY, L1, EMPTY, L2, L1], ["rep:1"])])
     ok(store, "load", str(archive))
-    view = mounted_view(store, "rep:1", mnt)
+    view = mounted_snapshot(store, "rep:1", mnt)
     env = dict(os.environ, UNIONFS_CONFIG_DIR=str(tmp_path / "cfg"), DOCKER_CONFIG=str(tmp_path / "docker"))
     with Registry(tmp_path / "registry") as registry:
         ref = f"{registry.host}/team/rep:1"
@@ -115,4 +96,4 @@ def test_repeated_layers_push_and_pull(tmp_path, mnt):
             assert r.returncode == 0, r.stderr
     mine, theirs = (json.loads(ok(root, "inspect", name))[0] for root, name in ((store, "rep:1"), (other, ref)))
     assert theirs["Id"] == mine["Id"] and theirs["RootFS"]["Layers"] == mine["RootFS"]["Layers"]
-    assert diff_snapshots(mounted_view(other, ref, mnt), view) == []
+    assert diff_snapshots(mounted_snapshot(other, ref, mnt), view) == []
