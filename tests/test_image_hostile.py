@@ -490,3 +490,24 @@ def test_reload_of_a_stored_image_keeps_its_record(store, tmp_path):
     assert rec.read_bytes() == old
     tags = json.loads((store / "repositories.json").read_bytes())
     assert tags["good:gz"] == tags["good:1"] == sha(GOOD.config_bytes())
+
+
+def test_counts_bounded(store, tmp_path):
+    """An image of 501 layers, an archive of 1,001 images: refused before any is read."""
+    layers = [sha(b"%d" % i) for i in range(501)]
+    img = Img(list(ONE), ["evil:1"], config=config(layers))
+    archive = tmp_path / "layers.tar"
+    docker_save_legacy(archive, [img], mutate=lambda m: m[0].update(Layers=[m[0]["Layers"][0]] * 501))
+    refused(store, archive, "501 layers, more than the 500")
+    layout = tmp_path / "many"
+    hostile_oci(layout, list(ONE), index=lambda i: i.update(manifests=i["manifests"] * 1001))
+    refused(store, layout, "1001 manifests, more than 1000")
+
+
+def test_unknown_image_name_quoted(store):
+    for name, message in (("no\nsuch", "unionfs: 'no\\nsuch': invalid repository name 'no\\nsuch'"),
+                          ("no-such:x\ty", "unionfs: 'no-such:x\\ty': invalid tag 'x\\ty'"),
+                          ("nosuch:1", "unionfs: 'nosuch:1': no such image")):
+        r = run("--root", str(store), "inspect", name)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), r.stderr

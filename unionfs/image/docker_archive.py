@@ -16,7 +16,7 @@ import re
 
 from . import oci_layout
 from .archive import Archive, SourceImage, SourceLayer
-from .model import MEDIA_DOCKER_LAYER, ImageError, Reference, field_of, parse_json
+from .model import MAX_IMAGES, MEDIA_DOCKER_LAYER, ImageError, Reference, field_of, parse_json
 
 _DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.json)$")
 
@@ -48,6 +48,8 @@ def read(archive: Archive) -> list[SourceImage]:
     entries = parse_json(archive.read_small("manifest.json", "manifest.json"), where)
     if not isinstance(entries, list) or not entries:
         raise ImageError(f"{where}: expected a non-empty list of images")
+    if len(entries) > MAX_IMAGES:
+        raise ImageError(f"{where}: {len(entries)} images, more than {MAX_IMAGES}")
     manifests = _oci_manifests(archive)
     out = []
     for e in entries:

@@ -281,8 +281,8 @@ class LayerWriter:
     def _hardlink(self, parts: tuple[bytes, ...], pfd: int, name: bytes, member: tarfile.TarInfo) -> None:
         target = _split(member.linkname, self.what)
         if target not in self._nondirs:
-            raise HostileLayer(f"{self.what}: hard link {quote(member.name)} -> {quote(member.linkname)}: the target is not "
-                               "a file extracted earlier from this layer")
+            raise HostileLayer(f"{self.what}: hard link {quote(member.name)} -> {quote(member.linkname)}: "
+                               "the target is not a file extracted earlier from this layer")
         tfd = self._dir(target[:-1], create=False)
         ovl.link_at(tfd, target[-1], pfd, name)
 

@@ -42,6 +42,8 @@ INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 MAX_JSON = 8 << 20      # manifests, configs, indexes, manifest.json: containerd refuses manifests above 4 MiB
 MAX_JSON_DEPTH = 64     # no honest image document nests deeper; json's decoder would recurse ~1000 deep
 MAX_QUOTE = 100         # characters of an outside name an error message quotes
+MAX_LAYERS = 500        # layers of one image (Docker's overlay2 stops at 125); each is a directory fd when mounted
+MAX_IMAGES = 1000       # images (index or manifest.json entries) in one archive
 
 
 def quote(value: Any, limit: int = MAX_QUOTE) -> str:
@@ -90,7 +92,8 @@ class Reference:
                                  "use repo:tag or an id")
             name, _, digest = text.partition("@")
             if not DIGEST_RE.match(digest):
-                raise ImageError(f"{quote(text)}: invalid digest {quote(digest)}: expected sha256: and 64 lower-case hex digits")
+                raise ImageError(f"{quote(text)}: invalid digest {quote(digest)}: expected sha256: and "
+                                 "64 lower-case hex digits")
         repo, tag = name, None
         colon = name.rfind(":")
         if colon != -1 and "/" not in name[colon + 1:]:
@@ -187,6 +190,8 @@ class Config:
         rootfs = d.get("rootfs")
         if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" or not isinstance(rootfs.get("diff_ids"), list):
             raise ImageError(f"{what}: no rootfs of type 'layers' with diff_ids")
+        if len(rootfs["diff_ids"]) > MAX_LAYERS:
+            raise ImageError(f"{what}: {len(rootfs['diff_ids'])} layers, more than the {MAX_LAYERS} an image may have")
         diff_ids = tuple(check_digest(x, f"{what}: rootfs.diff_ids") for x in rootfs["diff_ids"])
         hist = []
         for h in field_of(d, "history", list, what) or []:
@@ -308,6 +313,8 @@ def parse_manifest(raw: bytes, what: str = "manifest") -> tuple[dict, list[dict]
     if not isinstance(m, dict) or not isinstance(m.get("config"), dict) or not isinstance(m.get("layers"), list):
         raise ImageError(f"{what}: not an image manifest (no config and layers)")
     field_of(m, "mediaType", str, what)
+    if len(m["layers"]) > MAX_LAYERS:
+        raise ImageError(f"{what}: {len(m['layers'])} layers, more than the {MAX_LAYERS} an image may have")
     for desc in [m["config"], *m["layers"]]:
         check_descriptor(desc, what)
     return m["config"], m["layers"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import platform
 
 from .archive import Archive, SourceImage, SourceLayer
-from .model import (INDEX_TYPES, MANIFEST_TYPES, ImageError, Reference, check_descriptor, field_of, parse_json,
-                    parse_manifest, quote)
+from .model import (INDEX_TYPES, MANIFEST_TYPES, MAX_IMAGES, ImageError, Reference, check_descriptor, field_of,
+                    parse_json, parse_manifest, quote)
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -35,7 +35,7 @@ def host_platform() -> tuple[str, str]:
 
 
 def _pick_platform(archive: Archive, index: dict, where: str) -> dict:
-    manifests = [check_descriptor(d, where) for d in field_of(index, "manifests", list, where, [])]
+    manifests = [check_descriptor(d, where) for d in field_of(index, "manifests", list, where, [])[:MAX_IMAGES]]
     if not manifests:
         raise ImageError(f"{where}: empty image index")
     want_os, want_arch = host_platform()
@@ -90,6 +90,8 @@ def read(archive: Archive) -> list[SourceImage]:
     index = parse_json(archive.read_small("index.json", "index"), where)
     if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
         raise ImageError(f"{where}: no manifests")
+    if len(index["manifests"]) > MAX_IMAGES:
+        raise ImageError(f"{where}: {len(index['manifests'])} manifests, more than {MAX_IMAGES}")
     by_digest: dict[str, tuple[bytes, list[Reference], list[str]]] = {}
     for desc in index["manifests"]:
         check_descriptor(desc, where)   # annotations included: all checked before anything is read

@@ -31,7 +31,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
-from .model import Config, Image, ImageError, Layer, Reference
+from .model import Config, Image, ImageError, Layer, Reference, quote
 
 ENV_ROOT = "UNIONFS_ROOT"
 
@@ -288,10 +288,10 @@ class Store:
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
-                raise ImageError(f"{name}: ambiguous id prefix ({len(matches)} images match)")
+                raise ImageError(f"{quote(name)}: ambiguous id prefix ({len(matches)} images match)")
         if ref is None:
             Reference.parse(name)  # raises the precise reason
-        raise ImageError(f"{name}: no such image")
+        raise ImageError(f"{quote(name)}: no such image")
 
     def remove_image(self, image_id: str) -> None:
         self._require_lock()
