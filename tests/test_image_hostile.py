@@ -511,3 +511,23 @@ def test_unknown_image_name_quoted(store):
         r = run("--root", str(store), "inspect", name)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), r.stderr
+
+
+def test_many_directories_with_few_fds(store, tmp_path):
+    """1,500 directories (some replaced by files and back) extract under a limit of 700 open files: the
+    extractor keeps at most 512 directory fds, also while it applies modes and whiteouts at the end
+    (it used to hold one per directory there: any layer with more directories than the fd limit failed)."""
+    import resource
+    entries = [d(f"d{i}") for i in range(1500)] + [f(f"d{i}/x", b"x") for i in range(0, 1500, 7)]
+    entries += sum(([f(f"d{i}", b"file"), d(f"d{i}")] for i in range(0, 1500, 11)), [])
+    archive = tmp_path / "dirs.tar"
+    docker_save_legacy(archive, [Img([layer_tar(entries)], ["dirs:1"])])
+
+    def few_fds():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (700, 700))
+    r = subprocess.run(unionfs_cmd("--root", str(store), "load", str(archive)), capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL, preexec_fn=few_fds)
+    assert r.returncode == 0, r.stderr
+    root = store / "layers" / sha(layer_tar(entries))[7:] / "root"
+    assert len(os.listdir(root)) == 1500 and (root / "d7/x").read_bytes() == b"x"
+    assert os.path.isdir(root / "d11") and not os.listdir(root / "d11")

@@ -140,7 +140,7 @@ class LayerWriter:
         self.entries = 0
         self._dirs: dict[tuple[bytes, ...], int] = {}
         self._dir_attrs: dict[tuple[bytes, ...], tuple[int, int]] = {}   # path -> (mode, mtime_ns)
-        self._nondirs: set[tuple[bytes, ...]] = set()
+        self._dir_children: dict[tuple[bytes, ...], set[bytes]] = {}    # the tree of _dir_attrs' paths
         self._whiteouts: set[tuple[tuple[bytes, ...], bytes]] = set()
         self._opaque: set[tuple[bytes, ...]] = set()
 
@@ -148,6 +148,11 @@ class LayerWriter:
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
+
+    def _trim(self) -> None:
+        """Keep at most MAX_DIR_CACHE directory fds; only between steps, when no fd is borrowed."""
+        if len(self._dirs) > MAX_DIR_CACHE:
+            self.close()
 
     # --- walking -------------------------------------------------------------
 
@@ -189,19 +194,31 @@ class LayerWriter:
         return fd
 
     def _forget(self, parts: tuple[bytes, ...]) -> None:
-        """Drop cached fds and records at or below ``parts`` (it is being removed or replaced)."""
+        """Drop cached fds and records at or below the directory ``parts`` (it is being replaced).
+        The cost is the size of that subtree, so a tar replacing directories over and over stays linear."""
         n = len(parts)
-        for p in [p for p in self._dirs if p[:n] == parts]:
+        for p in [p for p in self._dirs if p[:n] == parts]:   # at most MAX_DIR_CACHE
             os.close(self._dirs.pop(p))
-        for p in [p for p in self._dir_attrs if p[:n] == parts]:
-            del self._dir_attrs[p]
-        self._nondirs = {p for p in self._nondirs if p[:n] != parts}
+        self._dir_children.get(parts[:-1], set()).discard(parts[-1])
+        stack = [parts]
+        while stack:
+            p = stack.pop()
+            self._dir_attrs.pop(p, None)
+            stack.extend(p + (c,) for c in self._dir_children.pop(p, ()))
+
+    def _set_dir_attrs(self, parts: tuple[bytes, ...], member: tarfile.TarInfo) -> None:
+        """Remember a directory's mode and mtime, applied in :meth:`finish`, and its place in the tree."""
+        self._dir_attrs[parts] = (member.mode, _ns(member))
+        for i in range(len(parts), 0, -1):
+            kids = self._dir_children.setdefault(parts[:i - 1], set())
+            if parts[i - 1] in kids:
+                break
+            kids.add(parts[i - 1])
 
     # --- members -------------------------------------------------------------
 
     def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
-        if len(self._dirs) > MAX_DIR_CACHE:
-            self.close()
+        self._trim()
         parts = _split(member.name, self.what)
         check_member(member, self.what)
         self.entries += 1
@@ -214,7 +231,7 @@ class LayerWriter:
         if not parts:  # the layer root itself ("./")
             if member.isdir():
                 self._set_owner_xattrs(self.root_fd, None, member)
-                self._dir_attrs[()] = (member.mode, _ns(member))
+                self._set_dir_attrs((), member)
                 return
             raise HostileLayer(f"{self.what}: the layer root is not a directory")
         pfd = self._dir(parts[:-1])
@@ -227,10 +244,11 @@ class LayerWriter:
             if member.isdir() and stat.S_ISDIR(st.st_mode):
                 fd = self._dir(parts)
                 self._set_owner_xattrs(fd, None, member)
-                self._dir_attrs[parts] = (member.mode, _ns(member))
+                self._set_dir_attrs(parts, member)
                 return
             # A later entry of the same name replaces the earlier one, as tar does.
-            self._forget(parts)
+            if stat.S_ISDIR(st.st_mode):
+                self._forget(parts)
             ovl.remove_tree_at(pfd, name)
         if member.isreg():
             self._file(pfd, name, member, tar)
@@ -238,7 +256,7 @@ class LayerWriter:
             ovl.mkdir_at(pfd, name, 0o700)
             fd = self._dir(parts)
             self._set_owner_xattrs(fd, None, member)
-            self._dir_attrs[parts] = (member.mode, _ns(member))
+            self._set_dir_attrs(parts, member)
             return
         elif member.issym():
             ovl.symlink_at(os.fsencode(member.linkname), pfd, name)
@@ -257,7 +275,6 @@ class LayerWriter:
             ovl.utime_at(pfd, name, (_ns(member), _ns(member)))
         else:
             raise ImageError(f"{self.what}: {quote(member.name)}: unsupported tar entry type {member.type!r}")
-        self._nondirs.add(parts)
 
     def _file(self, pfd: int, name: bytes, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         fd = ovl.open_at(pfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -279,11 +296,17 @@ class LayerWriter:
             os.close(fd)
 
     def _hardlink(self, parts: tuple[bytes, ...], pfd: int, name: bytes, member: tarfile.TarInfo) -> None:
+        # Everything below the layer root was extracted from this layer (the directory starts empty and
+        # whiteouts come last), so a non-directory there is "a file extracted earlier from this layer".
         target = _split(member.linkname, self.what)
-        if target not in self._nondirs:
+        try:
+            tfd = self._dir(target[:-1], create=False) if target else None
+            st = ovl.lstat_at(tfd, target[-1]) if tfd is not None else None
+        except (FileNotFoundError, NotADirectoryError, ImageError):
+            st = None
+        if st is None or stat.S_ISDIR(st.st_mode):
             raise HostileLayer(f"{self.what}: hard link {quote(member.name)} -> {quote(member.linkname)}: "
                                "the target is not a file extracted earlier from this layer")
-        tfd = self._dir(target[:-1], create=False)
         ovl.link_at(tfd, target[-1], pfd, name)
 
     def _set_owner_xattrs(self, fd: int, name: bytes | None, member: tarfile.TarInfo) -> None:
@@ -328,11 +351,13 @@ class LayerWriter:
     def finish(self) -> None:
         """Apply whiteouts and opaque markers, then directory modes and mtimes (deepest first)."""
         for parts in sorted(self._opaque):
+            self._trim()
             try:
                 formats.mark_opaque(self._dir(parts, create=False), self.style)
             except (FileNotFoundError, ImageError):
                 pass  # the directory was replaced by a non-directory later in the tar: nothing to mark
         for parent, target in sorted(self._whiteouts):
+            self._trim()
             try:
                 pfd = self._dir(parent, create=False)
             except (FileNotFoundError, ImageError):
@@ -348,6 +373,7 @@ class LayerWriter:
                 formats.mark_opaque(self._dir(parent + (target,), create=False), self.style)
         for parts in sorted(self._dir_attrs, key=len, reverse=True):
             mode, ns = self._dir_attrs[parts]
+            self._trim()
             try:
                 fd = self._dir(parts, create=False)
             except (FileNotFoundError, ImageError):
