@@ -273,3 +273,24 @@ def test_substitution_refused_then_original_pushes_and_pulls_back(tmp_path, stor
     assert mine["layers"] == theirs["layers"] and mine["manifest"] == theirs["manifest"]
     assert (store / "blobs/sha256" / mine["manifest"][7:]).read_bytes() == \
         (other / "blobs/sha256" / theirs["manifest"][7:]).read_bytes()
+
+
+@pytest.mark.parametrize("config", [
+    b"[" * 5000 + b"]" * 5000,
+    b'{"registries": [1]}',
+    b'{"registries": {"HOST": {"ca_file": 5}}}',
+    b'{"auths": "x"}',
+])
+def test_malformed_client_config(tmp_path, store, config):
+    """Our own config file, hand-edited into nonsense: one line (the pull never starts)."""
+    before = {k: v for k, v in store_listing(store).items() if not k.startswith("downloads/")}
+    with HostileRegistry("none") as reg:
+        (tmp_path / "cfg").mkdir()
+        (tmp_path / "cfg/config.json").write_bytes(config.replace(b"HOST", reg.host.encode()))
+        r = pull(tmp_path, store, reg.host)
+        logout = subprocess.run(unionfs_cmd("logout", reg.host), capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, UNIONFS_CONFIG_DIR=str(tmp_path / "cfg")))
+    if b"auths" in config:   # a pull only reads the auths it can use; logout must rewrite them
+        assert logout.returncode == 2 and "auths is not an object" in logout.stderr, logout.stderr
+    else:
+        refused(r, store, before, "config.json")
