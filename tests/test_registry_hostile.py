@@ -115,6 +115,21 @@ class HostileRegistry:
                                                 "digest": sha(MANIFEST), "size": len(MANIFEST), "platform": "linux"}]}
                         return self.send(200, json.dumps(index).encode(),
                                          ctype="application/vnd.oci.image.index.v1+json")
+                    if mode == "trickle-manifest":   # a byte every 0.2 s: each read is quick, the whole is not
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                        self.send_header("Content-Length", str(len(MANIFEST)))
+                        self.end_headers()
+                        try:
+                            for i in range(len(MANIFEST)):
+                                if reg.stop.wait(0.2):
+                                    break
+                                self.wfile.write(MANIFEST[i:i + 1])
+                                self.wfile.flush()
+                        except OSError:
+                            pass
+                        self.close_connection = True
+                        return
                     if mode == "huge-error":
                         return self.endless(404, "application/json")
                     return self.send(200, MANIFEST, ctype="application/vnd.oci.image.manifest.v1+json")
@@ -206,6 +221,7 @@ CASES = {
     "schema1": "schema 1 manifests are not supported",
     "stall-manifest": "the registry stopped answering (nothing for 2 s",
     "stall-blob": "the registry stopped answering (nothing for 2 s",
+    "trickle-manifest": "the registry sends too slowly (not done after 6 s",
     "bad-blob": f"blob {sha(LAYER)} does not match its digest",
     "long-blob": f"sent more than the {len(LAYER)} bytes",
 }

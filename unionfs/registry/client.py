@@ -107,6 +107,15 @@ def _transport_error(e: Exception, where: str, insecure_hint: bool) -> RegistryE
     return RegistryError(f"{where}: cannot connect: {' '.join(reason.split())}{hint}")
 
 
+SMALL_BODY_WINDOWS = 3   # a manifest, config or error answer arrives within 3 timeouts, however it trickles
+
+
+def _check_deadline(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise RegistryError(f"{what}: the registry sends too slowly (not done after "
+                            f"{SMALL_BODY_WINDOWS * read_timeout():g} s; {ENV_TIMEOUT} sets the limit)")
+
+
 def _content_length(resp: httpx.Response) -> int:
     try:
         return int(resp.headers.get("Content-Length") or 0)
@@ -119,8 +128,10 @@ def small_response(resp: httpx.Response, what: str, limit: int = MAX_SMALL_BODY,
     gigabyte as an error page): more is refused, or with ``cut`` dropped.  The stream is closed."""
     try:
         data = bytearray()
+        deadline = time.monotonic() + SMALL_BODY_WINDOWS * read_timeout()
         for chunk in resp.iter_bytes():
             data += chunk
+            _check_deadline(deadline, what)
             if len(data) > limit:
                 if cut:
                     del data[limit:]
@@ -380,8 +391,10 @@ class Client:
                 raise RegistryError(f"{what}: {too_big} {limit} bytes (the registry announces "
                                     f"{_content_length(resp)})")
             data = bytearray()
+            deadline = time.monotonic() + SMALL_BODY_WINDOWS * read_timeout()
             for chunk in resp.iter_bytes():
                 data += chunk
+                _check_deadline(deadline, what)
                 if len(data) > limit:
                     raise RegistryError(f"{what}: {too_big} {limit} bytes")
             return bytes(data)
