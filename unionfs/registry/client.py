@@ -123,7 +123,8 @@ def _content_length(resp: httpx.Response) -> int:
         return 0
 
 
-def small_response(resp: httpx.Response, what: str, limit: int = MAX_SMALL_BODY, cut: bool = False) -> httpx.Response:
+def small_response(resp: httpx.Response, what: str, limit: int = MAX_SMALL_BODY,
+                   cut: bool = False) -> httpx.Response:
     """A streamed answer read whole, but never more than ``limit`` bytes (a registry could send a
     gigabyte as an error page): more is refused, or with ``cut`` dropped.  The stream is closed."""
     try:
@@ -139,7 +140,8 @@ def small_response(resp: httpx.Response, what: str, limit: int = MAX_SMALL_BODY,
                 raise RegistryError(f"{what}: the answer is larger than {limit} bytes")
     finally:
         resp.close()
-    headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+    headers = [(k, v) for k, v in resp.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length")]   # what is kept is decoded
     out = httpx.Response(resp.status_code, headers=headers, content=bytes(data), request=resp.request)
     out.extensions = resp.extensions
     return out
