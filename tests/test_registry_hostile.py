@@ -310,3 +310,35 @@ def test_malformed_client_config(tmp_path, store, config):
         assert logout.returncode == 2 and "auths is not an object" in logout.stderr, logout.stderr
     else:
         refused(r, store, before, "config.json")
+
+
+def test_damaged_record_is_neither_saved_nor_pushed(tmp_path, store):
+    """A record pairing a layer with another layer's (genuine, digest-correct) blob, as the substitution
+    used to leave behind: save --format oci and push check each blob against its diff_id before sending."""
+    layout = tmp_path / "two"
+    a, b = layer_tar([f("a", b"a")]), layer_tar([f("b", b"b")])
+    from image_archives import oci_layout
+    oci_layout(layout, [Img([a], ["a"], compression="gzip"), Img([b], ["b"], compression="gzip")])
+    r = subprocess.run(unionfs_cmd("--root", str(store), "load", str(layout)), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    ids = {json.loads(p.read_bytes())["layers"][0]["diff_id"]: p for p in (store / "images").iterdir()}
+    rec_a, rec_b = (json.loads(ids[sha(x)].read_bytes()) for x in (a, b))
+    rec_a["layers"][0].update(digest=rec_b["layers"][0]["digest"], size=rec_b["layers"][0]["size"])
+    manifest = json.loads((store / "blobs/sha256" / rec_a["manifest"][7:]).read_bytes())   # consistent with it
+    manifest["layers"][0].update(digest=rec_b["layers"][0]["digest"], size=rec_b["layers"][0]["size"])
+    raw = json.dumps(manifest).encode()
+    (store / "blobs/sha256" / sha(raw)[7:]).write_bytes(raw)
+    rec_a["manifest"] = sha(raw)
+    ids[sha(a)].write_text(json.dumps(rec_a))
+    name = rec_a["id"]
+    r = subprocess.run(unionfs_cmd("--root", str(store), "save", name, "--format", "oci", "-o",
+                                   str(tmp_path / "o")), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not match the config's diff_id" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+    with HostileRegistry("none") as reg:
+        r = subprocess.run(unionfs_cmd("--root", str(store), "push", name, f"{reg.host}/evil/a:1", "--insecure"),
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, UNIONFS_CONFIG_DIR=str(tmp_path / "cfg")))
+        assert not [q for q in reg.requests if q[0] not in ("GET", "HEAD")], reg.requests
+    assert r.returncode == 2 and "does not match the config's diff_id" in r.stderr, r.stderr

@@ -23,7 +23,7 @@ from typing import Callable
 from ..fs.formats import Style
 from . import docker_archive, oci_layout
 from .archive import Archive, SourceImage, SourceLayer, open_archive
-from .compression import blob_hashes
+from .compression import check_blob
 from .extract import extract_layer
 from .model import MEDIA_DOCKER_MANIFEST, Config, ImageError, Layer, Reference
 from .store import Store, now_iso
@@ -141,18 +141,6 @@ def _add_blob_of_stored_layer(store: Store, archive: Archive, sl: SourceLayer, d
     check_blob(tmp, digest, diff_id, what)
     store.put_blob_file(digest, tmp)
     return digest, size
-
-
-def check_blob(path: str, digest: str | None, diff_id: str, what: str) -> None:
-    """A layer blob file is what it claims: its sha256 is ``digest`` (when known) and its uncompressed
-    content is ``diff_id``.  For blobs of layers the store has extracted already."""
-    with open(path, "rb") as f:
-        actual, actual_diff_id, _ = blob_hashes(f, what)
-    if digest is not None and actual != digest:
-        raise ImageError(f"{what}: does not match its digest (expected {digest}, got {actual})")
-    if actual_diff_id != diff_id:
-        raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
-                         f"(expected {diff_id}, got {actual_diff_id})")
 
 
 def register_image(store: Store, image_id: str, config_bytes: bytes, manifest: bytes, manifest_digest: str,

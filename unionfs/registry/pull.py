@@ -24,7 +24,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..image.load import add_layer_blob, check_blob, progress_enabled, register_image
+from ..image.compression import check_blob
+from ..image.load import add_layer_blob, progress_enabled, register_image
 from ..image.model import (INDEX_TYPES, Config, ImageError, Layer, Reference, check_descriptor, check_digest, field_of,
                            parse_json, parse_manifest)
 from ..image.oci_layout import host_platform

@@ -17,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ..image.compression import check_blob
 from ..image.model import MEDIA_OCI_MANIFEST, ImageError, Reference, parse_manifest
 from ..image.store import Store
 from .client import Client, RegistryError
@@ -86,6 +87,10 @@ def push(store: Store, name: str, ref: Reference, client: Client, chunk_size: in
             if os.path.getsize(path) != size:
                 raise RegistryError(f"{name}: the store's blob {digest} is {os.path.getsize(path)} bytes, "
                                     f"the manifest says {size} (store damaged?)")
+            for ly in image.layers:
+                if ly.digest == digest:   # what the store records is sent only once checked again
+                    check_blob(path, digest, ly.diff_id, f"{name}: the store's blob {digest} (store damaged?)")
+                    break
             client.upload(location or client.start_upload(), path, digest, size, chunk_size)
             log(f"{short}: Pushed")
             uploaded += 1
