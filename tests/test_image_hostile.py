@@ -531,3 +531,13 @@ def test_many_directories_with_few_fds(store, tmp_path):
     root = store / "layers" / sha(layer_tar(entries))[7:] / "root"
     assert len(os.listdir(root)) == 1500 and (root / "d7/x").read_bytes() == b"x"
     assert os.path.isdir(root / "d11") and not os.listdir(root / "d11")
+
+
+def test_history_cannot_write_escape_sequences(store, tmp_path):
+    hist = [{"created_by": "/bin/sh -c \x1b]0;pwned\x07 echo\nhi", "comment": "a\rb\x1b[2J"}]
+    archive = tmp_path / "hist.tar"
+    docker_save_legacy(archive, [Img(list(ONE), ["hist:1"], history=hist)])
+    assert run("--root", str(store), "load", str(archive)).returncode == 0
+    out = run("--root", str(store), "history", "hist:1", "--no-trunc").stdout
+    assert "\x1b" not in out and "\r" not in out and len(out.splitlines()) == 2, out
+    assert "\\x1b]0;pwned\\x07 echo hi" in out and "a\\rb\\x1b[2J" in out, out
