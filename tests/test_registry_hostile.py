@@ -80,6 +80,8 @@ class HostileRegistry:
                 if path.startswith("/token"):
                     return self.send(200, b'{"token": "t"}')
                 if path == "/v2/":
+                    if mode == "upload-elsewhere" and not self.headers.get("Authorization"):
+                        return self.send(401, b"{}", headers=[("WWW-Authenticate", 'Basic realm="evil"')])
                     if mode == "realm-other-host":
                         realm = f"http://{reg.token_host.host}/token"
                         return self.send(401, b"{}", headers=[("WWW-Authenticate",
@@ -155,6 +157,19 @@ class HostileRegistry:
                 return self.send(404, b'{"errors": [{"code": "BLOB_UNKNOWN", "message": "no"}]}')
 
             do_HEAD = do_GET
+
+            def do_POST(self):
+                reg.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                if reg.mode == "upload-elsewhere" and "/blobs/uploads/" in self.path:
+                    return self.send(202, headers=[("Location", f"http://{reg.token_host.host}/upload/1")])
+                return self.send(404, b"{}")
+
+            def do_PUT(self):
+                reg.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                return self.send(400, b'{"errors": [{"code": "DENIED", "message": "no uploads here"}]}')
+
+            do_PATCH = do_PUT
 
         self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
@@ -342,3 +357,20 @@ def test_damaged_record_is_neither_saved_nor_pushed(tmp_path, store):
                            env=dict(os.environ, UNIONFS_CONFIG_DIR=str(tmp_path / "cfg")))
         assert not [q for q in reg.requests if q[0] not in ("GET", "HEAD")], reg.requests
     assert r.returncode == 2 and "does not match the config's diff_id" in r.stderr, r.stderr
+
+
+def test_upload_location_on_another_host_gets_no_credentials(tmp_path, store):
+    """A registry (basic auth, plain HTTP) that sends the upload to another host: the blob goes there
+    without the Authorization header."""
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    with HostileRegistry("none", host="127.0.0.2") as other, HostileRegistry("upload-elsewhere") as reg:
+        reg.token_host = other
+        (docker / "config.json").write_text(json.dumps(
+            {"auths": {reg.host: {"auth": base64.b64encode(b"alice:secret").decode()}}}))
+        env = dict(os.environ, UNIONFS_CONFIG_DIR=str(tmp_path / "cfg"), DOCKER_CONFIG=str(docker))
+        r = subprocess.run(unionfs_cmd("--root", str(store), "push", "good:1", f"{reg.host}/evil/app:1",
+                                       "--insecure"), capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "no uploads here" in r.stderr, r.stderr
+    assert [q for q in reg.requests if q[0] == "POST" and q[2]], reg.requests    # the registry got them
+    assert [q for q in other.requests if q[0] == "PUT"] and not [q for q in other.requests if q[2]], other.requests

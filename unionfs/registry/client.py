@@ -283,8 +283,9 @@ class Client:
         return token, time.monotonic() + max(10.0, expires - 10.0)
 
     def _may_send_credentials(self, realm: str) -> bool:
-        """Credentials go to a token realm over HTTPS, or to the registry's own host (Docker sends them
-        to any realm; a registry reached over plain HTTP could then send them anywhere in clear)."""
+        """Credentials go to the registry's own host, or to another (a token realm, an upload location)
+        over HTTPS only (Docker sends them to any realm; a registry reached over plain HTTP could then
+        send them anywhere in clear)."""
         try:
             url = httpx.URL(realm)
         except (httpx.InvalidURL, ValueError):
@@ -304,8 +305,9 @@ class Client:
         assert self.http is not None, "connect() first"
         for attempt in (0, 1):
             hdrs = dict(headers or {})
-            hdrs.update(self._auth_header())
             url = httpx.URL(self.url(path))
+            if self._may_send_credentials(str(url)):   # not to another host (an upload Location) in clear
+                hdrs.update(self._auth_header())
             if params:   # keep the query an upload Location carries (_state=...)
                 url = url.copy_merge_params(params)
             req = self.http.build_request(method, url, headers=hdrs, content=body() if body else None)
