@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import force_unmount, is_mounted, mkdirs, unionfs_cmd  # noqa: F401 (mkdirs: re-exported)
+from helpers import force_unmount, is_mounted, mkdirs, snapshot, unionfs_cmd  # noqa: F401 (mkdirs: re-exported)
 from image_archives import Img, d, docker_save_legacy, f, hard, layer_tar, sym
 
 BASE = layer_tar([
@@ -51,6 +51,15 @@ def store(tmp_path):
         subprocess.run(unionfs_cmd("umount", mp), capture_output=True, timeout=30)
         if is_mounted(mp):
             force_unmount(mp)
+
+
+def mounted_snapshot(store, name, mnt):
+    """What image or container ``name`` shows when mounted on ``mnt`` (unmounted again afterwards)."""
+    ok(store, "mount", name, str(mnt))
+    try:
+        return snapshot(mnt)
+    finally:
+        ok(store, "umount", str(mnt))
 
 
 def ps_rows(store):

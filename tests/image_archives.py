@@ -125,9 +125,10 @@ class Img:
         return self.config if self.config is not None else config(self.diff_ids(), self.history)
 
 
-def docker_save_legacy(path: Path, images: list[Img], symlink_shared: bool = True) -> None:
+def docker_save_legacy(path: Path, images: list[Img], symlink_shared: bool = True, mutate=None) -> None:
     """Docker < 25's ``docker save``: <v1id>/layer.tar (a layer seen before is a symlink to it),
-    <config hex>.json, manifest.json, repositories."""
+    <config hex>.json, manifest.json, repositories.  ``mutate(manifest)`` may change (or return a
+    replacement for) the manifest.json document before it is written (hostile archives)."""
     seen: dict[str, str] = {}
     manifest, repos = [], {}
     with tarfile.open(path, "w") as tf:
@@ -149,7 +150,10 @@ def docker_save_legacy(path: Path, images: list[Img], symlink_shared: bool = Tru
             for t in img.tags:
                 repo, _, tag = t.rpartition(":")
                 repos.setdefault(repo, {})[tag] = names[-1].split("/")[0]
-        _add(tf, "manifest.json", json.dumps(manifest).encode())
+        if mutate is not None:
+            changed = mutate(manifest)
+            manifest = manifest if changed is None else changed
+        _add(tf, "manifest.json", manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode())
         _add(tf, "repositories", json.dumps(repos).encode())
 
 
@@ -188,6 +192,12 @@ def oci_layout(target: Path | None, images: list[Img], tar_path: Path | None = N
     files["index.json"] = json.dumps(index).encode()
     if docker25:
         files["manifest.json"] = json.dumps(docker_manifest).encode()
+    write_files(files, target, tar_path)
+    return files
+
+
+def write_files(files: dict[str, bytes], target: Path | None = None, tar_path: Path | None = None) -> None:
+    """Files (as :func:`oci_layout` returns them) as a directory and/or a tar."""
     if target is not None:
         for name, data in files.items():
             p = target / name
@@ -197,7 +207,6 @@ def oci_layout(target: Path | None, images: list[Img], tar_path: Path | None = N
         with tarfile.open(tar_path, "w") as tf:
             for name, data in files.items():
                 _add(tf, name, data)
-    return files
 
 
 def store_listing(root: Path) -> dict[str, tuple]:

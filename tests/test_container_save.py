@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from container_images import change_everything, mkdirs, ok, run, store  # noqa: F401
+from container_images import change_everything, mkdirs, mounted_snapshot, ok, run, store  # noqa: F401
 from helpers import diff_snapshots, snapshot
 
 TOOLS = shutil.which("umoci") and shutil.which("skopeo")
@@ -25,14 +25,6 @@ def committed(store, tmp_path):
     ok(store, "umount", str(m))
     ok(store, "commit", "c", "app:2")
     return store, view
-
-
-def mounted_snapshot(store, name, mnt):
-    ok(store, "mount", name, str(mnt))
-    try:
-        return snapshot(mnt)
-    finally:
-        ok(store, "umount", str(mnt))
 
 
 @pytest.mark.parametrize("fmt,out", [("docker", "app.tar"), ("oci", "layout"), ("oci", "layout.tar")])

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..fs import sys as ovl
-from .model import ImageError, Reference
+from .compression import DECOMPRESS_ERRORS
+from .model import MAX_JSON, ImageError, Reference, quote
 
-MAX_JSON = 64 << 20   # manifests, configs and indexes are small; refuse to read a huge "JSON" into memory
+MAX_MEMBERS = 1 << 16   # files in an archive (docker save: 3 per layer); more is no image
+MAX_NAME = 4096         # characters of a member name (PATH_MAX)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ def _norm(name: str) -> str:
 
 
 def _safe(name: str, where: str) -> str:
+    if not isinstance(name, str) or len(name) > MAX_NAME or "\0" in name:
+        raise ImageError(f"{where}: refers to an impossible file name {quote(name)}")
     if name.startswith("/") or ".." in name.split("/"):
-        raise ImageError(f"{where}: refers to {name!r} outside the archive")
+        raise ImageError(f"{where}: refers to {quote(name)} outside the archive")
     return _norm(name)
 
 
@@ -69,9 +73,10 @@ class Archive:
 
     def read_small(self, name: str, what: str) -> bytes:
         if not self.exists(name):
-            raise ImageError(f"{self.path}: {what} {name!r} is missing")
+            raise ImageError(f"{self.path}: {what} {quote(name)} is missing")
         if self.size(name) > MAX_JSON:
-            raise ImageError(f"{self.path}: {what} {name!r} is implausibly large ({self.size(name)} bytes)")
+            raise ImageError(f"{self.path}: {what} {quote(name)} is implausibly large ({self.size(name)} bytes, "
+                             f"at most {MAX_JSON})")
         with self.open(name) as f:
             return f.read(MAX_JSON + 1)
 
@@ -81,7 +86,7 @@ class Archive:
         if digest is not None:
             actual = "sha256:" + hashlib.sha256(data).hexdigest()
             if actual != digest:
-                raise ImageError(f"{self.path}: {what} {name!r} does not match its digest "
+                raise ImageError(f"{self.path}: {what} {quote(name)} does not match its digest "
                                  f"(expected {digest}, got {actual})")
         return data
 
@@ -134,12 +139,24 @@ class TarArchive(Archive):
         self.path = path
         try:
             self.tar = tarfile.open(path, "r:*")
-            self.members: dict[str, tarfile.TarInfo] = {}
-            for m in self.tar.getmembers():
-                self.members[_norm(m.name)] = m
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, *DECOMPRESS_ERRORS, ValueError, OverflowError) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else "no tar header found"
             raise ImageError(f"{path}: not a readable tar archive or image layout directory ({why})") from None
+        self.members: dict[str, tarfile.TarInfo] = {}
+        try:
+            for m in self.tar:   # an index of names only: the members' data is read when used
+                if len(self.members) >= MAX_MEMBERS:
+                    raise ImageError(f"{path}: more than {MAX_MEMBERS} files: not an image archive")
+                if len(m.name) > MAX_NAME or "\0" in m.name:
+                    raise ImageError(f"{path}: member name {quote(m.name)}: too long or holds a NUL byte")
+                self.members[_norm(m.name)] = m
+        except (tarfile.TarError, *DECOMPRESS_ERRORS, ValueError, OverflowError) as e:
+            self.tar.close()
+            raise ImageError(f"{path}: not a readable tar archive ({e.__class__.__name__}: {str(e)[:200]})") from None
+        except BaseException:
+            self.tar.close()
+            raise
+        self.tar.members = []   # the index above is all we keep
 
     def close(self) -> None:
         self.tar.close()
@@ -155,13 +172,14 @@ class TarArchive(Archive):
                 target = m.linkname if m.linkname.startswith("/") else posixpath.join(posixpath.dirname(name), m.linkname)
                 target = posixpath.normpath("/" + target) if target.startswith("/") else posixpath.normpath(target)
                 if target.startswith(("/", "../")) or target == "..":
-                    raise ImageError(f"{self.path}: member {name!r} links outside the archive ({m.linkname!r})")
+                    raise ImageError(f"{self.path}: member {quote(name)} links outside the archive "
+                                     f"({quote(m.linkname)})")
                 name = target
             elif m.islnk():
                 name = _safe(m.linkname, self.path)
             else:
                 return None
-        raise ImageError(f"{self.path}: member {name!r}: too many levels of links")
+        raise ImageError(f"{self.path}: member {quote(name)}: too many levels of links")
 
     def exists(self, name: str) -> bool:
         return self._resolve(name) is not None
@@ -173,7 +191,7 @@ class TarArchive(Archive):
     def open(self, name: str) -> BinaryIO:
         m = self._resolve(name)
         if m is None:
-            raise ImageError(f"{self.path}: {name!r} is missing")
+            raise ImageError(f"{self.path}: {quote(name)} is missing")
         f = self.tar.extractfile(m)
         assert f is not None
         return f  # type: ignore[return-value]

@@ -19,7 +19,7 @@ def lower_stack(store: Store, image_id: str, what: str) -> list[str]:
     image = store.image(image_id)
     if not image.layers:
         raise ImageError(f"{what}: the image has no layers to mount")
-    return [store.layer_root(ly.diff_id) for ly in reversed(image.layers)]
+    return store.lower_dirs([ly.diff_id for ly in image.layers])
 
 
 def with_fsname(options: list[str], name: str) -> list[str]:

@@ -98,3 +98,30 @@ DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
 
 def corrupt(what: str, e: BaseException) -> ImageError:
     return ImageError(f"{what}: corrupt or truncated data ({e.__class__.__name__}: {e})")
+
+
+def blob_hashes(blob: BinaryIO, what: str) -> tuple[str, str, int]:
+    """(digest, diff_id, size) of a layer blob: its sha256 as shipped and of its uncompressed tar,
+    read once without extracting anything (a blob is checked against a layer already in the store)."""
+    raw = HashingReader(blob)
+    try:
+        _, stream = decompressed(raw)
+        tar = HashingReader(stream)  # type: ignore[arg-type]
+        tar.drain()
+        raw.drain()
+    except DECOMPRESS_ERRORS as e:
+        raise corrupt(what, e) from None
+    return raw.digest, tar.digest, raw.count
+
+
+def check_blob(path: str, digest: str | None, diff_id: str, what: str) -> None:
+    """A layer blob file is what it claims: its sha256 is ``digest`` (when known) and its uncompressed
+    content is ``diff_id``.  For blobs of layers the store has extracted already, and before
+    ``save`` or ``push`` send a blob as kept."""
+    with open(path, "rb") as f:
+        actual, actual_diff_id, _ = blob_hashes(f, what)
+    if digest is not None and actual != digest:
+        raise ImageError(f"{what}: does not match its digest (expected {digest}, got {actual})")
+    if actual_diff_id != diff_id:
+        raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
+                         f"(expected {diff_id}, got {actual_diff_id})")

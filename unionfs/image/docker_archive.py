@@ -16,7 +16,7 @@ import re
 
 from . import oci_layout
 from .archive import Archive, SourceImage, SourceLayer
-from .model import MEDIA_DOCKER_LAYER, ImageError, Reference, parse_json
+from .model import MAX_IMAGES, MEDIA_DOCKER_LAYER, ImageError, Reference, field_of, parse_json
 
 _DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.json)$")
 
@@ -48,6 +48,8 @@ def read(archive: Archive) -> list[SourceImage]:
     entries = parse_json(archive.read_small("manifest.json", "manifest.json"), where)
     if not isinstance(entries, list) or not entries:
         raise ImageError(f"{where}: expected a non-empty list of images")
+    if len(entries) > MAX_IMAGES:
+        raise ImageError(f"{where}: {len(entries)} images, more than {MAX_IMAGES}")
     manifests = _oci_manifests(archive)
     out = []
     for e in entries:
@@ -58,7 +60,7 @@ def read(archive: Archive) -> list[SourceImage]:
             if not isinstance(name, str):
                 raise ImageError(f"{where}: layer name is not a string")
             layers.append(SourceLayer(name, _digest_of_name(name), MEDIA_DOCKER_LAYER))
-        tags = tuple(Reference.parse(t) for t in (e.get("RepoTags") or []))
+        tags = tuple(Reference.parse(t) for t in field_of(e, "RepoTags", list, where, []))   # null: untagged
         config_digest = _digest_of_name(e["Config"])
         manifest_digest, manifest = manifests.get(config_digest or "", (None, None))
         out.append(SourceImage(e["Config"], config_digest, tuple(layers), tags, manifest, manifest_digest))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import errno
 import logging
+import math
 import os
 import stat
 import tarfile
@@ -38,13 +39,27 @@ from typing import BinaryIO, Callable
 from ..fs import formats
 from ..fs import sys as ovl
 from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed
-from .model import ImageError
+from .model import ImageError, quote
 
 log = logging.getLogger("unionfs.image.extract")
 
 MAX_MEMBER_SIZE = 1 << 40          # 1 TiB: no honest layer has a bigger file
 MAX_DIR_CACHE = 512
 MAX_TRAILING = 1 << 20             # bytes after the end-of-archive blocks: record padding, not content
+# Bounds on a member's header (what the kernel, Go's archive/tar and a sane rootfs can hold).
+MAX_PATH = 4096                    # bytes of a member name or a symlink target (PATH_MAX)
+MAX_COMPONENT = 255                # bytes of one name (NAME_MAX)
+MAX_ID = (1 << 32) - 2             # uid/gid: 32 bits, and (uid_t)-1 means "no change" to chown
+MAX_MTIME = 9_000_000_000          # seconds either side of 1970: the ns count must fit in 64 bits
+MAX_DEV = (1 << 32) - 1
+MAX_PAX_HEADER = 1 << 20           # an extended header is read into memory whole: no honest one is this big
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 64 << 10         # XATTR_SIZE_MAX
+
+
+# What tarfile raises on a malformed header (a bad number in a PAX record or sparse map, bad UTF-8, ...).
+HEADER_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.TarError, *DECOMPRESS_ERRORS, UnicodeError, ValueError, OverflowError, MemoryError)
 
 
 class HostileLayer(ImageError):
@@ -63,17 +78,60 @@ class Extracted:
 
 def _split(name: str, what: str) -> tuple[bytes, ...]:
     """A member name -> path components below the layer root; ``..`` and absolute paths refused."""
-    b = os.fsencode(name)
+    b = check_path(name, what, "path")
     if b.startswith(b"/"):
-        raise HostileLayer(f"{what}: absolute path {name!r}")
+        raise HostileLayer(f"{what}: absolute path {quote(name)}")
     parts = tuple(p for p in b.split(b"/") if p not in (b"", b"."))
     if b".." in parts:
-        raise HostileLayer(f"{what}: path {name!r} leaves the layer ('..')")
+        raise HostileLayer(f"{what}: path {quote(name)} leaves the layer ('..')")
+    for p in parts:
+        if len(p) > MAX_COMPONENT:
+            raise ImageError(f"{what}: path {quote(name)}: a component is longer than {MAX_COMPONENT} bytes")
     return parts
 
 
+def check_path(name: str, what: str, kind: str) -> bytes:
+    """A member name or link target as bytes: no NUL byte, at most MAX_PATH bytes."""
+    b = os.fsencode(name)
+    if b"\0" in b:
+        raise ImageError(f"{what}: {kind} {quote(name)} holds a NUL byte")
+    if len(b) > MAX_PATH:
+        raise ImageError(f"{what}: {kind} {quote(name)} is longer than {MAX_PATH} bytes")
+    return b
+
+
+def check_member(member: tarfile.TarInfo, what: str) -> None:
+    """The header fields the extractor hands to syscalls, each within what the kernel takes.
+
+    A tar header can hold an mtime of 1e30, a base-256 uid of 2^40 or -5, a PAX path with a
+    NUL byte; refused here in one line rather than as an OverflowError or ValueError later.
+    """
+    name = quote(member.name)
+    if member.linkname:
+        check_path(member.linkname, what, f"{name}: link target")
+    mtime = member.mtime
+    if not isinstance(mtime, (int, float)) or not math.isfinite(mtime) or abs(mtime) > MAX_MTIME:
+        raise ImageError(f"{what}: {name}: mtime {quote(mtime)} is out of range")
+    for field, value in (("uid", member.uid), ("gid", member.gid)):
+        if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+            raise ImageError(f"{what}: {name}: {field} {quote(value)} is out of range (0 to {MAX_ID})")
+    if member.size < 0:
+        raise ImageError(f"{what}: {name}: negative size {member.size}")
+    if member.ischr() or member.isblk():
+        for field, value in (("major", member.devmajor), ("minor", member.devminor)):
+            if not 0 <= value <= MAX_DEV:
+                raise ImageError(f"{what}: {name}: device {field} {value} is out of range")
+
+
+def check_header_block(info: tarfile.TarInfo) -> None:
+    """An extended header (PAX, GNU long name) is read into memory whole: refuse absurd sizes first."""
+    if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                     tarfile.GNUTYPE_LONGLINK) and info.size > MAX_PAX_HEADER:
+        raise tarfile.HeaderError(f"extended header of {info.size} bytes (at most {MAX_PAX_HEADER})")
+
+
 def _show(parts: tuple[bytes, ...]) -> str:
-    return os.fsdecode(b"/".join(parts)) or "/"
+    return quote(os.fsdecode(b"/".join(parts)) or "/")
 
 
 class LayerWriter:
@@ -90,7 +148,7 @@ class LayerWriter:
         self.entries = 0
         self._dirs: dict[tuple[bytes, ...], int] = {}
         self._dir_attrs: dict[tuple[bytes, ...], tuple[int, int]] = {}   # path -> (mode, mtime_ns)
-        self._nondirs: set[tuple[bytes, ...]] = set()
+        self._dir_children: dict[tuple[bytes, ...], set[bytes]] = {}    # the tree of _dir_attrs' paths
         self._whiteouts: set[tuple[tuple[bytes, ...], bytes]] = set()
         self._opaque: set[tuple[bytes, ...]] = set()
         self._implied: set[tuple[bytes, ...]] = {()}   # dirs made as parents, with no entry of their own
@@ -100,16 +158,34 @@ class LayerWriter:
             os.close(fd)
         self._dirs.clear()
 
+    def _trim(self) -> None:
+        """Keep at most MAX_DIR_CACHE directory fds; only between steps, when no fd is borrowed."""
+        if len(self._dirs) > MAX_DIR_CACHE:
+            self.close()
+
     # --- walking -------------------------------------------------------------
 
     def _dir(self, parts: tuple[bytes, ...], create: bool = True) -> int:
         """An fd of the directory ``parts`` (borrowed from the cache), opened without following links."""
-        if not parts:
-            return self.root_fd
-        fd = self._dirs.get(parts)
-        if fd is not None:
-            return fd
-        parent = self._dir(parts[:-1], create)
+        # The deepest cached ancestor, then one component at a time (a loop: layers nest thousands deep).
+        known = len(parts)
+        while known and parts[:known] not in self._dirs:
+            known -= 1
+        fd = self._dirs[parts[:known]] if known else self.root_fd
+        owned = False   # fd is an intermediate opened here and not cached: close it once past it
+        for depth in range(known + 1, len(parts) + 1):
+            try:
+                child = self._open_child(fd, parts[:depth], create)
+            finally:
+                if owned:
+                    os.close(fd)
+            fd = child
+            owned = depth < len(parts) and len(self._dirs) >= MAX_DIR_CACHE
+            if not owned:
+                self._dirs[parts[:depth]] = fd
+        return fd
+
+    def _open_child(self, parent: int, parts: tuple[bytes, ...], create: bool) -> int:
         name = parts[-1]
         try:
             fd = ovl.open_dir_at(parent, name)
@@ -119,43 +195,60 @@ class LayerWriter:
             ovl.mkdir_at(parent, name, 0o755)   # parents a tar does not list, as Docker makes them
             fd = ovl.open_dir_at(parent, name)
             self._implied.add(parts)
+            self._in_tree(parts)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(ovl.lstat_at(parent, name).st_mode):
                 raise HostileLayer(f"{self.what}: {_show(parts)} is a symlink; refusing to write through it") from None
             if e.errno == errno.ENOTDIR:
                 raise ImageError(f"{self.what}: {_show(parts)} is not a directory but has entries below it") from None
             raise
-        self._dirs[parts] = fd
         return fd
 
     def _forget(self, parts: tuple[bytes, ...]) -> None:
-        """Drop cached fds and records at or below ``parts`` (it is being removed or replaced)."""
+        """Drop cached fds and records at or below the directory ``parts`` (it is being replaced).
+        The cost is the size of that subtree, so a tar replacing directories over and over stays linear."""
         n = len(parts)
-        for p in [p for p in self._dirs if p[:n] == parts]:
+        for p in [p for p in self._dirs if p[:n] == parts]:   # at most MAX_DIR_CACHE
             os.close(self._dirs.pop(p))
-        for p in [p for p in self._dir_attrs if p[:n] == parts]:
-            del self._dir_attrs[p]
-        self._implied = {p for p in self._implied if p[:n] != parts}
-        self._nondirs = {p for p in self._nondirs if p[:n] != parts}
+        self._dir_children.get(parts[:-1], set()).discard(parts[-1])
+        stack = [parts]
+        while stack:
+            p = stack.pop()
+            self._dir_attrs.pop(p, None)
+            self._implied.discard(p)
+            stack.extend(p + (c,) for c in self._dir_children.pop(p, ()))
+
+    def _in_tree(self, parts: tuple[bytes, ...]) -> None:
+        """Record ``parts`` in the tree of directories we keep records of (so :meth:`_forget` finds them)."""
+        for i in range(len(parts), 0, -1):
+            kids = self._dir_children.setdefault(parts[:i - 1], set())
+            if parts[i - 1] in kids:
+                break
+            kids.add(parts[i - 1])
+
+    def _set_dir_attrs(self, parts: tuple[bytes, ...], member: tarfile.TarInfo) -> None:
+        """Remember a directory's mode and mtime, applied in :meth:`finish`; it has an entry of its own."""
+        self._dir_attrs[parts] = (member.mode, _ns(member))
+        self._implied.discard(parts)
+        self._in_tree(parts)
 
     # --- members -------------------------------------------------------------
 
     def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
-        if len(self._dirs) > MAX_DIR_CACHE:
-            self.close()
+        self._trim()
         parts = _split(member.name, self.what)
+        check_member(member, self.what)
         self.entries += 1
         if parts and parts[-1].startswith(formats.WH_PREFIX):
             self._add_whiteout(parts)
             return
         if member.size > MAX_MEMBER_SIZE or (member.isreg() and self.written + member.size > self.space):
-            raise HostileLayer(f"{self.what}: {member.name!r} claims {member.size} bytes, more than the store "
+            raise HostileLayer(f"{self.what}: {quote(member.name)} claims {member.size} bytes, more than the store "
                                f"can hold ({self.space - self.written} bytes free)")
         if not parts:  # the layer root itself ("./")
             if member.isdir():
                 self._set_owner_xattrs(self.root_fd, None, member)
-                self._dir_attrs[()] = (member.mode, _ns(member))
-                self._implied.discard(())
+                self._set_dir_attrs((), member)
                 return
             raise HostileLayer(f"{self.what}: the layer root is not a directory")
         pfd = self._dir(parts[:-1])
@@ -168,11 +261,11 @@ class LayerWriter:
             if member.isdir() and stat.S_ISDIR(st.st_mode):
                 fd = self._dir(parts)
                 self._set_owner_xattrs(fd, None, member)
-                self._dir_attrs[parts] = (member.mode, _ns(member))
-                self._implied.discard(parts)
+                self._set_dir_attrs(parts, member)
                 return
             # A later entry of the same name replaces the earlier one, as tar does.
-            self._forget(parts)
+            if stat.S_ISDIR(st.st_mode):
+                self._forget(parts)
             ovl.remove_tree_at(pfd, name)
         if member.isreg():
             self._file(pfd, name, member, tar)
@@ -180,7 +273,7 @@ class LayerWriter:
             ovl.mkdir_at(pfd, name, 0o700)
             fd = self._dir(parts)
             self._set_owner_xattrs(fd, None, member)
-            self._dir_attrs[parts] = (member.mode, _ns(member))
+            self._set_dir_attrs(parts, member)
             return
         elif member.issym():
             ovl.symlink_at(os.fsencode(member.linkname), pfd, name)
@@ -190,7 +283,7 @@ class LayerWriter:
             self._hardlink(parts, pfd, name, member)
         elif member.ischr() or member.isblk() or member.isfifo():
             if not member.isfifo() and not self.devices:
-                raise HostileLayer(f"{self.what}: device node {member.name!r}: only root may create device nodes")
+                raise HostileLayer(f"{self.what}: device node {quote(member.name)}: only root may create device nodes")
             kind = stat.S_IFIFO if member.isfifo() else stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             dev = 0 if member.isfifo() else os.makedev(member.devmajor, member.devminor)
             ovl.mknod_at(pfd, name, kind | 0o600, dev)
@@ -198,8 +291,7 @@ class LayerWriter:
             ovl.chmod_at(pfd, name, member.mode & 0o7777)
             ovl.utime_at(pfd, name, (_ns(member), _ns(member)))
         else:
-            raise ImageError(f"{self.what}: {member.name!r}: unsupported tar entry type {member.type!r}")
-        self._nondirs.add(parts)
+            raise ImageError(f"{self.what}: {quote(member.name)}: unsupported tar entry type {member.type!r}")
 
     def _file(self, pfd: int, name: bytes, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         fd = ovl.open_at(pfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -221,11 +313,17 @@ class LayerWriter:
             os.close(fd)
 
     def _hardlink(self, parts: tuple[bytes, ...], pfd: int, name: bytes, member: tarfile.TarInfo) -> None:
+        # Everything below the layer root was extracted from this layer (the directory starts empty and
+        # whiteouts come last), so a non-directory there is "a file extracted earlier from this layer".
         target = _split(member.linkname, self.what)
-        if target not in self._nondirs:
-            raise HostileLayer(f"{self.what}: hard link {member.name!r} -> {member.linkname!r}: the target is not "
-                               "a file extracted earlier from this layer")
-        tfd = self._dir(target[:-1], create=False)
+        try:
+            tfd = self._dir(target[:-1], create=False) if target else None
+            st = ovl.lstat_at(tfd, target[-1]) if tfd is not None else None
+        except (FileNotFoundError, NotADirectoryError, ImageError):
+            st = None
+        if st is None or stat.S_ISDIR(st.st_mode):
+            raise HostileLayer(f"{self.what}: hard link {quote(member.name)} -> {quote(member.linkname)}: "
+                               "the target is not a file extracted earlier from this layer")
         ovl.link_at(tfd, target[-1], pfd, name)
 
     def _set_owner_xattrs(self, fd: int, name: bytes | None, member: tarfile.TarInfo) -> None:
@@ -235,7 +333,7 @@ class LayerWriter:
                 ovl.fchown(fd, member.uid, member.gid)
             else:
                 ovl.chown_at(fd, name, member.uid, member.gid)
-        for attr, value in _xattrs(member):
+        for attr, value in _xattrs(member, self.what):
             try:
                 if name is None:
                     ovl.fsetxattr(fd, attr, value)
@@ -253,7 +351,7 @@ class LayerWriter:
         if name != formats.WH_OPAQUE:
             target = formats.oci_whiteout_target(name)
             if target is None or target in (b".", b".."):
-                raise ImageError(f"{self.what}: {_show(parts)!r} is not a valid whiteout (nothing after '.wh.')")
+                raise ImageError(f"{self.what}: {_show(parts)} is not a valid whiteout (nothing after '.wh.')")
         try:
             self._dir(parts[:-1])  # the directory exists in this layer, even if the tar lists nothing else in it
         except ImageError:
@@ -270,11 +368,13 @@ class LayerWriter:
     def finish(self) -> None:
         """Apply whiteouts and opaque markers, then directory modes and mtimes (deepest first)."""
         for parts in sorted(self._opaque):
+            self._trim()
             try:
                 formats.mark_opaque(self._dir(parts, create=False), self.style)
             except (FileNotFoundError, ImageError):
                 pass  # the directory was replaced by a non-directory later in the tar: nothing to mark
         for parent, target in sorted(self._whiteouts):
+            self._trim()
             try:
                 pfd = self._dir(parent, create=False)
             except (FileNotFoundError, ImageError):
@@ -299,6 +399,7 @@ class LayerWriter:
             ovl.fchmod(fd, 0o755)   # whatever the umask: where no layer has it, it shows as Docker makes it
         for parts in sorted(self._dir_attrs, key=len, reverse=True):
             mode, ns = self._dir_attrs[parts]
+            self._trim()
             try:
                 fd = self._dir(parts, create=False)
             except (FileNotFoundError, ImageError):
@@ -332,6 +433,7 @@ class _StrictTarInfo(tarfile.TarInfo):
             obj = cls.frombuf(buf, tf.encoding, tf.errors)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:  # type: ignore[attr-defined]
             raise tarfile.SubsequentHeaderError(f"invalid tar header: {e}") from None  # type: ignore[attr-defined]
+        check_header_block(obj)
         obj.offset = tf.fileobj.tell() - tarfile.BLOCKSIZE
         return obj._proc_member(tf)
 
@@ -385,7 +487,7 @@ def _ns(member: tarfile.TarInfo) -> int:
     return int(round(member.mtime * 1_000_000_000))
 
 
-def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+def _xattrs(member: tarfile.TarInfo, what: str) -> list[tuple[str, bytes]]:
     """xattrs from PAX headers (``SCHILY.xattr.*``, ``LIBARCHIVE.xattr.*``), made safe for a layer.
 
     A layer's own overlay xattrs are escaped one level (as overlayfs does for nested
@@ -404,12 +506,20 @@ def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
                 continue
         else:
             continue
+        check_xattr(member, attr, raw, what)
         if attr.startswith((formats.TRUSTED_PREFIX, formats.USER_PREFIX)):
             attr = formats.escape_xattr(attr)
         elif formats.is_private_xattr(attr):
             continue
         out.append((attr, raw))
     return out
+
+
+def check_xattr(member: tarfile.TarInfo, attr: str, value: bytes, what: str) -> None:
+    """An xattr from a PAX header: a name the kernel takes (no NUL, at most 255 bytes), a bounded value."""
+    b = os.fsencode(attr)
+    if not b or b"\0" in b or len(b) > MAX_XATTR_NAME or len(value) > MAX_XATTR_VALUE:
+        raise ImageError(f"{what}: {quote(member.name)}: xattr {quote(attr)} ({len(value)} bytes): not a valid xattr")
 
 
 def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Style, devices: bool,
@@ -429,12 +539,12 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
             # A tar that ends without the two zero blocks, or inside its last member's padding
             # (umoci 0.4.7), ends cleanly here, as in Go.
             tf = _GoTarFile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
-        except (tarfile.TarError, *DECOMPRESS_ERRORS) as e:
+        except HEADER_ERRORS as e:   # tarfile reads the first header when it opens the stream
             raise corrupt(what, e) from None
         while True:
             try:
                 member = tf.next()
-            except (tarfile.TarError, *DECOMPRESS_ERRORS, UnicodeError, ValueError, OverflowError, MemoryError) as e:
+            except HEADER_ERRORS as e:
                 raise corrupt(what, e) from None
             if member is None:
                 break
@@ -446,7 +556,7 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
             except (tarfile.TarError, *DECOMPRESS_ERRORS[1:], EOFError) as e:
                 raise corrupt(what, e) from None
             except OSError as e:
-                raise ImageError(f"{what}: {member.name!r}: {e.strerror or e}") from None
+                raise ImageError(f"{what}: {quote(member.name)}: {e.strerror or e}") from None
         try:
             writer.finish()
         except OSError as e:

@@ -23,6 +23,7 @@ from typing import Callable
 from ..fs.formats import Style
 from . import docker_archive, oci_layout
 from .archive import Archive, SourceImage, SourceLayer, open_archive
+from .compression import check_blob
 from .extract import extract_layer
 from .model import MEDIA_DOCKER_MANIFEST, Config, ImageError, Layer, Reference
 from .store import Store, now_iso
@@ -78,7 +79,7 @@ def _load_locked(store: Store, archive: Archive, sources: list[SourceImage], tag
                              f"lists {len(config.diff_ids)} diff_ids")
         prepared.append((src, config_bytes, image_id, config))
 
-    todo = {}
+    todo: dict[str, SourceLayer] = {}
     for src, _, _, config in prepared:
         for sl, diff_id in zip(src.layers, config.diff_ids):
             if not store.has_layer(diff_id):
@@ -88,28 +89,29 @@ def _load_locked(store: Store, archive: Archive, sources: list[SourceImage], tag
         from tqdm import tqdm
         bar = tqdm(total=2 * sum(archive.size(sl.name) for sl in todo.values()), unit="B", unit_scale=True,
                    unit_divisor=1024, desc="extracting", file=sys.stderr, leave=False)
-    blobs: dict[str, tuple[str, int]] = {}   # diff_id -> (digest, blob size)
+    # (diff_id, the source's blob) -> (digest, blob size), each verified against the diff_id
+    blobs: dict[tuple[str, str], tuple[str, int]] = {}
     try:
         for diff_id, sl in todo.items():
-            blobs[diff_id] = _add_layer(store, archive, sl, diff_id, bar.update if bar else None)
+            blobs[(diff_id, _blob_key(sl))] = _add_layer(store, archive, sl, diff_id, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
 
-    results = []
-    tags = store.tags()
+    planned = []   # every blob is checked before the first record is written: a refused load changes nothing
     for src, config_bytes, image_id, config in prepared:
         layers = []
         for sl, diff_id in zip(src.layers, config.diff_ids):
-            if diff_id not in blobs:  # already in the store: only the blob as shipped is kept (for push)
-                if sl.digest is not None and store.has_blob(sl.digest):
-                    blobs[diff_id] = (sl.digest, archive.size(sl.name))
-                else:
-                    tmp, digest, size = _copy_blob(store, archive, sl, None)
-                    blobs[diff_id] = (digest, size)
-                    store.put_blob_file(digest, tmp)
-            digest, size = blobs[diff_id]
+            key = (diff_id, _blob_key(sl))
+            if key not in blobs:   # the layer is in the store: its blob as shipped is kept (for push), verified
+                blobs[key] = _add_blob_of_stored_layer(store, archive, sl, diff_id)
+            digest, size = blobs[key]
             layers.append(Layer(diff_id, digest, sl.media_type, size))
+        planned.append(layers)
+
+    results = []
+    tags = store.tags()
+    for (src, config_bytes, image_id, config), layers in zip(prepared, planned):
         manifest, manifest_digest = src.manifest, src.manifest_digest
         if manifest is None or manifest_digest is None:
             manifest = _docker_manifest(image_id, len(config_bytes), layers)
@@ -123,6 +125,22 @@ def _load_locked(store: Store, archive: Archive, sources: list[SourceImage], tag
                               len(config.diff_ids) - new, src.ref_names))
     store.set_tags(tags)   # last: an image appears under its names only when everything is in place
     return results
+
+
+def _blob_key(sl: SourceLayer) -> str:
+    return sl.digest or sl.name
+
+
+def _add_blob_of_stored_layer(store: Store, archive: Archive, sl: SourceLayer, diff_id: str) -> tuple[str, int]:
+    """The blob of a layer the store has already extracted: kept only once checked against the
+    diff_id it claims (else an archive could ship other bytes under a stored layer's name)."""
+    if sl.digest is not None and store.verified_blob(diff_id, sl.digest):
+        return sl.digest, os.path.getsize(store.blob_path(sl.digest))
+    what = f"{archive.path}: layer {sl.name}"
+    tmp, digest, size = _copy_blob(store, archive, sl, None)   # verified against sl.digest, if any
+    check_blob(tmp, digest, diff_id, what)
+    store.put_blob_file(digest, tmp)
+    return digest, size
 
 
 def register_image(store: Store, image_id: str, config_bytes: bytes, manifest: bytes, manifest_digest: str,

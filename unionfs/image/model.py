@@ -8,6 +8,7 @@ two names, the ``digest`` of the blob as shipped (maybe compressed) and the
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +39,29 @@ MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 
 
+MAX_JSON = 8 << 20      # manifests, configs, indexes, manifest.json: containerd refuses manifests above 4 MiB
+MAX_JSON_DEPTH = 64     # no honest image document nests deeper; json's decoder would recurse ~1000 deep
+MAX_QUOTE = 100         # characters of an outside name an error message quotes
+MAX_LAYERS = 500        # layers of one image (Docker's overlay2 stops at 125); each is a directory fd when mounted
+MAX_IMAGES = 1000       # images (index or manifest.json entries) in one archive
+
+
+def quote(value: Any, limit: int = MAX_QUOTE) -> str:
+    """An outside name for an error message: ``repr`` (so newlines and NULs show as escapes), capped."""
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, str):
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _json_type(value)
+    text = value
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def check_digest(value: Any, what: str) -> str:
     """A ``sha256:<64 hex>`` digest; other algorithms and malformed values are refused."""
     if not isinstance(value, str) or not DIGEST_RE.match(value):
-        raise ImageError(f"{what}: not a sha256 digest: {str(value)[:80]!r}")
+        raise ImageError(f"{what}: not a sha256 digest: {quote(value, 80)}")
     return value
 
 
@@ -63,20 +83,23 @@ class Reference:
 
     @classmethod
     def parse(cls, text: str, allow_digest: bool = False) -> "Reference":
+        if not isinstance(text, str):
+            raise ImageError(f"image reference {quote(text)}: not a string")
         name, digest = text, None
         if "@" in text:
             if not allow_digest:
-                raise ImageError(f"{text!r}: references by digest (@sha256:...) are not supported here; "
+                raise ImageError(f"{quote(text)}: references by digest (@sha256:...) are not supported here; "
                                  "use repo:tag or an id")
             name, _, digest = text.partition("@")
             if not DIGEST_RE.match(digest):
-                raise ImageError(f"{text!r}: invalid digest {digest!r}: expected sha256: and 64 lower-case hex digits")
+                raise ImageError(f"{quote(text)}: invalid digest {quote(digest)}: expected sha256: and "
+                                 "64 lower-case hex digits")
         repo, tag = name, None
         colon = name.rfind(":")
         if colon != -1 and "/" not in name[colon + 1:]:
             repo, tag = name[:colon], name[colon + 1:]
             if not TAG_RE.match(tag):
-                raise ImageError(f"{text!r}: invalid tag {tag!r}: use up to 128 of A-Z a-z 0-9 _ . -, "
+                raise ImageError(f"{quote(text)}: invalid tag {quote(tag)}: use up to 128 of A-Z a-z 0-9 _ . -, "
                                  "not starting with . or -")
         if tag is None and digest is None:
             tag = "latest"
@@ -89,7 +112,7 @@ class Reference:
         if repo.startswith("library/") and repo.count("/") == 1:
             repo = repo[len("library/"):]
         if not repo or len(repo) > 255 or not REPO_RE.match(repo):
-            raise ImageError(f"{text!r}: invalid repository name {repo!r}: lower-case letters, digits and "
+            raise ImageError(f"{quote(text)}: invalid repository name {quote(repo)}: lower-case letters, digits and "
                              "separators (. _ -), components separated by /")
         return cls(repo, tag, digest)
 
@@ -161,29 +184,45 @@ class Config:
 
     @classmethod
     def parse(cls, raw: bytes, what: str = "image config") -> "Config":
-        try:
-            d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ImageError(f"{what}: not JSON ({e})") from None
+        d = parse_json(raw, what)
         if not isinstance(d, dict):
             raise ImageError(f"{what}: not a JSON object")
         rootfs = d.get("rootfs")
         if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" or not isinstance(rootfs.get("diff_ids"), list):
             raise ImageError(f"{what}: no rootfs of type 'layers' with diff_ids")
+        if len(rootfs["diff_ids"]) > MAX_LAYERS:
+            raise ImageError(f"{what}: {len(rootfs['diff_ids'])} layers, more than the {MAX_LAYERS} an image may have")
         diff_ids = tuple(check_digest(x, f"{what}: rootfs.diff_ids") for x in rootfs["diff_ids"])
         hist = []
-        for h in d.get("history") or []:
+        for h in field_of(d, "history", list, what) or []:
             if not isinstance(h, dict):
                 raise ImageError(f"{what}: history entry is not an object")
             hist.append(History(_str(h.get("created")) or None, _str(h.get("created_by")), _str(h.get("author")),
                                 _str(h.get("comment")), bool(h.get("empty_layer", False))))
         if hist and sum(not h.empty_layer for h in hist) != len(diff_ids):
             hist = []  # inconsistent history: ignore it rather than show wrong sizes
-        cfg = d.get("config") or {}
-        if not isinstance(cfg, dict):
-            raise ImageError(f"{what}: config is not an object")
+        cfg = field_of(d, "config", dict, what, {})
+        _check_run_config(cfg, f"{what}: config")
         return cls(_str(d.get("created")) or None, _str(d.get("author")), _str(d.get("architecture")),
                    _str(d.get("os")), cfg, diff_ids, tuple(hist))
+
+
+_STR_LISTS = ("Env", "Cmd", "Entrypoint", "Shell", "OnBuild")
+_STRINGS = ("WorkingDir", "User", "StopSignal", "Hostname", "Domainname")
+_OBJECTS = ("ExposedPorts", "Volumes")
+
+
+def _check_run_config(cfg: dict, what: str) -> None:
+    """The fields ``run``, ``commit`` and ``inspect`` use have the types the spec gives them."""
+    for key in _STR_LISTS:
+        for item in field_of(cfg, key, list, what, []):
+            if not isinstance(item, str):
+                raise ImageError(f"{what}: {key} holds {_json_type(item)}, not only strings")
+    for key in _STRINGS:
+        field_of(cfg, key, str, what)
+    for key in _OBJECTS:
+        field_of(cfg, key, dict, what)
+    str_map(cfg, "Labels", what)
 
 
 def _str(v: Any) -> str:
@@ -208,11 +247,64 @@ class Image:
         return sum(self.layer_sizes)
 
 
-def parse_json(raw: bytes, what: str) -> Any:
+def parse_json(raw: bytes, what: str, limit: int = MAX_JSON) -> Any:
+    """A JSON document from outside, bounded in size and nesting depth before anyone walks it."""
+    if len(raw) > limit:
+        raise ImageError(f"{what}: implausibly large for JSON ({len(raw)} bytes, at most {limit})")
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ImageError(f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ImageError(f"{what}: not JSON ({e})") from None
+        raise ImageError(f"{what}: not JSON ({str(e)[:200]})") from None
+    _check_depth(doc, what)
+    return doc
+
+
+def _check_depth(doc: Any, what: str) -> None:
+    """Refuse documents nested deeper than MAX_JSON_DEPTH (iteratively: the walk itself must not recurse)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ImageError(f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false"}
+
+
+def field_of(doc: dict, key: str, kind: type, what: str, default: Any = None) -> Any:
+    """``doc[key]`` when it is of type ``kind``; ``default`` when absent or null; else one-line ImageError.
+    (bool is no int here: JSON ``true`` is not a size.)"""
+    value = doc.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ImageError(f"{what}: {key} is {_json_type(value)}, not {_TYPE_WORDS.get(kind, kind.__name__)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    for kind in (bool, str, int, list, dict):
+        if isinstance(value, kind):
+            return _TYPE_WORDS[kind]
+    return "a number" if isinstance(value, float) else "null" if value is None else type(value).__name__
+
+
+def str_map(doc: dict, key: str, what: str) -> dict[str, str]:
+    """An object of strings (annotations, labels): absent or null is empty."""
+    value = field_of(doc, key, dict, what, {})
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise ImageError(f"{what}: {key}[{quote(k)}] is {_json_type(v)}, not a string")
+    return value
 
 
 def parse_manifest(raw: bytes, what: str = "manifest") -> tuple[dict, list[dict]]:
@@ -220,10 +312,27 @@ def parse_manifest(raw: bytes, what: str = "manifest") -> tuple[dict, list[dict]
     m = parse_json(raw, what)
     if not isinstance(m, dict) or not isinstance(m.get("config"), dict) or not isinstance(m.get("layers"), list):
         raise ImageError(f"{what}: not an image manifest (no config and layers)")
+    field_of(m, "mediaType", str, what)
+    if len(m["layers"]) > MAX_LAYERS:
+        raise ImageError(f"{what}: {len(m['layers'])} layers, more than the {MAX_LAYERS} an image may have")
     for desc in [m["config"], *m["layers"]]:
-        if not isinstance(desc, dict):
-            raise ImageError(f"{what}: descriptor is not an object")
-        check_digest(desc.get("digest"), what)
-        if not isinstance(desc.get("size", 0), int) or desc.get("size", 0) < 0:
-            raise ImageError(f"{what}: bad size in descriptor {desc.get('digest')}")
+        check_descriptor(desc, what)
     return m["config"], m["layers"]
+
+
+MAX_BLOB_SIZE = 1 << 42   # 4 TiB: a descriptor claiming more is not an image
+
+
+def check_descriptor(desc: Any, what: str) -> dict:
+    """An OCI descriptor: an object with a sha256 digest, a size that is a non-negative integer, and
+    (when present) a string mediaType, an object platform and string annotations."""
+    if not isinstance(desc, dict):
+        raise ImageError(f"{what}: descriptor is not an object")
+    check_digest(desc.get("digest"), what)
+    size = field_of(desc, "size", int, f"{what}: descriptor {desc['digest']}", 0)
+    if not 0 <= size <= MAX_BLOB_SIZE:
+        raise ImageError(f"{what}: bad size {size} in descriptor {desc['digest']}")
+    field_of(desc, "mediaType", str, f"{what}: descriptor {desc['digest']}")
+    field_of(desc, "platform", dict, f"{what}: descriptor {desc['digest']}")
+    str_map(desc, "annotations", f"{what}: descriptor {desc['digest']}")
+    return desc

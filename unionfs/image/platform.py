@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform as _host
 from dataclasses import dataclass
 
-from .model import ImageError
+from .model import MAX_IMAGES, ImageError, check_descriptor, field_of, quote
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
          "s390x": "s390x", "riscv64": "riscv64"}
@@ -49,8 +49,9 @@ def parse(text: str | None) -> Platform:
 
 def _described(desc: dict) -> str:
     p = desc.get("platform")
-    return str(Platform(str(p.get("os") or ""), str(p.get("architecture") or ""),
-                        str(p.get("variant") or "") or None)) if isinstance(p, dict) else ""
+    if not isinstance(p, dict):
+        return ""
+    return "/".join(str(x)[:40] for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
 
 
 def pick(index: dict, want: Platform, where: str, any_single: bool = False) -> dict:
@@ -60,8 +61,7 @@ def pick(index: dict, want: Platform, where: str, any_single: bool = False) -> d
     ``any_single``: an index of one manifest gives it whatever its platform (``load`` of a
     layout takes the image it holds, as ``docker load`` does; ``pull`` asks for a platform).
     """
-    manifests = index.get("manifests")
-    manifests = [d for d in manifests if isinstance(d, dict)] if isinstance(manifests, list) else []
+    manifests = [check_descriptor(d, where) for d in field_of(index, "manifests", list, where, [])[:MAX_IMAGES]]
     if not manifests:
         raise ImageError(f"{where}: empty image index")
     for d in manifests:
@@ -70,4 +70,5 @@ def pick(index: dict, want: Platform, where: str, any_single: bool = False) -> d
     if len(manifests) == 1 and (any_single or not isinstance(manifests[0].get("platform"), dict)):
         return manifests[0]
     have = sorted({_described(d) for d in manifests} - {""})
-    raise ImageError(f"{where}: no image for {want} (the index has {', '.join(have) or 'no platforms'})")
+    listed = ", ".join(quote(h) if not h.isprintable() else h for h in have[:20]) + (", ..." if len(have) > 20 else "")
+    raise ImageError(f"{where}: no image for {want} (the index has {listed or 'no platforms'})")

@@ -65,7 +65,14 @@ def human_ago(text: str | None, now: dt.datetime | None = None) -> str:
     return f"{d // 365} years ago"
 
 
+def _printable(cell: str) -> str:
+    """A table cell from an image (history, comments) with control characters shown as escapes: an image
+    must not send escape sequences to the terminal or break the table into lines."""
+    return cell if cell.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in cell)
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[_printable(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers] + rows]
     return "\n".join(lines)
@@ -116,7 +123,7 @@ def inspect(store: Store, img: Image) -> dict:
         "Os": img.config.os,
         "Size": img.size,
         "GraphDriver": {"Name": "unionfs",
-                        "Data": {"LowerDir": ":".join(store.layer_root(ly.diff_id) for ly in reversed(img.layers))}},
+                        "Data": {"LowerDir": ":".join(store.lower_dirs([ly.diff_id for ly in img.layers]))}},
         "RootFS": {"Type": "layers", "Layers": list(img.config.diff_ids)},
         "Metadata": {"ManifestDigest": img.manifest_digest},
     }

@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
-from .compression import HashingReader, decompressed, detect
+from .compression import HashingReader, check_blob, decompressed, detect
 from .model import MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_LAYER, MEDIA_OCI_MANIFEST, Image, ImageError, \
     Layer, Reference
 from .store import Store
@@ -126,7 +126,14 @@ def _uncompressed(store: Store, img_name: str, layer: Layer) -> tuple[BinaryIO, 
 
 
 def _as_shipped(store: Store, img_name: str, layer: Layer) -> tuple[BinaryIO, int, Callable[[], None]]:
+    """(the blob as kept, checked against its diff_id first and its digest as it is copied, its size, close)."""
     f = _open_blob(store, img_name, layer)
+    try:
+        check_blob(blob_path(store, layer.digest), layer.digest, layer.diff_id,
+                   f"{img_name}: layer blob {layer.digest[:19]} (store damaged?)")
+    except BaseException:
+        f.close()
+        raise
     return _Checked(HashingReader(f), layer.size, layer.digest, f"{img_name}: layer blob {layer.digest[:19]}"), \
         layer.size, f.close  # type: ignore[return-value]
 

@@ -31,7 +31,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
-from .model import Config, Image, ImageError, Layer, Reference
+from .model import Config, Image, ImageError, Layer, Reference, quote
 
 ENV_ROOT = "UNIONFS_ROOT"
 
@@ -171,6 +171,18 @@ class Store:
                 raise
             _rmtree(tmp_dir)  # already there (same content, by its diff_id)
 
+    def lower_dirs(self, diff_ids: list[str] | tuple[str, ...]) -> list[str]:
+        """An image's layer directories as a lower stack, topmost first, each directory once.
+
+        Images may list a layer twice (Docker's old builders wrote the same empty layer for steps
+        that changed nothing); a directory is not allowed twice in a stack (kernel overlayfs:
+        "conflicting lowerdir path", ELOOP), so only its topmost occurrence is kept.  That is exact:
+        whatever the lower occurrence holds (entries, whiteouts, opaque markers) the upper one
+        already applied to everything below it, and extracted layers carry no redirects.  For base-first
+        L1, L2, L1 the stack is L1:L2 (L1's content wins over L2's), not L2:L1.
+        """
+        return [self.layer_root(d) for d in dict.fromkeys(reversed(diff_ids))]
+
     def layer_ids(self) -> list[str]:
         return ["sha256:" + n for n in os.listdir(self.path("layers")) if len(n) == 64]
 
@@ -200,15 +212,42 @@ class Store:
             return f.read()
 
     def put_image(self, image_id: str, manifest_digest: str, layers: list[Layer],
-                  repo_digests: list[str] | tuple[str, ...] = ()) -> None:
-        """Write an image record; the repo digests (``repo@sha256:...``) of an earlier record are kept."""
+                  repo_digests: list[str] | tuple[str, ...] = ()) -> bool:
+        """Write an image record, or add ``repo_digests`` (``repo@sha256:...``) to the one there.
+
+        A record is immutable once written: the same id is the same config, so the same diff_ids,
+        and its layer blobs were verified against them; a later load or pull of that id (maybe with
+        other compression) changes nothing but the repo digests.  Only a record whose blobs are
+        gone (written by an older unionfs, which kept none) is replaced.  True if written anew."""
+        path = self.path("images", _hex(image_id) + ".json")
         try:
-            old = self._read_json(self.path("images", _hex(image_id) + ".json")).get("repo_digests", [])
+            old = self._read_json(path)
         except FileNotFoundError:
-            old = []
+            old = None
+        if old is not None and all(self.has_blob(d["digest"]) for d in old["layers"]) \
+                and self.has_blob(old["manifest"]):
+            record = dict(old, repo_digests=sorted(set(old.get("repo_digests", [])) | set(repo_digests)))
+            if record != old:
+                self._write_atomic(path, json.dumps(record, indent=1).encode())
+            return False
+        kept = old.get("repo_digests", []) if old is not None else []
         record = {"id": image_id, "manifest": manifest_digest, "layers": [ly.to_json() for ly in layers],
-                  "loaded": now_iso(), "repo_digests": sorted(set(old) | set(repo_digests))}
-        self._write_atomic(self.path("images", _hex(image_id) + ".json"), json.dumps(record, indent=1).encode())
+                  "loaded": now_iso(), "repo_digests": sorted(set(kept) | set(repo_digests))}
+        self._write_atomic(path, json.dumps(record, indent=1).encode())
+        return True
+
+    def verified_blob(self, diff_id: str, digest: str) -> bool:
+        """Is ``digest`` a blob in the store already known to hold layer ``diff_id``?  (The blob the
+        layer was extracted from, a plain tar, or a blob an image record lists for it.)"""
+        if not self.has_blob(digest) or not self.has_layer(diff_id):
+            return False
+        if digest == diff_id or self.layer_info(diff_id).get("digest") == digest:
+            return True
+        for image_id in self.image_ids():
+            rec = self._read_json(self.path("images", _hex(image_id) + ".json"))
+            if any(d["diff_id"] == diff_id and d["digest"] == digest for d in rec["layers"]):
+                return True
+        return False
 
     def image_ids(self) -> list[str]:
         if not self.exists():
@@ -249,10 +288,10 @@ class Store:
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
-                raise ImageError(f"{name}: ambiguous id prefix ({len(matches)} images match)")
+                raise ImageError(f"{quote(name)}: ambiguous id prefix ({len(matches)} images match)")
         if ref is None:
             Reference.parse(name)  # raises the precise reason
-        raise ImageError(f"{name}: no such image")
+        raise ImageError(f"{quote(name)}: no such image")
 
     def remove_image(self, image_id: str) -> None:
         self._require_lock()

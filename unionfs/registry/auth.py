@@ -21,7 +21,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-from ..image.model import ImageError
+from ..image.model import MAX_JSON, ImageError, parse_json
 
 ENV_CONFIG_DIR = "UNIONFS_CONFIG_DIR"
 HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
@@ -53,11 +53,11 @@ def docker_config_path() -> str:
 def _read(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read())
+            data = parse_json(f.read(MAX_JSON + 1), path)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ImageError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    except OSError as e:
+        raise ImageError(f"{path}: unreadable ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ImageError(f"{path}: not a JSON object")
     return data
@@ -92,8 +92,15 @@ def save_config(cfg: dict) -> None:
 
 
 def registry_settings(registry: str) -> dict:
+    """``registries.<host>`` of our config: ``insecure`` (true/false) and ``ca_file`` (a path), type-checked."""
     regs = load_config().get("registries") or {}
-    return next((v for k, v in regs.items() if _key(k) == _key(registry) and isinstance(v, dict)), {})
+    if not isinstance(regs, dict):
+        raise ImageError(f"{config_path()}: registries is not an object")
+    found = next((v for k, v in regs.items() if _key(k) == _key(registry) and isinstance(v, dict)), {})
+    if not isinstance(found.get("insecure", False), bool) or not isinstance(found.get("ca_file", ""), str):
+        raise ImageError(f"{config_path()}: registries.{registry}: insecure must be true or false, "
+                         "ca_file a path")
+    return found
 
 
 def _from_auths(auths: object, registry: str, source: str) -> Credentials | None:
@@ -124,9 +131,16 @@ def find_credentials(registry: str) -> Credentials | None:
     return found
 
 
+def _own_auths(cfg: dict) -> dict:
+    auths = cfg.get("auths") or {}
+    if not isinstance(auths, dict):
+        raise ImageError(f"{config_path()}: auths is not an object")
+    return auths
+
+
 def store_credentials(registry: str, creds: Credentials) -> str:
     cfg = load_config()
-    auths = {k: v for k, v in (cfg.get("auths") or {}).items() if _key(k) != _key(registry)}
+    auths = {k: v for k, v in _own_auths(cfg).items() if _key(k) != _key(registry)}
     auths[_key(registry)] = {"auth": base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()}
     cfg["auths"] = auths
     save_config(cfg)
@@ -135,7 +149,7 @@ def store_credentials(registry: str, creds: Credentials) -> str:
 
 def remove_credentials(registry: str) -> bool:
     cfg = load_config()
-    auths = cfg.get("auths") or {}
+    auths = _own_auths(cfg)
     kept = {k: v for k, v in auths.items() if _key(k) != _key(registry)}
     if len(kept) == len(auths):
         return False

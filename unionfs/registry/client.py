@@ -11,6 +11,7 @@ files with their sha256 checked as they arrive; downloads resume with ``Range``.
 from __future__ import annotations
 
 import hashlib
+import os
 import ssl
 import threading
 import time
@@ -20,15 +21,25 @@ from urllib.parse import urlencode
 import httpx
 
 from .. import __version__
-from ..image.model import INDEX_TYPES, MANIFEST_TYPES, ImageError
+from ..image.model import INDEX_TYPES, MANIFEST_TYPES, ImageError, quote
 from .auth import Challenge, Credentials, find_credentials, parse_challenge, registry_settings
 
 MEDIA_DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
                         "application/vnd.docker.distribution.manifest.v1+prettyjws")
 ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 MAX_MANIFEST = 4 << 20     # distribution refuses manifests above 4 MiB; so do we
+MAX_SMALL_BODY = 1 << 20   # /v2/, token, error and upload answers: no honest one is bigger
+MAX_REDIRECTS = 10
 CHUNK = 1 << 20
 HUB_ENDPOINT = "registry-1.docker.io"
+ENV_TIMEOUT = "UNIONFS_REGISTRY_TIMEOUT"   # seconds a connection may stay silent (default 60)
+
+
+def read_timeout() -> float:
+    try:
+        return max(0.1, float(os.environ.get(ENV_TIMEOUT) or 60.0))
+    except ValueError:
+        raise ImageError(f"{ENV_TIMEOUT}={os.environ[ENV_TIMEOUT]!r}: not a number of seconds") from None
 
 
 class RegistryError(ImageError):
@@ -78,7 +89,12 @@ def _error_line(resp: httpx.Response) -> str:
 
 
 def _transport_error(e: Exception, where: str, insecure_hint: bool) -> RegistryError:
-    reason = str(e) or e.__class__.__name__
+    if isinstance(e, httpx.TooManyRedirects):
+        return RegistryError(f"{where}: more than {MAX_REDIRECTS} redirects (a redirect loop?)")
+    if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
+        return RegistryError(f"{where}: the registry stopped answering (nothing for {read_timeout():g} s; "
+                             f"{ENV_TIMEOUT} sets the limit)")
+    reason = str(e)[:300] or e.__class__.__name__
     cause = e.__context__ or e.__cause__
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__context__ or cause.__cause__
@@ -89,6 +105,46 @@ def _transport_error(e: Exception, where: str, insecure_hint: bool) -> RegistryE
         or "Name or service not known" in reason
     hint = " (a plain-HTTP registry needs --insecure)" if insecure_hint and not dns else ""
     return RegistryError(f"{where}: cannot connect: {' '.join(reason.split())}{hint}")
+
+
+SMALL_BODY_WINDOWS = 3   # a manifest, config or error answer arrives within 3 timeouts, however it trickles
+
+
+def _check_deadline(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise RegistryError(f"{what}: the registry sends too slowly (not done after "
+                            f"{SMALL_BODY_WINDOWS * read_timeout():g} s; {ENV_TIMEOUT} sets the limit)")
+
+
+def _content_length(resp: httpx.Response) -> int:
+    try:
+        return int(resp.headers.get("Content-Length") or 0)
+    except ValueError:
+        return 0
+
+
+def small_response(resp: httpx.Response, what: str, limit: int = MAX_SMALL_BODY,
+                   cut: bool = False) -> httpx.Response:
+    """A streamed answer read whole, but never more than ``limit`` bytes (a registry could send a
+    gigabyte as an error page): more is refused, or with ``cut`` dropped.  The stream is closed."""
+    try:
+        data = bytearray()
+        deadline = time.monotonic() + SMALL_BODY_WINDOWS * read_timeout()
+        for chunk in resp.iter_bytes():
+            data += chunk
+            _check_deadline(deadline, what)
+            if len(data) > limit:
+                if cut:
+                    del data[limit:]
+                    break
+                raise RegistryError(f"{what}: the answer is larger than {limit} bytes")
+    finally:
+        resp.close()
+    headers = [(k, v) for k, v in resp.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length")]   # what is kept is decoded
+    out = httpx.Response(resp.status_code, headers=headers, content=bytes(data), request=resp.request)
+    out.extensions = resp.extensions
+    return out
 
 
 def _sha256(data: bytes) -> str:
@@ -122,8 +178,9 @@ class Client:
     # --- connection and authentication ------------------------------------------------
 
     def _make_http(self, verify) -> httpx.Client:
-        return httpx.Client(verify=verify, follow_redirects=True, http2=False,
-                            timeout=httpx.Timeout(60.0, connect=15.0),
+        timeout = read_timeout()
+        return httpx.Client(verify=verify, follow_redirects=True, max_redirects=MAX_REDIRECTS, http2=False,
+                            timeout=httpx.Timeout(timeout, connect=min(15.0, timeout)),
                             limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
                             headers={"User-Agent": f"unionfs/{__version__} httpx/{httpx.__version__}"})
 
@@ -142,11 +199,15 @@ class Client:
         for scheme, verify in attempts:
             http = self._make_http(verify)
             try:
-                resp = http.get(f"{scheme}://{self.endpoint}/v2/")
+                resp = small_response(http.send(http.build_request("GET", f"{scheme}://{self.endpoint}/v2/"),
+                                                stream=True), f"{self.registry}: GET /v2/")
             except httpx.HTTPError as e:
                 http.close()
                 last = e
                 continue
+            except BaseException:
+                http.close()
+                raise
             self.http, self.base = http, f"{scheme}://{self.endpoint}"
             if resp.status_code == 401:
                 self._challenge = parse_challenge(resp.headers.get("WWW-Authenticate"))
@@ -198,11 +259,15 @@ class Client:
         if ch.params.get("service"):
             query.append(("service", ch.params["service"]))
         query += [("scope", s) for s in sorted(self.scopes)]
-        headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
+        if headers and not self._may_send_credentials(realm):
+            raise RegistryError(f"{self.registry}: the registry sends us to log in at {quote(realm)}, another host "
+                                "over plain HTTP: not sending the credentials there")
         assert self.http is not None
         try:
-            resp = self.http.get(url, headers=headers)
+            resp = small_response(self.http.send(self.http.build_request("GET", url, headers=headers), stream=True),
+                                  f"{self.registry}: token server")
         except httpx.HTTPError as e:
             raise _transport_error(e, f"{self.registry}: token server {realm}", False) from None
         if resp.status_code != 200:
@@ -217,6 +282,16 @@ class Client:
             raise RegistryError(f"{self.registry}: token server answered without a token")
         return token, time.monotonic() + max(10.0, expires - 10.0)
 
+    def _may_send_credentials(self, realm: str) -> bool:
+        """Credentials go to the registry's own host, or to another (a token realm, an upload location)
+        over HTTPS only (Docker sends them to any realm; a registry reached over plain HTTP could then
+        send them anywhere in clear)."""
+        try:
+            url = httpx.URL(realm)
+        except (httpx.InvalidURL, ValueError):
+            return False
+        return url.scheme == "https" or url.host == httpx.URL(self.base or f"http://{self.endpoint}").host
+
     # --- requests -----------------------------------------------------------------------
 
     def url(self, path: str) -> str:
@@ -230,13 +305,16 @@ class Client:
         assert self.http is not None, "connect() first"
         for attempt in (0, 1):
             hdrs = dict(headers or {})
-            hdrs.update(self._auth_header())
             url = httpx.URL(self.url(path))
+            if self._may_send_credentials(str(url)):   # not to another host (an upload Location) in clear
+                hdrs.update(self._auth_header())
             if params:   # keep the query an upload Location carries (_state=...)
                 url = url.copy_merge_params(params)
             req = self.http.build_request(method, url, headers=hdrs, content=body() if body else None)
             try:
-                resp = self.http.send(req, stream=stream)
+                resp = self.http.send(req, stream=True)
+                if not stream:
+                    resp = small_response(resp, f"{self.where}: {method} {quote(url.path)}")
             except httpx.HTTPError as e:
                 raise _transport_error(e, self.where, False) from None
             if resp.status_code != 401 or attempt == 1:
@@ -255,8 +333,8 @@ class Client:
     def _fail(self, resp: httpx.Response, what: str) -> RegistryError:
         if resp.is_stream_consumed is False:
             try:
-                resp.read()
-            except (httpx.HTTPError, httpx.StreamError):
+                resp = small_response(resp, what, limit=64 << 10, cut=True)
+            except (httpx.HTTPError, httpx.StreamError, RegistryError):
                 pass
         line = _error_line(resp)
         if resp.status_code == 401 and self.credentials is not None:
@@ -308,16 +386,22 @@ class Client:
         raise self._fail(resp, f"{self.where}: blob {digest}")
 
     def _read_bounded(self, resp: httpx.Response, limit: int, what: str, too_big: str) -> bytes:
-        """The whole body of a 200 answer, refusing more than ``limit`` bytes; the response is closed."""
+        """The whole body of a 200 answer, refusing more than ``limit`` bytes (by Content-Length before
+        reading, else as it arrives); the response is closed."""
         try:
             if resp.status_code != 200:
                 raise self._fail(resp, what)
-            data = b""
+            if _content_length(resp) > limit:
+                raise RegistryError(f"{what}: {too_big} {limit} bytes (the registry announces "
+                                    f"{_content_length(resp)})")
+            data = bytearray()
+            deadline = time.monotonic() + SMALL_BODY_WINDOWS * read_timeout()
             for chunk in resp.iter_bytes():
                 data += chunk
+                _check_deadline(deadline, what)
                 if len(data) > limit:
                     raise RegistryError(f"{what}: {too_big} {limit} bytes")
-            return data
+            return bytes(data)
         except httpx.HTTPError as e:
             raise _transport_error(e, what, False) from None
         finally:

@@ -24,9 +24,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ..image.compression import check_blob
 from ..image.load import add_layer_blob, progress_enabled, register_image
-from ..image.model import INDEX_TYPES, Config, ImageError, Layer, Reference, check_digest, parse_json, parse_manifest
 from ..image import platform as platforms
+from ..image.model import (INDEX_TYPES, Config, ImageError, Layer, Reference, check_digest, field_of,
+                           parse_json, parse_manifest)
 from ..image.store import Store
 from .client import Cancelled, Client, RegistryError
 
@@ -52,7 +54,7 @@ def resolve(client: Client, ref: Reference, platform: platforms.Platform) -> tup
         doc = parse_json(data, f"{where}: manifest")
         if not isinstance(doc, dict):
             raise RegistryError(f"{where}: manifest is not a JSON object")
-        media = doc.get("mediaType") or media
+        media = field_of(doc, "mediaType", str, f"{where}: manifest") or media
         if media not in INDEX_TYPES and "manifests" not in doc:
             break
         desc = platforms.pick(doc, platform, where)
@@ -88,16 +90,27 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
               for d, diff_id in zip(layer_descs, config.diff_ids)]
     store.ensure()
 
-    wanted = {ly.diff_id: ly for ly in layers if not store.has_layer(ly.diff_id)}
+    # Layers the store lacks, and blobs of layers it has but not as this blob: each is recorded
+    # under its layer only once checked against the diff_id.
+    wanted = {ly.diff_id: ly for ly in layers if not store.verified_blob(ly.diff_id, ly.digest)}
     fetched = _download_all(store, client, list(wanted.values()), progress, log)
 
     with store.locked():
         try:
             new = 0
-            for ly in layers:
+            for ly in dict.fromkeys(layers):   # a layer listed twice is fetched and checked once
                 if store.has_layer(ly.diff_id):   # (another pull may have added it meanwhile)
-                    if os.path.exists(download_path(store, ly.digest)):
-                        store.put_blob_file(ly.digest, download_path(store, ly.digest))
+                    if store.verified_blob(ly.diff_id, ly.digest):
+                        continue
+                    path = download_path(store, ly.digest)
+                    if not os.path.exists(path):
+                        fetched += _download_all(store, client, [ly], progress, log)
+                    try:
+                        check_blob(path, ly.digest, ly.diff_id, f"{where}: layer {ly.digest}")
+                    except ImageError:
+                        os.unlink(path)
+                        raise
+                    store.put_blob_file(ly.digest, path)
                     continue
                 # Removed since we looked (an rmi), or new: fetch now, under the lock.
                 if ly.diff_id not in wanted:

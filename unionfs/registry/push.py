@@ -11,11 +11,13 @@ The manifest goes last, under the tag.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass
 
+from ..image.compression import check_blob
 from ..image.model import MEDIA_OCI_MANIFEST, ImageError, Reference, parse_manifest
 from ..image.store import Store
 from .client import Client, RegistryError
@@ -49,6 +51,9 @@ def push(store: Store, name: str, ref: Reference, client: Client, chunk_size: in
     log = log or (lambda msg: print(msg, file=sys.stderr))
     image = store.image(store.resolve(name))
     manifest = store.blob(image.manifest_digest)
+    for digest, data in ((image.manifest_digest, manifest), (image.id, store.blob(image.id))):
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:   # verified before anything is sent
+            raise ImageError(f"{name}: the store's blob {digest} does not match its digest (store damaged?)")
     config_desc, layer_descs = parse_manifest(manifest, f"{name}: manifest {image.manifest_digest}")
     try:
         media = json.loads(manifest).get("mediaType") or MEDIA_OCI_MANIFEST
@@ -82,6 +87,10 @@ def push(store: Store, name: str, ref: Reference, client: Client, chunk_size: in
             if os.path.getsize(path) != size:
                 raise RegistryError(f"{name}: the store's blob {digest} is {os.path.getsize(path)} bytes, "
                                     f"the manifest says {size} (store damaged?)")
+            for ly in image.layers:
+                if ly.digest == digest:   # what the store records is sent only once checked again
+                    check_blob(path, digest, ly.diff_id, f"{name}: the store's blob {digest} (store damaged?)")
+                    break
             client.upload(location or client.start_upload(), path, digest, size, chunk_size)
             log(f"{short}: Pushed")
             uploaded += 1
