@@ -271,3 +271,22 @@ def build_lower(top: Path, bottom: Path) -> list[str]:
             for n in filenames:
                 paths.append(os.path.normpath(os.path.join(rel, n)))
     return sorted(set(paths))
+
+
+def without_private_xattrs(snap: dict) -> dict:
+    """Our bookkeeping xattr (``trusted.unionfs.*``) shows through kernel overlayfs, not through us."""
+    out = {}
+    for k, rec in snap.items():
+        if k.startswith("<"):
+            out[k] = rec
+            continue
+        *head, xattrs = rec
+        out[k] = (*head, {n: v for n, v in xattrs.items() if not n.startswith("trusted.unionfs.")})
+    return out
+
+
+def kernel_over(mnt: Path, lower: list[Path], upper: Path, work: Path, opts: str) -> dict:
+    """Kernel overlayfs mounted over an upper *and work* dir (ours): what it shows."""
+    from helpers import overlay_mount, snapshot
+    with overlay_mount(mnt, lower, upper, work, opts):
+        return without_private_xattrs(snapshot(mnt, skip_unstatable=True))
