@@ -290,3 +290,31 @@ def kernel_over(mnt: Path, lower: list[Path], upper: Path, work: Path, opts: str
     from helpers import overlay_mount, snapshot
     with overlay_mount(mnt, lower, upper, work, opts):
         return without_private_xattrs(snapshot(mnt, skip_unstatable=True))
+
+
+def fuse_overlayfs(mnt: Path, lower: list[Path], upper: Path, work: Path):
+    """fuse-overlayfs mounted (a context manager), always unmounted afterwards."""
+    import contextlib
+    import subprocess
+
+    from helpers import force_unmount, is_mounted
+
+    @contextlib.contextmanager
+    def mounted():
+        opts = "lowerdir=" + ":".join(str(p) for p in lower) + f",upperdir={upper},workdir={work}"
+        subprocess.run(["fuse-overlayfs", "-o", opts, str(mnt)], check=True, capture_output=True, timeout=30)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+            if is_mounted(mnt):
+                force_unmount(mnt)
+    return mounted()
+
+
+def run_sequence(root: Path, seed: int, initial: list[str], steps: int) -> None:
+    """The random operations of ``seed`` applied to one mount, results ignored (a writer, not a test)."""
+    gen = Generator(seed, initial)
+    for _ in range(steps):
+        op, args = gen.next()
+        apply(str(root), op, args)
