@@ -1,0 +1,92 @@
+"""The work dir's hard-link index in the kernel's own format, byte for byte, both ways.
+
+Kernel overlayfs (index=on) and unionfs copy up the same lower hard link; the index entries they
+write must have the same names and the same ``overlay.origin``/``overlay.nlink``, on a filesystem
+with a uuid (tmpfs) and on one without (this machine's ext4).  An index of the form unionfs wrote
+before (entries named by inode number) is migrated at mount, after which the kernel accepts it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from difftest import kernel_over
+from helpers import diff_snapshots, mkdirs, overlay_mount, snapshot
+
+KO_OPTS = "index=on,redirect_dir=on"
+
+
+def _xattrs(path) -> dict[str, bytes]:
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)
+            if n.startswith("trusted.overlay.")}
+
+
+def _index(work) -> dict[str, dict[str, bytes]]:
+    return {n: _xattrs(work / "index" / n) for n in os.listdir(work / "index")}
+
+
+def _lower(lower) -> None:
+    (lower / "d").mkdir()
+    (lower / "a").write_bytes(b"linked")
+    os.link(lower / "a", lower / "b")
+    os.link(lower / "a", lower / "d/c")
+
+
+@pytest.fixture(params=["ext4", "tmpfs"])
+def base(request, tmp_path):
+    if request.param == "ext4":
+        yield tmp_path
+        return
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(where)], check=True, timeout=30)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], timeout=30)
+
+
+def test_index_entries_are_the_kernels_byte_for_byte(base, union_mount):
+    lower, up_k, wk_k, up_u, wk_u, ko, ko2 = mkdirs(base, "lower", "up_k", "wk_k", "up_u", "wk_u", "ko", "ko2")
+    _lower(lower)
+    with overlay_mount(ko, [lower], up_k, wk_k, KO_OPTS):
+        with open(ko / "a", "ab") as f:
+            f.write(b"+")
+        theirs = snapshot(ko)
+    m = union_mount([lower], up_u, wk_u)
+    with open(m.mnt / "a", "ab") as f:
+        f.write(b"+")
+    assert diff_snapshots(snapshot(m.mnt), theirs) == []
+    m.stop()
+    kernel_index, our_index = _index(wk_k), _index(wk_u)
+    assert len(kernel_index) == 1
+    assert our_index == kernel_index                          # names, origin, nlink
+    assert _xattrs(up_u / "a") == _xattrs(up_k / "a")
+    assert os.lstat(up_u / "a").st_nlink == os.lstat(up_k / "a").st_nlink == 2
+    assert diff_snapshots(kernel_over(ko2, [lower], up_u, wk_u, KO_OPTS), theirs) == []
+
+
+def test_index_of_the_old_form_is_migrated(tmp_path, union_mount):
+    """Before the kernel's format, an entry was named by the hex of the merged inode number and kept
+    the names still only in the lower layers in ``trusted.unionfs.origin`` (``lower=N``)."""
+    lower, up, wk, ko, ko2, up_k, wk_k = mkdirs(tmp_path, "lower", "up", "wk", "ko", "ko2", "up_k", "wk_k")
+    _lower(lower)
+    ino = os.lstat(lower / "a").st_ino
+    (wk / ".unionfs-work").touch()
+    (wk / "work").mkdir()
+    (wk / "index").mkdir()
+    (up / "a").write_bytes(b"linked+")
+    os.setxattr(up / "a", "trusted.unionfs.origin", b"ino=%d;lower=2" % ino)
+    os.link(up / "a", wk / "index" / ("%x" % ino))
+    with overlay_mount(ko, [lower], up_k, wk_k, KO_OPTS):  # the same change, made by the kernel
+        with open(ko / "a", "ab") as f:
+            f.write(b"+")
+        theirs = snapshot(ko)
+    m = union_mount([lower], up, wk)
+    assert diff_snapshots(snapshot(m.mnt), theirs) == []
+    assert os.lstat(m.mnt / "b").st_ino == os.lstat(m.mnt / "a").st_ino == ino
+    m.stop()
+    assert _index(wk) == _index(wk_k)
+    assert diff_snapshots(kernel_over(ko2, [lower], up, wk, KO_OPTS), theirs) == []
