@@ -90,3 +90,27 @@ def test_index_of_the_old_form_is_migrated(tmp_path, union_mount):
     m.stop()
     assert _index(wk) == _index(wk_k)
     assert diff_snapshots(kernel_over(ko2, [lower], up, wk, KO_OPTS), theirs) == []
+
+
+def test_upper_hard_links_are_not_indexed_and_stay_reachable(tmp_path, union_mount):
+    """A file made in the upper layer and linked: no index entry (overlayfs makes none, and counts
+    the real links), and when the name we reached it by goes, the other name still answers."""
+    lower, up, wk, ko = mkdirs(tmp_path, "lower", "up", "wk", "ko")
+    (lower / "plain").write_bytes(b"one link")
+    m = union_mount([lower], up, wk)
+    (m.mnt / "new").write_bytes(b"new")
+    os.link(m.mnt / "new", m.mnt / "new2")
+    os.link(m.mnt / "plain", m.mnt / "plain2")          # a lower file with one link: copied up, not indexed
+    fd = os.open(m.mnt / "new2", os.O_RDONLY)
+    try:
+        os.unlink(m.mnt / "new")                         # the name the inode was first known by
+        assert os.fstat(fd).st_nlink == 1
+        assert os.stat(m.mnt / "new2").st_nlink == 1     # served from the kernel's cached dentry
+    finally:
+        os.close(fd)
+    os.chmod(m.mnt / "new2", 0o600)
+    assert os.listdir(wk / "index") == []
+    view = snapshot(m.mnt)
+    m.stop()
+    assert view["plain"][6] == view["plain2"][6] == 2
+    assert diff_snapshots(kernel_over(ko, [lower], up, wk, KO_OPTS), view) == []
