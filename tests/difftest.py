@@ -318,3 +318,28 @@ def run_sequence(root: Path, seed: int, initial: list[str], steps: int) -> None:
     for _ in range(steps):
         op, args = gen.next()
         apply(str(root), op, args)
+
+
+def inode_numbers(root: Path) -> dict[str, tuple[int, int]]:
+    """(st_ino, d_ino) of every name below ``root``: what a mount numbers its objects."""
+    out = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel)) as it:
+            for e in it:
+                p = os.path.join(rel, e.name)
+                try:
+                    st = os.lstat(os.path.join(root, p))
+                except FileNotFoundError:
+                    continue  # kernel overlayfs lists whiteouts of unmerged dirs
+                out[p] = (st.st_ino, e.inode())
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(p)
+    return out
+
+
+def kernel_numbers_over(mnt: Path, lower: list[Path], upper: Path, work: Path, opts: str) -> dict:
+    from helpers import overlay_mount
+    with overlay_mount(mnt, lower, upper, work, opts):
+        return inode_numbers(mnt)

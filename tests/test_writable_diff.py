@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from difftest import Generator, apply, build_lower, fuse_overlayfs, kernel_over, run_sequence
+from difftest import (Generator, apply, build_lower, fuse_overlayfs, inode_numbers, kernel_numbers_over, kernel_over,
+                      run_sequence)
 from helpers import diff_snapshots, mkdirs, overlay_mount, snapshot
 
 SEEDS = int(os.environ.get("UNIONFS_DIFF_SEEDS", "24"))
@@ -48,6 +49,11 @@ def test_random_operations_match_kernel(tmp_path, union_mount, seed):
     # And we read what it left there (its index, its work/work, the xattrs it adds at mount).
     m3 = union_mount([top, bottom], up_u, wk_u)
     assert diff_snapshots(snapshot(m3.mnt), theirs) == [], "after kernel overlayfs mounted our dirs"
+    # Both number every object alike (copy-ups carry overlay.origin, their dirs overlay.impure).
+    ours_ino = inode_numbers(m3.mnt)
+    m3.stop()
+    kernel_ino = kernel_numbers_over(ko2, [top, bottom], up_u, wk_u, KO_OPTS)
+    assert {p: (n, kernel_ino.get(p)) for p, n in ours_ino.items() if n != kernel_ino.get(p)} == {}
 
 
 @pytest.mark.skipif(shutil.which("fuse-overlayfs") is None, reason="fuse-overlayfs is not installed")

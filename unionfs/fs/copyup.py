@@ -47,6 +47,7 @@ class CopyUpCtx:
     temp: bytes
     truncate: bool         # opened with O_TRUNC: the data would be thrown away, copy none
     index: bytes | None    # a lower hard link: the name of its index entry
+    origin: OverlayFh | None = None  # what overlay.origin will say (dirs and single-link files)
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
@@ -119,10 +120,18 @@ class CopyUp:
         log.debug("copy up %r", node)
         if index is not None and u.index_stat(index) is not None:
             self._link_up(ctx)
-        elif stat.S_ISDIR(st.st_mode):
-            self._dir(ctx)
         else:
-            self._nondir(ctx)
+            if index is None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1) and \
+                    (u.style is formats.Style.OVERLAY or stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                # As overlayfs: the copy remembers its origin (a hard link that is not indexed would
+                # not), its parent is marked as holding such entries, and the kernel numbers it as we do.
+                ctx.origin = u.origin_fh(lower, lower_fd, lower_name)
+                if ctx.origin is not None:
+                    u.mark_impure(upper_parent_fd)
+            if stat.S_ISDIR(st.st_mode):
+                self._dir(ctx)
+            else:
+                self._nondir(ctx)
         # The rename into the parent changed its times; a copy-up must not show.
         ovl.futimens(upper_parent_fd, (pstat.st_atime_ns, pstat.st_mtime_ns))
         u.changed.add(node.ino)  # a merged dir's link count, a file's ctime: tell the kernel
@@ -170,6 +179,8 @@ class CopyUp:
                     os.close(src)
                 if c.node.redirect is not None:
                     u.set_redirect(fd, c.node.redirect)
+                if c.origin is not None:
+                    ovl.setxattr_at(fd, None, u.origin_xattr, c.origin.encode())
                 _set_owner_mode_times(fd, None, c.st)
             finally:
                 os.close(fd)
@@ -210,6 +221,8 @@ class CopyUp:
                 u.write_meta(u.work_fd, c.temp, c.node.ino, st.st_nlink)
                 ovl.rename_at(u.work_fd, c.temp, u.index_fd, c.index, ovl.RENAME_NOREPLACE)
             else:
+                if c.origin is not None:
+                    ovl.setxattr_at(u.work_fd, c.temp, u.origin_xattr, c.origin.encode())
                 u.write_meta(u.work_fd, c.temp, c.node.ino)
                 ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
         except BaseException:

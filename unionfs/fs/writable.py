@@ -105,7 +105,7 @@ class WritableUnion(Union):
         self.nlink_xattr = self.style.prefix + formats.Xattr.NLINK.value
         self.impure_xattr = self.style.prefix + formats.Xattr.IMPURE.value
         self._index_names: dict[int, bytes] = {}          # merged ino -> its index entry
-        self._lower_index: dict[tuple[int, int], bytes | None] = {}  # lower (dev, ino) -> index name
+        self._lower_index: dict[tuple[int, int], bytes] = {}  # lower (dev, ino) -> index name
         self._layer_uuid: dict[int, bytes] = {}
         self._aliases: dict[int, list[tuple[Node, bytes]]] = {}  # names of upper-only hard links
         self.work_fd = ovl.open_dir_at(lock.work_fd, WORK_TEMP)
@@ -222,24 +222,29 @@ class WritableUnion(Union):
 
     # --- the index: overlayfs's names and xattrs ------------------------------------------
 
-    def lower_index_name(self, layer: int, pfd: int, name: bytes, st: os.stat_result) -> bytes | None:
-        """The index entry a lower inode would have: the hex of its overlayfs file handle (the old
-        inode-number name where its filesystem gives no handles)."""
-        key = (st.st_dev, st.st_ino)
-        if key in self._lower_index:
-            return self._lower_index[key]
+    def origin_fh(self, layer: int, pfd: int, name: bytes) -> OverlayFh | None:
+        """The overlayfs file handle of a lower object (``ovl_encode_real_fh``); None where its
+        filesystem gives no handles."""
         try:
             htype, handle = ovl.name_to_handle_at(pfd, name)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW, errno.ENOSYS):
                 raise
-            iname = index_name(self.inodes.ino_for(st.st_dev, st.st_ino))
-        else:
-            uuid = self._layer_uuid.get(layer)
-            if uuid is None:
-                uuid = self._layer_uuid[layer] = ovl.fs_uuid(self.stack.layers[layer].fd)
-            iname = OverlayFh(type=htype, fid=handle, uuid=uuid).index_name()
-        self._lower_index[key] = iname
+            return None
+        uuid = self._layer_uuid.get(layer)
+        if uuid is None:
+            uuid = self._layer_uuid[layer] = ovl.fs_uuid(self.stack.layers[layer].fd)
+        return OverlayFh(type=htype, fid=handle, uuid=uuid)
+
+    def lower_index_name(self, layer: int, pfd: int, name: bytes, st: os.stat_result) -> bytes:
+        """The index entry a lower inode would have: the hex of its overlayfs file handle (the old
+        inode-number name where its filesystem gives no handles)."""
+        key = (st.st_dev, st.st_ino)
+        iname = self._lower_index.get(key)
+        if iname is None:
+            fh = self.origin_fh(layer, pfd, name)
+            iname = fh.index_name() if fh is not None else index_name(self.inodes.ino_for(*key))
+            self._lower_index[key] = iname
         return iname
 
     def index_stat(self, iname: bytes) -> os.stat_result | None:
@@ -616,6 +621,8 @@ class WritableUnion(Union):
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
         sfd, sname = self.locate(node)
+        if ovl.getxattr_or_none(sfd, sname, self.origin_xattr) is not None:
+            self.mark_impure(pfd)  # as overlayfs: a name with an origin makes its directory impure
         if self._upper_entry(parent, name) is not None:
             tname = self.temp_name()
             ovl.link_at(sfd, sname, self.work_fd, tname)
@@ -730,6 +737,12 @@ class WritableUnion(Union):
             self._empty_upper_dir(new_parent, new_name)
         ofd = self.stack.dir_fd(0, old_parent)
         nfd = self.stack.dir_fd(0, new_parent)
+        if old_parent is not new_parent:
+            # As overlayfs: a directory that gets an entry with an origin is marked impure.
+            if ovl.getxattr_or_none(ofd, old_name, self.origin_xattr) is not None:
+                self.mark_impure(nfd)
+            if exchange and ovl.getxattr_or_none(nfd, new_name, self.origin_xattr) is not None:
+                self.mark_impure(ofd)
         if exchange:
             ovl.rename_at(ofd, old_name, nfd, new_name, ovl.RENAME_EXCHANGE)
         else:
