@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from container_images import store  # noqa: F401
 from difftest import kernel_over
 from helpers import diff_snapshots, mkdirs, overlay_mount, snapshot
 
@@ -114,3 +116,29 @@ def test_upper_hard_links_are_not_indexed_and_stay_reachable(tmp_path, union_mou
     m.stop()
     assert view["plain"][6] == view["plain2"][6] == 2
     assert diff_snapshots(kernel_over(ko, [lower], up, wk, KO_OPTS), view) == []
+
+
+def test_container_written_by_kernel_overlayfs(store, tmp_path):  # noqa: F811
+    """Switching mount_program on existing storage: a container changed through kernel overlayfs
+    (index=on, its own index and work/work) has the same diff as one changed through us, and our
+    mount shows what the kernel showed, hard links of the image included."""
+    import glob
+    import json
+
+    from container_images import change_everything, mkdirs as cmkdirs, ok
+    from test_container_workflow import EXPECTED_DIFF
+
+    cid = ok(store, "create", "app:1", "--name", "k").strip()
+    record = json.loads(open(glob.glob(str(store / "containers" / (cid[:12] + "*") / "container.json"))[0]).read())
+    lower = json.loads(ok(store, "inspect", "app:1"))[0]["GraphDriver"]["Data"]["LowerDir"].split(":")
+    ko, m = cmkdirs(tmp_path, "ko", "m")
+    with overlay_mount(ko, [Path(p) for p in lower], Path(record["Upper"]), Path(record["Work"]), KO_OPTS):
+        change_everything(ko)
+        theirs = snapshot(ko, skip_unstatable=True)
+    assert os.listdir(Path(record["Work"]) / "index")      # the kernel indexed the image's hard link
+    assert ok(store, "diff", "k") == EXPECTED_DIFF
+    ok(store, "mount", "k", str(m))
+    try:
+        assert diff_snapshots(snapshot(m), theirs) == []
+    finally:
+        ok(store, "umount", str(m))

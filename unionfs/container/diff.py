@@ -191,9 +191,21 @@ def index_inodes(work: str | None) -> set[int]:
                 meta = formats.UpperMeta.decode(ovl.getxattr_or_none(fd, name, attr))
                 if meta is not None:
                     break
+            fh = formats.OverlayFh.from_index_name(name)
             if meta is not None and meta.ino is not None:
                 out.add(meta.ino)
-            elif formats.OverlayFh.from_index_name(name) is None:
+            elif fh is not None:
+                # Indexed by kernel overlayfs: numbered after the lower inode its handle names (the
+                # layers share the upper dir's filesystem in a store; root only).
+                try:
+                    ofd = ovl.open_by_handle_at(fd, fh.type, fh.fid)
+                except OSError:
+                    continue
+                try:
+                    out.add(os.fstat(ofd).st_ino)
+                finally:
+                    os.close(ofd)
+            else:
                 try:
                     out.add(int(n, 16))
                 except ValueError:
