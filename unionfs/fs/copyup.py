@@ -142,7 +142,7 @@ class CopyUp:
             node.layers = (0,)
             node.indexed = index is not None
             if index is not None:
-                u._index_names[node.ino] = index
+                u.remember_index(node.ino, index)
             u.reopen_readers(node)
 
     def _link_up(self, c: CopyUpCtx) -> None:
@@ -160,7 +160,7 @@ class CopyUp:
         if merged is None:
             merged = c.st.st_nlink
         u.mark_impure(c.upper_parent_fd)
-        if u._origin_nlink(iname) is None:
+        if u.origin_nlink(iname) is None:
             u.write_meta(u.index_fd, iname, c.node.ino, c.st.st_nlink)
         u.set_nlink(iname, merged, base="L")
         ovl.link_at(u.index_fd, iname, c.upper_parent_fd, c.node.name)

@@ -258,6 +258,9 @@ class WritableUnion(Union):
     def index_entry(self, node: Node) -> bytes:
         return self._index_names.get(node.ino) or index_name(node.ino)
 
+    def remember_index(self, ino: int, iname: bytes) -> None:
+        self._index_names[ino] = iname
+
     def merged_nlink(self, iname: bytes, st: os.stat_result) -> int | None:
         """The merged link count of an indexed inode (``ovl_get_nlink``); None without one."""
         rel = formats.decode_nlink(ovl.getxattr_or_none(self.index_fd, iname, self.nlink_xattr))
@@ -269,7 +272,7 @@ class WritableUnion(Union):
         base, diff = rel
         if base == "U":
             return st.st_nlink + diff
-        lower = self._origin_nlink(iname)
+        lower = self.origin_nlink(iname)
         return None if lower is None else lower + diff
 
     def set_nlink(self, iname: bytes, merged: int, real: int | None = None, base: str = "U") -> None:
@@ -277,12 +280,12 @@ class WritableUnion(Union):
         if base == "U":
             diff = merged - (real if real is not None else ovl.lstat_at(self.index_fd, iname).st_nlink)
         else:
-            lower = self._origin_nlink(iname)
+            lower = self.origin_nlink(iname)
             assert lower is not None
             diff = merged - lower
         ovl.setxattr_at(self.index_fd, iname, self.nlink_xattr, formats.encode_nlink(diff, base))
 
-    def _origin_nlink(self, iname: bytes) -> int | None:
+    def origin_nlink(self, iname: bytes) -> int | None:
         meta = self._upper_meta(self.index_fd, iname)
         if meta is not None and meta.origin_nlink is not None:
             return meta.origin_nlink
@@ -323,13 +326,13 @@ class WritableUnion(Union):
                     else:  # indexed by kernel overlayfs: numbered after its origin, as there
                         o = self._decode_origin(iname)
                         ino = self.inodes.ino_for(*((o.st_dev, o.st_ino) if o else (top.st_dev, top.st_ino)))
-                    self._index_names[ino] = iname
+                    self.remember_index(ino, iname)
                     return ino, True
             else:
                 iname = self.lower_index_name(layer, pfd, name, top)
                 if iname is not None and self.index_stat(iname) is not None:
                     ino = self.inodes.ino_for(top.st_dev, top.st_ino)
-                    self._index_names[ino] = iname
+                    self.remember_index(ino, iname)
                     return ino, True
         return super()._identify(top, top_at, origin, meta)
 
