@@ -142,3 +142,29 @@ def test_container_written_by_kernel_overlayfs(store, tmp_path):  # noqa: F811
         assert diff_snapshots(snapshot(m), theirs) == []
     finally:
         ok(store, "umount", str(m))
+
+
+def test_hard_linked_symlinks_and_fifos_are_indexed_too(tmp_path, union_mount):
+    """overlayfs indexes every lower non-directory with several links, not only regular files."""
+    lower, up_k, wk_k, up_u, wk_u, ko, ko2 = mkdirs(tmp_path, "lower", "up_k", "wk_k", "up_u", "wk_u", "ko", "ko2")
+    os.symlink("target", lower / "s")
+    os.link(lower / "s", lower / "s2", follow_symlinks=False)
+    os.mkfifo(lower / "p")
+    os.link(lower / "p", lower / "p2")
+
+    def change(root):
+        os.chown(root / "s", 1000, 1000, follow_symlinks=False)
+        os.chmod(root / "p", 0o600)
+        os.link(root / "p2", root / "p3")
+        return snapshot(root)
+
+    with overlay_mount(ko, [lower], up_k, wk_k, KO_OPTS):
+        theirs = change(ko)
+    m = union_mount([lower], up_u, wk_u)
+    assert diff_snapshots(change(m.mnt), theirs) == []
+    m.stop()
+    assert theirs["s2"][2] == 1000 and theirs["p3"][6] == 3
+    assert _index(wk_u) == _index(wk_k) and len(_index(wk_k)) == 2
+    assert diff_snapshots(kernel_over(ko2, [lower], up_u, wk_u, KO_OPTS), theirs) == []
+    m2 = union_mount([lower], up_k, wk_k)                  # and what the kernel wrote, through us
+    assert diff_snapshots(snapshot(m2.mnt), theirs) == []

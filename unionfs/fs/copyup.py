@@ -114,8 +114,7 @@ class CopyUp:
         assert parent is not None
         upper_parent_fd = u.stack.dir_fd(0, parent)
         pstat = ovl.fstat(upper_parent_fd)
-        index = u.lower_index_name(lower, lower_fd, lower_name, st) \
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
+        index = u.lower_index_name(lower, lower_fd, lower_name, st) if u.indexable(st) else None
         ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, u.temp_name(), truncate, index)
         log.debug("copy up %r", node)
         if index is not None and u.index_stat(index) is not None:

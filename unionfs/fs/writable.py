@@ -144,7 +144,7 @@ class WritableUnion(Union):
                 ovl.remove_tree_at(self.index_fd, name)
                 continue
             st = ovl.lstat_at(self.index_fd, name)
-            if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode) or formats.is_chardev_whiteout(st):
                 continue  # overlayfs's directory and whiteout entries (nfs_export): not ours to judge
             if OverlayFh.from_index_name(name) is None:
                 legacy.append(name)
@@ -247,13 +247,21 @@ class WritableUnion(Union):
             self._lower_index[key] = iname
         return iname
 
+    def indexable(self, st: os.stat_result) -> bool:
+        """Is this lower object copied up through the index? Every non-directory with several links,
+        as in overlayfs (``ovl_need_index``); rootless, only regular files (no user.* xattrs on
+        symlinks and devices)."""
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
+            return False
+        return self.style is formats.Style.OVERLAY or stat.S_ISREG(st.st_mode)
+
     def index_stat(self, iname: bytes) -> os.stat_result | None:
-        """The index entry, if it is one we can use (a regular file, not a whiteout)."""
+        """The index entry, if it is one we can use (not a directory or a whiteout of overlayfs's)."""
         try:
             st = ovl.lstat_at(self.index_fd, iname)
         except FileNotFoundError:
             return None
-        return st if stat.S_ISREG(st.st_mode) else None
+        return None if stat.S_ISDIR(st.st_mode) or formats.is_chardev_whiteout(st) else st
 
     def index_entry(self, node: Node) -> bytes:
         return self._index_names.get(node.ino) or index_name(node.ino)
@@ -312,7 +320,7 @@ class WritableUnion(Union):
 
     def _identify(self, top, top_at, origin, meta):
         layer, pfd, name = top_at
-        if stat.S_ISREG(top.st_mode) and top.st_nlink > 1:
+        if not stat.S_ISDIR(top.st_mode) and top.st_nlink > 1:
             if self.stack.is_upper(layer):
                 # A name of an indexed inode is a link of the index entry named after its origin.
                 fh = OverlayFh.decode(ovl.getxattr_or_none(pfd, name, self.origin_xattr))
