@@ -120,8 +120,7 @@ class CopyUp:
         if index is not None and u.index_stat(index) is not None:
             self._link_up(ctx)
         else:
-            if index is None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1) and \
-                    (u.style is formats.Style.OVERLAY or stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            if index is None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1) and u.may_mark(st):
                 # As overlayfs: the copy remembers its origin (a hard link that is not indexed would
                 # not), its parent is marked as holding such entries, and the kernel numbers it as we do.
                 ctx.origin = u.origin_fh(lower, lower_fd, lower_name)

@@ -251,9 +251,11 @@ class WritableUnion(Union):
         """Is this lower object copied up through the index? Every non-directory with several links,
         as in overlayfs (``ovl_need_index``); rootless, only regular files (no user.* xattrs on
         symlinks and devices)."""
-        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
-            return False
-        return self.style is formats.Style.OVERLAY or stat.S_ISREG(st.st_mode)
+        return not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and self.may_mark(st)
+
+    def may_mark(self, st: os.stat_result) -> bool:
+        """Can overlay xattrs go on this kind of object? (``user.*`` ones only on files and dirs.)"""
+        return self.style is formats.Style.OVERLAY or stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
 
     def index_stat(self, iname: bytes) -> os.stat_result | None:
         """The index entry, if it is one we can use (not a directory or a whiteout of overlayfs's)."""
