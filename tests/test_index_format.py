@@ -168,3 +168,16 @@ def test_hard_linked_symlinks_and_fifos_are_indexed_too(tmp_path, union_mount):
     assert diff_snapshots(kernel_over(ko2, [lower], up_u, wk_u, KO_OPTS), theirs) == []
     m2 = union_mount([lower], up_k, wk_k)                  # and what the kernel wrote, through us
     assert diff_snapshots(snapshot(m2.mnt), theirs) == []
+
+
+def test_upper_hard_link_reachable_by_a_name_looked_up_after_a_remount(tmp_path, union_mount):
+    lower, up, wk = mkdirs(tmp_path, "lower", "up", "wk")
+    (up / "a1").write_bytes(b"x")
+    os.link(up / "a1", up / "a2")
+    m = union_mount([lower], up, wk)
+    os.stat(m.mnt / "a2")
+    os.stat(m.mnt / "a1")                                # the inode is now reached by a1
+    os.unlink(m.mnt / "a1")
+    assert os.stat(m.mnt / "a2").st_nlink == 1           # the kernel's cached a2, the same inode
+    os.chmod(m.mnt / "a2", 0o640)
+    assert os.stat(up / "a2").st_mode & 0o777 == 0o640

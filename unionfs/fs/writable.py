@@ -395,6 +395,15 @@ class WritableUnion(Union):
         node.indexed = False
         return True
 
+    def lookup_attr(self, parent: Node, name: bytes, mask: int | None = None, attr: bool = True):
+        node, a = super().lookup_attr(parent, name, mask, attr)
+        if not node.is_dir and not node.indexed and (node.ino in self._aliases or (
+                a is not None and a.nlink > 1 and self.in_upper(node))):
+            aliases = self._aliases.setdefault(node.ino, [])
+            if (parent, name) not in aliases:
+                aliases.append((parent, name))  # another name of a hard-linked upper file
+        return node, a
+
     def _relocate(self, node: Node, parent: Node, name: bytes, real: os.stat_result | None) -> None:
         """The name a hard-linked upper file was reached by went, and other names remain: reach it by
         another name of it this mount has seen (kernel overlayfs keeps no extra link for these, and
