@@ -221,7 +221,8 @@ class CopyUp:
             else:
                 if c.origin is not None:
                     ovl.setxattr_at(u.work_fd, c.temp, u.origin_xattr, c.origin.encode())
-                u.write_meta(u.work_fd, c.temp, c.node.ino)
+                if u.may_mark(st):  # rootless, a symlink or device cannot keep its number
+                    u.write_meta(u.work_fd, c.temp, c.node.ino)
                 ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
         except BaseException:
             try:
