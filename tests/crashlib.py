@@ -152,6 +152,7 @@ class Runner:
         self.bounds: list[int] = []   # crash points 1..bounds[j] fall in steps 0..j
         self.points = 0
         self.mounts = 0
+        self.kernel_check = False  # also mount kernel overlayfs over (a copy of) each crashed state
 
     def _mount(self, spec: dict | None = None) -> UnionMount:
         self.mounts += 1
@@ -206,12 +207,17 @@ class Runner:
             raise Failure(f"{self.sc.name}@{n}: the daemon did not crash (point beyond the scenario)")
         _unmount_dead(self.mnt)
         m.proc = None
+        kernel = kernel_view(self.lower, self.upper, self.work, self.base) if self.kernel_check else None
         m = self._mount()
         try:
             leftovers = os.listdir(self.work / "work")
             if leftovers:
                 raise Failure(f"{self.sc.name}@{n}: work dir not cleaned at mount: {leftovers}")
             now = snapshot(self.mnt)
+            if kernel is not None and kernel != now:
+                from helpers import diff_snapshots
+                raise Failure(f"{self.sc.name}@{n}: kernel overlayfs (index=on) over the crashed upper and "
+                              "work dir shows another tree:\n  " + "\n  ".join(diff_snapshots(now, kernel)[:10]))
             if now == self.ref[done]:
                 happened = False
             elif now == self.ref[done + 1]:
@@ -233,6 +239,21 @@ class Runner:
         if snapshot(self.lower) != self.lower_snap:
             raise Failure(f"{self.sc.name}@{n}: the lower layer changed")
         return done, happened
+
+
+def kernel_view(lower: Path, upper: Path, work: Path, base: Path) -> dict:
+    """What kernel overlayfs with index=on,redirect_dir=on shows over a copy of ``upper`` and
+    ``work`` (a copy: its mount rewrites the work dir, and the crashed state must stay as it was
+    for our own mount).  One ``cp -a`` keeps the links between the upper dir and the index."""
+    from difftest import without_private_xattrs
+    from helpers import overlay_mount
+    scratch = base / "kernel"
+    _clean(scratch)
+    subprocess.run(["cp", "-a", str(upper), str(work), str(scratch)], check=True, timeout=60)
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    with overlay_mount(mnt, [lower], scratch / upper.name, scratch / work.name, "index=on,redirect_dir=on"):
+        return without_private_xattrs(snapshot(mnt, skip_unstatable=True))
 
 
 # --- commit to the store ----------------------------------------------------------------------

@@ -271,3 +271,75 @@ def build_lower(top: Path, bottom: Path) -> list[str]:
             for n in filenames:
                 paths.append(os.path.normpath(os.path.join(rel, n)))
     return sorted(set(paths))
+
+
+def without_private_xattrs(snap: dict) -> dict:
+    """Our bookkeeping xattr (``trusted.unionfs.*``) shows through kernel overlayfs, not through us."""
+    out = {}
+    for k, rec in snap.items():
+        if k.startswith("<"):
+            out[k] = rec
+            continue
+        *head, xattrs = rec
+        out[k] = (*head, {n: v for n, v in xattrs.items() if not n.startswith("trusted.unionfs.")})
+    return out
+
+
+def kernel_over(mnt: Path, lower: list[Path], upper: Path, work: Path, opts: str) -> dict:
+    """Kernel overlayfs mounted over an upper *and work* dir (ours): what it shows."""
+    from helpers import overlay_mount, snapshot
+    with overlay_mount(mnt, lower, upper, work, opts):
+        return without_private_xattrs(snapshot(mnt, skip_unstatable=True))
+
+
+def fuse_overlayfs(mnt: Path, lower: list[Path], upper: Path, work: Path):
+    """fuse-overlayfs mounted (a context manager), always unmounted afterwards."""
+    import contextlib
+    import subprocess
+
+    from helpers import force_unmount, is_mounted
+
+    @contextlib.contextmanager
+    def mounted():
+        opts = "lowerdir=" + ":".join(str(p) for p in lower) + f",upperdir={upper},workdir={work}"
+        subprocess.run(["fuse-overlayfs", "-o", opts, str(mnt)], check=True, capture_output=True, timeout=30)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+            if is_mounted(mnt):
+                force_unmount(mnt)
+    return mounted()
+
+
+def run_sequence(root: Path, seed: int, initial: list[str], steps: int) -> None:
+    """The random operations of ``seed`` applied to one mount, results ignored (a writer, not a test)."""
+    gen = Generator(seed, initial)
+    for _ in range(steps):
+        op, args = gen.next()
+        apply(str(root), op, args)
+
+
+def inode_numbers(root: Path) -> dict[str, tuple[int, int]]:
+    """(st_ino, d_ino) of every name below ``root``: what a mount numbers its objects."""
+    out = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel)) as it:
+            for e in it:
+                p = os.path.join(rel, e.name)
+                try:
+                    st = os.lstat(os.path.join(root, p))
+                except FileNotFoundError:
+                    continue  # kernel overlayfs lists whiteouts of unmerged dirs
+                out[p] = (st.st_ino, e.inode())
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(p)
+    return out
+
+
+def kernel_numbers_over(mnt: Path, lower: list[Path], upper: Path, work: Path, opts: str) -> dict:
+    from helpers import overlay_mount
+    with overlay_mount(mnt, lower, upper, work, opts):
+        return inode_numbers(mnt)

@@ -31,8 +31,10 @@ def test_kill_at_chosen_points_is_all_or_nothing(tmp_path, name):
 @pytest.mark.parametrize("name", ["hardlinks", "hardlinks-lower-names"])
 def test_hard_links_keep_link_counts_at_every_point(tmp_path, name):
     """Hard links through the index: copy-up, link, unlink and rename of upper names and of names
-    only in the lower layer are each all or nothing at every crash point, link counts included."""
+    only in the lower layer are each all or nothing at every crash point, link counts included; and
+    kernel overlayfs (index=on) accepts every crashed upper and work dir and shows the same tree."""
     r = Runner(BY_NAME[name], tmp_path / "hl")
+    r.kernel_check = True
     r.reference()
     for n in range(1, r.points + 1):
         r.crash_at(n)

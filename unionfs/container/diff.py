@@ -171,19 +171,47 @@ class _Walker:
 
 
 def index_inodes(work: str | None) -> set[int]:
-    """Inode numbers of the merged view whose data lives in the work dir's hard-link index."""
+    """Inode numbers of the merged view whose data lives in the work dir's hard-link index.
+
+    Entries are named by their origin's file handle (the kernel's form): the number is the one we
+    keep in ``unionfs.origin``; entries of the form before it were named by the number itself.
+    """
     if not work:
         return set()
     try:
-        names = os.listdir(os.path.join(work, "index"))
-    except FileNotFoundError:
+        fd = os.open(os.path.join(work, "index"), ovl.O_DIR & ~os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
         return set()
     out = set()
-    for n in names:
-        try:
-            out.add(int(n, 16))
-        except ValueError:
-            continue
+    try:
+        for n in os.listdir(fd):
+            name = os.fsencode(n)
+            meta = None
+            for attr in ("trusted.unionfs.origin", "user.unionfs.origin"):
+                meta = formats.UpperMeta.decode(ovl.getxattr_or_none(fd, name, attr))
+                if meta is not None:
+                    break
+            fh = formats.OverlayFh.from_index_name(name)
+            if meta is not None and meta.ino is not None:
+                out.add(meta.ino)
+            elif fh is not None:
+                # Indexed by kernel overlayfs: numbered after the lower inode its handle names (the
+                # layers share the upper dir's filesystem in a store; root only).
+                try:
+                    ofd = ovl.open_by_handle_at(fd, fh.type, fh.fid)
+                except OSError:
+                    continue
+                try:
+                    out.add(os.fstat(ofd).st_ino)
+                finally:
+                    os.close(ofd)
+            else:
+                try:
+                    out.add(int(n, 16))
+                except ValueError:
+                    continue
+    finally:
+        os.close(fd)
     return out
 
 

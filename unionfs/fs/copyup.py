@@ -9,9 +9,11 @@ copy (the lower one still shows) or a complete one; temporary names left in the
 work dir are removed at the next mount.
 
 A lower file with several hard links is copied up once, into the work dir's
-index (named after its inode number), and every name of it that gets copied up
-later is a hard link to that one upper inode: writes through one name show
-through all of them, as with overlayfs ``index=on``.
+index, exactly as overlayfs ``index=on`` does it: built in ``work/``, with
+``overlay.origin`` (the lower inode's file handle) and ``overlay.nlink``, renamed
+to ``index/<hex of that handle>``, then linked to its name ("link-up").  Every
+name of it copied up later is another link of that one upper inode, so writes
+through one name show through all of them, in our mount and in the kernel's.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from . import formats
 from . import sys as ovl
+from .formats import OverlayFh
 from .inodes import Node
-from .union import index_name
 
 if TYPE_CHECKING:
     from .writable import WritableUnion
@@ -44,7 +46,8 @@ class CopyUpCtx:
     upper_parent_fd: int
     temp: bytes
     truncate: bool         # opened with O_TRUNC: the data would be thrown away, copy none
-    index: bool            # a lower hard link: goes through the index
+    index: bytes | None    # a lower hard link: the name of its index entry
+    origin: OverlayFh | None = None  # what overlay.origin will say (dirs and single-link files)
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
@@ -111,15 +114,22 @@ class CopyUp:
         assert parent is not None
         upper_parent_fd = u.stack.dir_fd(0, parent)
         pstat = ovl.fstat(upper_parent_fd)
-        index = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+        index = u.lower_index_name(lower, lower_fd, lower_name, st) if u.indexable(st) else None
         ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, u.temp_name(), truncate, index)
         log.debug("copy up %r", node)
-        if index and u.index_has(node.ino):
+        if index is not None and u.index_stat(index) is not None:
             self._link_up(ctx)
-        elif stat.S_ISDIR(st.st_mode):
-            self._dir(ctx)
         else:
-            self._nondir(ctx)
+            if index is None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1) and u.may_mark(st):
+                # As overlayfs: the copy remembers its origin (a hard link that is not indexed would
+                # not), its parent is marked as holding such entries, and the kernel numbers it as we do.
+                ctx.origin = u.origin_fh(lower, lower_fd, lower_name)
+                if ctx.origin is not None:
+                    u.mark_impure(upper_parent_fd)
+            if stat.S_ISDIR(st.st_mode):
+                self._dir(ctx)
+            else:
+                self._nondir(ctx)
         # The rename into the parent changed its times; a copy-up must not show.
         ovl.futimens(upper_parent_fd, (pstat.st_atime_ns, pstat.st_mtime_ns))
         u.changed.add(node.ino)  # a merged dir's link count, a file's ctime: tell the kernel
@@ -129,30 +139,31 @@ class CopyUp:
             node.attr_layer = None
         else:
             node.layers = (0,)
-            node.indexed = index
+            node.indexed = index is not None
+            if index is not None:
+                u.remember_index(node.ino, index)
             u.reopen_readers(node)
 
     def _link_up(self, c: CopyUpCtx) -> None:
         """Another name of this inode was copied up already: this one becomes a link to it.
 
-        The name moves from the lower layers' count to the real link count.  The link is made
-        in the work dir and marked ``pending`` in the same xattr write that moves the count,
-        so that a crash before the rename into place can be undone at the next mount.
+        As ``ovl_link_up``: the merged count is first stored relative to the lower inode's (which
+        never changes), then the name is linked, then the count is made relative to the upper
+        inode's again; a crash anywhere leaves the right count, whether the link was made or not.
         """
         u = self.u
-        ino, iname = c.node.ino, index_name(c.node.ino)
-        meta = u._upper_meta(u.index_fd, iname)
-        lower_links = max(0, (meta.lower_links or 0) - 1) if meta is not None else 0
-        ovl.link_at(u.index_fd, iname, u.work_fd, c.temp)
-        try:
-            u.write_meta(u.index_fd, iname, ino, lower_links, pending=c.temp)
-            ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
-        except BaseException:
-            if ovl.exists_at(u.work_fd, c.temp):  # not in place: the count goes back as it was
-                u.write_meta(u.index_fd, iname, ino, meta.lower_links if meta is not None else None)
-                ovl.unlink_at(u.work_fd, c.temp)
-            raise
-        u.write_meta(u.index_fd, iname, ino, lower_links)
+        iname = c.index
+        assert iname is not None
+        st = ovl.lstat_at(u.index_fd, iname)
+        merged = u.merged_nlink(iname, st)
+        if merged is None:
+            merged = c.st.st_nlink
+        u.mark_impure(c.upper_parent_fd)
+        if u.origin_nlink(iname) is None:
+            u.write_meta(u.index_fd, iname, c.node.ino, c.st.st_nlink)
+        u.set_nlink(iname, merged, base="L")
+        ovl.link_at(u.index_fd, iname, c.upper_parent_fd, c.node.name)
+        u.set_nlink(iname, merged, st.st_nlink + 1)
 
     def _dir(self, c: CopyUpCtx) -> None:
         u = self.u
@@ -167,6 +178,8 @@ class CopyUp:
                     os.close(src)
                 if c.node.redirect is not None:
                     u.set_redirect(fd, c.node.redirect)
+                if c.origin is not None:
+                    ovl.setxattr_at(fd, None, u.origin_xattr, c.origin.encode())
                 _set_owner_mode_times(fd, None, c.st)
             finally:
                 os.close(fd)
@@ -198,22 +211,27 @@ class CopyUp:
                 ovl.mknod_at(u.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             copy_xattrs(c.lower_fd, c.lower_name, u.work_fd, c.temp)
             _set_owner_mode_times(u.work_fd, c.temp, st)
-            if c.index:
-                # Counted as a name in place already: a crash before the rename gives it back.
-                u.write_meta(u.work_fd, c.temp, c.node.ino, st.st_nlink - 1, pending=c.temp)
-                ovl.link_at(u.work_fd, c.temp, u.index_fd, index_name(c.node.ino))
+            if c.index is not None:
+                fh = OverlayFh.from_index_name(c.index)
+                if fh is not None:
+                    ovl.setxattr_at(u.work_fd, c.temp, u.origin_xattr, fh.encode())
+                # The index entry alone stands for all N lower names: "U+(N-1)", as overlayfs.
+                ovl.setxattr_at(u.work_fd, c.temp, u.nlink_xattr, formats.encode_nlink(st.st_nlink - 1))
+                u.write_meta(u.work_fd, c.temp, c.node.ino, st.st_nlink)
+                ovl.rename_at(u.work_fd, c.temp, u.index_fd, c.index, ovl.RENAME_NOREPLACE)
             else:
-                u.write_meta(u.work_fd, c.temp, c.node.ino)
-            ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
-            if c.index:
-                u.write_meta(u.index_fd, index_name(c.node.ino), c.node.ino, st.st_nlink - 1)
+                if c.origin is not None:
+                    ovl.setxattr_at(u.work_fd, c.temp, u.origin_xattr, c.origin.encode())
+                if u.may_mark(st):  # rootless, a symlink or device cannot keep its number
+                    u.write_meta(u.work_fd, c.temp, c.node.ino)
+                ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
         except BaseException:
             try:
-                if c.index and ovl.exists_at(u.work_fd, c.temp) and u.index_has(c.node.ino) and \
-                        ovl.lstat_at(u.index_fd, index_name(c.node.ino)).st_ino == \
-                        ovl.lstat_at(u.work_fd, c.temp).st_ino:
-                    ovl.unlink_at(u.index_fd, index_name(c.node.ino))  # no name of it is in place
                 ovl.unlink_at(u.work_fd, c.temp)
             except OSError:
                 pass
             raise
+        if c.index is not None:
+            # In the index it shows through every lower name already (same data, same count); now
+            # this name moves up.
+            self._link_up(c)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import enum
 import os
 import stat
+import sys
+from dataclasses import dataclass
 
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
@@ -209,3 +211,118 @@ def is_whiteout_at(dirfd: int, name: bytes, st: os.stat_result) -> bool:
     if may_be_xwhiteout(st):
         return any(ovl.getxattr_or_none(dirfd, name, x) is not None for x in XWHITEOUT_NAMES)
     return False
+
+
+# --- overlayfs file handles: `overlay.origin` and the names of index entries -------------------
+
+FH_MAGIC = 0xFB
+FH_VERSION = 0
+FH_FLAG_BIG_ENDIAN = 1 << 0
+FH_FLAG_ANY_ENDIAN = 1 << 1
+FH_FLAG_PATH_UPPER = 1 << 2
+_FH_HEADER = 5 + 16  # version, magic, len, flags, type; uuid
+
+
+@dataclass(frozen=True)
+class OverlayFh:
+    """overlayfs's ``struct ovl_fb``: a real file handle and the uuid of its filesystem.
+
+    Stored as is in ``overlay.origin`` (the lower inode an upper one was copied up from); the
+    hex of it names that inode's entry in ``WORK/index`` (``ovl_get_index_name``).
+    """
+
+    type: int
+    fid: bytes
+    uuid: bytes = bytes(16)
+    flags: int = FH_FLAG_BIG_ENDIAN if sys.byteorder == "big" else 0
+
+    def encode(self) -> bytes:
+        return bytes((FH_VERSION, FH_MAGIC, _FH_HEADER + len(self.fid), self.flags, self.type)) + \
+            self.uuid + self.fid
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> "OverlayFh | None":
+        """None for anything overlayfs would call invalid or "origin unknown" (``ovl_check_fb_len``)."""
+        if not raw or len(raw) < _FH_HEADER or raw[1] != FH_MAGIC or raw[2] != len(raw):
+            return None
+        if raw[0] > FH_VERSION:
+            return None
+        return cls(type=raw[4], fid=bytes(raw[_FH_HEADER:]), uuid=bytes(raw[5:21]), flags=raw[3])
+
+    def index_name(self) -> bytes:
+        return self.encode().hex().encode()
+
+    @classmethod
+    def from_index_name(cls, name: bytes) -> "OverlayFh | None":
+        if len(name) < 2 * _FH_HEADER or len(name) % 2:
+            return None
+        try:
+            return cls.decode(bytes.fromhex(name.decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+
+def is_index_temp(name: bytes) -> bool:
+    """Leftovers of an index entry being made (overlayfs's and ours start with '#')."""
+    return name.startswith(b"#")
+
+
+# --- link counts of indexed inodes: `overlay.nlink` ------------------------------------------
+
+def encode_nlink(diff: int, base: str = "U") -> bytes:
+    """The merged link count relative to the upper inode's (``U``) or the lower one's (``L``)."""
+    return b"%s%+d" % (base.encode(), diff)
+
+
+def decode_nlink(raw: bytes | None) -> tuple[str, int] | None:
+    """``b"U+1"`` -> ("U", 1); None if absent or malformed (overlayfs then falls back too)."""
+    if not raw or len(raw) < 3 or raw[:1] not in (b"U", b"L") or raw[1:2] not in (b"+", b"-"):
+        return None
+    try:
+        return raw[:1].decode(), int(raw[1:])
+    except ValueError:
+        return None
+
+
+# --- our own bookkeeping: `unionfs.origin` ---------------------------------------------------
+
+@dataclass(slots=True)
+class UpperMeta:
+    """What an upper non-directory remembers of its past, beside overlayfs's own xattrs.
+
+    ``ino``: its number in the merged view (that of the object it was copied up from).
+    ``origin_nlink``: for an indexed inode, the link count of its lower inode (constant, since
+    lower layers never change), so that an ``L``-relative ``overlay.nlink`` can be read rootless.
+    ``lower_links``/``pending``: the form before the kernel's index format (migrated at mount).
+    """
+
+    ino: int | None = None
+    origin_nlink: int | None = None
+    lower_links: int | None = None
+    pending: bytes | None = None
+
+    def encode(self) -> bytes:
+        value = b"ino=%d" % (self.ino or 0)
+        if self.origin_nlink is not None:
+            value += b";onlink=%d" % self.origin_nlink
+        return value
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> "UpperMeta | None":
+        if raw is None:
+            return None
+        meta = cls()
+        for item in raw.split(b";"):
+            k, _, v = item.partition(b"=")
+            try:
+                if k == b"ino":
+                    meta.ino = int(v)
+                elif k == b"onlink":
+                    meta.origin_nlink = int(v)
+                elif k == b"lower":
+                    meta.lower_links = int(v)
+                elif k == b"pending":
+                    meta.pending = v
+            except ValueError:
+                continue
+        return meta

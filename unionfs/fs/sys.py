@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -235,6 +236,52 @@ def rename_at(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flag
     if r != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), oldname)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]  # MAX_HANDLE_SZ
+
+
+_FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]}), Linux >= 6.5
+
+
+def name_to_handle_at(dirfd: int, name: bytes) -> tuple[int, bytes]:
+    """The file handle of ``name`` in ``dirfd`` (not followed if a symlink): (type, bytes).
+
+    What overlayfs keeps in ``overlay.origin`` and names index entries after (``exportfs_encode_fh``
+    with no parent: the same handle as ``name_to_handle_at`` with flags 0).
+    """
+    _check_name(name)
+    fh = _FileHandle(handle_bytes=128)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(dirfd, name, ctypes.byref(fh), ctypes.byref(mount_id), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), name)
+    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
+
+
+def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int = O_PATH) -> int:
+    """Open a file by its handle on the filesystem of ``mount_fd`` (needs CAP_DAC_READ_SEARCH)."""
+    fh = _FileHandle(handle_bytes=len(handle), handle_type=handle_type)
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def fs_uuid(fd: int) -> bytes:
+    """The uuid of the filesystem holding ``fd`` (the kernel's ``s_uuid``, which overlayfs puts in
+    its file handles); 16 zero bytes where the filesystem has none or the kernel cannot say."""
+    buf = bytearray(17)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf)
+    except OSError as e:
+        log.debug("FS_IOC_GETFSUUID: %s", e)
+        return bytes(16)
+    return bytes(buf[1:1 + min(buf[0], 16)]).ljust(16, b"\0")
 
 
 def fchmod(fd: int, mode: int) -> None:

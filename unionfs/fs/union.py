@@ -16,25 +16,11 @@ from dataclasses import dataclass
 
 from . import formats
 from . import sys as ovl
+from .formats import UpperMeta
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 
 log = logging.getLogger("unionfs.union")
-
-
-@dataclass(slots=True)
-class UpperMeta:
-    """What an upper non-directory remembers of its past: its inode number and, once indexed,
-    how many of its names are still only in the lower layers.
-
-    The merged link count is the real one (upper names plus the index entry) minus one plus
-    ``lower_links``.  Keeping it relative, as overlayfs does, makes link, unlink and rename of
-    upper names one atomic syscall each: the real count moves with the merged one.
-    """
-
-    ino: int | None = None
-    lower_links: int | None = None  # set when the inode is indexed
-    pending: bytes | None = None    # a work-dir link whose name is not in place yet (see CopyUp)
 
 
 @dataclass(slots=True)
@@ -156,6 +142,7 @@ class Union:
         layers: list[int] = []
         xwh: list[int] = []
         top: os.stat_result | None = None
+        top_at: tuple[int, int, bytes] = (0, -1, name)  # layer, directory fd, name of the top instance
         origin: os.stat_result | None = None
         redirect: bytes | None = None
         meta: UpperMeta | None = None
@@ -183,7 +170,7 @@ class Union:
                     break
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if top is None:
-                    top = st
+                    top, top_at = st, (index, pfd, real)
                 elif not is_dir:
                     break  # a non-directory below a directory is hidden
                 layers.append(index)
@@ -217,15 +204,7 @@ class Union:
                 break
         if top is None:
             return None
-        indexed = False
-        if meta is not None and meta.ino is not None:
-            ino = meta.ino
-            indexed = meta.lower_links is not None and self._indexed(ino)
-        else:
-            origin = origin or top
-            ino = self.inodes.ino_for(origin.st_dev, origin.st_ino)
-            if top is origin and not stat.S_ISDIR(top.st_mode) and top.st_nlink > 1 and self._indexed(ino):
-                indexed = True  # a lower hard link copied up through another name: data in the index
+        ino, indexed = self._identify(top, top_at, origin, meta)
         # A million nodes share a handful of distinct layer tuples: keep one of each.
         layer_tuple = tuple(layers)
         layer_tuple = self._tuples.setdefault(layer_tuple, layer_tuple)
@@ -266,8 +245,17 @@ class Union:
                 return v
         return None
 
-    def _indexed(self, ino: int) -> bool:
-        return False
+    def _identify(self, top: os.stat_result, top_at: tuple[int, int, bytes], origin: os.stat_result | None,
+                  meta: "UpperMeta | None") -> tuple[int, bool]:
+        """The merged inode number of a resolved object, and whether its data lives in the index."""
+        if meta is not None and meta.ino is not None:
+            return meta.ino, False
+        o = origin or top
+        return self.inodes.ino_for(o.st_dev, o.st_ino), False
+
+    def index_entry(self, node: Node) -> bytes:
+        """Name of an indexed node's entry in the index dir (only a writable union has one)."""
+        raise OSError(errno.EROFS, "no index")
 
     def _absolute_redirect(self, parent: Node, target: bytes) -> bytes:
         """overlayfs redirects are absolute (``/a/b``) or a name in the same parent."""
@@ -328,7 +316,7 @@ class Union:
                 else node.top
             return self.stack.dir_fd(layer, node), None
         if node.indexed:
-            return self.index_fd, index_name(node.ino)
+            return self.index_fd, self.index_entry(node)
         return self.stack.parent_fd(node.top, node), node.name
 
     def real_stat(self, node: Node) -> os.stat_result:
@@ -472,5 +460,6 @@ class OpenFile:
 
 
 def index_name(ino: int) -> bytes:
-    """Name of an inode's entry in the work dir's index (overlayfs ``index=on``)."""
+    """Name of an inode's index entry before we wrote the kernel's format (and where a lower
+    filesystem gives no file handles)."""
     return b"%x" % ino

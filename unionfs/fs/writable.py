@@ -13,9 +13,12 @@ Namespace changes follow overlayfs (``dir.c``) with ``index=on,redirect_dir=on``
 
 The upper dir is written in overlayfs's own format (char 0/0 whiteouts,
 ``trusted.overlay.opaque``/``redirect``), so kernel overlayfs mounted over it
-shows the same tree.  What overlayfs keeps in file handles we keep in one
-xattr per copied-up inode (``trusted.unionfs.origin``: its inode number and,
-for indexed hard links, the merged link count).
+shows the same tree.  The work dir is the kernel's too: ``WORK/work`` for
+temporary entries, ``WORK/index`` for copied-up lower hard links, each named by
+the hex of its origin's file handle, with ``overlay.origin`` and ``overlay.nlink``
+as overlayfs ``index=on`` writes them, so kernel overlayfs accepts our upper and
+work dirs and we accept its own.  Beside those we keep one private xattr per
+copied-up inode (``trusted.unionfs.origin``: its merged inode number).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from . import sys as ovl
 from .copyup import CopyUp
 from .inodes import Node
 from .layers import LayerError, LayerStack, open_directory
-from .union import OpenFile, Union, UpperMeta, index_name
+from .formats import OverlayFh, UpperMeta
+from .union import OpenFile, Union, index_name
 
 log = logging.getLogger("unionfs.writable")
 
@@ -73,8 +77,9 @@ def prepare_upper(stack: LayerStack, work: str) -> UpperLock:
                 raise UsageError(f"{what} {path} is in use by another mount") from None
         with os.scandir(wfd) as it:
             names = {os.fsencode(e.name) for e in it}
-        if names and WORK_MARKER not in names:
-            raise UsageError(f"work dir {work} is not empty and not a unionfs work dir")
+        if names and WORK_MARKER not in names and not names <= {WORK_TEMP, WORK_INDEX}:
+            # What kernel overlayfs or fuse-overlayfs left (work/, index/) is a work dir as ours is.
+            raise UsageError(f"work dir {work} is not empty and not a unionfs work dir (nor an overlayfs one)")
         if WORK_MARKER not in names:
             os.close(ovl.open_at(wfd, WORK_MARKER, os.O_WRONLY | os.O_CREAT, 0o600))
         for sub in (WORK_TEMP, WORK_INDEX):
@@ -96,6 +101,13 @@ class WritableUnion(Union):
         self.fsync = fsync
         self.meta_xattr = ("trusted.unionfs." if self.style is formats.Style.OVERLAY else "user.unionfs.") + "origin"
         self.redirect_xattr = self.style.prefix + formats.Xattr.REDIRECT.value
+        self.origin_xattr = self.style.prefix + formats.Xattr.ORIGIN.value
+        self.nlink_xattr = self.style.prefix + formats.Xattr.NLINK.value
+        self.impure_xattr = self.style.prefix + formats.Xattr.IMPURE.value
+        self._index_names: dict[int, bytes] = {}          # merged ino -> its index entry
+        self._lower_index: dict[tuple[int, int], bytes] = {}  # lower (dev, ino) -> index name
+        self._layer_uuid: dict[int, bytes] = {}
+        self._aliases: dict[int, list[tuple[Node, bytes]]] = {}  # names of upper-only hard links
         self.work_fd = ovl.open_dir_at(lock.work_fd, WORK_TEMP)
         self.index_fd = ovl.open_dir_at(lock.work_fd, WORK_INDEX)
         self._temp_seq = 0
@@ -107,8 +119,10 @@ class WritableUnion(Union):
     def _clean_work(self) -> None:
         """Drop what an interrupted operation left in the work dir: never part of the view.
 
-        A leftover hard link that a copy-up had already counted as a name in place (its
-        ``pending`` mark) gives that count back; an index entry left with no name goes.
+        Index entries are checked as overlayfs checks them at mount (``ovl_indexdir_cleanup``):
+        ``#`` leftovers and entries no name uses any more go; a count left relative to the lower
+        inode by an interrupted link-up is made relative to the upper one again.  Entries of the
+        form before the kernel's (named by inode number) are renamed to it.
         """
         with os.scandir(self.work_fd) as it:
             leftovers = [os.fsencode(e.name) for e in it]
@@ -117,16 +131,76 @@ class WritableUnion(Union):
             st = ovl.lstat_at(self.work_fd, name)
             meta = self._upper_meta(self.work_fd, name) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
             if meta is not None and meta.pending == name and meta.lower_links is not None:
-                self.write_meta(self.work_fd, name, meta.ino or 0, meta.lower_links + 1)
+                # The form before the kernel's: this link was counted as in place already.
+                meta.lower_links += 1
+                ovl.setxattr_at(self.work_fd, name, self.meta_xattr, _legacy_meta(meta))
             ovl.remove_tree_at(self.work_fd, name)
         with os.scandir(self.index_fd) as it:
             entries = [os.fsencode(e.name) for e in it]
+        legacy = []
         for name in entries:
-            meta = self._upper_meta(self.index_fd, name)
-            if meta is not None and meta.lower_links is not None and \
-                    ovl.lstat_at(self.index_fd, name).st_nlink - 1 + meta.lower_links <= 0:
+            if formats.is_index_temp(name):
+                log.info("removing leftover %r from the index", name)
+                ovl.remove_tree_at(self.index_fd, name)
+                continue
+            st = ovl.lstat_at(self.index_fd, name)
+            if stat.S_ISDIR(st.st_mode) or formats.is_chardev_whiteout(st):
+                continue  # overlayfs's directory and whiteout entries (nfs_export): not ours to judge
+            if OverlayFh.from_index_name(name) is None:
+                legacy.append(name)
+                continue
+            raw = formats.decode_nlink(ovl.getxattr_or_none(self.index_fd, name, self.nlink_xattr))
+            merged = self.merged_nlink(name, st)
+            if merged is None and st.st_nlink > 1:
+                continue  # no count of its own: overlayfs falls back to the real one, and so do we
+            if merged is None or merged <= 0:
                 log.info("removing index entry %r: no name left", name)
                 ovl.unlink_at(self.index_fd, name)
+            elif raw is not None and raw[0] == "L":
+                self.set_nlink(name, merged, st.st_nlink)
+        if legacy:
+            self._migrate_legacy(legacy)
+
+    def _migrate_legacy(self, names: list[bytes]) -> None:
+        """Index entries named by inode number, with the count in ``unionfs.origin`` (``lower=N``:
+        names still only below): find each one's lower inode, then give it the kernel's name and
+        xattrs.  One walk of the lower layers, once per work dir."""
+        wanted: dict[int, bytes] = {}
+        for name in names:
+            meta = self._upper_meta(self.index_fd, name)
+            if meta is None or meta.lower_links is None:
+                continue
+            if ovl.lstat_at(self.index_fd, name).st_nlink - 1 + meta.lower_links <= 0:
+                log.info("removing index entry %r: no name left", name)
+                ovl.unlink_at(self.index_fd, name)
+                continue
+            wanted[meta.ino if meta.ino is not None else int(name, 16)] = name
+        for layer in self.stack.layers:
+            if not wanted or self.stack.is_upper(layer.index):
+                continue
+            for dirpath, _dirs, files, dfd in os.fwalk(layer.path, follow_symlinks=False):
+                for f in files:
+                    fname = os.fsencode(f)
+                    st = ovl.lstat_at(dfd, fname)
+                    ino = self.inodes.ino_for(st.st_dev, st.st_ino)
+                    if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2 or ino not in wanted:
+                        continue
+                    new = self.lower_index_name(layer.index, dfd, fname, st)
+                    if new is None or new == index_name(ino):
+                        continue
+                    old = wanted.pop(ino)
+                    meta = self._upper_meta(self.index_fd, old)
+                    assert meta is not None and meta.lower_links is not None
+                    real = ovl.lstat_at(self.index_fd, old).st_nlink
+                    fh = OverlayFh.from_index_name(new)
+                    assert fh is not None
+                    ovl.setxattr_at(self.index_fd, old, self.origin_xattr, fh.encode())
+                    self.set_nlink(old, real - 1 + meta.lower_links, real)
+                    self.write_meta(self.index_fd, old, ino, st.st_nlink)
+                    ovl.rename_at(self.index_fd, old, self.index_fd, new, ovl.RENAME_NOREPLACE)
+                    log.info("index entry %r is now %r (the kernel's form)", old, new)
+        for ino, name in wanted.items():
+            log.warning("index entry %r: no lower hard link with inode %d, left in the old form", name, ino)
 
     def close(self) -> None:
         os.close(self.work_fd)
@@ -146,35 +220,143 @@ class WritableUnion(Union):
     def in_upper(self, node: Node) -> bool:
         return node.parent is None or node.layers[0] == 0
 
-    def index_has(self, ino: int) -> bool:
-        return ovl.exists_at(self.index_fd, index_name(ino))
+    # --- the index: overlayfs's names and xattrs ------------------------------------------
 
-    def _indexed(self, ino: int) -> bool:
-        return self.index_has(ino)
+    def origin_fh(self, layer: int, pfd: int, name: bytes) -> OverlayFh | None:
+        """The overlayfs file handle of a lower object (``ovl_encode_real_fh``); None where its
+        filesystem gives no handles."""
+        try:
+            htype, handle = ovl.name_to_handle_at(pfd, name)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW, errno.ENOSYS):
+                raise
+            return None
+        uuid = self._layer_uuid.get(layer)
+        if uuid is None:
+            uuid = self._layer_uuid[layer] = ovl.fs_uuid(self.stack.layers[layer].fd)
+        return OverlayFh(type=htype, fid=handle, uuid=uuid)
+
+    def lower_index_name(self, layer: int, pfd: int, name: bytes, st: os.stat_result) -> bytes:
+        """The index entry a lower inode would have: the hex of its overlayfs file handle (the old
+        inode-number name where its filesystem gives no handles)."""
+        key = (st.st_dev, st.st_ino)
+        iname = self._lower_index.get(key)
+        if iname is None:
+            fh = self.origin_fh(layer, pfd, name)
+            iname = fh.index_name() if fh is not None else index_name(self.inodes.ino_for(*key))
+            self._lower_index[key] = iname
+        return iname
+
+    def indexable(self, st: os.stat_result) -> bool:
+        """Is this lower object copied up through the index? Every non-directory with several links,
+        as in overlayfs (``ovl_need_index``); rootless, only regular files (no user.* xattrs on
+        symlinks and devices)."""
+        return not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and self.may_mark(st)
+
+    def may_mark(self, st: os.stat_result) -> bool:
+        """Can overlay xattrs go on this kind of object? (``user.*`` ones only on files and dirs.)"""
+        return self.style is formats.Style.OVERLAY or stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+
+    def index_stat(self, iname: bytes) -> os.stat_result | None:
+        """The index entry, if it is one we can use (not a directory or a whiteout of overlayfs's)."""
+        try:
+            st = ovl.lstat_at(self.index_fd, iname)
+        except FileNotFoundError:
+            return None
+        return None if stat.S_ISDIR(st.st_mode) or formats.is_chardev_whiteout(st) else st
+
+    def index_entry(self, node: Node) -> bytes:
+        return self._index_names.get(node.ino) or index_name(node.ino)
+
+    def remember_index(self, ino: int, iname: bytes) -> None:
+        self._index_names[ino] = iname
+
+    def merged_nlink(self, iname: bytes, st: os.stat_result) -> int | None:
+        """The merged link count of an indexed inode (``ovl_get_nlink``); None without one."""
+        rel = formats.decode_nlink(ovl.getxattr_or_none(self.index_fd, iname, self.nlink_xattr))
+        if rel is None:
+            meta = self._upper_meta(self.index_fd, iname)  # the form before the kernel's
+            if meta is not None and meta.lower_links is not None:
+                return st.st_nlink - 1 + meta.lower_links
+            return None
+        base, diff = rel
+        if base == "U":
+            return st.st_nlink + diff
+        lower = self.origin_nlink(iname)
+        return None if lower is None else lower + diff
+
+    def set_nlink(self, iname: bytes, merged: int, real: int | None = None, base: str = "U") -> None:
+        """Store the merged count relative to the real one (``U``) or to the lower inode's (``L``)."""
+        if base == "U":
+            diff = merged - (real if real is not None else ovl.lstat_at(self.index_fd, iname).st_nlink)
+        else:
+            lower = self.origin_nlink(iname)
+            assert lower is not None
+            diff = merged - lower
+        ovl.setxattr_at(self.index_fd, iname, self.nlink_xattr, formats.encode_nlink(diff, base))
+
+    def origin_nlink(self, iname: bytes) -> int | None:
+        meta = self._upper_meta(self.index_fd, iname)
+        if meta is not None and meta.origin_nlink is not None:
+            return meta.origin_nlink
+        st = self._decode_origin(iname)
+        return st.st_nlink if st is not None else None
+
+    def _decode_origin(self, iname: bytes) -> os.stat_result | None:
+        """The lower inode an index entry of overlayfs's stands for, by its file handle (root only)."""
+        fh = OverlayFh.from_index_name(iname)
+        if fh is None:
+            return None
+        for layer in self.stack.layers:
+            if self.stack.is_upper(layer.index):
+                continue
+            try:
+                fd = ovl.open_by_handle_at(layer.fd, fh.type, fh.fid)
+            except OSError:
+                continue
+            try:
+                return ovl.fstat(fd)
+            finally:
+                os.close(fd)
+        return None
+
+    def _identify(self, top, top_at, origin, meta):
+        layer, pfd, name = top_at
+        if not stat.S_ISDIR(top.st_mode) and top.st_nlink > 1:
+            if self.stack.is_upper(layer):
+                # A name of an indexed inode is a link of the index entry named after its origin.
+                fh = OverlayFh.decode(ovl.getxattr_or_none(pfd, name, self.origin_xattr))
+                iname = fh.index_name() if fh is not None else None
+                if iname is None and meta is not None and meta.lower_links is not None and meta.ino is not None:
+                    iname = index_name(meta.ino)  # the form before the kernel's
+                ist = self.index_stat(iname) if iname is not None else None
+                if ist is not None and ist.st_ino == top.st_ino:
+                    if meta is not None and meta.ino is not None:
+                        ino = meta.ino
+                    else:  # indexed by kernel overlayfs: numbered after its origin, as there
+                        o = self._decode_origin(iname)
+                        ino = self.inodes.ino_for(*((o.st_dev, o.st_ino) if o else (top.st_dev, top.st_ino)))
+                    self.remember_index(ino, iname)
+                    return ino, True
+            else:
+                iname = self.lower_index_name(layer, pfd, name, top)
+                if iname is not None and self.index_stat(iname) is not None:
+                    ino = self.inodes.ino_for(top.st_dev, top.st_ino)
+                    self.remember_index(ino, iname)
+                    return ino, True
+        return super()._identify(top, top_at, origin, meta)
 
     def _upper_meta(self, pfd: int, name: bytes) -> UpperMeta | None:
-        raw = ovl.getxattr_or_none(pfd, name, self.meta_xattr)
-        if raw is None:
-            return None
-        meta = UpperMeta()
-        for item in raw.split(b";"):
-            k, _, v = item.partition(b"=")
-            if k == b"ino":
-                meta.ino = int(v)
-            elif k == b"lower":
-                meta.lower_links = int(v)
-            elif k == b"pending":
-                meta.pending = v
-        return meta
+        return UpperMeta.decode(ovl.getxattr_or_none(pfd, name, self.meta_xattr))
 
-    def write_meta(self, fd: int, name: bytes | None, ino: int, lower_links: int | None = None,
-                   pending: bytes | None = None) -> None:
-        value = b"ino=%d" % ino
-        if lower_links is not None:
-            value += b";lower=%d" % lower_links
-        if pending is not None:
-            value += b";pending=" + pending
-        ovl.setxattr_at(fd, name, self.meta_xattr, value)
+    def write_meta(self, fd: int, name: bytes | None, ino: int, origin_nlink: int | None = None) -> None:
+        ovl.setxattr_at(fd, name, self.meta_xattr, UpperMeta(ino, origin_nlink).encode())
+
+    def mark_impure(self, dirfd: int) -> None:
+        """overlayfs marks a directory holding copied-up entries with an origin (its readdir then
+        numbers them as stat does)."""
+        if ovl.getxattr_or_none(dirfd, None, self.impure_xattr) != b"y":
+            ovl.setxattr_at(dirfd, None, self.impure_xattr, b"y")
 
     def set_redirect(self, dirfd: int, lower_path: bytes) -> None:
         ovl.setxattr_at(dirfd, None, self.redirect_xattr, b"/" + lower_path)
@@ -190,9 +372,9 @@ class WritableUnion(Union):
     def attr_from_stat(self, node, st):
         a = super().attr_from_stat(node, st)
         if node.indexed and not node.unlinked:
-            meta = self._upper_meta(self.index_fd, index_name(node.ino))
-            if meta is not None and meta.lower_links is not None:
-                a.nlink = st.st_nlink - 1 + meta.lower_links
+            merged = self.merged_nlink(self.index_entry(node), st)
+            if merged is not None:
+                a.nlink = merged
         return a
 
     def real_stat(self, node: Node) -> os.stat_result:
@@ -204,14 +386,42 @@ class WritableUnion(Union):
 
     def _name_removed(self, node: Node) -> bool:
         """After an upper name of an indexed inode went: was it the last? Then its index entry goes."""
-        meta = self._upper_meta(self.index_fd, index_name(node.ino))
-        if meta is None or meta.lower_links is None:
+        iname = self.index_entry(node)
+        st = self.index_stat(iname)
+        merged = self.merged_nlink(iname, st) if st is not None else None
+        if merged is None or merged > 0:
             return False
-        if ovl.lstat_at(self.index_fd, index_name(node.ino)).st_nlink - 1 + meta.lower_links > 0:
-            return False
-        ovl.unlink_at(self.index_fd, index_name(node.ino))
+        ovl.unlink_at(self.index_fd, iname)
         node.indexed = False
         return True
+
+    def lookup_attr(self, parent: Node, name: bytes, mask: int | None = None, attr: bool = True):
+        node, a = super().lookup_attr(parent, name, mask, attr)
+        if not node.is_dir and not node.indexed and (node.ino in self._aliases or (
+                a is not None and a.nlink > 1 and self.in_upper(node))):
+            aliases = self._aliases.setdefault(node.ino, [])
+            if (parent, name) not in aliases:
+                aliases.append((parent, name))  # another name of a hard-linked upper file
+        return node, a
+
+    def _relocate(self, node: Node, parent: Node, name: bytes, real: os.stat_result | None) -> None:
+        """The name a hard-linked upper file was reached by went, and other names remain: reach it by
+        another name of it this mount has seen (kernel overlayfs keeps no extra link for these, and
+        neither do we, so that both count the same)."""
+        if node.indexed or node.parent is not parent or node.name != name or real is None or real.st_nlink < 2:
+            return
+        for p, n in self._aliases.get(node.ino, []):
+            if p is parent and n == name:
+                continue
+            try:
+                st = ovl.lstat_at(self.stack.dir_fd(0, p), n)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (real.st_dev, real.st_ino):
+                self.inodes.move(node, p, n)
+                return
+        if node.ino in self._open:
+            node.unlinked = True  # reached through its open files until a lookup finds another name
 
     def _link_up(self, node: Node) -> None:
         """Before a name of a lower hard link goes, bring that name up (through the index), so that
@@ -431,22 +641,24 @@ class WritableUnion(Union):
         self._check_new(parent, name)
         self.dirty_dirs.add(parent.ino)
         self.copy_up(node)  # a lower hard link goes through the index
-        if not node.indexed:
-            # From now on the inode has several names: reach it through the index, whichever
-            # names come and go.  The mark goes first: without an index entry it means nothing.
-            sfd, sname = self.locate(node)
-            self.write_meta(sfd, sname, node.ino, 0)
-            ovl.link_at(sfd, sname, self.index_fd, index_name(node.ino))
-            node.indexed = True
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
         sfd, sname = self.locate(node)
+        if ovl.getxattr_or_none(sfd, sname, self.origin_xattr) is not None:
+            self.mark_impure(pfd)  # as overlayfs: a name with an origin makes its directory impure
         if self._upper_entry(parent, name) is not None:
             tname = self.temp_name()
             ovl.link_at(sfd, sname, self.work_fd, tname)
             self._swap_in(self.work_fd, tname, pfd, name, False)
         else:
             ovl.link_at(sfd, sname, pfd, name)
+        if not node.indexed:
+            # Several names, no index (as in overlayfs): remember them, to reach the inode by another
+            # if the one we use goes.
+            aliases = self._aliases.setdefault(node.ino, [])
+            for entry in ((node.parent, node.name), (parent, name)):
+                if entry not in aliases:
+                    aliases.append(entry)
         return node
 
     # --- removal ---------------------------------------------------------------------
@@ -469,6 +681,7 @@ class WritableUnion(Union):
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         self.dirty_dirs.add(parent.ino)
         self._link_up(node)
+        real = self._real_if_linked(node)
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
         whiteout = self.lower_exists(parent, name)
@@ -493,9 +706,21 @@ class WritableUnion(Union):
                     ovl.remove_tree_at(self.work_fd, tname)
             else:
                 ovl.unlink_at(pfd, name)
-        last = self._name_removed(node) if node.indexed else True
+        last = self._name_removed(node) if node.indexed else real is None or real.st_nlink < 2
         if last and node.ino in self._open and not node.is_dir:
             node.unlinked = True
+        elif not last:
+            self._relocate(node, parent, name, real)
+
+    def _real_if_linked(self, node: Node) -> os.stat_result | None:
+        """The real inode of an upper non-directory with several names, before one of them goes."""
+        if node.is_dir or node.indexed or not self.in_upper(node):
+            return None
+        try:
+            st = self.real_stat(node)
+        except OSError:
+            return None
+        return st if st.st_nlink > 1 else None
 
     # --- rename ----------------------------------------------------------------------
 
@@ -521,8 +746,10 @@ class WritableUnion(Union):
                 raise OSError(errno.EISDIR, "is a directory")
             if target.is_dir and self.list_names(target):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
+        target_real = None
         if target is not None and not exchange and target is not node:
             self._link_up(target)
+            target_real = self._real_if_linked(target)
         self.dirty_dirs.update((old_parent.ino, new_parent.ino))
         self.copy_up.dir_chain(old_parent)
         self.copy_up.dir_chain(new_parent)
@@ -533,6 +760,12 @@ class WritableUnion(Union):
             self._empty_upper_dir(new_parent, new_name)
         ofd = self.stack.dir_fd(0, old_parent)
         nfd = self.stack.dir_fd(0, new_parent)
+        if old_parent is not new_parent:
+            # As overlayfs: a directory that gets an entry with an origin is marked impure.
+            if ovl.getxattr_or_none(ofd, old_name, self.origin_xattr) is not None:
+                self.mark_impure(nfd)
+            if exchange and ovl.getxattr_or_none(nfd, new_name, self.origin_xattr) is not None:
+                self.mark_impure(ofd)
         if exchange:
             ovl.rename_at(ofd, old_name, nfd, new_name, ovl.RENAME_EXCHANGE)
         else:
@@ -548,9 +781,12 @@ class WritableUnion(Union):
             else:
                 ovl.rename_at(ofd, old_name, nfd, new_name)
             if target is not None and target is not node and not target.is_dir:
-                last = self._name_removed(target) if target.indexed else True
+                last = self._name_removed(target) if target.indexed else \
+                    target_real is None or target_real.st_nlink < 2
                 if last and target.ino in self._open:
                     target.unlinked = True
+                elif not last:
+                    self._relocate(target, new_parent, new_name, target_real)
         self.inodes.move(node, new_parent, new_name)
         if exchange and target is not None:
             self.inodes.move(target, old_parent, old_name)
@@ -661,3 +897,11 @@ class WritableUnion(Union):
 
     def statfs(self) -> os.statvfs_result:
         return ovl.statvfs(self.stack.layers[0].fd)
+
+
+def _legacy_meta(meta: UpperMeta) -> bytes:
+    """``unionfs.origin`` in the form before the kernel's index format, for the migration."""
+    value = b"ino=%d" % (meta.ino or 0)
+    if meta.lower_links is not None:
+        value += b";lower=%d" % meta.lower_links
+    return value
