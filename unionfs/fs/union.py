@@ -205,8 +205,7 @@ class Union:
                         candidates = [j for j in self.root.layers if j > index]
                         i = 0
                         continue
-            if redirect is None and mask is None and self.stack.layers[index].oci_whiteouts and \
-                    len(name) + 4 <= 255 and ovl.exists_at(pfd, formats.WH_PREFIX + name):
+            if redirect is None and mask is None and self._oci_whiteout_at(index, pfd, name):
                 break
         if top is None:
             return None
@@ -226,6 +225,13 @@ class Union:
         node = Node(ino, parent, name, layer_tuple, mode, tuple(xwh) if xwh else (), redirect)
         node.indexed = indexed
         return node, top
+
+    def _oci_whiteout_at(self, index: int, pfd: int, name: bytes) -> bool:
+        """Does layer ``index`` white ``name`` out with a ``.wh.`` entry in ``pfd``?"""
+        if not self.stack.layers[index].oci_whiteouts:
+            return False
+        probe = formats.oci_whiteout_probe(name)
+        return probe is not None and ovl.exists_at(pfd, probe)
 
     # Hooks for the writable layer; a read-only stack has no upper metadata or index.
     def _upper_meta(self, pfd: int, name: bytes) -> "UpperMeta | None":

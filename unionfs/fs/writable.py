@@ -231,7 +231,7 @@ class WritableUnion(Union):
                 st = None
             if st is not None:
                 return not self._is_whiteout(index, parent, pfd, name, st)
-            if self.stack.layers[index].oci_whiteouts and ovl.exists_at(pfd, formats.WH_PREFIX + name):
+            if self._oci_whiteout_at(index, pfd, name):
                 return False
         return False
 
@@ -259,12 +259,25 @@ class WritableUnion(Union):
             self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
             fd = self._open_real(node, os.O_RDWR if write else os.O_RDONLY)
             if flags & os.O_TRUNC and (was_upper or node.indexed):
-                ovl.ftruncate(fd, 0)  # a copy-up that linked an indexed inode copied its data
-            f = OpenFile(node, fd, writable=True)
+                # A copy-up that linked an indexed inode copied its data.  O_RDONLY|O_TRUNC
+                # truncates too, as on Linux: through a descriptor of its own.
+                self._truncate_real(node, fd if write else None)
+            f = OpenFile(node, fd, writable=write)
         else:
             f = OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
         self._open.setdefault(node.ino, set()).add(f)
         return f
+
+    def _truncate_real(self, node: Node, fd: int | None, size: int = 0) -> None:
+        """Truncate the upper copy of ``node``: through ``fd``, or a write descriptor opened for it."""
+        if fd is not None:
+            ovl.ftruncate(fd, size)
+            return
+        wfd = self._open_real(node, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            ovl.ftruncate(wfd, size)
+        finally:
+            os.close(wfd)
 
     def write(self, f: OpenFile, off: int, data: bytes) -> int:
         if not f.writable:
@@ -613,11 +626,7 @@ class WritableUnion(Union):
                 ovl.ftruncate(f.fd, size)
             else:
                 self.copy_up(node, truncate=size == 0)
-                fd = self._open_real(node, os.O_WRONLY | os.O_NONBLOCK)
-                try:
-                    ovl.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
+                self._truncate_real(node, None, size)
         if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
             return
         self.copy_up(node)
