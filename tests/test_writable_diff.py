@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -61,3 +62,63 @@ def test_random_operations_match_kernel(tmp_path, union_mount, seed):
     b = {k: _without_our_xattrs(v) for k, v in theirs.items() if k not in skip}
     b = {k: (v[:6] + (None,) + v[7:]) if k in indexed else v for k, v in b.items()}
     assert diff_snapshots(a, b) == []
+
+
+ROUND_SEEDS = int(os.environ.get("UNIONFS_ROUND_SEEDS", "6"))
+ROUNDS = int(os.environ.get("UNIONFS_ROUNDS", "4"))
+ROUND_STEPS = int(os.environ.get("UNIONFS_ROUND_STEPS", "60"))
+
+
+@pytest.mark.parametrize("seed", range(ROUND_SEEDS))
+def test_stacked_rounds_match_kernel(tmp_path, union_mount, seed):
+    """Uppers stacked as lowers, as containers/storage stacks layers: each round's upper dir becomes
+    the next round's top lower layer, on each side (its work dir goes, as a committed layer's does).
+    Redirects, whiteouts and opaque dirs we wrote, and those the kernel wrote (relative redirects
+    among them), must then be followed in lower layers exactly as kernel overlayfs follows them."""
+    top, bottom = mkdirs(tmp_path, "top", "bottom")
+    # No hard links: which names of a hard-linked inode reach the upper dir differs (the kernel copies
+    # up the name a file was opened by; FUSE opens the inode), and the next round sees it.
+    gen = Generator(seed, build_lower(top, bottom, hardlinks=False), dir_moves=0.25, without=("link",))
+    ours, theirs = [top, bottom], [top, bottom]
+    log: list[str] = []
+    for rnd in range(ROUNDS):
+        up_k, wk_k, up_u, wk_u, ko, ko2, wk2 = mkdirs(
+            tmp_path, *(f"{n}{rnd}" for n in ("up_k", "wk_k", "up_u", "wk_u", "ko", "ko2", "wk2")))
+        with overlay_mount(ko, theirs, up_k, wk_k, KO_OPTS):
+            m = union_mount(ours, up_u, wk_u)
+            want_tree = snapshot(ko, skip_unstatable=True)
+            diff = diff_snapshots(snapshot(m.mnt), want_tree)
+            assert diff == [], f"round {rnd} before any change:\n" + "\n".join(diff + log[-60:])
+            for step in range(ROUND_STEPS):
+                op, args = gen.next()
+                want = apply(str(ko), op, args)
+                got = apply(str(m.mnt), op, args)
+                log.append(f"{rnd}.{step}: {op}{args} -> {want}")
+                assert got == want, "\n".join(log[-20:]) + f"\nunionfs gave {got}"
+            want_tree = snapshot(ko, skip_unstatable=True)
+            diff = diff_snapshots(snapshot(m.mnt), want_tree)
+            assert diff == [], f"round {rnd}:\n" + "\n".join(diff + log[-60:])
+            m.stop()
+        # Each side's stack read by the other: kernel overlayfs over the layers we wrote, and
+        # unionfs over the layers the kernel wrote.
+        ours, theirs = [up_u, *ours], [up_k, *theirs]
+        shutil.rmtree(wk_u)
+        shutil.rmtree(wk_k)
+        with overlay_mount(ko2, ours, None, None, ""):
+            over_ours = snapshot(ko2, skip_unstatable=True)
+        assert _cross_diff(over_ours, want_tree) == [], f"kernel over our layers, round {rnd}"
+        m = union_mount(theirs)
+        assert _cross_diff(snapshot(m.mnt), want_tree) == [], f"unionfs over the kernel's layers, round {rnd}"
+        m.stop()
+
+
+def _cross_diff(a: dict, b: dict) -> list[str]:
+    """Compare one side's view with the other side's layers read by the first: our bookkeeping
+    xattrs aside, and names of hard links aside (each side's index stays its own: the kernel
+    copies up one name of a lower hard link, we bring up the others too)."""
+    skip = _hardlinked(a) | _hardlinked(b) | {"<hardlinks>"}
+    skip |= {k for snap in (a, b) for k, v in snap.items() if k not in skip and v[6] not in (None, 1)}
+
+    def clean(snap: dict) -> dict:
+        return {k: _without_our_xattrs(v) for k, v in snap.items() if k not in skip}
+    return diff_snapshots(clean(a), clean(b))

@@ -102,10 +102,7 @@ class CopyUp:
     def one(self, node: Node, truncate: bool = False) -> None:
         u = self.u
         lower = node.top
-        lower_fd, lower_name = u.stack.parent_fd(lower, node), node.name
-        if node.redirect is not None:
-            lower_fd = u.stack.path_fd(lower, node.redirect.rpartition(b"/")[0])
-            lower_name = node.redirect.rpartition(b"/")[2]
+        lower_fd, lower_name = u.locate_in(node, lower)
         st = ovl.lstat_at(lower_fd, lower_name)
         parent = node.parent
         assert parent is not None
@@ -126,6 +123,8 @@ class CopyUp:
         u.dirty_dirs.add(parent.ino)  # its entry there is no longer immutable
         if stat.S_ISDIR(st.st_mode):
             node.layers = (0,) + tuple(node.layers)
+            if node.paths is not None:
+                node.paths = (None,) + node.paths
         else:
             node.layers = (0,)
             node.indexed = index

@@ -35,7 +35,7 @@ class Node:
     """
 
     __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "indexed",
-                 "unlinked")
+                 "unlinked", "paths")
 
     def __init__(self, ino: int, parent: "Node | None", name: bytes, layers: tuple[int, ...], mode: int,
                  xwh: tuple[int, ...] = (), redirect: bytes | None = None) -> None:
@@ -47,9 +47,14 @@ class Node:
         self.lookups = 0
         self.children = 0
         self.xwh = xwh          # layers in which this dir may hold xattr whiteouts
-        self.redirect = redirect  # path of a renamed dir in the lower layers (None: same path)
+        self.redirect = redirect  # the upper dir's redirect, absolute, no leading slash (overlayfs's oi->redirect)
         self.indexed = False      # a hard-linked lower file copied up: its data lives in the index
         self.unlinked = False     # removed while open: attributes come from an open fd
+        # Where a directory is in each of its layers, parallel to ``layers``, when that is not
+        # ``name`` in the parent's directory of the same layer: a name there (a relative redirect)
+        # or b"/path" from the layer's root (an absolute redirect, or pinned by a rename).
+        # None (for the whole tuple or one layer): ``name``.
+        self.paths: tuple[bytes | None, ...] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -58,6 +63,14 @@ class Node:
     @property
     def top(self) -> int:
         return self.layers[0]
+
+    def where(self, index: int) -> bytes:
+        """This directory's name in its parent's dir of layer ``index``, or b"/path" from that layer's root."""
+        if self.paths is not None and index in self.layers:
+            w = self.paths[self.layers.index(index)]
+            if w is not None:
+                return w
+        return self.name
 
     def path(self) -> bytes:
         """Path from the root of the merged view, as stored in the layers (no leading slash)."""
@@ -121,6 +134,7 @@ class InodeTable:
             return node  # a readdir serving a cached entry: nothing to refresh
         if old is not None:
             old.layers, old.mode, old.xwh, old.redirect = node.layers, node.mode, node.xwh, node.redirect
+            old.paths = node.paths
             old.indexed = node.indexed
             if not old.is_dir and (old.parent is not node.parent or old.name != node.name):
                 # Another name of a hard-linked file: the name just resolved is certainly valid

@@ -102,10 +102,11 @@ class LayerStack:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        if node.redirect is not None and not self.is_upper(index):
-            fd = ovl.open_beneath(self.layers[index].fd, node.redirect)
+        where = node.where(index)
+        if where[:1] == b"/":
+            fd = ovl.open_beneath(self.layers[index].fd, where[1:])
         else:
-            fd = ovl.open_dir_at(self.dir_fd(index, node.parent), node.name)
+            fd = ovl.open_dir_at(self.dir_fd(index, node.parent), where)
         self._remember(key, fd)
         return fd
 

@@ -586,6 +586,7 @@ class WritableUnion(Union):
         has_lower = any(not self.stack.is_upper(i) for i in node.layers)
         if has_lower:
             lower_path = node.redirect if node.redirect is not None else self.lower_path(node)
+            self._pin_lower_paths(node)
             self.copy_up(node)
             fd = self.stack.dir_fd(0, node)
             if node.redirect is None:
@@ -595,6 +596,12 @@ class WritableUnion(Union):
             # A pure upper directory moving into a merged one: lower entries of the
             # same name must not merge into it.
             formats.mark_opaque(self.stack.dir_fd(0, node), self.style)
+
+    def _pin_lower_paths(self, node: Node) -> None:
+        """A directory about to move keeps its lower dirs: from now on they are named from each
+        layer's root, not through its (new) parent."""
+        node.paths = tuple(None if self.stack.is_upper(i) else b"/" + self.layer_path(node, i)
+                           for i in node.layers)
 
     def _empty_upper_dir(self, parent: Node, name: bytes) -> None:
         """Before renaming over an (empty) merged dir, drop its upper copy's whiteouts."""
