@@ -106,9 +106,11 @@ def test_stacked_rounds_match_kernel(tmp_path, union_mount, seed):
         shutil.rmtree(wk_k)
         with overlay_mount(ko2, ours, None, None, ""):
             over_ours = snapshot(ko2, skip_unstatable=True)
-        assert _cross_diff(over_ours, want_tree) == [], f"kernel over our layers, round {rnd}"
+        diff = _cross_diff(over_ours, want_tree)
+        assert diff == [], f"kernel over our layers, round {rnd}:\n" + "\n".join(diff)
         m = union_mount(theirs)
-        assert _cross_diff(snapshot(m.mnt), want_tree) == [], f"unionfs over the kernel's layers, round {rnd}"
+        diff = _cross_diff(snapshot(m.mnt), want_tree)
+        assert diff == [], f"unionfs over the kernel's layers, round {rnd}:\n" + "\n".join(diff)
         m.stop()
 
 

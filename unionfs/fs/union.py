@@ -63,7 +63,7 @@ class _Lookup:
     name: bytes = b""             # what the next layer looks up: a name in the parent, or b"/a/path"
     is_dir: bool = False          # the topmost instance is a directory
     stop: bool = False            # nothing below counts
-    redirect: bytes | None = None  # the last redirect read, as stored
+    redirect: bytes | None = None  # the last redirect read, as stored (None: ``name`` is still ``first``)
 
     def __post_init__(self) -> None:
         self.name = self.first
@@ -192,7 +192,7 @@ class Union:
         while i < len(candidates) and not d.stop:
             index = candidates[i]
             i += 1
-            if mask is not None and d.name is name and not (mask >> index) & 1:
+            if mask is not None and d.redirect is None and not (mask >> index) & 1:
                 continue
             hit = self._lookup_layer(index, parent, d, index == bottom, mask is None)
             upper = self.stack.is_upper(index)
@@ -245,7 +245,7 @@ class Union:
         if d.name[:1] != b"/":
             pfd, real = self.stack.dir_fd(index, parent), d.name
             hit = self._lookup_single(index, pfd, real, d, 0, b"", bottom, index in parent.xwh)
-            if not d.stop and oci_probe and real is d.first and self._oci_whiteout_at(index, pfd, real):
+            if not d.stop and oci_probe and d.redirect is None and self._oci_whiteout_at(index, pfd, real):
                 d.stop = True  # a `.wh.` entry (OCI, fuse-overlayfs) hides what lower layers have of it
             if hit is None:
                 return None
