@@ -103,10 +103,11 @@ class LayerStack:
             self._fds.move_to_end(key)
             return fd
         where = node.where(index)
+        # Listing leaves the real dir's atime alone: overlayfs opens real dirs O_NOATIME too.
         if where[:1] == b"/":
-            fd = ovl.open_beneath(self.layers[index].fd, where[1:])
+            fd = ovl.open_beneath(self.layers[index].fd, where[1:], noatime=True)
         else:
-            fd = ovl.open_dir_at(self.dir_fd(index, node.parent), where)
+            fd = ovl.open_dir_at(self.dir_fd(index, node.parent), where, noatime=True)
         self._remember(key, fd)
         return fd
 
@@ -119,7 +120,7 @@ class LayerStack:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        fd = ovl.open_beneath(self.layers[index].fd, relpath)
+        fd = ovl.open_beneath(self.layers[index].fd, relpath, noatime=True)
         self._remember(key, fd)
         return fd
 

@@ -528,7 +528,9 @@ class Union:
     def _open_real(self, node: Node, flags: int) -> int:
         fd, name = self.locate(node)
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
-        return ovl.open_at(fd, name, flags)
+        # Reading a lower file leaves its atime alone, as overlayfs (non-standard behaviour (a)).
+        lower = not node.indexed and not self.stack.is_upper(node.top)
+        return ovl.open_at(fd, name, flags, noatime=lower)
 
     def read(self, f: "OpenFile", off: int, size: int) -> bytes:
         return os.pread(f.fd, size, off)

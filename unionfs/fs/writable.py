@@ -512,6 +512,9 @@ class WritableUnion(Union):
     # --- rename ----------------------------------------------------------------------
 
     def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
+        if flags & ~(ovl.RENAME_EXCHANGE | ovl.RENAME_NOREPLACE):
+            # As overlayfs: RENAME_WHITEOUT (and anything newer) is not for a union's users.
+            raise OSError(errno.EINVAL, "unsupported rename flags")
         node = self.lookup(old_parent, old_name)
         target = self.resolve(new_parent, new_name)
         if target is not None:
