@@ -9,13 +9,13 @@ whited-out, missing), each case on names of its own so that cases never disturb 
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import helpers
 from difftest import renameat2
 
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
@@ -63,21 +63,7 @@ def tree(path: str) -> dict[str, tuple | None] | None:
 
 def as_user(uid: int, gid: int, fn, *args) -> str:
     """Run ``fn(*args)`` in a child as ``uid``:``gid``; the errno name it ended with ('ok' if none)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            fn(*args)
-        except OSError as e:
-            code = e.errno or 255
-        except BaseException:
-            code = 254
-        finally:
-            os._exit(code)
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    code = helpers.as_user(uid, fn, *args, gid=gid)
     return "ok" if code == 0 else errno.errorcode.get(code, str(code))
 
 
@@ -391,29 +377,71 @@ def perm_cases(pair: Pair) -> None:
 
 # --- link counts and times ---------------------------------------------------------------
 
+OLD = 1_000_000_000  # the times of every lower entry here, and of entries a case prepares
+
+
+def _create(p: str) -> None:
+    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+# label, what the case prepares through the mount (relative to its dir; then given OLD times),
+# the paths whose times and link counts are watched, the call.
+TIME_CASES = [
+    ("create in a lower dir", None, [".", "f"], lambda d: _create(d + "/new")),
+    ("link a lower hard link", None, [".", "f", "hl"], lambda d: os.link(d + "/f", d + "/hl2")),
+    ("unlink a lower hard link", None, [".", "f"], lambda d: os.unlink(d + "/hl")),
+    ("mkdir in a lower dir", None, ["."], lambda d: os.mkdir(d + "/new")),
+    ("rmdir a lower dir", None, ["."], lambda d: os.rmdir(d + "/sub")),
+    ("rename a file to a lower subdir", None, [".", "sub", "f"], lambda d: os.rename(d + "/f", d + "/sub/g")),
+    ("rename a dir into a lower subdir", None, [".", "sub", "sub2"], lambda d: os.rename(d + "/sub2", d + "/sub/s")),
+    ("rename over a lower file", None, [".", "f", "hl"], lambda d: os.rename(d + "/hl", d + "/f")),
+    ("write a lower file", None, [".", "f"], lambda d: open(d + "/f", "ab").write(b"more")),
+    ("read a lower file", None, [".", "f"], lambda d: open(d + "/f", "rb").read()),
+    ("chmod a lower file", None, [".", "f"], lambda d: os.chmod(d + "/f", 0o600)),
+    ("listdir a lower dir", None, [".", "sub"], lambda d: sorted(os.listdir(d + "/sub"))),
+    ("truncate an upper file", ["new"], [".", "new"], lambda d: os.truncate(d + "/new", 3)),
+    ("rename an upper file", ["new"], [".", "new"], lambda d: os.rename(d + "/new", d + "/new2")),
+    ("link an upper file", ["new"], [".", "new"], lambda d: os.link(d + "/new", d + "/new2")),
+    ("unlink in a copied-up dir", ["new"], [".", "f"], lambda d: os.unlink(d + "/f")),
+    ("mkdir in a copied-up dir", ["new"], ["."], lambda d: os.mkdir(d + "/new-dir")),
+]
+
+
 def times_lower(lower: Path) -> None:
     t = lower / "t"
     t.mkdir()
-    for n in ("d1", "d2", "d3", "d4", "d5", "d6"):
-        (t / n).mkdir()
-        (t / n / "f").write_bytes(b"f")
-        (t / n / "sub").mkdir()
-    os.link(t / "d1" / "f", t / "d1" / "hl")
-    for p in t.rglob("*"):
-        os.utime(p, (1_000_000_000, 1_000_000_000), follow_symlinks=False)
+    for k in range(len(TIME_CASES)):
+        d = t / f"c{k}"
+        d.mkdir()
+        (d / "f").write_bytes(b"f")
+        os.link(d / "f", d / "hl")
+        (d / "sub").mkdir()
+        (d / "sub2").mkdir()
+    for p in [t, *t.rglob("*")]:
+        os.utime(p, (OLD, OLD), follow_symlinks=False)
 
 
-def _changes(root: str, paths: list[str], fn) -> tuple:
-    """Which of atime/mtime/ctime of ``paths`` the call changed, and their link counts after."""
+def _changes(root: str, case: str, prepared: list[str] | None, paths: list[str], fn) -> tuple:
+    """Which of atime/mtime/ctime of ``paths`` the call changed, and their link counts after.
+
+    Entries the case prepared (new, or their dir copied up) get OLD atime and mtime first; their
+    ctime is not compared: it is the moment they were made, maybe the same clock tick as the call."""
+    d = os.path.join(root, case)
+    if prepared:
+        for p in prepared:
+            _create(os.path.join(d, p))
+        for p in (".", *prepared):
+            os.utime(os.path.join(d, p), (OLD, OLD))
+
     def stamp(p):
         try:
             st = os.lstat(p)
         except FileNotFoundError:
             return None
-        return st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-    full = [os.path.join(root, p) for p in paths]
+        return st.st_atime_ns, st.st_mtime_ns, None if prepared else st.st_ctime_ns
+    full = [os.path.join(d, p) for p in paths]
     before = [stamp(p) for p in full]
-    result = outcome(fn, root)
+    result = outcome(fn, d)
     after = [stamp(p) for p in full]
     changed = tuple(None if a is None or b is None else tuple(x != y for x, y in zip(a, b))
                     for a, b in zip(before, after))
@@ -422,28 +450,11 @@ def _changes(root: str, paths: list[str], fn) -> tuple:
 
 
 def times_cases(pair: Pair) -> None:
-    """Times of parents and targets after each namespace call (changed or not: kernel and upper
-    clocks differ by nothing we can compare), and link counts, on lower and upper objects."""
-    j = os.path.join
-    cases = [
-        ("create in a lower dir", ["t/d1", "t/d1/f"], lambda r: os.close(os.open(j(r, "t/d1/new"), os.O_CREAT | os.O_WRONLY))),
-        ("link a lower hard link", ["t/d1", "t/d1/f", "t/d1/hl"], lambda r: os.link(j(r, "t/d1/f"), j(r, "t/d1/hl2"))),
-        ("unlink a lower hard link", ["t/d1", "t/d1/f"], lambda r: os.unlink(j(r, "t/d1/hl"))),
-        ("mkdir in a lower dir", ["t/d2"], lambda r: os.mkdir(j(r, "t/d2/new"))),
-        ("rmdir a lower dir", ["t/d2"], lambda r: os.rmdir(j(r, "t/d2/sub"))),
-        ("rename a file between lower dirs", ["t/d3", "t/d4", "t/d3/f"], lambda r: os.rename(j(r, "t/d3/f"), j(r, "t/d4/g"))),
-        ("rename a dir between lower dirs", ["t/d3", "t/d4", "t/d3/sub"], lambda r: os.rename(j(r, "t/d3/sub"), j(r, "t/d4/sub2"))),
-        ("rename over a lower file", ["t/d4", "t/d4/f"], lambda r: os.rename(j(r, "t/d4/g"), j(r, "t/d4/f"))),
-        ("write a lower file", ["t/d5", "t/d5/f"], lambda r: open(j(r, "t/d5/f"), "ab").write(b"more")),
-        ("read a lower file", ["t/d5/sub", "t/d6/f"], lambda r: open(j(r, "t/d6/f"), "rb").read()),
-        ("chmod a lower file", ["t/d6", "t/d6/f"], lambda r: os.chmod(j(r, "t/d6/f"), 0o600)),
-        ("truncate an upper file", ["t/d1", "t/d1/new"], lambda r: os.truncate(j(r, "t/d1/new"), 3)),
-        ("rename an upper file", ["t/d1", "t/d1/new"], lambda r: os.rename(j(r, "t/d1/new"), j(r, "t/d1/new2"))),
-        ("listdir a lower dir", ["t/d6"], lambda r: sorted(os.listdir(j(r, "t/d6")))),
-    ]
-    for label, paths, fn in cases:
-        pair.run(f"{label}: changed times and link counts", _changes, paths, fn)
-    pair.run("link counts of the new hard links", lambda r: (view(j(r, "t/d1/f")), view(j(r, "t/d1/hl2"))))
+    """Times of parents and targets after each call (changed or not: the two sides' clocks give
+    nothing else to compare), and link counts, on lower, upper and copied-up objects, each case
+    in a directory of its own."""
+    for k, (label, prepared, paths, fn) in enumerate(TIME_CASES):
+        pair.run(f"{label}: changed times and link counts", _changes, f"t/c{k}", prepared, paths, fn)
 
 
 # --- rename in every combination ----------------------------------------------------------

@@ -214,14 +214,15 @@ def diff_snapshots(a: dict, b: dict) -> list[str]:
     return lines
 
 
-def as_user(uid: int, fn, *args) -> int:
-    """Run fn(*args) in a child process as ``uid``; returns its errno (0 for success)."""
+def as_user(uid: int, fn, *args, gid: int | None = None) -> int:
+    """Run fn(*args) in a child process as ``uid`` (group ``gid``, by default ``uid``); returns its
+    errno (0 for success)."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             os.setgroups([])
-            os.setgid(uid)
+            os.setgid(uid if gid is None else gid)
             os.setuid(uid)
             fn(*args)
         except OSError as e:

@@ -26,6 +26,16 @@ def _hardlinked(snap: dict) -> set[str]:
     return {name for group in snap.get("<hardlinks>", []) for name in group}
 
 
+def _run_steps(gen: Generator, steps: int, kernel, ours, log: list[str], prefix: str) -> None:
+    """The generator's next ``steps`` operations on both mounts, each result compared as it comes."""
+    for step in range(steps):
+        op, args = gen.next()
+        want = apply(str(kernel), op, args)
+        got = apply(str(ours), op, args)
+        log.append(f"{prefix}{step}: {op}{args} -> {want}")
+        assert got == want, "\n".join(log[-20:]) + f"\nunionfs gave {got}"
+
+
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_random_operations_match_kernel(tmp_path, union_mount, seed):
     top, bottom, up_k, wk_k, up_u, wk_u, ko, ko2, wk2 = mkdirs(
@@ -35,12 +45,7 @@ def test_random_operations_match_kernel(tmp_path, union_mount, seed):
     log = []
     with overlay_mount(ko, [top, bottom], up_k, wk_k, KO_OPTS):
         m = union_mount([top, bottom], up_u, wk_u)
-        for step in range(STEPS):
-            op, args = gen.next()
-            want = apply(str(ko), op, args)
-            got = apply(str(m.mnt), op, args)
-            log.append(f"{step}: {op}{args} -> {want}")
-            assert got == want, "\n".join(log[-15:]) + f"\nunionfs gave {got}"
+        _run_steps(gen, STEPS, ko, m.mnt, log, "")
         theirs = snapshot(ko, skip_unstatable=True)
         ours = snapshot(m.mnt)
         assert diff_snapshots(ours, theirs) == [], "\n".join(log)
@@ -89,12 +94,7 @@ def test_stacked_rounds_match_kernel(tmp_path, union_mount, seed):
             want_tree = snapshot(ko, skip_unstatable=True)
             diff = diff_snapshots(snapshot(m.mnt), want_tree)
             assert diff == [], f"round {rnd} before any change:\n" + "\n".join(diff + log[-60:])
-            for step in range(ROUND_STEPS):
-                op, args = gen.next()
-                want = apply(str(ko), op, args)
-                got = apply(str(m.mnt), op, args)
-                log.append(f"{rnd}.{step}: {op}{args} -> {want}")
-                assert got == want, "\n".join(log[-20:]) + f"\nunionfs gave {got}"
+            _run_steps(gen, ROUND_STEPS, ko, m.mnt, log, f"{rnd}.")
             want_tree = snapshot(ko, skip_unstatable=True)
             diff = diff_snapshots(snapshot(m.mnt), want_tree)
             assert diff == [], f"round {rnd}:\n" + "\n".join(diff + log[-60:])
