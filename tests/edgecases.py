@@ -221,7 +221,7 @@ EXTRA = (("", 0), ("TRUNC", os.O_TRUNC), ("CREAT", os.O_CREAT), ("CREAT|EXCL", o
          ("NOFOLLOW", os.O_NOFOLLOW), ("NOFOLLOW|TRUNC", os.O_NOFOLLOW | os.O_TRUNC),
          ("DIRECTORY", os.O_DIRECTORY), ("DIRECTORY|CREAT", os.O_DIRECTORY | os.O_CREAT))
 # What each open is tried on: made in the lower layer, or through the mount first.
-TARGETS = ("lower", "upper", "copied", "sym-lower", "sym-dangling", "dir", "fifo", "missing", "whiteout")
+TARGETS = ("lower", "upper", "copied", "sym-lower", "sym-dangling", "sym-dir", "dir", "fifo", "missing", "whiteout")
 
 
 def open_lower(lower: Path) -> None:
@@ -232,6 +232,7 @@ def open_lower(lower: Path) -> None:
         (lower / "o" / f"target{k}").write_bytes(b"symlink target")
         os.symlink(f"target{k}", lower / "o" / f"sym-lower{k}")
         os.symlink(f"nowhere{k}", lower / "o" / f"sym-dangling{k}")
+        os.symlink(f"dir{k}", lower / "o" / f"sym-dir{k}")
         (lower / "o" / f"dir{k}").mkdir()
         os.mkfifo(lower / "o" / f"fifo{k}")
         (lower / "o" / f"whiteout{k}").write_bytes(b"deleted")
@@ -358,6 +359,9 @@ def perm_cases(pair: Pair) -> None:
         pair.run(f"then {n}-user", lambda r: view(j(r, "p", f"{n}-user")))
 
     # DAC checks of calls a suite probes one by one
+    for mode, mname in ((os.R_OK, "R_OK"), (os.W_OK, "W_OK"), (os.X_OK, "X_OK"), (os.R_OK | os.W_OK, "R_OK|W_OK")):
+        for path in ("p/ro/f", "p/ro", "p/sticky", "p/suid-root", "p/mine/f"):
+            pair.run(f"uid 1000: access({path}, {mname})", user(USER, USER, _access, lambda r, path=path: j(r, path), mode))
     for label, fn, path in (
             ("unlink in a 0755 root dir", os.unlink, "p/ro/f"),
             ("rename out of a 0755 root dir", lambda p: os.rename(p, p + "2"), "p/ro/f"),
@@ -373,6 +377,11 @@ def perm_cases(pair: Pair) -> None:
             ("setxattr trusted.* on a root file", lambda p: os.setxattr(p, "trusted.x", b"1"), "p/ro/f")):
         pair.run(f"uid 1000: {label}", user(USER, USER, fn, lambda r, path=path: j(r, path)))
     pair.run("files afterwards", lambda r: tree(j(r, "p/mine")))
+
+
+def _access(path: str, mode: int) -> None:
+    if not os.access(path, mode):
+        raise PermissionError(errno.EACCES, "access denied", path)
 
 
 # --- link counts and times ---------------------------------------------------------------

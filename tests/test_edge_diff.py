@@ -52,6 +52,7 @@ def test_edge_cases_match_kernel(tmp_path, union_mount, category):
         known = [d for d in pair.diffs if d.split(": kernel ")[0] in KNOWN and
                  d.endswith(f"unionfs {KNOWN[d.split(': kernel ')[0]]!r}")]
         pair.diffs = [d for d in pair.diffs if d not in known]
+        print(f"{category}: {pair.count} results compared, {len(known)} known differences")
         pair.check()
         theirs = snapshot(ko, skip_unstatable=True)
         assert diff_snapshots(snapshot(m.mnt), theirs) == []
