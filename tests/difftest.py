@@ -171,10 +171,18 @@ def apply(root: str, op: str, args: tuple):
 
 
 class Generator:
-    """Random but reproducible operations over a pool of names that exist in lower, upper, or nowhere."""
+    """Random but reproducible operations over a pool of names that exist in lower, upper, or nowhere.
 
-    def __init__(self, seed: int, initial: list[str]) -> None:
+    With ``dir_moves``, that share of the operations moves directories: a known directory to a
+    new name (in any directory, also deeper in itself), onto another one, or back where an
+    earlier move took it from.
+    """
+
+    def __init__(self, seed: int, initial: list[str], dir_moves: float = 0.0, without: tuple[str, ...] = ()) -> None:
         self.rng = random.Random(seed)
+        self.dir_moves = dir_moves
+        self.without = without
+        self.moved: list[tuple[str, str]] = []  # (new, old) of earlier directory moves
         self.paths = list(initial)
         self.dirs = [""] + [p for p in initial if p.endswith("/")]
         self.paths = [p.rstrip("/") for p in self.paths]
@@ -191,13 +199,38 @@ class Generator:
     def _data(self) -> bytes:
         return bytes(self.rng.choice(b"abcxyz") for _ in range(self.rng.randint(0, 40)))
 
+    def _dir_move(self) -> tuple[str, tuple]:
+        r = self.rng
+        roll = r.random()
+        if self.moved and roll < 0.3:
+            new, old = self.moved.pop(r.randrange(len(self.moved)))
+            return "rename", (new, old)
+        src = r.choice([d for d in self.dirs if d] or ["a"])
+        if roll < 0.5:
+            dst = r.choice([d for d in self.dirs if d] or ["e"])
+        else:
+            self.n += 1
+            d = r.choice(self.dirs)
+            dst = os.path.join(d, f"m{self.n}") if d else f"m{self.n}"
+        self.moved.append((dst, src))
+        for p in (src, dst):
+            if p not in self.paths:
+                self.paths.append(p)
+            if p not in self.dirs:
+                self.dirs.append(p)
+        return "rename", (src, dst)
+
     def next(self) -> tuple[str, tuple]:
         r = self.rng
+        if self.dir_moves and r.random() < self.dir_moves:
+            return self._dir_move()
         op = r.choice(["write_new", "append", "overwrite", "pwrite", "truncate", "read", "read", "mkdir",
                        "rmdir", "unlink", "unlink", "rename", "rename", "rename", "rename_noreplace",
                        "rename_exchange", "symlink", "link", "link", "mkfifo", "chmod", "chown", "utime",
                        "setxattr", "removexattr", "getxattrs", "lstat", "lstat", "listdir", "listdir",
                        "open_unlink_write"])
+        while op in self.without:
+            op = r.choice(["read", "lstat", "listdir", "rename", "unlink", "mkdir", "write_new"])
         p = self._path()
         if op in ("write_new", "append", "overwrite", "open_unlink_write"):
             args = (p, self._data())
@@ -231,7 +264,7 @@ class Generator:
         return op, args
 
 
-def build_lower(top: Path, bottom: Path) -> list[str]:
+def build_lower(top: Path, bottom: Path, hardlinks: bool = True) -> list[str]:
     """Two lower layers with merged dirs, a whiteout, an opaque dir, hard links, special files."""
     def w(base: Path, rel: str, data: bytes = b"", mode: int = 0o644) -> None:
         p = base / rel
@@ -248,8 +281,9 @@ def build_lower(top: Path, bottom: Path) -> list[str]:
     w(bottom, "exe", b"#!/bin/sh\n", 0o4755)
     os.setxattr(bottom / "f1", "user.lower", b"x")
     os.setxattr(bottom / "a", "user.lower", b"dir")
-    os.link(bottom / "f1", bottom / "hl")
-    os.link(bottom / "f1", bottom / "a/hl2")
+    if hardlinks:
+        os.link(bottom / "f1", bottom / "hl")
+        os.link(bottom / "f1", bottom / "a/hl2")
     os.mkfifo(bottom / "fifo", 0o644)
     os.symlink("f1", bottom / "sym")
     (bottom / "e").mkdir()

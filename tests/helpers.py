@@ -140,7 +140,14 @@ def overlay_mount(mnt: Path, lower: list[Path], upper: Path | None = None, work:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+        # A busy mount (a reference dropped a moment late) is tried again before it is detached:
+        # a detached overlay keeps its upper dir marked in use, and an index=on mount that
+        # stacks that dir as a lower layer is refused.
+        for attempt in range(20):
+            subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+            if not is_mounted(mnt):
+                break
+            time.sleep(0.05 * (attempt + 1))
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 

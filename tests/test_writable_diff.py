@@ -15,6 +15,28 @@ STEPS = int(os.environ.get("UNIONFS_DIFF_STEPS", "120"))
 KO_OPTS = "index=on,redirect_dir=on"
 
 
+def _without_our_xattrs(rec: tuple) -> tuple:
+    """Our bookkeeping xattr (origin inode, link count) is visible to the kernel, not to our users."""
+    *head, xattrs = rec
+    if b"lower=" in xattrs.get("trusted.unionfs.origin", b""):
+        head[6] = None  # an indexed inode: its merged link count is ours, the kernel counts the index too
+    return (*head, {k: v for k, v in xattrs.items() if not k.startswith("trusted.unionfs.")})
+
+
+def _hardlinked(snap: dict) -> set[str]:
+    return {name for group in snap.get("<hardlinks>", []) for name in group}
+
+
+def _run_steps(gen: Generator, steps: int, kernel, ours, log: list[str], prefix: str) -> None:
+    """The generator's next ``steps`` operations on both mounts, each result compared as it comes."""
+    for step in range(steps):
+        op, args = gen.next()
+        want = apply(str(kernel), op, args)
+        got = apply(str(ours), op, args)
+        log.append(f"{prefix}{step}: {op}{args} -> {want}")
+        assert got == want, "\n".join(log[-20:]) + f"\nunionfs gave {got}"
+
+
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_random_operations_match_kernel(tmp_path, union_mount, seed):
     top, bottom, up_k, wk_k, up_u, wk_u, ko, ko2 = mkdirs(
@@ -24,12 +46,7 @@ def test_random_operations_match_kernel(tmp_path, union_mount, seed):
     log = []
     with overlay_mount(ko, [top, bottom], up_k, wk_k, KO_OPTS):
         m = union_mount([top, bottom], up_u, wk_u)
-        for step in range(STEPS):
-            op, args = gen.next()
-            want = apply(str(ko), op, args)
-            got = apply(str(m.mnt), op, args)
-            log.append(f"{step}: {op}{args} -> {want}")
-            assert got == want, "\n".join(log[-15:]) + f"\nunionfs gave {got}"
+        _run_steps(gen, STEPS, ko, m.mnt, log, "")
         theirs = snapshot(ko, skip_unstatable=True)
         ours = snapshot(m.mnt)
         assert diff_snapshots(ours, theirs) == [], "\n".join(log)
@@ -80,3 +97,59 @@ def test_mount_over_what_fuse_overlayfs_wrote(tmp_path, union_mount, seed):
 
 def _no_nlink(snap: dict) -> dict:
     return {k: v if k.startswith("<") else v[:6] + (None,) + v[7:] for k, v in snap.items()}
+
+
+ROUND_SEEDS = int(os.environ.get("UNIONFS_ROUND_SEEDS", "6"))
+ROUNDS = int(os.environ.get("UNIONFS_ROUNDS", "4"))
+ROUND_STEPS = int(os.environ.get("UNIONFS_ROUND_STEPS", "60"))
+
+
+@pytest.mark.parametrize("seed", range(ROUND_SEEDS))
+def test_stacked_rounds_match_kernel(tmp_path, union_mount, seed):
+    """Uppers stacked as lowers, as containers/storage stacks layers: each round's upper dir becomes
+    the next round's top lower layer, on each side (its work dir goes, as a committed layer's does).
+    Redirects, whiteouts and opaque dirs we wrote, and those the kernel wrote (relative redirects
+    among them), must then be followed in lower layers exactly as kernel overlayfs follows them."""
+    top, bottom = mkdirs(tmp_path, "top", "bottom")
+    # No hard links: which names of a hard-linked inode reach the upper dir differs (the kernel copies
+    # up the name a file was opened by; FUSE opens the inode), and the next round sees it.
+    gen = Generator(seed, build_lower(top, bottom, hardlinks=False), dir_moves=0.25, without=("link",))
+    ours, theirs = [top, bottom], [top, bottom]
+    log: list[str] = []
+    for rnd in range(ROUNDS):
+        up_k, wk_k, up_u, wk_u, ko, ko2 = mkdirs(
+            tmp_path, *(f"{n}{rnd}" for n in ("up_k", "wk_k", "up_u", "wk_u", "ko", "ko2")))
+        with overlay_mount(ko, theirs, up_k, wk_k, KO_OPTS):
+            m = union_mount(ours, up_u, wk_u)
+            want_tree = snapshot(ko, skip_unstatable=True)
+            diff = diff_snapshots(snapshot(m.mnt), want_tree)
+            assert diff == [], f"round {rnd} before any change:\n" + "\n".join(diff + log[-60:])
+            _run_steps(gen, ROUND_STEPS, ko, m.mnt, log, f"{rnd}.")
+            want_tree = snapshot(ko, skip_unstatable=True)
+            diff = diff_snapshots(snapshot(m.mnt), want_tree)
+            assert diff == [], f"round {rnd}:\n" + "\n".join(diff + log[-60:])
+            m.stop()
+        # Each side's stack read by the other: kernel overlayfs over the layers we wrote, and
+        # unionfs over the layers the kernel wrote.
+        ours, theirs = [up_u, *ours], [up_k, *theirs]
+        shutil.rmtree(wk_u)
+        shutil.rmtree(wk_k)
+        with overlay_mount(ko2, ours, None, None, ""):
+            over_ours = snapshot(ko2, skip_unstatable=True)
+        diff = _cross_diff(over_ours, want_tree)
+        assert diff == [], f"kernel over our layers, round {rnd}:\n" + "\n".join(diff)
+        m = union_mount(theirs)
+        diff = _cross_diff(snapshot(m.mnt), want_tree)
+        assert diff == [], f"unionfs over the kernel's layers, round {rnd}:\n" + "\n".join(diff)
+        m.stop()
+
+
+def _cross_diff(a: dict, b: dict) -> list[str]:
+    """Compare one side's view with the other side's layers read by the first: our bookkeeping
+    xattrs aside, and names of hard links aside (each side's hard-link index is its own)."""
+    skip = _hardlinked(a) | _hardlinked(b) | {"<hardlinks>"}
+    skip |= {k for snap in (a, b) for k, v in snap.items() if k not in skip and v[6] not in (None, 1)}
+
+    def clean(snap: dict) -> dict:
+        return {k: _without_our_xattrs(v) for k, v in snap.items() if k not in skip}
+    return diff_snapshots(clean(a), clean(b))

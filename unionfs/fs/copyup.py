@@ -105,10 +105,7 @@ class CopyUp:
     def one(self, node: Node, truncate: bool = False) -> None:
         u = self.u
         lower = node.attr_layer if node.attr_layer is not None else node.top  # a dir's real attributes
-        lower_fd, lower_name = u.stack.parent_fd(lower, node), node.name
-        if node.redirect is not None:
-            lower_fd = u.stack.path_fd(lower, node.redirect.rpartition(b"/")[0])
-            lower_name = node.redirect.rpartition(b"/")[2]
+        lower_fd, lower_name = u.locate_in(node, lower)
         st = ovl.lstat_at(lower_fd, lower_name)
         parent = node.parent
         assert parent is not None
@@ -137,6 +134,8 @@ class CopyUp:
         if stat.S_ISDIR(st.st_mode):
             node.layers = (0,) + tuple(node.layers)
             node.attr_layer = None
+            if node.paths is not None:
+                node.paths = (None,) + node.paths
         else:
             node.layers = (0,)
             node.indexed = index is not None

@@ -120,6 +120,17 @@ def oci_whiteout_name(name: bytes) -> bytes:
     return WH_PREFIX + name
 
 
+NAME_MAX = 255
+
+
+def oci_whiteout_probe(name: bytes) -> bytes | None:
+    """The ``.wh.`` name that would white ``name`` out, or None when no such entry can exist
+    (a name of more than NAME_MAX - 4 bytes): probing for it would fail with ENAMETOOLONG."""
+    if len(name) + len(WH_PREFIX) > NAME_MAX:
+        return None
+    return WH_PREFIX + name
+
+
 def is_oci_marker(name: bytes) -> bool:
     """Any ``.wh.`` entry: never shown in the merged view."""
     return name.startswith(WH_PREFIX)

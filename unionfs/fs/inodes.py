@@ -35,7 +35,7 @@ class Node:
     """
 
     __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "indexed",
-                 "unlinked", "attr_layer")
+                 "unlinked", "attr_layer", "paths")
 
     def __init__(self, ino: int, parent: "Node | None", name: bytes, layers: tuple[int, ...], mode: int,
                  xwh: tuple[int, ...] = (), redirect: bytes | None = None) -> None:
@@ -47,10 +47,15 @@ class Node:
         self.lookups = 0
         self.children = 0
         self.xwh = xwh          # layers in which this dir may hold xattr whiteouts
-        self.redirect = redirect  # path of a renamed dir in the lower layers (None: same path)
+        self.redirect = redirect  # the upper dir's redirect, absolute, no leading slash (overlayfs's oi->redirect)
         self.indexed = False      # a hard-linked lower file copied up: its data lives in the index
         self.unlinked = False     # removed while open: attributes come from an open fd
         self.attr_layer: int | None = None  # a dir only implied by its top layers: the layer of its attributes
+        # Where a directory is in each of its layers, parallel to ``layers``, when that is not
+        # ``name`` in the parent's directory of the same layer: a name there (a relative redirect)
+        # or b"/path" from the layer's root (an absolute redirect, or pinned by a rename).
+        # None (for the whole tuple or one layer): ``name``.
+        self.paths: tuple[bytes | None, ...] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -59,6 +64,14 @@ class Node:
     @property
     def top(self) -> int:
         return self.layers[0]
+
+    def where(self, index: int) -> bytes:
+        """This directory's name in its parent's dir of layer ``index``, or b"/path" from that layer's root."""
+        if self.paths is not None and index in self.layers:
+            w = self.paths[self.layers.index(index)]
+            if w is not None:
+                return w
+        return self.name
 
     def path(self) -> bytes:
         """Path from the root of the merged view, as stored in the layers (no leading slash)."""
@@ -123,6 +136,7 @@ class InodeTable:
         if old is not None:
             old.layers, old.mode, old.xwh, old.redirect = node.layers, node.mode, node.xwh, node.redirect
             old.indexed, old.attr_layer = node.indexed, node.attr_layer
+            old.paths = node.paths
             if not old.is_dir and (old.parent is not node.parent or old.name != node.name):
                 # Another name of a hard-linked file: the name just resolved is certainly valid
                 # now, the one we had may be gone.

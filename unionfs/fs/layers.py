@@ -102,10 +102,12 @@ class LayerStack:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        if node.redirect is not None and not self.is_upper(index):
-            fd = ovl.open_beneath(self.layers[index].fd, node.redirect)
+        where = node.where(index)
+        # Listing leaves the real dir's atime alone: overlayfs opens real dirs O_NOATIME too.
+        if where[:1] == b"/":
+            fd = ovl.open_beneath(self.layers[index].fd, where[1:], noatime=True)
         else:
-            fd = ovl.open_dir_at(self.dir_fd(index, node.parent), node.name)
+            fd = ovl.open_dir_at(self.dir_fd(index, node.parent), where, noatime=True)
         self._remember(key, fd)
         return fd
 
@@ -118,7 +120,7 @@ class LayerStack:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        fd = ovl.open_beneath(self.layers[index].fd, relpath)
+        fd = ovl.open_beneath(self.layers[index].fd, relpath, noatime=True)
         self._remember(key, fd)
         return fd
 

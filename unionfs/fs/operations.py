@@ -361,7 +361,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        real_flags = 0
+        real_flags = flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE)  # the union refuses others
         if flags & pyfuse3.RENAME_EXCHANGE:
             real_flags |= sysmod.RENAME_EXCHANGE
         if flags & pyfuse3.RENAME_NOREPLACE:

@@ -47,8 +47,10 @@ def _check_name(name: bytes) -> None:
         raise OSError(errno.EINVAL, "invalid name component", name)
 
 
-def open_beneath(dirfd: int, relpath: bytes, flags: int = O_DIR) -> int:
+def open_beneath(dirfd: int, relpath: bytes, flags: int = O_DIR, noatime: bool = False) -> int:
     """Open ``relpath`` below ``dirfd`` without following any symlink or leaving the tree."""
+    if noatime:
+        return _noatime(lambda f: open_beneath(dirfd, relpath, f), flags)
     global _have_openat2
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC
     if not relpath:
@@ -88,13 +90,26 @@ def fstat(fd: int) -> os.stat_result:
     return os.fstat(fd)
 
 
-def open_dir_at(dirfd: int, name: bytes) -> int:
+def _noatime(opener, flags: int) -> int:
+    """Open with O_NOATIME, as overlayfs opens lower files and dirs: reading through the union
+    leaves the layer's atime alone.  Not the owner and no CAP_FOWNER (EPERM): a plain open."""
+    try:
+        return opener(flags | os.O_NOATIME)
+    except PermissionError:
+        return opener(flags)
+
+
+def open_dir_at(dirfd: int, name: bytes, noatime: bool = False) -> int:
     _check_name(name)
+    if noatime:
+        return _noatime(lambda f: os.open(name, f, dir_fd=dirfd), O_DIR)
     return os.open(name, O_DIR, dir_fd=dirfd)
 
 
-def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
+def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600, noatime: bool = False) -> int:
     _check_name(name)
+    if noatime:
+        return _noatime(lambda f: os.open(name, f | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd), flags)
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 

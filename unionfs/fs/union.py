@@ -41,6 +41,29 @@ class Attr:
     ctime_ns: int
 
 
+@dataclass(slots=True)
+class _Lookup:
+    """One name's lookup down the layers (overlayfs's ``ovl_lookup_data``)."""
+
+    first: bytes                  # the name asked for
+    name: bytes = b""             # what the next layer looks up: a name in the parent, or b"/a/path"
+    is_dir: bool = False          # the topmost instance is a directory
+    stop: bool = False            # nothing below counts
+    redirect: bytes | None = None  # the last redirect read, as stored (None: ``name`` is still ``first``)
+
+    def __post_init__(self) -> None:
+        self.name = self.first
+
+
+def _check_redirect(target: bytes) -> None:
+    """overlayfs refuses (EINVAL) an absolute redirect with an empty element and a relative one with a slash."""
+    if target[:1] == b"/":
+        if any(not part for part in target[1:].split(b"/")):
+            raise OSError(errno.EINVAL, "invalid redirect")
+    elif b"/" in target:
+        raise OSError(errno.EINVAL, "invalid redirect")
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > 255:
         raise OSError(errno.ENAMETOOLONG, "name too long")
@@ -136,83 +159,70 @@ class Union:
         return found[0] if found is not None else None
 
     def _resolve(self, parent: Node, name: bytes, mask: int | None) -> tuple[Node, os.stat_result] | None:
-        """:meth:`resolve`, with the stat of the topmost instance it made on the way."""
+        """:meth:`resolve`, with the stat of the topmost instance it made on the way.
+
+        The walk down the layers is overlayfs's (``namei.c``, ``ovl_lookup``): in each layer of the
+        parent the name is looked up; a directory's redirect, in any layer, changes what is looked
+        up below it (a relative one: another name in the parent; an absolute one: a path walked
+        from the root of every layer below, whose own redirects, whiteouts and opaque dirs count).
+        """
         if formats.is_oci_marker(name):
             return None
-        layers: list[int] = []
+        d = _Lookup(name)
+        found: list[tuple[int, bytes | None, os.stat_result]] = []
         xwh: list[int] = []
-        top: os.stat_result | None = None
-        top_at: tuple[int, int, bytes] = (0, -1, name)  # layer, directory fd, name of the top instance
-        origin: os.stat_result | None = None
-        redirect: bytes | None = None
         meta: UpperMeta | None = None
+        redirect: bytes | None = None
+        top_at: tuple[int, int, bytes] = (0, -1, name)   # layer, directory fd, name of the top instance
         attr: tuple[int, os.stat_result] | None = None  # a directory's topmost instance that is not implied
-        candidates = list(parent.layers)
+        bottom = len(self.stack.layers) - 1
+        candidates = parent.layers
+        from_root = False
         i = 0
-        while i < len(candidates):
+        while i < len(candidates) and not d.stop:
             index = candidates[i]
             i += 1
-            if mask is not None and redirect is None and not (mask >> index) & 1:
+            if mask is not None and d.redirect is None and not (mask >> index) & 1:
                 continue
-            if redirect is not None:
-                # A renamed directory: lower layers are searched at the path it came from.
-                pfd, real = self._redirect_parent(index, redirect)
-                if pfd is None:
-                    continue
-            else:
-                pfd, real = self.stack.dir_fd(index, parent), name
-            try:
-                st = ovl.lstat_at(pfd, real)
-            except (FileNotFoundError, NotADirectoryError):
-                st = None
-            if st is not None:
-                if self._is_whiteout(index, parent, pfd, real, st):
-                    break
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if top is None:
-                    top, top_at = st, (index, pfd, real)
-                elif not is_dir:
-                    break  # a non-directory below a directory is hidden
-                layers.append(index)
-                upper = self.stack.is_upper(index)
-                if upper and not is_dir:
+            hit = self._lookup_layer(index, parent, d, index == bottom, mask is None)
+            upper = self.stack.is_upper(index)
+            if hit is not None:
+                where, pfd, real, st, kind, implied = hit
+                if not found:
+                    top_at = (index, pfd, real)
+                found.append((index, None if where == name or upper else where, st))
+                if upper and not stat.S_ISDIR(st.st_mode):
                     meta = self._upper_meta(pfd, real)
-                if origin is None and not upper:
-                    origin = st
-                if not is_dir:
-                    break
-                kind, xnames = self._dir_kind(index, pfd, real)
-                if attr is None and not formats.is_implied(xnames):
+                if stat.S_ISDIR(st.st_mode) and attr is None and not implied:
                     attr = (index, st)
                 if kind is formats.DirKind.XWHITEOUTS:
                     xwh.append(index)
-                if kind is formats.DirKind.OPAQUE:
-                    if attr is None and redirect is None:
-                        attr = self._real_dir_below(parent, name, candidates[i:])
-                    break
-                if redirect is None and any(x in formats.REDIRECT_NAMES for x in xnames):
-                    target = self._read_redirect(pfd, real)
-                    if target is not None:
-                        # A renamed directory: the layers below hold it at the path it came from,
-                        # which may be anywhere, so search every layer below this one.
-                        redirect = self._absolute_redirect(parent, target)
-                        candidates = [j for j in self.root.layers if j > index]
-                        i = 0
-                        continue
-            if redirect is None and mask is None and self.stack.layers[index].oci_whiteouts and \
-                    len(name) + 4 <= 255 and ovl.exists_at(pfd, formats.WH_PREFIX + name):
+                if kind is formats.DirKind.OPAQUE and attr is None and d.redirect is None:
+                    attr = self._real_dir_below(parent, name, list(candidates[i:]))
+                if upper and d.redirect is not None:
+                    redirect = self._absolute_redirect(parent, d.redirect)
+            if d.stop:
                 break
-        if top is None:
+            if d.name[:1] == b"/" and not from_root:
+                # An absolute redirect: every layer below this one, from its root.
+                from_root = True
+                candidates = [j for j in self.root.layers if j > index]
+                i = 0
+        if not found:
             return None
+        top = found[0][2]
+        origin = next((st for index, _, st in found if not self.stack.is_upper(index)), None)
         ino, indexed = self._identify(top, top_at, origin, meta)
         # A million nodes share a handful of distinct layer tuples: keep one of each.
-        layer_tuple = tuple(layers)
+        layer_tuple = tuple(index for index, _, _ in found)
         layer_tuple = self._tuples.setdefault(layer_tuple, layer_tuple)
         attr_layer = None
-        if attr is not None and attr[0] != layers[0] and redirect is None:
+        if attr is not None and attr[0] != layer_tuple[0] and d.redirect is None:
             attr_layer, top = attr  # a directory only implied by the layers above: attributes from below
         mode = self._modes.setdefault(top.st_mode, top.st_mode)
         node = Node(ino, parent, name, layer_tuple, mode, tuple(xwh) if xwh else (), redirect)
+        if any(where is not None for _, where, _ in found):
+            node.paths = tuple(where for _, where, _ in found)
         node.indexed = indexed
         node.attr_layer = attr_layer
         return node, top
@@ -225,7 +235,7 @@ class Union:
             try:
                 st = ovl.lstat_at(pfd, name)
             except (FileNotFoundError, NotADirectoryError):
-                if self.stack.layers[index].oci_whiteouts and ovl.exists_at(pfd, formats.WH_PREFIX + name):
+                if self._oci_whiteout_at(index, pfd, name):
                     return None
                 continue
             if self._is_whiteout(index, parent, pfd, name, st) or not stat.S_ISDIR(st.st_mode):
@@ -233,6 +243,93 @@ class Union:
             if not formats.is_implied(ovl.listxattr_at(pfd, name)):
                 return index, st
         return None
+
+    def _lookup_layer(self, index: int, parent: Node, d: "_Lookup", bottom: bool, oci_probe: bool
+                      ) -> tuple[bytes, int, bytes, os.stat_result, formats.DirKind | None, bool] | None:
+        """Look ``d.name`` up in layer ``index`` (overlayfs's ``ovl_lookup_layer``).
+
+        Returns where it is (a name in the parent's dir, or b"/path"), the dir fd and name of the
+        entry, its stat, its directory kind and whether it is a directory the layer only implies;
+        None if this layer does not have it.
+        """
+        if d.name[:1] != b"/":
+            pfd, real = self.stack.dir_fd(index, parent), d.name
+            hit = self._lookup_single(index, pfd, real, d, 0, b"", bottom, index in parent.xwh)
+            if not d.stop and oci_probe and d.redirect is None and self._oci_whiteout_at(index, pfd, real):
+                d.stop = True  # a `.wh.` entry (OCI, fuse-overlayfs) hides what lower layers have of it
+            if hit is None:
+                return None
+            return real, pfd, real, *hit
+        comps = d.name[1:].split(b"/")
+        fd = self.stack.layers[index].fd
+        walked: list[bytes] = []
+        for k, comp in enumerate(comps):
+            last = k == len(comps) - 1
+            post = b"".join(b"/" + c for c in comps[k + 1:])
+            prelen = len(d.name) - len(post) - len(comp)
+            hit = self._lookup_single(index, fd, comp, d, prelen, post, bottom, True, last)
+            if hit is None:
+                return None
+            walked.append(comp)
+            if last:
+                return b"/" + b"/".join(walked), fd, comp, *hit
+            try:
+                fd = self.stack.path_fd(index, b"/".join(walked))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        return None
+
+    def _lookup_single(self, index: int, pfd: int, name: bytes, d: "_Lookup", prelen: int, post: bytes,
+                       bottom: bool, xwh_dir: bool, last: bool = True
+                       ) -> tuple[os.stat_result, formats.DirKind | None, bool] | None:
+        """One path element in one layer (overlayfs's ``ovl_lookup_single``): whiteouts and
+        non-directories stop the walk, opaque dirs stop it below, a redirect rewrites ``d.name``.
+        Returns its stat, its directory kind and whether the layer only implies the directory."""
+        if name in (b".", b".."):
+            raise OSError(errno.EACCES, "redirect through . or ..")
+        try:
+            st = ovl.lstat_at(pfd, name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                return None
+            raise
+        if formats.is_chardev_whiteout(st) or (
+                xwh_dir and formats.may_be_xwhiteout(st) and formats.is_whiteout_at(pfd, name, st)):
+            d.stop = True
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            if d.is_dir or not last:
+                d.stop = True  # a non-directory below a directory is hidden
+                return None
+            d.stop = True
+            return st, None, False
+        if last:
+            d.is_dir = True
+        kind, xnames = self._dir_kind(index, pfd, name)
+        implied = formats.is_implied(xnames)
+        if kind is formats.DirKind.OPAQUE:
+            d.stop = True
+            return st, kind, implied
+        if not bottom and any(x in formats.REDIRECT_NAMES for x in xnames):
+            target = self._read_redirect(pfd, name)
+            if target is not None:
+                _check_redirect(target)
+                if target[:1] == b"/":
+                    d.stop = False  # an ancestor on the walk may have been opaque: this goes on
+                    d.name = target + post
+                else:
+                    d.name = d.name[:prelen] + target + post
+                d.redirect = target
+        return st, kind, implied
+
+    def _oci_whiteout_at(self, index: int, pfd: int, name: bytes) -> bool:
+        """Does layer ``index`` white ``name`` out with a ``.wh.`` entry in ``pfd``?"""
+        if not self.stack.layers[index].oci_whiteouts:
+            return False
+        probe = formats.oci_whiteout_probe(name)
+        return probe is not None and ovl.exists_at(pfd, probe)
 
     # Hooks for the writable layer; a read-only stack has no upper metadata or index.
     def _upper_meta(self, pfd: int, name: bytes) -> "UpperMeta | None":
@@ -276,12 +373,26 @@ class Union:
             n = n.parent
         return b"/".join(reversed(parts))
 
-    def _redirect_parent(self, index: int, path: bytes) -> tuple[int | None, bytes]:
-        head, _, tail = path.rpartition(b"/")
-        try:
+    def locate_in(self, node: Node, index: int) -> tuple[int, bytes]:
+        """Where ``node`` is in layer ``index``: (fd of the directory holding it, its name there)."""
+        where = node.where(index) if node.is_dir else node.name
+        if where[:1] == b"/":
+            head, _, tail = where[1:].rpartition(b"/")
             return self.stack.path_fd(index, head), tail
-        except OSError:
-            return None, tail
+        return self.stack.parent_fd(index, node), where
+
+    def layer_path(self, node: Node, index: int) -> bytes:
+        """The path of directory ``node`` from the root of layer ``index`` (one of its layers)."""
+        parts: list[bytes] = []
+        n: Node | None = node
+        while n is not None and n.parent is not None:
+            where = n.where(index)
+            if where[:1] == b"/":
+                parts.append(where[1:])
+                break
+            parts.append(where)
+            n = n.parent
+        return b"/".join(reversed(parts))
 
     def lookup(self, parent: Node, name: bytes, mask: int | None = None) -> Node:
         """Resolve and enter into the inode table; the caller counts the kernel's lookup."""
@@ -441,7 +552,9 @@ class Union:
     def _open_real(self, node: Node, flags: int) -> int:
         fd, name = self.locate(node)
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
-        return ovl.open_at(fd, name, flags)
+        # Reading a lower file leaves its atime alone, as overlayfs (non-standard behaviour (a)).
+        lower = not node.indexed and not self.stack.is_upper(node.top)
+        return ovl.open_at(fd, name, flags, noatime=lower)
 
     def read(self, f: "OpenFile", off: int, size: int) -> bytes:
         return os.pread(f.fd, size, off)

@@ -441,7 +441,7 @@ class WritableUnion(Union):
                 st = None
             if st is not None:
                 return not self._is_whiteout(index, parent, pfd, name, st)
-            if self.stack.layers[index].oci_whiteouts and ovl.exists_at(pfd, formats.WH_PREFIX + name):
+            if self._oci_whiteout_at(index, pfd, name):
                 return False
         return False
 
@@ -469,12 +469,25 @@ class WritableUnion(Union):
             self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
             fd = self._open_real(node, os.O_RDWR if write else os.O_RDONLY)
             if flags & os.O_TRUNC and (was_upper or node.indexed):
-                ovl.ftruncate(fd, 0)  # a copy-up that linked an indexed inode copied its data
-            f = OpenFile(node, fd, writable=True)
+                # A copy-up that linked an indexed inode copied its data.  O_RDONLY|O_TRUNC
+                # truncates too, as on Linux: through a descriptor of its own.
+                self._truncate_real(node, fd if write else None)
+            f = OpenFile(node, fd, writable=write)
         else:
             f = OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
         self._open.setdefault(node.ino, set()).add(f)
         return f
+
+    def _truncate_real(self, node: Node, fd: int | None, size: int = 0) -> None:
+        """Truncate the upper copy of ``node``: through ``fd``, or a write descriptor opened for it."""
+        if fd is not None:
+            ovl.ftruncate(fd, size)
+            return
+        wfd = self._open_real(node, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            ovl.ftruncate(wfd, size)
+        finally:
+            os.close(wfd)
 
     def write(self, f: OpenFile, off: int, data: bytes) -> int:
         if not f.writable:
@@ -725,6 +738,9 @@ class WritableUnion(Union):
     # --- rename ----------------------------------------------------------------------
 
     def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
+        if flags & ~(ovl.RENAME_EXCHANGE | ovl.RENAME_NOREPLACE):
+            # As overlayfs: RENAME_WHITEOUT (and anything newer) is not for a union's users.
+            raise OSError(errno.EINVAL, "unsupported rename flags")
         node = self.lookup(old_parent, old_name)
         target = self.resolve(new_parent, new_name)
         if target is not None:
@@ -810,6 +826,7 @@ class WritableUnion(Union):
         has_lower = any(not self.stack.is_upper(i) for i in node.layers)
         if has_lower:
             lower_path = node.redirect if node.redirect is not None else self.lower_path(node)
+            self._pin_lower_paths(node)
             self.copy_up(node)
             fd = self.stack.dir_fd(0, node)
             if node.redirect is None:
@@ -819,6 +836,12 @@ class WritableUnion(Union):
             # A pure upper directory moving into a merged one: lower entries of the
             # same name must not merge into it.
             formats.mark_opaque(self.stack.dir_fd(0, node), self.style)
+
+    def _pin_lower_paths(self, node: Node) -> None:
+        """A directory about to move keeps its lower dirs: from now on they are named from each
+        layer's root, not through its (new) parent."""
+        node.paths = tuple(None if self.stack.is_upper(i) else b"/" + self.layer_path(node, i)
+                           for i in node.layers)
 
     def _empty_upper_dir(self, parent: Node, name: bytes) -> None:
         """Before renaming over an (empty) merged dir, drop its upper copy's whiteouts."""
@@ -850,11 +873,7 @@ class WritableUnion(Union):
                 ovl.ftruncate(f.fd, size)
             else:
                 self.copy_up(node, truncate=size == 0)
-                fd = self._open_real(node, os.O_WRONLY | os.O_NONBLOCK)
-                try:
-                    ovl.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
+                self._truncate_real(node, None, size)
         if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
             return
         self.copy_up(node)
