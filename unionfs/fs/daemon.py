@@ -231,6 +231,17 @@ def _pidfile(mountpoint: str) -> str:
     return os.path.join(base, os.path.realpath(mountpoint).strip("/").replace("/", "%") + ".pid")
 
 
+def _running(pid: int) -> bool:
+    """Is ``pid`` still running?  A zombie is not: the daemon has exited, and its parent (maybe a
+    subreaper, maybe an init that reaps late) has not yet collected it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
 def daemons_holding(paths: list[str]) -> dict[str, int]:
     """Which of ``paths`` (layer or upper dirs) a running unionfs daemon holds open: {path: pid}.
 
@@ -462,11 +473,7 @@ def umount(mountpoint: str, timeout: float = 10.0) -> int:
     if pid is not None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
+            if not _running(pid):
                 break
             time.sleep(0.02)
         else:
