@@ -64,7 +64,9 @@ class Podman:
     def __init__(self, base: Path, program: str | None = None, host_network: bool | None = None) -> None:
         self.base, self.program = Path(base), program
         self.base.mkdir(parents=True, exist_ok=True)
-        self.runroot = tempfile.mkdtemp(prefix="unionfs-pm-")   # podman wants it under 50 characters
+        # vfs: podman wants a runroot under 50 characters; with a mount program, the containers'
+        # shm mounts live there and must stay in the test's own tree (their removal needs it).
+        self.runroot = str(self.base / "run") if program else tempfile.mkdtemp(prefix="unionfs-pm-")
         self.host_network = program is not None if host_network is None else host_network
         self.use_program(program)
         (self.base / "containers.conf").write_text(CONTAINERS_CONF)
