@@ -1,7 +1,8 @@
 """Bounded fuzzing (hypothesis, a fixed budget, derandomized so the suite is repeatable): the layer
 extractor, the outer archive reader and the manifest/config/index parsers get mutated real inputs and
 random ones, and nothing but the project's own error (ImageError: one line, exit status 2) may escape.
-(There is no Dockerfile parser yet; when build lands, it joins here.)"""
+The Dockerfile parser and its word expansion get mutated real Dockerfiles and random text under the
+same rule (their errors are UsageErrors too)."""
 from __future__ import annotations
 
 import gzip
@@ -22,6 +23,8 @@ from unionfs.image import docker_archive
 from unionfs.image import oci_layout as oci
 from unionfs.image.archive import DirArchive, TarArchive
 from unionfs.image.extract import extract_layer
+from unionfs.build import dockerfile, words
+from unionfs.errors import UsageError
 from unionfs.image.model import Config, ImageError, Reference, parse_json, parse_manifest
 
 # UNIONFS_FUZZ_EXAMPLES=N: a longer, randomized run by hand (the suite's is fixed and repeatable).
@@ -209,3 +212,54 @@ def test_fuzz_outer_archive(blob):
 @pytest.mark.skipif(bool(_LONG), reason="a long run by hand")
 def test_budget_is_bounded():
     assert BUDGET.max_examples <= 300 and BUDGET.derandomize
+
+
+SEED_DOCKERFILE = r"""# syntax=docker/dockerfile:1
+# escape=\
+ARG BASE=bb:1
+FROM ${BASE} AS build
+ENV A=1 B="two words" C=${A:-x} D=\$E
+LABEL k=v "k 2"="v 2"
+RUN echo $A \
+    && echo done
+RUN <<EOF
+echo heredoc
+EOF
+COPY --chown=1000:1000 --chmod=0644 a* /dst/
+COPY <<-"END" /etc/motd
+	hello ${A}
+	END
+ADD ["src", "/d st/"]
+WORKDIR ${HOME:+/home}/x
+USER app:app
+EXPOSE 80/tcp 53/udp
+VOLUME ["/data"]
+ONBUILD RUN true
+HEALTHCHECK --interval=5s CMD ["true"]
+STOPSIGNAL SIGTERM
+SHELL ["/bin/sh", "-c"]
+ENTRYPOINT ["/bin/sh"]
+CMD echo $B
+FROM scratch
+COPY --from=build /dst /
+"""
+
+
+@BUDGET
+@given(st.one_of(mutated(SEED_DOCKERFILE.encode()), st.binary(max_size=600)))
+def test_fuzz_dockerfile_parser(blob):
+    """A mutated Dockerfile (or random bytes): parsing, and every instruction's word expansion, give a
+    Dockerfile or one UsageError (the file and line named), never anything else."""
+    text = blob.decode("utf-8", errors="replace")
+    try:
+        df = dockerfile.parse(text, "Dockerfile")
+    except UsageError as e:
+        assert "\n" not in str(e).strip() or str(e).startswith("Dockerfile"), str(e)
+        return
+    env = {"A": "1", "HOME": "/root"}
+    for ins in df.instructions:
+        for expand in (words.words, words.pairs):
+            try:
+                expand(ins.rest, env, df.escape)
+            except UsageError:
+                pass

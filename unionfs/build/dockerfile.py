@@ -184,7 +184,9 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
                                            logical))
     if not df.instructions:
         raise df.error(1, "the Dockerfile has no instructions")
-    first = next(ins for ins in df.instructions if ins.cmd != "ARG")
+    first = next((ins for ins in df.instructions if ins.cmd != "ARG"), None)
+    if first is None:
+        raise df.error(df.instructions[-1], "no FROM: a Dockerfile needs a FROM after its ARGs")
     if first.cmd != "FROM":
         raise df.error(first, "the first instruction (after ARGs) must be FROM")
     for ins in df.instructions:
