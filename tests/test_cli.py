@@ -98,6 +98,9 @@ def test_foreground_sigterm_unmounts(stack, tmp_path):
     ("no-layers", "no lower layers"),
     ("bad-option", "unknown mount option"),
     ("upper-without-work", "needs a work dir"),
+    ("bare-upperdir", "upperdir needs a directory"),
+    ("empty-workdir", "workdir needs a directory"),
+    ("empty-lowerdir", "lowerdir needs directories"),
 ])
 def test_usage_errors_are_one_line(stack, tmp_path, case, message):
     top, bottom, mnt = stack
@@ -112,6 +115,9 @@ def test_usage_errors_are_one_line(stack, tmp_path, case, message):
         "no-layers": [str(mnt)],
         "bad-option": ["-o", f"lowerdir={top},frobnicate", str(mnt)],
         "upper-without-work": ["--lower", f"{bottom}", "--upper", str(top), str(mnt)],
+        "bare-upperdir": ["-o", f"lowerdir={bottom},upperdir", str(mnt)],
+        "empty-workdir": ["-o", f"lowerdir={bottom},upperdir={top},workdir=", str(mnt)],
+        "empty-lowerdir": ["-o", "lowerdir=", str(mnt)],
     }[case]
     r = run("mount", *args)
     assert r.returncode == 2

@@ -129,13 +129,15 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
     ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
+            if not v:
+                raise UsageError("mount option lowerdir needs directories: lowerdir=TOP:...:BOTTOM")
             if lower:
                 raise UsageError("give the lower layers once: --lower or -o lowerdir")
             lower = split_lowerdir(v or "")
-        elif k == "upperdir":
-            upper = v
-        elif k == "workdir":
-            work = v
+        elif k in ("upperdir", "workdir"):
+            if not v:   # a bare or empty one would silently give a read-only mount
+                raise UsageError(f"mount option {k} needs a directory: {k}=DIR")
+            upper, work = (v, work) if k == "upperdir" else (upper, v)
         elif k in PASSTHROUGH and v is None:
             fuse.add(k)
         elif k in PASSTHROUGH_VALUE and v:
