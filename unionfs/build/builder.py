@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from ..container.commands import image_lower
-from ..container.commit import add_layer_tar, container_layer, register_config
+from ..container.commit import container_layer
 from ..errors import UsageError
+from ..image.load import add_layer_tar, register_config
 from ..image.mutate import new_config
 from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store

@@ -1,16 +1,19 @@
-"""Where images come from: a directory or a tar archive, read by name, blobs verified by digest.
+"""Images as named files, a directory or a tar, both ways: read by name with blobs verified by
+digest (:class:`Archive`), written by name (:class:`Sink`).
 
-Both source formats (OCI layout, docker save) are a set of named files; this
-module gives them one interface, :class:`Archive`, and the description of an
-image found in one, :class:`SourceImage`.  In a tar, members that are symlinks
-or hard links to other members (``docker save`` writes ``<id>/layer.tar`` as
-symlinks) are resolved inside the archive only.
+Both formats (OCI layout, docker save) are a set of named files; this module gives them one
+interface each way, and the description of an image found in a source, :class:`SourceImage`.
+In a tar, members that are symlinks or hard links to other members (``docker save`` writes
+``<id>/layer.tar`` as symlinks) are resolved inside the archive only.  It knows no format's
+file names or JSON: that is :mod:`.oci_layout` and :mod:`.docker_archive`.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 from dataclasses import dataclass, field
@@ -203,3 +206,67 @@ def open_archive(path: str) -> Archive:
     if os.path.isdir(path):
         return DirArchive(path)
     return TarArchive(path)
+
+
+class Sink:
+    """Named files of an image being written; the caller makes it appear atomically."""
+
+    def has(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def add(self, name: str, data: bytes | BinaryIO, size: int | None = None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TarSink(Sink):
+    """A new tar file (PAX, members 0644 with mtime 0), synced when closed."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "xb")
+        self.tf = tarfile.open(fileobj=self.f, mode="w", format=tarfile.PAX_FORMAT)
+        self.names: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def add(self, name: str, data: bytes | BinaryIO, size: int | None = None) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.mode, ti.mtime = 0o644, 0
+        if isinstance(data, bytes):
+            ti.size = len(data)
+            data = io.BytesIO(data)
+        else:
+            ti.size = size or 0
+        self.tf.addfile(ti, data)
+        self.names.add(name)
+
+    def close(self) -> None:
+        self.tf.close()
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+class DirSink(Sink):
+    """A new directory; each file synced as written."""
+
+    def __init__(self, path: str) -> None:
+        self.root = path
+        os.mkdir(path, 0o755)
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.root, name))
+
+    def add(self, name: str, data: bytes | BinaryIO, size: int | None = None) -> None:
+        p = os.path.join(self.root, name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "xb") as out:
+            if isinstance(data, bytes):
+                out.write(data)
+            else:
+                shutil.copyfileobj(data, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())

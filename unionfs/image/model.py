@@ -247,6 +247,11 @@ class Image:
         return sum(self.layer_sizes)
 
 
+def dump_json(doc: Any) -> bytes:
+    """A document as written to a blob or an archive: compact, as Docker and skopeo write it."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def parse_json(raw: bytes, what: str, limit: int = MAX_JSON) -> Any:
     """A JSON document from outside, bounded in size and nesting depth before anyone walks it."""
     if len(raw) > limit:
