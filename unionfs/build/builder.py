@@ -69,6 +69,17 @@ class Options:
     runtime: str | None = None
 
 
+def key_values(values: list[str] | None, what: str) -> dict[str, str]:
+    """``--build-arg``/``--label`` values: ``KEY=VALUE``, or ``KEY`` alone for our environment's value."""
+    out = {}
+    for kv in values or []:
+        k, eq, v = kv.partition("=")
+        if not k:
+            raise UsageError(f"{what} {kv!r}: give KEY=VALUE")
+        out[k] = v if eq else os.environ.get(k, "")
+    return out
+
+
 @dataclass
 class Stage:
     index: int
