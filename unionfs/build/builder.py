@@ -114,6 +114,14 @@ class State:
         return {**self.args, **self.env()}
 
 
+def _pairs(df: Dockerfile, ins: Instruction, env: dict) -> list[tuple[str, str]]:
+    """The ``k=v`` pairs of an ARG, ENV or LABEL; a mistake is the Dockerfile's, with its line."""
+    try:
+        return words.pairs(ins.rest, env, df.escape, ins.cmd)
+    except UsageError as e:
+        raise df.error(ins, str(e)) from None
+
+
 def _iso(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -188,19 +196,13 @@ class Builder:
                     raise df.error(ins, f"duplicate stage name {name!r}")
                 stages.append(Stage(len(stages), name, ins, []))
             elif not stages:   # ARG before the first FROM: for FROM lines only
-                for k, v in self._arg_pairs(df, ins, meta):
+                for k, v in _pairs(df, ins, meta):
                     meta[k] = self.opts.build_args.get(k, v if v is not None else "")
                     if k in self.opts.build_args:
                         self.used_args.add(k)
             else:
                 stages[-1].body.append(ins)
         return meta, stages
-
-    def _arg_pairs(self, df: Dockerfile, ins: Instruction, env: dict) -> list[tuple[str, str | None]]:
-        try:
-            return words.pairs(ins.rest, env, df.escape, "ARG")
-        except UsageError as e:
-            raise df.error(ins, str(e)) from None
 
     def needed(self, df: Dockerfile, meta: dict[str, str], stages: list[Stage]) -> list[Stage]:
         """The stages the target needs (by FROM and COPY --from), in Dockerfile order."""
@@ -418,7 +420,7 @@ class Builder:
         cmd = ins.cmd
         if cmd == "ARG":
             out = []
-            for k, default in self._arg_pairs(df, ins, v):
+            for k, default in _pairs(df, ins, v):
                 if k in self.opts.build_args:
                     val = self.opts.build_args[k]
                     self.used_args.add(k)
@@ -433,10 +435,7 @@ class Builder:
                 out.append(k if default is None else f"{k}={default}")
             return self.meta_step(state, ins, " ".join(out), lambda c: None)
         if cmd == "ENV":
-            try:
-                pairs = words.pairs(ins.rest, v, df.escape, "ENV")
-            except UsageError as e:
-                raise df.error(ins, str(e)) from None
+            pairs = _pairs(df, ins, v)
 
             def set_env(c: dict) -> None:
                 env = list(c.get("Env") or [])
@@ -450,10 +449,7 @@ class Builder:
                 c["Env"] = env
             return self.meta_step(state, ins, " ".join(f"{k}={val}" for k, val in pairs), set_env)
         if cmd == "LABEL":
-            try:
-                pairs = words.pairs(ins.rest, v, df.escape, "LABEL")
-            except UsageError as e:
-                raise df.error(ins, str(e)) from None
+            pairs = _pairs(df, ins, v)
             return self.meta_step(state, ins, " ".join(f"{k}={val}" for k, val in pairs),
                                   lambda c: c.__setitem__("Labels", {**(c.get("Labels") or {}), **dict(pairs)}))
         if cmd == "MAINTAINER":

@@ -325,6 +325,14 @@ def parse_manifest(raw: bytes, what: str = "manifest") -> tuple[dict, list[dict]
     return m["config"], m["layers"]
 
 
+def layer_media(desc: dict, where: str) -> str:
+    """A layer descriptor's media type, if it is one we can use: a tar (maybe compressed), not encrypted."""
+    media = desc.get("mediaType") or ""
+    if "tar" not in media or "encrypted" in media:
+        raise ImageError(f"{where}: layer {desc['digest']}: unsupported media type {quote(media)}")
+    return media
+
+
 MAX_BLOB_SIZE = 1 << 42   # 4 TiB: a descriptor claiming more is not an image
 
 

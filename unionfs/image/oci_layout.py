@@ -23,7 +23,7 @@ import hashlib
 from . import platform
 from .archive import Archive, Sink, SourceImage, SourceLayer
 from .model import (INDEX_TYPES, MANIFEST_TYPES, MAX_IMAGES, MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_LAYER,
-                    MEDIA_OCI_MANIFEST, ImageError, Layer, Reference, check_descriptor, dump_json, field_of,
+                    MEDIA_OCI_MANIFEST, ImageError, Layer, Reference, check_descriptor, dump_json, field_of, layer_media,
                     parse_json, parse_manifest, quote)
 from .store import Store
 from .streams import Selected, add_layer_once, as_shipped, blob_compression, tar_size, uncompressed
@@ -68,10 +68,7 @@ def image_from_manifest(archive: Archive, digest: str, data: bytes, tags: tuple[
     config, layers = parse_manifest(data, f"{archive.path}: manifest {digest}")
     out = []
     for d in layers:
-        media = d.get("mediaType") or ""
-        if "tar" not in media or "encrypted" in media:
-            raise ImageError(f"{archive.path}: layer {d['digest']}: unsupported media type {quote(media)}")
-        out.append(SourceLayer(blob_name(d["digest"]), d["digest"], media))
+        out.append(SourceLayer(blob_name(d["digest"]), d["digest"], layer_media(d, archive.path)))
     return SourceImage(blob_name(config["digest"]), config["digest"], tuple(out), tags, data, digest, ref_names)
 
 
