@@ -368,7 +368,8 @@ class Builder:
 
     def _commit_locked(self, state: State, key_parts, created_by: str, change, layer: Layer | None,
                        author: str | None) -> State:
-        cfg = new_config(state.config, layer.diff_id if layer else None, created_by)
+        cfg = new_config(state.config, layer.diff_id if layer else None, created_by,
+                         created=_iso(self.now) if self.now is not None else None)
         author = author or state.config.get("author")
         if author:   # MAINTAINER's (or the base's), for every later step too
             cfg["author"] = author
@@ -379,9 +380,6 @@ class Builder:
             change(inner)
         for k in [k for k, v in inner.items() if v is None]:
             del inner[k]
-        if self.now is not None:
-            cfg["created"] = _iso(self.now)
-            cfg["history"][-1]["created"] = _iso(self.now)
         layers = state.layers + ([layer] if layer else [])
         image_id = register_config(self.store, cfg, layers)
         if key_parts is not None:

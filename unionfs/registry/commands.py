@@ -1,4 +1,9 @@
-"""The ``pull``, ``push``, ``login`` and ``logout`` subcommands (wired into :mod:`unionfs.cli`)."""
+"""The ``pull``, ``push``, ``login`` and ``logout`` subcommands: their arguments and what they print.
+
+Wired into :mod:`unionfs.cli`.  Thin, as the rest of the command line: how to talk to a registry
+is :mod:`.client`'s, what is pulled or pushed :mod:`.pull`'s and :mod:`.push`'s, credentials
+:mod:`.auth`'s.
+"""
 from __future__ import annotations
 
 import argparse
