@@ -184,8 +184,7 @@ def _cmd_wait(args: argparse.Namespace) -> int:
 
 def _cmd_logs(args: argparse.Namespace) -> int:
     from .container.lifecycle import logs
-    tail = None if args.tail in (None, "all") else int(args.tail)
-    logs(_store(args), args.container, args.follow, tail)
+    logs(_store(args), args.container, args.follow, args.tail)
     return 0
 
 
@@ -226,10 +225,13 @@ def _cmd_volume_prune(args: argparse.Namespace) -> int:
     return _print_lines(volumes.prune(_store(args), args.all))
 
 
-def _tail(value: str) -> str:
-    if value != "all" and not value.lstrip("-").isdigit():
+def _tail(value: str) -> int | None:
+    """``--tail N`` (None: all of it)."""
+    if value == "all":
+        return None
+    if not value.lstrip("-").isdigit():
         raise argparse.ArgumentTypeError("a number of lines, or all")
-    return value
+    return int(value)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import re
 
 from . import oci_layout
 from .archive import Archive, Sink, SourceImage, SourceLayer
-from .model import MAX_IMAGES, MEDIA_DOCKER_LAYER, ImageError, Reference, dump_json, field_of, parse_json
+from .model import MAX_IMAGES, MEDIA_DOCKER_LAYER, ImageError, Layer, Reference, dump_json, field_of, parse_json
 from .store import Store
 from .streams import Selected, add_layer_once, uncompressed
 
@@ -80,14 +80,16 @@ def write(store: Store, images: list[Selected], sink: Sink) -> None:
     """Write the images as one archive."""
     manifest = []
     for sel in images:
-        image, tags, name = sel.image, sel.tags, sel.name
-        layers = []
-        for ly in image.layers:
-            layer_name = ly.diff_id[7:] + ".tar"
-            add_layer_once(sink, layer_name, uncompressed, store, name, ly)
-            layers.append(layer_name)
-        cfg_name = image.id[7:] + ".json"
+        cfg_name = sel.image.id[7:] + ".json"
         if not sink.has(cfg_name):
-            sink.add(cfg_name, store.blob(image.id))
-        manifest.append({"Config": cfg_name, "RepoTags": list(tags), "Layers": layers})
+            sink.add(cfg_name, store.blob(sel.image.id))
+        manifest.append({"Config": cfg_name, "RepoTags": list(sel.tags),
+                         "Layers": [_add_layer(store, sink, sel, ly) for ly in sel.image.layers]})
     sink.add("manifest.json", dump_json(manifest))
+
+
+def _add_layer(store: Store, sink: Sink, sel: Selected, layer: Layer) -> str:
+    """A layer as ``<diff_id hex>.tar``, uncompressed (once, if images share it): its name."""
+    name = layer.diff_id[7:] + ".tar"
+    add_layer_once(sink, name, uncompressed, store, sel.name, layer)
+    return name

@@ -136,22 +136,24 @@ def write(store: Store, images: list[Selected], sink: Sink) -> None:
     sink.add("oci-layout", dump_json({"imageLayoutVersion": "1.0.0"}))
     index: dict = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": []}
     for sel in images:
-        image, tags, name = sel.image, sel.tags, sel.name
-        descs = []
-        for ly in image.layers:
-            desc = layer_descriptor(store, ly)
-            opener = as_shipped if desc["digest"] == ly.digest else uncompressed
-            add_layer_once(sink, blob_name(desc["digest"]), opener, store, name, ly)
-            descs.append(desc)
-        config = store.blob(image.id)
-        _add_blob_once(sink, config, image.id)
-        manifest = _manifest(image.id, len(config), descs)
+        descs = [_add_layer(store, sink, sel, ly) for ly in sel.image.layers]
+        config = store.blob(sel.image.id)
+        _add_blob_once(sink, config, sel.image.id)
+        manifest = _manifest(sel.image.id, len(config), descs)
         mdigest = "sha256:" + hashlib.sha256(manifest).hexdigest()
         _add_blob_once(sink, manifest, mdigest)
         mdesc = {"mediaType": MEDIA_OCI_MANIFEST, "digest": mdigest, "size": len(manifest)}
-        for t in tags or (None,):
+        for t in sel.tags or (None,):
             d = dict(mdesc)
             if t:
                 d["annotations"] = {CONTAINERD_NAME: t, REF_NAME: t.rpartition(":")[2]}
             index["manifests"].append(d)
     sink.add("index.json", dump_json(index))
+
+
+def _add_layer(store: Store, sink: Sink, sel: Selected, layer: Layer) -> dict:
+    """A layer's blob as kept (uncompressed if OCI has no media type for it), once: its descriptor."""
+    desc = layer_descriptor(store, layer)
+    opener = as_shipped if desc["digest"] == layer.digest else uncompressed
+    add_layer_once(sink, blob_name(desc["digest"]), opener, store, sel.name, layer)
+    return desc
