@@ -62,13 +62,17 @@ class Archive:
 
     path: str
 
-    def exists(self, name: str) -> bool:
+    def _size_of(self, name: str) -> int | None:
+        """The size of the regular file ``name``; None if there is none."""
         raise NotImplementedError
 
-    def open(self, name: str) -> BinaryIO:
-        raise NotImplementedError
+    def exists(self, name: str) -> bool:
+        return self._size_of(name) is not None
 
     def size(self, name: str) -> int:
+        return self._size_of(name) or 0
+
+    def open(self, name: str) -> BinaryIO:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -112,7 +116,7 @@ class DirArchive(Archive):
             os.close(self.fd)
             self.fd = -1
 
-    def _stat(self, name: str) -> os.stat_result | None:
+    def _size_of(self, name: str) -> int | None:
         try:
             fd = ovl.open_beneath(self.fd, os.fsencode(_safe(name, self.path)), os.O_RDONLY)
         except OSError:
@@ -121,14 +125,7 @@ class DirArchive(Archive):
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return st if stat.S_ISREG(st.st_mode) else None
-
-    def exists(self, name: str) -> bool:
-        return self._stat(name) is not None
-
-    def size(self, name: str) -> int:
-        st = self._stat(name)
-        return st.st_size if st else 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def open(self, name: str) -> BinaryIO:
         fd = ovl.open_beneath(self.fd, os.fsencode(_safe(name, self.path)), os.O_RDONLY)
@@ -184,12 +181,9 @@ class TarArchive(Archive):
                 return None
         raise ImageError(f"{self.path}: member {quote(name)}: too many levels of links")
 
-    def exists(self, name: str) -> bool:
-        return self._resolve(name) is not None
-
-    def size(self, name: str) -> int:
+    def _size_of(self, name: str) -> int | None:
         m = self._resolve(name)
-        return m.size if m else 0
+        return m.size if m else None
 
     def open(self, name: str) -> BinaryIO:
         m = self._resolve(name)
