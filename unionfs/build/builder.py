@@ -26,7 +26,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import Callable, TextIO, TypeVar
 
 from ..container.commands import image_lower
 from ..container.commit import container_layer
@@ -43,6 +43,7 @@ from .layer import ImageTree, Member, write_tar
 PROXY_ARGS = {n for k in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY") for n in (k, k.lower())}
 PREDEFINED = PROXY_ARGS | {"SOURCE_DATE_EPOCH"}   # build args that need no ARG (and draw no "not consumed" warning)
 PLATFORM = ("linux", "amd64")
+T = TypeVar("T")
 # The history of a step without a command, whatever the SHELL (as docker and buildah write it).
 NOP = "/bin/sh -c #(nop)"
 
@@ -114,12 +115,17 @@ class State:
         return {**self.args, **self.env()}
 
 
-def _pairs(df: Dockerfile, ins: Instruction, env: dict) -> list[tuple[str, str]]:
-    """The ``k=v`` pairs of an ARG, ENV or LABEL; a mistake is the Dockerfile's, with its line."""
+def _lexed(df: Dockerfile, ins: Instruction, call: Callable[[], T]) -> T:
+    """A :mod:`.words` reading of an instruction's text; a mistake is the Dockerfile's, with its line."""
     try:
-        return words.pairs(ins.rest, env, df.escape, ins.cmd)
+        return call()
     except UsageError as e:
         raise df.error(ins, str(e)) from None
+
+
+def _pairs(df: Dockerfile, ins: Instruction, env: dict) -> list[tuple[str, str]]:
+    """The ``k=v`` pairs of an ARG, ENV or LABEL."""
+    return _lexed(df, ins, lambda: words.pairs(ins.rest, env, df.escape, ins.cmd))
 
 
 def _iso(epoch: int) -> str:
@@ -248,16 +254,10 @@ class Builder:
         return None
 
     def _word(self, df: Dockerfile, ins: Instruction, text: str, env: dict[str, str]) -> str:
-        try:
-            return words.word(text, env, df.escape)
-        except UsageError as e:
-            raise df.error(ins, str(e)) from None
+        return _lexed(df, ins, lambda: words.word(text, env, df.escape))
 
     def _words(self, df: Dockerfile, ins: Instruction, text: str, env: dict[str, str]) -> list[str]:
-        try:
-            return words.words(text, env, df.escape)
-        except UsageError as e:
-            raise df.error(ins, str(e)) from None
+        return _lexed(df, ins, lambda: words.words(text, env, df.escape))
 
     # --- the build ----------------------------------------------------------------
 
