@@ -1,4 +1,11 @@
-"""The ``unionfs`` command line."""
+"""The ``unionfs`` command line: argparse wired to one function per command, and nothing else.
+
+Each ``_cmd_*`` parses nothing of its own and decides nothing: it hands the arguments to the
+function of the package the command belongs to (``image``, ``container``, ``build``,
+``registry``, ``fs.daemon``) and prints what that returns.  :func:`main` turns our errors into one
+line and an exit status (2 for a mistake, 1 for an OS error).  Also fuse-overlayfs's command line,
+for podman's ``mount_program`` and mount.fuse3.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,38 +13,17 @@ import json
 import os
 import sys
 
-from .errors import UsageError
-from .fs.daemon import build_config, mount, umount
+from .errors import UsageError, one_line
+from .fs.daemon import build_config, mount
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    from .container.commands import mount_target
     if len(args.targets) > 2:
         raise UsageError("mount takes [IMAGE] MOUNTPOINT")
     name = args.targets[0] if len(args.targets) == 2 else None
-    mountpoint = args.targets[-1]
-    options = args.options or []
-    if name is None:
-        if args.writable:
-            raise UsageError("--writable needs an IMAGE (for layer directories, give --upper and --work)")
-        from .fs.daemon import split_lowerdir
-        lower = [d for value in args.lower or [] for d in split_lowerdir(value)]
-        return mount(build_config(mountpoint, lower, args.upper, args.work, options, args.foreground, args.log))
-    from .container import commands as cc, model as cm
-    from .image.commands import mount_image
-    if args.lower or any(o.startswith("lowerdir=") or ",lowerdir=" in o for o in options):
-        raise UsageError("give an IMAGE or CONTAINER, or lower layers (--lower, -o lowerdir=), not both")
-    store = _store(args)
-    if not args.writable:
-        c = cm.find(store, name) if store.exists() else None
-        if c is not None:   # a container's name or id first, then an image's
-            if args.upper or args.work:
-                raise UsageError("a container's layers come from the store: no --upper/--work")
-            return cc.mount_container(store, c, mountpoint, options, args.foreground, args.log)
-    if args.upper or args.work:
-        raise UsageError("an image's writable layer comes from the store: use --writable, not --upper/--work")
-    if args.writable:
-        return cc.create_and_mount(store, name, mountpoint, options, args.foreground, args.log)
-    return mount_image(store, name, mountpoint, options, args.foreground, args.log)
+    return mount_target(_store(args), name, args.targets[-1], args.lower or [], args.upper, args.work,
+                        args.options or [], args.writable, args.foreground, args.log)
 
 
 # --- images ------------------------------------------------------------------------
@@ -50,18 +36,11 @@ def _store(args: argparse.Namespace):
 def _cmd_load(args: argparse.Namespace) -> int:
     from .image.load import load
     from .image.model import Reference
+    from .image.report import loaded_lines
     tag = Reference.parse(args.tag) if args.tag else None
     for loaded in load(_store(args), args.path, tag):
-        for t in loaded.tags:
-            print(f"Loaded image: {t}")
-        if not loaded.tags:
-            print(f"Loaded image ID: {loaded.image_id}")
-            if loaded.ref_names:
-                print(f"unionfs: note: the OCI ref name(s) {', '.join(loaded.ref_names)} name no repository; "
-                      "name the image with --tag REPO:TAG", file=sys.stderr)
-        if not args.quiet:
-            print(f"layers: {loaded.new_layers} extracted, {loaded.reused_layers} already in the store",
-                  file=sys.stderr)
+        for line, to_stderr in loaded_lines(loaded, args.quiet):
+            print(line, file=sys.stderr if to_stderr else sys.stdout)
     return 0
 
 
@@ -95,25 +74,13 @@ def _cmd_tag(args: argparse.Namespace) -> int:
 
 
 def _cmd_rmi(args: argparse.Namespace) -> int:
-    from .container.model import using
-    from .image.commands import rmi
-    store = _store(args)
-    with store.locked():
-        for name in args.images:
-            removed = rmi(store, name, args.force, lambda image_id: [c.short_id for c in using(store, image_id)])
-            for t in removed.untagged:
-                print(f"Untagged: {t}")
-            if removed.deleted:
-                print(f"Deleted: {removed.deleted}")
-    return 0
+    from .container.commands import rmi
+    return _print_lines(rmi(_store(args), args.images, args.force))
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if not os.path.lexists(args.mountpoint) and "/" not in args.mountpoint and store.exists():
-        from .container.commands import umount_container   # a container's name or id
-        return umount_container(store, args.mountpoint)
-    return umount(args.mountpoint)
+    from .container.commands import umount_target
+    return umount_target(_store(args), args.mountpoint)
 
 
 # --- containers --------------------------------------------------------------------
@@ -132,16 +99,12 @@ def _cmd_ps(args: argparse.Namespace) -> int:
 
 def _cmd_rm(args: argparse.Namespace) -> int:
     from .container.commands import remove
-    for name in remove(_store(args), args.containers, args.force, args.volumes):
-        print(name)
-    return 0
+    return _print_lines(remove(_store(args), args.containers, args.force, args.volumes))
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .container.commands import diff_lines
-    for line in diff_lines(_store(args), args.container):
-        print(line)
-    return 0
+    return _print_lines(diff_lines(_store(args), args.container))
 
 
 def _cmd_commit(args: argparse.Namespace) -> int:
@@ -159,37 +122,26 @@ def _cmd_save(args: argparse.Namespace) -> int:
     return 0
 
 
-def _docker_status(fn, args: argparse.Namespace) -> int:
-    """run and exec exit as docker's: the command's status, 125 when unionfs failed, 126/127 from the runtime."""
-    from .container.lifecycle import RunFailed
-    try:
-        return fn(args)
-    except RunFailed as e:
-        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
-        return e.code
-    except UsageError as e:
-        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
-        return 125
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .container.lifecycle import docker_status
     from .container.run import options, run
 
-    def go(a: argparse.Namespace) -> int:
+    def go() -> int:
+        a = args
         opts = options(a.command, env=a.env or [], env_files=a.env_file or [], volumes_=a.volume or [],
                        mounts=a.mount or [], tmpfs=a.tmpfs or [], entrypoint=a.entrypoint, workdir=a.workdir,
                        user=a.user, hostname=a.hostname, network=a.network, read_only=a.read_only,
                        cap_add=a.cap_add or [], cap_drop=a.cap_drop or [], privileged=a.privileged, init=a.init,
                        tty=a.tty, interactive=a.interactive)
         return run(_store(a), a.image, opts, a.name, a.rm, a.detach, a.runtime)
-    return _docker_status(go, args)
+    return docker_status(go)
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
-    from .container.lifecycle import exec_in
+    from .container.lifecycle import docker_status, exec_in
     from .container.spec import parse_env
-    return _docker_status(lambda a: exec_in(_store(a), a.container, a.command, parse_env(a.env or []), a.user,
-                                            a.workdir, a.tty, a.interactive), args)
+    return docker_status(lambda: exec_in(_store(args), args.container, args.command, parse_env(args.env or []),
+                                         args.user, args.workdir, args.tty, args.interactive))
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
@@ -202,21 +154,25 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return code
 
 
-def _cmd_stop(args: argparse.Namespace) -> int:
-    from .container.lifecycle import restart, stop
+def _each_container(args: argparse.Namespace, act) -> int:
+    """stop, restart, kill: ``act(store, name)`` on each container in turn, its name printed once done."""
     for name in args.containers:
-        (restart if args.verb == "restart" else stop)(_store(args), name, args.time)
+        act(_store(args), name)
         print(name)
     return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from .container.lifecycle import restart, stop
+    verb = restart if args.verb == "restart" else stop
+    return _each_container(args, lambda store, name: verb(store, name, args.time))
 
 
 def _cmd_kill(args: argparse.Namespace) -> int:
     from .container.lifecycle import kill
     from .container.spec import parse_signal
-    for name in args.containers:
-        kill(_store(args), name, parse_signal(args.signal))
-        print(name)
-    return 0
+    sig = parse_signal(args.signal)
+    return _each_container(args, lambda store, name: kill(store, name, sig))
 
 
 def _cmd_wait(args: argparse.Namespace) -> int:
@@ -228,55 +184,65 @@ def _cmd_wait(args: argparse.Namespace) -> int:
 
 def _cmd_logs(args: argparse.Namespace) -> int:
     from .container.lifecycle import logs
-    tail = None if args.tail in (None, "all") else int(args.tail)
-    logs(_store(args), args.container, args.follow, tail)
+    logs(_store(args), args.container, args.follow, args.tail)
     return 0
 
 
-def _cmd_volume(args: argparse.Namespace) -> int:
+def _print_lines(lines) -> int:
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _cmd_volume_create(args: argparse.Namespace) -> int:
     from .container import volumes
     store = _store(args)
-    if args.action == "create":
-        with store.locked():
-            print(volumes.create(store, args.names[0] if args.names else None)[0].name)
-    elif args.action == "ls":
-        print(volumes.ls_table(store, args.quiet))
-    elif args.action == "inspect":
-        print(json.dumps([volumes.resolve(store, n).inspect() for n in args.names], indent=4))
-    elif args.action == "rm":
-        for n in volumes.remove(store, args.names, args.force):
-            print(n)
-    elif args.action == "prune":
-        for n in volumes.prune(store, args.all):
-            print(n)
+    with store.locked():
+        print(volumes.create(store, args.names[0] if args.names else None)[0].name)
     return 0
 
 
-def _tail(value: str) -> str:
-    if value != "all" and not value.lstrip("-").isdigit():
+def _cmd_volume_ls(args: argparse.Namespace) -> int:
+    from .container import volumes
+    print(volumes.ls_table(_store(args), args.quiet))
+    return 0
+
+
+def _cmd_volume_inspect(args: argparse.Namespace) -> int:
+    from .container import volumes
+    store = _store(args)
+    print(json.dumps([volumes.resolve(store, n).inspect() for n in args.names], indent=4))
+    return 0
+
+
+def _cmd_volume_rm(args: argparse.Namespace) -> int:
+    from .container import volumes
+    return _print_lines(volumes.remove(_store(args), args.names, args.force))
+
+
+def _cmd_volume_prune(args: argparse.Namespace) -> int:
+    from .container import volumes
+    return _print_lines(volumes.prune(_store(args), args.all))
+
+
+def _tail(value: str) -> int | None:
+    """``--tail N`` (None: all of it)."""
+    if value == "all":
+        return None
+    if not value.lstrip("-").isdigit():
         raise argparse.ArgumentTypeError("a number of lines, or all")
-    return value
-
-
-def _key_values(values: list[str] | None, what: str) -> dict[str, str]:
-    out = {}
-    for kv in values or []:
-        k, eq, v = kv.partition("=")
-        if not k:
-            raise UsageError(f"{what} {kv!r}: give KEY=VALUE")
-        out[k] = v if eq else os.environ.get(k, "")
-    return out
+    return int(value)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build.builder import BuildError, Options, build
-    opts = Options(tags=args.tag or [], dockerfile=args.file, build_args=_key_values(args.build_arg, "--build-arg"),
-                   target=args.target, no_cache=args.no_cache, labels=_key_values(args.label, "--label"),
+    from .build.builder import BuildError, Options, build, key_values
+    opts = Options(tags=args.tag or [], dockerfile=args.file, build_args=key_values(args.build_arg, "--build-arg"),
+                   target=args.target, no_cache=args.no_cache, labels=key_values(args.label, "--label"),
                    platform=args.platform, quiet=args.quiet, runtime=args.runtime)
     try:
         build(_store(args), args.context, opts)
     except BuildError as e:
-        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
+        print("unionfs: " + one_line(e), file=sys.stderr)
         return e.status
     return 0
 
@@ -413,16 +379,20 @@ def _container_parsers(sub, common) -> None:
     vsub = vo.add_subparsers(dest="action", required=True, metavar="ACTION")
     vc = vsub.add_parser("create", help="a new volume (a generated name if none)", parents=[common])
     vc.add_argument("names", nargs="?", action="append", metavar="NAME")
+    vc.set_defaults(func=_cmd_volume_create)
     vl = vsub.add_parser("ls", help="list volumes", parents=[common])
     vl.add_argument("--quiet", "-q", action="store_true", help="only names")
+    vl.set_defaults(func=_cmd_volume_ls)
     vi = vsub.add_parser("inspect", help="volumes as JSON", parents=[common])
     vi.add_argument("names", nargs="+", metavar="NAME")
+    vi.set_defaults(func=_cmd_volume_inspect)
     vr = vsub.add_parser("rm", help="remove volumes no container uses", parents=[common])
     vr.add_argument("names", nargs="+", metavar="NAME")
     vr.add_argument("--force", "-f", action="store_true", help="no error for a missing volume")
+    vr.set_defaults(func=_cmd_volume_rm)
     vp = vsub.add_parser("prune", help="remove unused anonymous volumes", parents=[common])
     vp.add_argument("--all", "-a", action="store_true", help="unused named volumes too")
-    vo.set_defaults(func=_cmd_volume)
+    vp.set_defaults(func=_cmd_volume_prune)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -499,6 +469,7 @@ def _mount_program(argv: list[str]) -> int:
     """fuse-overlayfs's command line, for podman's ``mount_program`` and for mount.fuse3
     (``mount -t fuse.unionfs``, /etc/fstab): ``unionfs [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT``.
     Returns once mounted (in front with -f); SOURCE, if given, names the mount (fsname)."""
+    from .image.commands import with_fsname
     p = argparse.ArgumentParser(prog="unionfs", usage="%(prog)s -o lowerdir=...[,upperdir=...,workdir=...] "
                                 "[SOURCE] MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
@@ -509,8 +480,8 @@ def _mount_program(argv: list[str]) -> int:
     if len(args.targets) > 2:
         raise UsageError("give [SOURCE] MOUNTPOINT")
     options = list(args.options)
-    if len(args.targets) == 2 and not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
-        options.append("fsname=" + args.targets[0].replace(",", "_"))
+    if len(args.targets) == 2:
+        options = with_fsname(options, args.targets[0].replace(",", "_"))
     if args.debug:
         options.append("debug")
     return mount(build_config(args.targets[-1], [], None, None, options, args.foreground or args.debug))
@@ -540,13 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _mount_program(argv)
         except UsageError as e:
-            print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
+            print("unionfs: " + one_line(e), file=sys.stderr)
             return 2
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except UsageError as e:
-        print("unionfs: " + "; ".join(str(e).splitlines()), file=sys.stderr)
+        print("unionfs: " + one_line(e), file=sys.stderr)
         return 2
     except OSError as e:   # a path the user gave, a damaged store, a full disk: one line, exit status 1
         where = f"{os.fsdecode(e.filename)}: " if e.filename else ""

@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class UsageError(Exception):
     """A mistake in what the user asked for, or bad input: shown as one line, exit status 2."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as the one line the command line prints after ``unionfs: ``."""
+    return "; ".join(str(error).splitlines())

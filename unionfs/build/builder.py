@@ -26,11 +26,12 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import Callable, TextIO, TypeVar
 
 from ..container.commands import image_lower
-from ..container.commit import add_layer_tar, container_layer, register_config
+from ..container.commit import container_layer
 from ..errors import UsageError
+from ..image.load import add_layer_tar, register_config
 from ..image.mutate import new_config
 from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store
@@ -42,6 +43,7 @@ from .layer import ImageTree, Member, write_tar
 PROXY_ARGS = {n for k in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY") for n in (k, k.lower())}
 PREDEFINED = PROXY_ARGS | {"SOURCE_DATE_EPOCH"}   # build args that need no ARG (and draw no "not consumed" warning)
 PLATFORM = ("linux", "amd64")
+T = TypeVar("T")
 # The history of a step without a command, whatever the SHELL (as docker and buildah write it).
 NOP = "/bin/sh -c #(nop)"
 
@@ -66,6 +68,17 @@ class Options:
     quiet: bool = False
     source_date_epoch: int | None = None
     runtime: str | None = None
+
+
+def key_values(values: list[str] | None, what: str) -> dict[str, str]:
+    """``--build-arg``/``--label`` values: ``KEY=VALUE``, or ``KEY`` alone for our environment's value."""
+    out = {}
+    for kv in values or []:
+        k, eq, v = kv.partition("=")
+        if not k:
+            raise UsageError(f"{what} {kv!r}: give KEY=VALUE")
+        out[k] = v if eq else os.environ.get(k, "")
+    return out
 
 
 @dataclass
@@ -100,6 +113,19 @@ class State:
     def vars(self) -> dict[str, str]:
         """What substitution sees: the build args in scope, overridden by ENV (as in Docker)."""
         return {**self.args, **self.env()}
+
+
+def _lexed(df: Dockerfile, ins: Instruction, call: Callable[[], T]) -> T:
+    """A :mod:`.words` reading of an instruction's text; a mistake is the Dockerfile's, with its line."""
+    try:
+        return call()
+    except UsageError as e:
+        raise df.error(ins, str(e)) from None
+
+
+def _pairs(df: Dockerfile, ins: Instruction, env: dict) -> list[tuple[str, str]]:
+    """The ``k=v`` pairs of an ARG, ENV or LABEL."""
+    return _lexed(df, ins, lambda: words.pairs(ins.rest, env, df.escape, ins.cmd))
 
 
 def _iso(epoch: int) -> str:
@@ -176,19 +202,13 @@ class Builder:
                     raise df.error(ins, f"duplicate stage name {name!r}")
                 stages.append(Stage(len(stages), name, ins, []))
             elif not stages:   # ARG before the first FROM: for FROM lines only
-                for k, v in self._arg_pairs(df, ins, meta):
+                for k, v in _pairs(df, ins, meta):
                     meta[k] = self.opts.build_args.get(k, v if v is not None else "")
                     if k in self.opts.build_args:
                         self.used_args.add(k)
             else:
                 stages[-1].body.append(ins)
         return meta, stages
-
-    def _arg_pairs(self, df: Dockerfile, ins: Instruction, env: dict) -> list[tuple[str, str | None]]:
-        try:
-            return words.pairs(ins.rest, env, df.escape, "ARG")
-        except UsageError as e:
-            raise df.error(ins, str(e)) from None
 
     def needed(self, df: Dockerfile, meta: dict[str, str], stages: list[Stage]) -> list[Stage]:
         """The stages the target needs (by FROM and COPY --from), in Dockerfile order."""
@@ -234,16 +254,10 @@ class Builder:
         return None
 
     def _word(self, df: Dockerfile, ins: Instruction, text: str, env: dict[str, str]) -> str:
-        try:
-            return words.word(text, env, df.escape)
-        except UsageError as e:
-            raise df.error(ins, str(e)) from None
+        return _lexed(df, ins, lambda: words.word(text, env, df.escape))
 
     def _words(self, df: Dockerfile, ins: Instruction, text: str, env: dict[str, str]) -> list[str]:
-        try:
-            return words.words(text, env, df.escape)
-        except UsageError as e:
-            raise df.error(ins, str(e)) from None
+        return _lexed(df, ins, lambda: words.words(text, env, df.escape))
 
     # --- the build ----------------------------------------------------------------
 
@@ -354,7 +368,8 @@ class Builder:
 
     def _commit_locked(self, state: State, key_parts, created_by: str, change, layer: Layer | None,
                        author: str | None) -> State:
-        cfg = new_config(state.config, layer.diff_id if layer else None, created_by)
+        cfg = new_config(state.config, layer.diff_id if layer else None, created_by,
+                         created=_iso(self.now) if self.now is not None else None)
         author = author or state.config.get("author")
         if author:   # MAINTAINER's (or the base's), for every later step too
             cfg["author"] = author
@@ -365,9 +380,6 @@ class Builder:
             change(inner)
         for k in [k for k, v in inner.items() if v is None]:
             del inner[k]
-        if self.now is not None:
-            cfg["created"] = _iso(self.now)
-            cfg["history"][-1]["created"] = _iso(self.now)
         layers = state.layers + ([layer] if layer else [])
         image_id = register_config(self.store, cfg, layers)
         if key_parts is not None:
@@ -406,7 +418,7 @@ class Builder:
         cmd = ins.cmd
         if cmd == "ARG":
             out = []
-            for k, default in self._arg_pairs(df, ins, v):
+            for k, default in _pairs(df, ins, v):
                 if k in self.opts.build_args:
                     val = self.opts.build_args[k]
                     self.used_args.add(k)
@@ -421,10 +433,7 @@ class Builder:
                 out.append(k if default is None else f"{k}={default}")
             return self.meta_step(state, ins, " ".join(out), lambda c: None)
         if cmd == "ENV":
-            try:
-                pairs = words.pairs(ins.rest, v, df.escape, "ENV")
-            except UsageError as e:
-                raise df.error(ins, str(e)) from None
+            pairs = _pairs(df, ins, v)
 
             def set_env(c: dict) -> None:
                 env = list(c.get("Env") or [])
@@ -438,10 +447,7 @@ class Builder:
                 c["Env"] = env
             return self.meta_step(state, ins, " ".join(f"{k}={val}" for k, val in pairs), set_env)
         if cmd == "LABEL":
-            try:
-                pairs = words.pairs(ins.rest, v, df.escape, "LABEL")
-            except UsageError as e:
-                raise df.error(ins, str(e)) from None
+            pairs = _pairs(df, ins, v)
             return self.meta_step(state, ins, " ".join(f"{k}={val}" for k, val in pairs),
                                   lambda c: c.__setitem__("Labels", {**(c.get("Labels") or {}), **dict(pairs)}))
         if cmd == "MAINTAINER":

@@ -5,7 +5,7 @@ parent directory of the destination as the image has it (what a copy-up would
 put in an upper dir) or, where the image has none, a new ``0755`` directory.  The
 tar is deterministic (PAX, sorted, numeric owners, xattrs as ``SCHILY.xattr.``)
 and becomes a layer of the store exactly as a loaded one
-(:func:`unionfs.container.commit.add_layer_tar`).
+(:func:`unionfs.image.load.add_layer_tar`).
 """
 from __future__ import annotations
 

@@ -1,14 +1,19 @@
-"""What the container subcommands do: ``create``, ``ps``, ``rm``, ``mount CONTAINER``, ``umount CONTAINER``,
-``diff``.  ``commit`` and ``run`` live in their own modules; the command line only parses arguments."""
+"""What the container subcommands do: ``create``, ``ps``, ``rm``, ``mount`` and ``umount`` (of a
+container, an image or layer directories: which one a name means is decided here), ``diff``.
+
+``commit`` and ``run`` live in their own modules; the command line only parses arguments.  No
+union rules here: a container's view is :mod:`.view`'s, its changes :mod:`.diff`'s.
+"""
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..fs.daemon import build_config, is_mountpoint, mount, umount
-from ..image.commands import lower_stack, with_fsname
+from ..fs.daemon import build_config, is_mountpoint, mount, split_lowerdir, umount
+from ..image.commands import has_option, lower_stack, mount_image, rmi as remove_image, with_fsname
 from ..image.report import human_ago, human_size, table
+from ..errors import UsageError
 from ..image.store import Store
 from . import model
 from .diff import Changes, changes
@@ -118,6 +123,17 @@ def remove(store: Store, names: list[str], force: bool = False, volumes: bool = 
     return done
 
 
+def rmi(store: Store, names: list[str], force: bool = False) -> Iterator[str]:
+    """``unionfs rmi``: images by name, each refused while a container uses it; yields what went, as it goes."""
+    with store.locked():
+        for name in names:
+            removed = remove_image(store, name, force,
+                                   lambda image_id: [c.short_id for c in model.using(store, image_id)])
+            yield from (f"Untagged: {t}" for t in removed.untagged)
+            if removed.deleted:
+                yield f"Deleted: {removed.deleted}"
+
+
 def mount_container(store: Store, c: Container, mountpoint: str, options: list[str], foreground: bool = False,
                     log_file: str | None = None) -> int:
     """Mount a container's view (its image and its writable layer) on ``mountpoint``."""
@@ -133,6 +149,38 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
         model.save(c)
     # Not under the lock: the daemon is forked from this process and would inherit (and keep) it.
     return mount(cfg)
+
+
+def mount_target(store: Store, name: str | None, mountpoint: str, lower: list[str], upper: str | None,
+                 work: str | None, options: list[str], writable: bool = False, foreground: bool = False,
+                 log_file: str | None = None) -> int:
+    """``unionfs mount``: layer directories (no ``name``), else a container by name or id, else an image
+    (read-only; ``writable``: a new container of it).  Mixing the two kinds of source is refused."""
+    if name is None:
+        if writable:
+            raise UsageError("--writable needs an IMAGE (for layer directories, give --upper and --work)")
+        dirs = [d for value in lower for d in split_lowerdir(value)]
+        return mount(build_config(mountpoint, dirs, upper, work, options, foreground, log_file))
+    if lower or has_option(options, "lowerdir"):
+        raise UsageError("give an IMAGE or CONTAINER, or lower layers (--lower, -o lowerdir=), not both")
+    if not writable:
+        c = model.find(store, name) if store.exists() else None
+        if c is not None:   # a container's name or id first, then an image's
+            if upper or work:
+                raise UsageError("a container's layers come from the store: no --upper/--work")
+            return mount_container(store, c, mountpoint, options, foreground, log_file)
+    if upper or work:
+        raise UsageError("an image's writable layer comes from the store: use --writable, not --upper/--work")
+    if writable:
+        return create_and_mount(store, name, mountpoint, options, foreground, log_file)
+    return mount_image(store, name, mountpoint, options, foreground, log_file)
+
+
+def umount_target(store: Store, target: str) -> int:
+    """``unionfs umount``: a mount point, or a container's name or id when no such path exists."""
+    if not os.path.lexists(target) and "/" not in target and store.exists():
+        return umount_container(store, target)
+    return umount(target)
 
 
 def umount_container(store: Store, name: str) -> int:

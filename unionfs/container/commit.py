@@ -23,21 +23,18 @@ quiet (or unmount it) if you need a consistent snapshot.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
-from ..image.load import add_layer_blob, register_image
-from ..image.model import MEDIA_OCI_LAYER, ImageError, Layer, Reference
+from ..image.load import add_layer_tar, register_config
+from ..image.model import Layer, Reference
 from ..image.mutate import apply_change, new_config
-from ..image.save import image_manifest
 from ..image.store import Store
 from . import model
 from .changeset import Written, write_changeset
 from .commands import views
 from .diff import changes
-from .model import ContainerError
 
 @dataclass(frozen=True)
 class Committed:
@@ -74,16 +71,6 @@ def commit(store: Store, name: str, ref: str | None = None, message: str = "", a
                      tuple(written.skipped))
 
 
-def register_config(store: Store, cfg: dict, layers: list[Layer]) -> str:
-    """Record an image of ``cfg`` whose layers are in the store (config, manifest, record): its id."""
-    config_bytes = json.dumps(cfg, indent=None, separators=(",", ":")).encode()
-    image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-    manifest = image_manifest(store, image_id, len(config_bytes), layers)
-    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-    register_image(store, image_id, config_bytes, manifest, manifest_digest, layers)
-    return image_id
-
-
 def container_layer(store: Store, c: model.Container, skip_empty: bool = False,
                     clamp_mtime: int | None = None) -> tuple[Layer | None, "Written"]:
     """The container's changes as a new layer of the store (the caller holds the lock); with
@@ -99,19 +86,3 @@ def container_layer(store: Store, c: model.Container, skip_empty: bool = False,
             out.flush()
             os.fsync(out.fileno())
     return add_layer_tar(store, tar_path, written.diff_id, written.size, f"commit of {c.name or c.short_id}"), written
-
-
-def add_layer_tar(store: Store, tar_path: str, diff_id: str, size: int, what: str) -> Layer:
-    """An uncompressed layer tar we wrote (hashed on the way) becomes a layer of the store, and its blob."""
-    if not store.has_layer(diff_id):
-        _add_layer(store, tar_path, diff_id, what)
-    store.put_blob_file(diff_id, tar_path)   # the uncompressed tar is the layer's blob
-    return Layer(diff_id, diff_id, MEDIA_OCI_LAYER, size)
-
-
-def _add_layer(store: Store, tar_path: str, diff_id: str, what: str) -> None:
-    """Extract the committed tar exactly as load does, checked against the diff_id we hashed."""
-    try:
-        add_layer_blob(store, tar_path, None, diff_id, what)
-    except ImageError as e:
-        raise ContainerError(str(e)) from None

@@ -31,9 +31,10 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from ..fs import sys as ovl
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from ..fs.daemon import is_mountpoint, umount
 from ..image.store import Store, now_iso
 from . import model
@@ -51,6 +52,15 @@ class RunFailed(ContainerError):
     def __init__(self, message: str, code: int = 125) -> None:
         super().__init__(message)
         self.code = code
+
+
+def docker_status(call: Callable[[], int]) -> int:
+    """run and exec exit as docker's: the command's status, 125 when unionfs failed, 126/127 from the runtime."""
+    try:
+        return call()
+    except UsageError as e:   # RunFailed among them, with docker's code
+        print("unionfs: " + one_line(e), file=sys.stderr)
+        return e.code if isinstance(e, RunFailed) else 125
 
 
 @dataclass

@@ -1,16 +1,19 @@
-"""Where images come from: a directory or a tar archive, read by name, blobs verified by digest.
+"""Images as named files, a directory or a tar, both ways: read by name with blobs verified by
+digest (:class:`Archive`), written by name (:class:`Sink`).
 
-Both source formats (OCI layout, docker save) are a set of named files; this
-module gives them one interface, :class:`Archive`, and the description of an
-image found in one, :class:`SourceImage`.  In a tar, members that are symlinks
-or hard links to other members (``docker save`` writes ``<id>/layer.tar`` as
-symlinks) are resolved inside the archive only.
+Both formats (OCI layout, docker save) are a set of named files; this module gives them one
+interface each way, and the description of an image found in a source, :class:`SourceImage`.
+In a tar, members that are symlinks or hard links to other members (``docker save`` writes
+``<id>/layer.tar`` as symlinks) are resolved inside the archive only.  It knows no format's
+file names or JSON: that is :mod:`.oci_layout` and :mod:`.docker_archive`.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 from dataclasses import dataclass, field
@@ -59,13 +62,17 @@ class Archive:
 
     path: str
 
-    def exists(self, name: str) -> bool:
+    def _size_of(self, name: str) -> int | None:
+        """The size of the regular file ``name``; None if there is none."""
         raise NotImplementedError
 
-    def open(self, name: str) -> BinaryIO:
-        raise NotImplementedError
+    def exists(self, name: str) -> bool:
+        return self._size_of(name) is not None
 
     def size(self, name: str) -> int:
+        return self._size_of(name) or 0
+
+    def open(self, name: str) -> BinaryIO:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -109,7 +116,7 @@ class DirArchive(Archive):
             os.close(self.fd)
             self.fd = -1
 
-    def _stat(self, name: str) -> os.stat_result | None:
+    def _size_of(self, name: str) -> int | None:
         try:
             fd = ovl.open_beneath(self.fd, os.fsencode(_safe(name, self.path)), os.O_RDONLY)
         except OSError:
@@ -118,14 +125,7 @@ class DirArchive(Archive):
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return st if stat.S_ISREG(st.st_mode) else None
-
-    def exists(self, name: str) -> bool:
-        return self._stat(name) is not None
-
-    def size(self, name: str) -> int:
-        st = self._stat(name)
-        return st.st_size if st else 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def open(self, name: str) -> BinaryIO:
         fd = ovl.open_beneath(self.fd, os.fsencode(_safe(name, self.path)), os.O_RDONLY)
@@ -181,12 +181,9 @@ class TarArchive(Archive):
                 return None
         raise ImageError(f"{self.path}: member {quote(name)}: too many levels of links")
 
-    def exists(self, name: str) -> bool:
-        return self._resolve(name) is not None
-
-    def size(self, name: str) -> int:
+    def _size_of(self, name: str) -> int | None:
         m = self._resolve(name)
-        return m.size if m else 0
+        return m.size if m else None
 
     def open(self, name: str) -> BinaryIO:
         m = self._resolve(name)
@@ -203,3 +200,67 @@ def open_archive(path: str) -> Archive:
     if os.path.isdir(path):
         return DirArchive(path)
     return TarArchive(path)
+
+
+class Sink:
+    """Named files of an image being written; the caller makes it appear atomically."""
+
+    def has(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def add(self, name: str, data: bytes | BinaryIO, size: int | None = None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TarSink(Sink):
+    """A new tar file (PAX, members 0644 with mtime 0), synced when closed."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "xb")
+        self.tf = tarfile.open(fileobj=self.f, mode="w", format=tarfile.PAX_FORMAT)
+        self.names: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def add(self, name: str, data: bytes | BinaryIO, size: int | None = None) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.mode, ti.mtime = 0o644, 0
+        if isinstance(data, bytes):
+            ti.size = len(data)
+            data = io.BytesIO(data)
+        else:
+            ti.size = size or 0
+        self.tf.addfile(ti, data)
+        self.names.add(name)
+
+    def close(self) -> None:
+        self.tf.close()
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+class DirSink(Sink):
+    """A new directory; each file synced as written."""
+
+    def __init__(self, path: str) -> None:
+        self.root = path
+        os.mkdir(path, 0o755)
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.root, name))
+
+    def add(self, name: str, data: bytes | BinaryIO, size: int | None = None) -> None:
+        p = os.path.join(self.root, name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "xb") as out:
+            if isinstance(data, bytes):
+                out.write(data)
+            else:
+                shutil.copyfileobj(data, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())

@@ -22,10 +22,15 @@ def lower_stack(store: Store, image_id: str, what: str) -> list[str]:
     return store.lower_dirs([ly.diff_id for ly in image.layers])
 
 
+def has_option(options: list[str], key: str) -> bool:
+    """Does one of the ``-o`` values (each a comma-separated list) set ``key=``?"""
+    return any(o.startswith(key + "=") or f",{key}=" in o for o in options)
+
+
 def with_fsname(options: list[str], name: str) -> list[str]:
     """``options`` plus ``fsname=NAME`` unless one is given: ``df`` and ``mount`` then show what is mounted."""
     options = list(options)
-    if not any(o.startswith("fsname=") or ",fsname=" in o for o in options):
+    if not has_option(options, "fsname"):
         options.append(f"fsname={name}")
     return options
 

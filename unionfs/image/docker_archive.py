@@ -1,4 +1,4 @@
-"""Reading ``docker save`` archives, in both forms real tools write.
+"""``docker save`` archives, both ways: read in both forms real tools write, written in the legacy one.
 
 * Legacy (Docker < 25, skopeo ``docker-archive:``): ``manifest.json`` lists, per image,
   ``Config`` (``<id>.json``), ``RepoTags`` and ``Layers`` (``<v1id>/layer.tar`` or
@@ -9,14 +9,23 @@
 
 When a file's name is its digest (``blobs/sha256/<hex>``, ``<hex>.json``) it is checked
 against it; layers are always checked against the config's diff_ids when extracted.
+
+Writing (:func:`write`, ``unionfs save``'s default): the form skopeo's ``docker-archive:`` and
+Docker before 25 write: ``manifest.json`` (``Config``, ``RepoTags``, ``Layers``),
+``<config hex>.json``, and each layer once as an *uncompressed* ``<diff_id hex>.tar``.
+
+It reads and writes named files only through :mod:`.archive`; where the output goes and how it
+appears atomically is :mod:`.save`'s.
 """
 from __future__ import annotations
 
 import re
 
 from . import oci_layout
-from .archive import Archive, SourceImage, SourceLayer
-from .model import MAX_IMAGES, MEDIA_DOCKER_LAYER, ImageError, Reference, field_of, parse_json
+from .archive import Archive, Sink, SourceImage, SourceLayer
+from .model import MAX_IMAGES, MEDIA_DOCKER_LAYER, ImageError, Layer, Reference, dump_json, field_of, parse_json
+from .store import Store
+from .streams import Selected, add_layer_once, uncompressed
 
 _DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.json)$")
 
@@ -65,3 +74,22 @@ def read(archive: Archive) -> list[SourceImage]:
         manifest_digest, manifest = manifests.get(config_digest or "", (None, None))
         out.append(SourceImage(e["Config"], config_digest, tuple(layers), tags, manifest, manifest_digest))
     return out
+
+
+def write(store: Store, images: list[Selected], sink: Sink) -> None:
+    """Write the images as one archive."""
+    manifest = []
+    for sel in images:
+        cfg_name = sel.image.id[7:] + ".json"
+        if not sink.has(cfg_name):
+            sink.add(cfg_name, store.blob(sel.image.id))
+        manifest.append({"Config": cfg_name, "RepoTags": list(sel.tags),
+                         "Layers": [_add_layer(store, sink, sel, ly) for ly in sel.image.layers]})
+    sink.add("manifest.json", dump_json(manifest))
+
+
+def _add_layer(store: Store, sink: Sink, sel: Selected, layer: Layer) -> str:
+    """A layer as ``<diff_id hex>.tar``, uncompressed (once, if images share it): its name."""
+    name = layer.diff_id[7:] + ".tar"
+    add_layer_once(sink, name, uncompressed, store, sel.name, layer)
+    return name

@@ -165,6 +165,13 @@ class LayerWriter:
 
     # --- walking -------------------------------------------------------------
 
+    def _existing_dir(self, parts: tuple[bytes, ...]) -> int | None:
+        """:meth:`_dir` of a directory the tar made, or None where a later member replaced it."""
+        try:
+            return self._dir(parts, create=False)
+        except (FileNotFoundError, ImageError):
+            return None
+
     def _dir(self, parts: tuple[bytes, ...], create: bool = True) -> int:
         """An fd of the directory ``parts`` (borrowed from the cache), opened without following links."""
         # The deepest cached ancestor, then one component at a time (a loop: layers nest thousands deep).
@@ -369,15 +376,13 @@ class LayerWriter:
         """Apply whiteouts and opaque markers, then directory modes and mtimes (deepest first)."""
         for parts in sorted(self._opaque):
             self._trim()
-            try:
-                formats.mark_opaque(self._dir(parts, create=False), self.style)
-            except (FileNotFoundError, ImageError):
-                pass  # the directory was replaced by a non-directory later in the tar: nothing to mark
+            fd = self._existing_dir(parts)
+            if fd is not None:   # else replaced by a non-directory later in the tar: nothing to mark
+                formats.mark_opaque(fd, self.style)
         for parent, target in sorted(self._whiteouts):
             self._trim()
-            try:
-                pfd = self._dir(parent, create=False)
-            except (FileNotFoundError, ImageError):
+            pfd = self._existing_dir(parent)
+            if pfd is None:
                 continue
             try:
                 st = ovl.lstat_at(pfd, target)
@@ -391,18 +396,16 @@ class LayerWriter:
                 formats.mark_opaque(self._dir(parent + (target,), create=False), self.style)
                 self._implied.discard(parent + (target,))
         for parts in sorted(self._implied):
-            try:
-                fd = self._dir(parts, create=False)
-            except (FileNotFoundError, ImageError):
+            fd = self._existing_dir(parts)
+            if fd is None:
                 continue
             formats.mark_implied(fd, self.style)
             ovl.fchmod(fd, 0o755)   # whatever the umask: where no layer has it, it shows as Docker makes it
         for parts in sorted(self._dir_attrs, key=len, reverse=True):
             mode, ns = self._dir_attrs[parts]
             self._trim()
-            try:
-                fd = self._dir(parts, create=False)
-            except (FileNotFoundError, ImageError):
+            fd = self._existing_dir(parts)
+            if fd is None:
                 continue
             ovl.fchmod(fd, mode & 0o7777)
             ovl.futimens(fd, (ns, ns))

@@ -8,7 +8,10 @@ then the tags in one rename.  If anything fails, the layers this import added
 
 Each layer blob is kept as shipped in ``blobs/`` (so ``push`` can send it unchanged).
 :func:`add_layer_blob` and :func:`register_image` are shared with ``unionfs pull``
-(:mod:`unionfs.registry.pull`), whose source is a blob downloaded from a registry.
+(:mod:`unionfs.registry.pull`), whose source is a blob downloaded from a registry;
+:func:`add_layer_tar` and :func:`register_config` with ``commit`` and ``build``, whose source is a
+layer tar and a config they made.  It reads sources only through :mod:`.archive` and the format
+modules, and never decides what an image's config holds (that is :mod:`.mutate`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from . import docker_archive, oci_layout
 from .archive import Archive, SourceImage, SourceLayer, open_archive
 from .compression import check_blob
 from .extract import extract_layer
-from .model import MEDIA_DOCKER_MANIFEST, Config, ImageError, Layer, Reference
+from .model import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_LAYER, Config, ImageError, Layer, Reference, dump_json
 from .store import Store, now_iso
 
 
@@ -152,6 +155,25 @@ def register_image(store: Store, image_id: str, config_bytes: bytes, manifest: b
     store.put_blob(image_id, config_bytes)
     store.put_blob(manifest_digest, manifest)
     store.put_image(image_id, manifest_digest, layers, repo_digests)
+
+
+def register_config(store: Store, cfg: dict, layers: list[Layer]) -> str:
+    """Record an image of a new config ``cfg`` (commit, build) whose layers are in the store: its id."""
+    config_bytes = dump_json(cfg)
+    image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    manifest = oci_layout.image_manifest(store, image_id, len(config_bytes), layers)
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    register_image(store, image_id, config_bytes, manifest, manifest_digest, layers)
+    return image_id
+
+
+def add_layer_tar(store: Store, tar_path: str, diff_id: str, size: int, what: str) -> Layer:
+    """An uncompressed layer tar we wrote (commit, build; hashed on the way) becomes a layer of the
+    store, extracted exactly as a loaded one and checked against that diff_id; the tar is its blob."""
+    if not store.has_layer(diff_id):
+        add_layer_blob(store, tar_path, None, diff_id, what)
+    store.put_blob_file(diff_id, tar_path)   # the uncompressed tar is the layer's blob
+    return Layer(diff_id, diff_id, MEDIA_OCI_LAYER, size)
 
 
 def _copy_blob(store: Store, archive: Archive, sl: SourceLayer, on_read) -> tuple[str, str, int]:

@@ -247,6 +247,11 @@ class Image:
         return sum(self.layer_sizes)
 
 
+def dump_json(doc: Any) -> bytes:
+    """A document as written to a blob or an archive: compact, as Docker and skopeo write it."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def parse_json(raw: bytes, what: str, limit: int = MAX_JSON) -> Any:
     """A JSON document from outside, bounded in size and nesting depth before anyone walks it."""
     if len(raw) > limit:
@@ -318,6 +323,14 @@ def parse_manifest(raw: bytes, what: str = "manifest") -> tuple[dict, list[dict]
     for desc in [m["config"], *m["layers"]]:
         check_descriptor(desc, what)
     return m["config"], m["layers"]
+
+
+def layer_media(desc: dict, where: str) -> str:
+    """A layer descriptor's media type, if it is one we can use: a tar (maybe compressed), not encrypted."""
+    media = desc.get("mediaType") or ""
+    if "tar" not in media or "encrypted" in media:
+        raise ImageError(f"{where}: layer {desc['digest']}: unsupported media type {quote(media)}")
+    return media
 
 
 MAX_BLOB_SIZE = 1 << 42   # 4 TiB: a descriptor claiming more is not an image

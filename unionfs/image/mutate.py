@@ -112,11 +112,12 @@ def _is_str_list(s: str) -> bool:
 
 
 def new_config(base: dict, diff_id: str | None, created_by: str, message: str = "", author: str | None = None,
-               changes_: list[str] = ()) -> dict:
+               changes_: list[str] = (), created: str | None = None) -> dict:
     """The config of ``base`` plus one step: a layer ``diff_id`` (None: a step without a layer,
-    ``empty_layer`` in its history entry), ``changes_`` applied, a history entry, a new ``created``."""
+    ``empty_layer`` in its history entry), ``changes_`` applied, a history entry, a new ``created``
+    (now, or as given: a build's ``SOURCE_DATE_EPOCH``)."""
     cfg = json.loads(json.dumps(base))   # a deep copy; unknown fields are kept
-    created = now_iso()
+    created = created or now_iso()
     inner = dict(cfg.get("config") or {})
     for line in changes_:
         apply_change(inner, line)

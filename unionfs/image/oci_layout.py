@@ -1,19 +1,37 @@
-"""Reading an OCI image layout (image-spec ``image-layout.md``), as a directory or a tar.
+"""The OCI image layout (image-spec ``image-layout.md``), as a directory or a tar, both ways.
 
-``oci-layout`` + ``index.json`` + ``blobs/<alg>/<hex>``.  The index may point at
-manifests or at nested indexes (multi-platform images); for those we pick the
-manifest for this machine's platform.  Every blob read is checked against its
+``oci-layout`` + ``index.json`` + ``blobs/<alg>/<hex>``.
+
+Reading: the index may point at manifests or at nested indexes (multi-platform images); for
+those we pick the manifest for this machine's platform.  Every blob read is checked against its
 digest before it is parsed.
+
+Writing (:func:`write`, for ``unionfs save --format oci``): layer blobs as kept in the store
+(gzip, zstd or plain, with the matching media type); bzip2/xz blobs, which OCI has no media type
+for, uncompressed.  ``index.json`` names each image by its tag
+(``org.opencontainers.image.ref.name``, as skopeo and umoci read it) and by its full name
+(``io.containerd.image.name``, as Docker writes it).  The OCI manifest of a stored image
+(:func:`image_manifest`, also for ``commit``) is made here.
+
+It reads and writes named files only through :mod:`.archive`; where the output goes and how it
+appears atomically is :mod:`.save`'s.
 """
 from __future__ import annotations
 
+import hashlib
+
 from . import platform
-from .archive import Archive, SourceImage, SourceLayer
-from .model import (INDEX_TYPES, MANIFEST_TYPES, MAX_IMAGES, ImageError, Reference, check_descriptor, field_of,
+from .archive import Archive, Sink, SourceImage, SourceLayer
+from .model import (INDEX_TYPES, MANIFEST_TYPES, MAX_IMAGES, MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_LAYER,
+                    MEDIA_OCI_MANIFEST, ImageError, Layer, Reference, check_descriptor, dump_json, field_of, layer_media,
                     parse_json, parse_manifest, quote)
+from .store import Store
+from .streams import Selected, add_layer_once, as_shipped, blob_compression, tar_size, uncompressed
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
+LAYER_MEDIA = {"plain": MEDIA_OCI_LAYER, "gzip": MEDIA_OCI_LAYER + "+gzip", "zstd": MEDIA_OCI_LAYER + "+zstd"}
+
 
 def blob_name(digest: str) -> str:
     alg, hexpart = digest.split(":", 1)
@@ -50,10 +68,7 @@ def image_from_manifest(archive: Archive, digest: str, data: bytes, tags: tuple[
     config, layers = parse_manifest(data, f"{archive.path}: manifest {digest}")
     out = []
     for d in layers:
-        media = d.get("mediaType") or ""
-        if "tar" not in media or "encrypted" in media:
-            raise ImageError(f"{archive.path}: layer {d['digest']}: unsupported media type {quote(media)}")
-        out.append(SourceLayer(blob_name(d["digest"]), d["digest"], media))
+        out.append(SourceLayer(blob_name(d["digest"]), d["digest"], layer_media(d, archive.path)))
     return SourceImage(blob_name(config["digest"]), config["digest"], tuple(out), tags, data, digest, ref_names)
 
 
@@ -85,3 +100,60 @@ def read(archive: Archive) -> list[SourceImage]:
                 raise ImageError(f"{where}: ref name {quote(name)} is neither a tag nor an image reference")
     return [image_from_manifest(archive, d, data, tuple(dict.fromkeys(tags)), tuple(bare))
             for d, (data, tags, bare) in by_digest.items()]
+
+
+# --- writing -------------------------------------------------------------------------
+
+def layer_descriptor(store: Store, layer: Layer) -> dict:
+    """The OCI descriptor of a stored layer as :func:`write` writes it."""
+    kind = blob_compression(store, layer)
+    if kind is None:   # not kept: guess from how it was described
+        kind = "gzip" if "gzip" in layer.media_type else "zstd" if "zstd" in layer.media_type else "plain"
+    if kind in LAYER_MEDIA:
+        return {"mediaType": LAYER_MEDIA[kind], "digest": layer.digest, "size": layer.size}
+    return {"mediaType": MEDIA_OCI_LAYER, "digest": layer.diff_id, "size": tar_size(store, layer)}
+
+
+def _manifest(config_digest: str, config_size: int, layer_descs: list[dict]) -> bytes:
+    return dump_json({"schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST,
+                      "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": config_size},
+                      "layers": layer_descs})
+
+
+def image_manifest(store: Store, config_digest: str, config_size: int,
+                   layers: list[Layer] | tuple[Layer, ...]) -> bytes:
+    """The OCI manifest of an image whose layers are in the store."""
+    return _manifest(config_digest, config_size, [layer_descriptor(store, ly) for ly in layers])
+
+
+def _add_blob_once(sink: Sink, data: bytes, digest: str) -> None:
+    if not sink.has(blob_name(digest)):
+        sink.add(blob_name(digest), data)
+
+
+def write(store: Store, images: list[Selected], sink: Sink) -> None:
+    """Write the images as one layout."""
+    sink.add("oci-layout", dump_json({"imageLayoutVersion": "1.0.0"}))
+    index: dict = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": []}
+    for sel in images:
+        descs = [_add_layer(store, sink, sel, ly) for ly in sel.image.layers]
+        config = store.blob(sel.image.id)
+        _add_blob_once(sink, config, sel.image.id)
+        manifest = _manifest(sel.image.id, len(config), descs)
+        mdigest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        _add_blob_once(sink, manifest, mdigest)
+        mdesc = {"mediaType": MEDIA_OCI_MANIFEST, "digest": mdigest, "size": len(manifest)}
+        for t in sel.tags or (None,):
+            d = dict(mdesc)
+            if t:
+                d["annotations"] = {CONTAINERD_NAME: t, REF_NAME: t.rpartition(":")[2]}
+            index["manifests"].append(d)
+    sink.add("index.json", dump_json(index))
+
+
+def _add_layer(store: Store, sink: Sink, sel: Selected, layer: Layer) -> dict:
+    """A layer's blob as kept (uncompressed if OCI has no media type for it), once: its descriptor."""
+    desc = layer_descriptor(store, layer)
+    opener = as_shipped if desc["digest"] == layer.digest else uncompressed
+    add_layer_once(sink, blob_name(desc["digest"]), opener, store, sel.name, layer)
+    return desc

@@ -1,11 +1,28 @@
-"""What ``images``, ``inspect`` and ``history`` show, in Docker's words and units."""
+"""What ``load``, ``images``, ``inspect`` and ``history`` show, in Docker's words and units.
+
+Only formatting: it reads the store and changes nothing, and prints nothing itself.
+"""
 from __future__ import annotations
 
 import datetime as dt
 import re
 
+from .load import Loaded
 from .model import Image
 from .store import Store
+
+
+def loaded_lines(loaded: Loaded, quiet: bool = False) -> list[tuple[str, bool]]:
+    """What ``load`` says of one image: (line, to stderr), as ``docker load`` names what it loaded."""
+    out = [(f"Loaded image: {t}", False) for t in loaded.tags]
+    if not loaded.tags:
+        out.append((f"Loaded image ID: {loaded.image_id}", False))
+        if loaded.ref_names:
+            out.append((f"unionfs: note: the OCI ref name(s) {', '.join(loaded.ref_names)} name no repository; "
+                        "name the image with --tag REPO:TAG", True))
+    if not quiet:
+        out.append((f"layers: {loaded.new_layers} extracted, {loaded.reused_layers} already in the store", True))
+    return out
 
 
 def human_size(n: int) -> str:

@@ -123,26 +123,33 @@ def _content_length(resp: httpx.Response) -> int:
         return 0
 
 
+def _body_within(resp: httpx.Response, limit: int, what: str, too_big: str, cut: bool = False) -> bytes:
+    """A streamed body as it arrives, within ``limit`` bytes and the read deadline: more is refused
+    (``what: too_big``), or with ``cut`` dropped.  The caller closes the stream."""
+    data = bytearray()
+    deadline = time.monotonic() + SMALL_BODY_WINDOWS * read_timeout()
+    for chunk in resp.iter_bytes():
+        data += chunk
+        _check_deadline(deadline, what)
+        if len(data) > limit:
+            if cut:
+                del data[limit:]
+                break
+            raise RegistryError(f"{what}: {too_big}")
+    return bytes(data)
+
+
 def small_response(resp: httpx.Response, what: str, limit: int = MAX_SMALL_BODY,
                    cut: bool = False) -> httpx.Response:
     """A streamed answer read whole, but never more than ``limit`` bytes (a registry could send a
     gigabyte as an error page): more is refused, or with ``cut`` dropped.  The stream is closed."""
     try:
-        data = bytearray()
-        deadline = time.monotonic() + SMALL_BODY_WINDOWS * read_timeout()
-        for chunk in resp.iter_bytes():
-            data += chunk
-            _check_deadline(deadline, what)
-            if len(data) > limit:
-                if cut:
-                    del data[limit:]
-                    break
-                raise RegistryError(f"{what}: the answer is larger than {limit} bytes")
+        data = _body_within(resp, limit, what, f"the answer is larger than {limit} bytes", cut)
     finally:
         resp.close()
     headers = [(k, v) for k, v in resp.headers.multi_items()
                if k.lower() not in ("content-encoding", "content-length")]   # what is kept is decoded
-    out = httpx.Response(resp.status_code, headers=headers, content=bytes(data), request=resp.request)
+    out = httpx.Response(resp.status_code, headers=headers, content=data, request=resp.request)
     out.extensions = resp.extensions
     return out
 
@@ -235,6 +242,17 @@ class Client:
             if scope not in self.scopes:
                 self.scopes.add(scope)
                 self._token = None
+
+    def check_login(self) -> None:
+        """Prove the credentials, as ``docker login`` does: a token with no scope, then ``GET /v2/`` with it."""
+        self.scopes.clear()
+        try:
+            self._auth_header()
+            resp = self._send("GET", "/v2/")
+        except RegistryError as e:
+            raise RegistryError(f"login {self.registry}: {str(e).split(': ', 1)[-1]}") from None
+        if resp.status_code != 200:
+            raise self._fail(resp, f"login {self.registry}")
 
     def _auth_header(self) -> dict[str, str]:
         ch = self._challenge
@@ -394,14 +412,7 @@ class Client:
             if _content_length(resp) > limit:
                 raise RegistryError(f"{what}: {too_big} {limit} bytes (the registry announces "
                                     f"{_content_length(resp)})")
-            data = bytearray()
-            deadline = time.monotonic() + SMALL_BODY_WINDOWS * read_timeout()
-            for chunk in resp.iter_bytes():
-                data += chunk
-                _check_deadline(deadline, what)
-                if len(data) > limit:
-                    raise RegistryError(f"{what}: {too_big} {limit} bytes")
-            return bytes(data)
+            return _body_within(resp, limit, what, f"{too_big} {limit} bytes")
         except httpx.HTTPError as e:
             raise _transport_error(e, what, False) from None
         finally:

@@ -1,4 +1,9 @@
-"""The ``pull``, ``push``, ``login`` and ``logout`` subcommands (wired into :mod:`unionfs.cli`)."""
+"""The ``pull``, ``push``, ``login`` and ``logout`` subcommands: their arguments and what they print.
+
+Wired into :mod:`unionfs.cli`.  Thin, as the rest of the command line: how to talk to a registry
+is :mod:`.client`'s, what is pulled or pushed :mod:`.pull`'s and :mod:`.push`'s, credentials
+:mod:`.auth`'s.
+"""
 from __future__ import annotations
 
 import argparse
@@ -60,7 +65,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_login(args: argparse.Namespace) -> int:
     from .auth import Credentials, store_credentials
-    from .client import RegistryError
     registry = args.registry
     username = args.username
     if username is None:
@@ -81,14 +85,7 @@ def _cmd_login(args: argparse.Namespace) -> int:
         raise ImageError("login: username and password must not be empty")
     creds = Credentials(username, password, "the command line")
     with _client(args, registry, "", ("pull",), creds) as client:
-        client.scopes.clear()   # a token with no scope proves the credentials, as docker login does
-        try:
-            client._auth_header()
-            resp = client._send("GET", "/v2/")
-        except RegistryError as e:
-            raise RegistryError(f"login {registry}: {str(e).split(': ', 1)[-1]}") from None
-        if resp.status_code != 200:
-            raise client._fail(resp, f"login {registry}")
+        client.check_login()
     path = store_credentials(registry, creds)
     print(f"Login Succeeded (credentials stored in {path})")
     return 0

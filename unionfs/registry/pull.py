@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..image.compression import check_blob
 from ..image.load import add_layer_blob, progress_enabled, register_image
 from ..image import platform as platforms
-from ..image.model import (INDEX_TYPES, Config, ImageError, Layer, Reference, check_digest, field_of,
+from ..image.model import (INDEX_TYPES, Config, ImageError, Layer, Reference, check_digest, field_of, layer_media,
                            parse_json, parse_manifest)
 from ..image.store import Store
 from .client import Cancelled, Client, RegistryError
@@ -75,9 +75,7 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
     top, manifest, manifest_digest, media = resolve(client, ref, plat)
     config_desc, layer_descs = parse_manifest(manifest, f"{where}: manifest {manifest_digest}")
     for d in layer_descs:
-        m = d.get("mediaType") or ""
-        if "tar" not in m or "encrypted" in m:
-            raise RegistryError(f"{where}: layer {d['digest']}: unsupported media type {m!r}")
+        layer_media(d, where)
     config_bytes = client.get_small_blob(config_desc["digest"])
     image_id = config_desc["digest"]
     config = Config.parse(config_bytes, f"{where}: config {image_id}")
