@@ -707,6 +707,7 @@ class WritableUnion(Union):
                 ovl.remove_tree_at(self.work_fd, tname)
             else:
                 formats.make_whiteout(pfd, name, self.style)
+            self._whiteouts_in(parent, pfd)
         elif upper is not None:
             if stat.S_ISDIR(upper.st_mode):
                 try:
@@ -796,6 +797,8 @@ class WritableUnion(Union):
                 self._rename_whiteout(ofd, old_name, nfd, new_name)
             else:
                 ovl.rename_at(ofd, old_name, nfd, new_name)
+            if whiteout:
+                self._whiteouts_in(old_parent, ofd)
             if target is not None and target is not node and not target.is_dir:
                 last = self._name_removed(target) if target.indexed else \
                     target_real is None or target_real.st_nlink < 2
@@ -853,6 +856,7 @@ class WritableUnion(Union):
             ovl.rmdir_at(pfd, name)
             if self.lower_exists(parent, name):
                 formats.make_whiteout(pfd, name, self.style)
+                self._whiteouts_in(parent, pfd)
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
@@ -860,6 +864,14 @@ class WritableUnion(Union):
             formats.make_whiteout(self.work_fd, tname, self.style)
             ovl.rename_at(self.work_fd, tname, pfd, name, ovl.RENAME_EXCHANGE)
             ovl.remove_tree_at(self.work_fd, tname)
+            self._whiteouts_in(parent, pfd)
+
+    def _whiteouts_in(self, parent: Node, pfd: int) -> None:
+        """Rootless, an upper dir that got an xattr whiteout is marked so, and its node looks for them."""
+        if self.style is formats.Style.XWHITEOUT:
+            formats.mark_xwhiteouts(pfd, self.style)
+            if 0 not in parent.xwh:
+                parent.xwh = (0, *parent.xwh)
 
     # --- attributes --------------------------------------------------------------------
 
