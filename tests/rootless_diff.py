@@ -21,11 +21,22 @@ from helpers import snapshot
 RENAMES = ("rename", "rename_noreplace", "rename_exchange")
 
 
-def _is_dir(root: str, p: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(os.path.join(root, p)).st_mode)
-    except OSError:
-        return False
+def snapshot_as_user(root: str) -> dict:
+    """helpers.snapshot as JSON-ready reprs; dirs the user closed to itself are opened for the walk."""
+    # The user cannot walk a dir it made 0600: opened up for the walk, its own mode reported.
+    closed = {}
+    for dirpath, dirnames, _ in os.walk(root, onerror=None):
+        for n in dirnames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o500 != 0o500:
+                closed[os.path.relpath(p, root)] = stat.S_IMODE(st.st_mode)
+                os.chmod(p, stat.S_IMODE(st.st_mode) | 0o700)
+    out = snapshot(root, skip_unstatable=True)
+    for rel, mode in sorted(closed.items(), reverse=True):
+        out[rel] = (out[rel][0], mode, *out[rel][2:])
+        os.chmod(os.path.join(root, rel), mode)
+    return {k: repr(v) for k, v in out.items()}
 
 
 def run(ours: str, kernel: str, seed: int, steps: int, initial: list[str]) -> dict:
@@ -53,9 +64,7 @@ def run(ours: str, kernel: str, seed: int, steps: int, initial: list[str]) -> di
             mismatch = "\n".join(log[-20:]) + f"\nunionfs gave {got}"
             break
 
-    def snap(root: str) -> dict:
-        return {k: repr(v) for k, v in snapshot(root, skip_unstatable=True).items()}
-    return {"mismatch": mismatch, "exdev": exdev, "ours": snap(ours), "kernel": snap(kernel)}
+    return {"mismatch": mismatch, "exdev": exdev, "ours": snapshot_as_user(ours), "kernel": snapshot_as_user(kernel)}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import contextlib
 import os
 import pwd
 import shutil
+
 import subprocess
 import sys
 import tempfile
