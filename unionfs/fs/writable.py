@@ -108,6 +108,9 @@ class WritableUnion(Union):
         self._lower_index: dict[tuple[int, int], bytes] = {}  # lower (dev, ino) -> index name
         self._layer_uuid: dict[int, bytes] = {}
         self._aliases: dict[int, list[tuple[Node, bytes]]] = {}  # names of upper-only hard links
+        # Rootless, a copied-up symlink or device has no xattr to keep its number in: this mount
+        # remembers it (upper (dev, ino) -> merged ino), or the kernel would meet two inodes for it.
+        self._unmarked: dict[tuple[int, int], int] = {}
         self.work_fd = ovl.open_dir_at(lock.work_fd, WORK_TEMP)
         self.index_fd = ovl.open_dir_at(lock.work_fd, WORK_INDEX)
         self._temp_seq = 0
@@ -344,6 +347,10 @@ class WritableUnion(Union):
                     ino = self.inodes.ino_for(top.st_dev, top.st_ino)
                     self.remember_index(ino, iname)
                     return ino, True
+        if meta is None and self.stack.is_upper(layer) and self._unmarked:
+            ino = self._unmarked.get((top.st_dev, top.st_ino))
+            if ino is not None:
+                return ino, False
         return super()._identify(top, top_at, origin, meta)
 
     def _upper_meta(self, pfd: int, name: bytes) -> UpperMeta | None:
@@ -351,6 +358,11 @@ class WritableUnion(Union):
 
     def write_meta(self, fd: int, name: bytes | None, ino: int, origin_nlink: int | None = None) -> None:
         ovl.setxattr_at(fd, name, self.meta_xattr, UpperMeta(ino, origin_nlink).encode())
+
+    def remember_unmarked(self, pfd: int, name: bytes, ino: int) -> None:
+        """The merged number of a copy-up that cannot carry it (see ``_unmarked``)."""
+        st = ovl.lstat_at(pfd, name)
+        self._unmarked[(st.st_dev, st.st_ino)] = ino
 
     def mark_impure(self, dirfd: int) -> None:
         """overlayfs marks a directory holding copied-up entries with an origin (its readdir then
@@ -566,6 +578,7 @@ class WritableUnion(Union):
             os.close(fd)
             fd = None
         # Nothing of this name exists below (checked above), so the new entry is all there is.
+        self._unmarked.pop((st.st_dev, st.st_ino), None)  # a number reused: not the copy-up's any more
         node = Node(self.inodes.ino_for(st.st_dev, st.st_ino), parent, name, (0,), st.st_mode)
         old = self.inodes.find(node.ino)
         if old is not None:
