@@ -158,3 +158,117 @@ def test_random_operations_match_kernel_rootless(user, ubase, seed):
             assert not [x for x in os.listxattr(n, follow_symlinks=False) if x.startswith("trusted.")], n
             st = os.lstat(n)
             assert not (st.st_mode & 0o170000 == 0o020000 and st.st_rdev == 0) or n == str(up_u / "gone"), n
+
+
+def test_missing_pieces_get_one_line(user, ubase):
+    """What an unprivileged mount cannot do without is named in one line, exit status 2."""
+    base, mounts = ubase
+    lower, mnt = user_dir(user, base, "l"), user_dir(user, base, "mnt")
+    os.chmod("/dev/fuse", 0o600)
+    try:
+        r = user.unionfs("mount", "--lower", str(lower), str(mnt), check=False)
+    finally:
+        os.chmod("/dev/fuse", 0o666)
+    assert r.returncode == 2
+    err = r.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "/dev/fuse" in err, err
+    assert not os.path.ismount(mnt)
+
+
+def _umoci_image(base: Path) -> Path:
+    """An OCI layout made by umoci (as root): files of several owners, setuid, a deleted-later dir."""
+    import subprocess
+    layout, bundle = base / "oci", base / "bundle"
+    sh = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=120)  # noqa: E731
+    sh("umoci", "init", "--layout", str(layout))
+    sh("umoci", "new", "--image", f"{layout}:app")
+    sh("umoci", "unpack", "--image", f"{layout}:app", str(bundle))
+    root = bundle / "rootfs"
+    for rel, data, mode, owner in [("etc/motd", b"hi\n", 0o644, (0, 0)), ("bin/su", b"su", 0o4755, (0, 0)),
+                                   ("home/app/notes", b"app", 0o600, (1000, 1000)),
+                                   ("var/www/index.html", b"www", 0o640, (33, 33)),
+                                   ("old/a", b"a", 0o644, (0, 0)), ("old/b/c", b"c", 0o644, (0, 0))]:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chown(p, *owner)
+        os.chmod(p, mode)
+    os.chown(root / "home/app", 1000, 1000)
+    sh("umoci", "repack", "--image", f"{layout}:app", str(bundle))
+    shutil.rmtree(bundle)
+    chown_tree(layout, 0, 0)
+    for dirpath, dirnames, filenames in os.walk(layout):
+        os.chmod(dirpath, 0o755)
+        for n in filenames:
+            os.chmod(os.path.join(dirpath, n), 0o644)
+    return layout
+
+
+def _user_snapshot(user: User, root: Path) -> dict:
+    return _unsnap(json.loads(user.python(
+        "import json, sys; from rootless_diff import snapshot_as_user;"
+        "print(json.dumps(snapshot_as_user(sys.argv[1])))", str(root)).stdout))
+
+
+def _no_owners(snap: dict) -> dict:
+    return {k: (v if k.startswith("<") else (v[0], v[1], *v[4:])) for k, v in snap.items()}
+
+
+@pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is needed (scripts/setup --test)")
+def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
+    """load, images, inspect, history, tag, mount, create, mount the container, change it, diff,
+    commit, save, rmi: all as the user; the save loads as root with the same tree."""
+    import subprocess
+    base, mounts = ubase
+    layout = _umoci_image(base)
+    u = user.unionfs
+    assert b"Loaded image: app:1" in u("load", str(layout), "--tag", "app:1").stdout
+    assert b"app" in u("images").stdout
+    assert json.loads(u("inspect", "app:1").stdout)[0]["RepoTags"] == ["app:1"]
+    assert b"umoci" in u("history", "app:1").stdout or u("history", "app:1").returncode == 0
+    u("tag", "app:1", "app:2")
+    store = user.data / "unionfs"
+    assert store.is_dir() and store.stat().st_uid == user.uid      # the store is the user's, by default
+    mnt = user_dir(user, base, "img")
+    u("mount", "app:1", str(mnt))
+    try:
+        view = _user_snapshot(user, mnt)
+    finally:
+        u("umount", str(mnt))
+    assert view["bin/su"][1] == 0o4755 and view["home/app/notes"][1] == 0o600
+    cid = u("create", "--name", "c1", "app:1").stdout.decode().strip()
+    assert b"c1" in u("ps", "-a").stdout
+    cmnt = user_dir(user, base, "ctr")
+    u("mount", "c1", str(cmnt))
+    try:
+        user.run(["sh", "-c", f"cd {cmnt} && echo new > etc/new && echo more >> etc/motd && rm -r old && mv home/app home/app2"
+                  " && mkdir -p srv && echo s > srv/s && chmod 0700 srv"])
+        changed = _user_snapshot(user, cmnt)
+    finally:
+        u("umount", str(cmnt))
+    diff = u("diff", "c1").stdout.decode().split("\n")
+    for line in ("A /etc/new", "C /etc/motd", "D /old", "A /srv"):
+        assert line in diff, diff
+    u("commit", "c1", "app:changed")
+    out = base / "save.tar"
+    u("save", "--output", str(out), "app:changed")
+    assert len(cid) == 64
+    # As root, into a store of root's: the same tree (owners aside: see the README's Rootless section).
+    rstore = tmp_path / "rootstore"
+    from helpers import unionfs_cmd
+    subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(out)), check=True, capture_output=True, timeout=120)
+    rmnt = tmp_path / "rmnt"
+    rmnt.mkdir()
+    subprocess.run(unionfs_cmd("--root", str(rstore), "mount", "app:changed", str(rmnt)), check=True,
+                   capture_output=True, timeout=60)
+    try:
+        as_root = snapshot(rmnt)
+    finally:
+        subprocess.run(unionfs_cmd("umount", str(rmnt)), capture_output=True, timeout=60)
+    assert diff_snapshots(_no_owners(as_root), _no_owners(changed)) == []
+    # What the user never touched keeps the image's owners in the saved layers.
+    assert as_root["var/www/index.html"][2:4] == (33, 33)
+    assert as_root["bin/su"][1:4] == (0o4755, 0, 0)
+    u("rm", "c1")
+    u("rmi", "app:2")
+    assert b"app:2" not in u("images").stdout
