@@ -272,3 +272,45 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
     u("rm", "c1")
     u("rmi", "app:2")
     assert b"app:2" not in u("images").stdout
+
+
+def test_push_and_pull_as_user(user, ubase, tmp_path):
+    """push from the user's store to a registry, pull as the user into another store and as root:
+    the same tree (owners aside, see README), the manifest digest unchanged."""
+    import subprocess
+
+    from helpers import unionfs_cmd
+    from registry_server import Registry, have_registry
+    if not have_registry() or shutil.which("umoci") is None:
+        pytest.skip("docker-registry and umoci are needed (scripts/setup --test)")
+    base, mounts = ubase
+    u = user.unionfs
+    u("load", str(_umoci_image(base)), "--tag", "app:1")
+    with Registry(tmp_path / "registry") as reg:
+        ref = f"{reg.host}/team/app:v1"
+        pushed = u("push", "app:1", ref, "--insecure").stdout.decode().strip().splitlines()[-1]
+        digest = pushed.split("digest: ")[1].split()[0]
+        store2 = user_dir(user, base, "store2")
+        assert f"Digest: {digest}" in u("--root", str(store2), "pull", ref, "--insecure").stdout.decode()
+        rstore = tmp_path / "rootstore"
+        subprocess.run(unionfs_cmd("--root", str(rstore), "pull", ref, "--insecure"), check=True,
+                       capture_output=True, timeout=120)
+    views = []
+    for args in ([], ["--root", str(store2)]):
+        mnt = user_dir(user, base, f"m{len(views)}")
+        u(*args, "mount", "app:1" if not args else ref, str(mnt))
+        try:
+            views.append(_user_snapshot(user, mnt))
+        finally:
+            u("umount", str(mnt))
+    rmnt = tmp_path / "rmnt"
+    rmnt.mkdir()
+    subprocess.run(unionfs_cmd("--root", str(rstore), "mount", ref, str(rmnt)), check=True, capture_output=True,
+                   timeout=60)
+    try:
+        as_root = snapshot(rmnt)
+    finally:
+        subprocess.run(unionfs_cmd("umount", str(rmnt)), capture_output=True, timeout=60)
+    assert diff_snapshots(views[0], views[1]) == []
+    assert diff_snapshots(_no_owners(as_root), _no_owners(views[0])) == []
+    assert as_root["home/app/notes"][1:4] == (0o600, 1000, 1000)   # the pushed layer kept the image's owners
