@@ -314,3 +314,23 @@ def test_push_and_pull_as_user(user, ubase, tmp_path):
     assert diff_snapshots(views[0], views[1]) == []
     assert diff_snapshots(_no_owners(as_root), _no_owners(views[0])) == []
     assert as_root["home/app/notes"][1:4] == (0o600, 1000, 1000)   # the pushed layer kept the image's owners
+
+
+@pytest.mark.skipif(shutil.which("crun") is None, reason="crun is needed (scripts/setup --test)")
+def test_run_as_user(user, ubase):
+    """run with crun in a user namespace whose root is the user: the store's files are root's inside,
+    the container writes its own layer; another image user gets one line."""
+    from container_images import busybox_image
+    base, mounts = ubase
+    archive = base / "bb.tar"
+    busybox_image(archive, "bb:1")
+    os.chmod(archive, 0o644)
+    user.unionfs("load", str(archive))
+    r = user.unionfs("run", "--name", "r1", "--user", "0", "bb:1", "sh", "-c",
+                     "id -u; id -g; echo hi > /x; cat /x; stat -c %u:%g /bin/busybox", timeout=120)
+    assert r.stdout.decode().split() == ["0", "0", "hi", "0:0"], r
+    assert "A /x" in user.unionfs("diff", "r1").stdout.decode().splitlines()
+    user.unionfs("rm", "r1")
+    r = user.unionfs("run", "--rm", "bb:1", "true", check=False, timeout=120)   # the image's User is app
+    err = r.stderr.decode().strip()
+    assert r.returncode != 0 and len(err.splitlines()) == 1 and "--user 0" in err, err
