@@ -1,8 +1,7 @@
 """An unprivileged user for the rootless tests: created once, run with a clean environment.
 
 The machine is prepared as a normal Debian system is for its users: ``/dev/fuse`` 0666 (a udev
-rule does it there; here it is 0600), subordinate ids in ``/etc/subuid``/``/etc/subgid``, and the
-interpreter reachable (a pyenv below ``/root`` gets a search ACL for the user). Each change is
+rule does it there; here it is 0600), and the interpreter reachable (a pyenv below ``/root`` gets a search ACL for the user). Each change is
 undone at the end of the session, also when a test fails.
 """
 from __future__ import annotations
@@ -21,7 +20,6 @@ from pathlib import Path
 from helpers import UnionMount, unmount_all_below
 
 USER = "unionfs-rt"
-SUBID_START, SUBID_COUNT = 300000, 65536
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,6 @@ def _ensure_user() -> tuple[int, int, Path]:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", USER],
                        check=True, capture_output=True, timeout=60)
         pw = pwd.getpwnam(USER)
-    for f in ("/etc/subuid", "/etc/subgid"):
-        lines = Path(f).read_text().splitlines() if os.path.exists(f) else []
-        if not any(line.split(":")[0] == USER for line in lines):
-            with open(f, "a") as out:
-                out.write(f"{USER}:{SUBID_START}:{SUBID_COUNT}\n")
     return pw.pw_uid, pw.pw_gid, Path(pw.pw_dir)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from difftest import build_lower
+from difftest import build_lower, without_private_xattrs
 from helpers import diff_snapshots, overlay_mount, snapshot
 from rootless_env import User, UserMount, chown_tree, rootless_user, user_dir
 
@@ -67,17 +67,6 @@ def _rootless_lower(user: User, base: Path) -> tuple[Path, Path, list[str]]:
 
 def _unsnap(raw: dict) -> dict:
     return {k: eval(v) for k, v in raw.items()}  # noqa: S307 - our own repr, from our own child
-
-
-def _without_unionfs_xattrs(snap: dict) -> dict:
-    out = {}
-    for k, rec in snap.items():
-        if k.startswith("<"):
-            out[k] = rec
-            continue
-        *head, xattrs = rec
-        out[k] = (*head, {n: v for n, v in xattrs.items() if not n.startswith(("user.unionfs.", "trusted.unionfs."))})
-    return out
 
 
 def _linked_symlinks_apart(snap: dict) -> dict:
@@ -150,7 +139,7 @@ def test_random_operations_match_kernel_rootless(user, ubase, seed):
         # No directory rename, so no redirect: the rootless kernel reads our upper dir as we do.
         ko2 = user_dir(user, base, "ko2")
         with overlay_mount(ko2, [top, bottom], up_u, wk_u, KO_OPTS):
-            over_ours = _linked_symlinks_apart(_without_unionfs_xattrs(snapshot(ko2, skip_unstatable=True)))
+            over_ours = _linked_symlinks_apart(without_private_xattrs(snapshot(ko2, skip_unstatable=True)))
         assert diff_snapshots(over_ours, theirs) == [], "kernel overlayfs (userxattr) over our upper dir"
     # Nothing privileged was written: no device whiteouts, no trusted.* xattrs.
     for dirpath, dirnames, filenames in os.walk(up_u):
