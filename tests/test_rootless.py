@@ -323,3 +323,10 @@ def test_run_as_user(user, ubase):
     r = user.unionfs("run", "--rm", "bb:1", "true", check=False, timeout=120)   # the image's User is app
     err = r.stderr.decode().strip()
     assert r.returncode != 0 and len(err.splitlines()) == 1 and "--user 0" in err, err
+    # build: a RUN step (through run) and a COPY, as the user.
+    ctx = user_dir(user, base, "ctx")
+    (ctx / "Dockerfile").write_text("FROM bb:1\nUSER 0\nRUN echo hi > /f && mkdir /d\nCOPY a /d/a\n")
+    (ctx / "a").write_text("A\n")
+    chown_tree(ctx, user.uid, user.gid)
+    user.unionfs("build", "-t", "b:1", str(ctx), timeout=300)
+    assert user.unionfs("run", "--rm", "b:1", "cat", "/f", "/d/a").stdout == b"hi\nA\n"
