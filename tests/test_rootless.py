@@ -330,3 +330,25 @@ def test_run_as_user(user, ubase):
     chown_tree(ctx, user.uid, user.gid)
     user.unionfs("build", "-t", "b:1", str(ctx), timeout=300)
     assert user.unionfs("run", "--rm", "b:1", "cat", "/f", "/d/a").stdout == b"hi\nA\n"
+
+
+def test_device_node_refused_as_user_and_store_unchanged(user, ubase):
+    """A user cannot make device nodes: loading a layer with one is one line, exit 2, and the
+    store keeps what it had."""
+    import tarfile
+
+    from image_archives import Entry, Img, docker_save_legacy, f, layer_tar
+    base, mounts = ubase
+    ok_archive, dev_archive = base / "ok.tar", base / "dev.tar"
+    docker_save_legacy(ok_archive, [Img([layer_tar([f("etc/motd", b"hi")])], ["ok:1"])])
+    docker_save_legacy(dev_archive, [Img([layer_tar([f("etc/x", b"x"), Entry("dev/null", type=tarfile.CHRTYPE,
+                                                                            mode=0o666, devmajor=1, devminor=3)])],
+                                         ["dev:1"])])
+    for a in (ok_archive, dev_archive):
+        os.chmod(a, 0o644)
+    user.unionfs("load", str(ok_archive))
+    before = user.unionfs("images").stdout
+    r = user.unionfs("load", str(dev_archive), check=False)
+    err = [x for x in r.stderr.decode().splitlines() if x.startswith("unionfs:")]
+    assert r.returncode == 2 and len(err) == 1 and "device node" in err[0], r.stderr
+    assert user.unionfs("images").stdout == before
