@@ -308,14 +308,15 @@ def build_lower(top: Path, bottom: Path, hardlinks: bool = True) -> list[str]:
 
 
 def without_private_xattrs(snap: dict) -> dict:
-    """Our bookkeeping xattr (``trusted.unionfs.*``) shows through kernel overlayfs, not through us."""
+    """Our bookkeeping xattr (``trusted.unionfs.*``, rootless ``user.unionfs.*``) shows through kernel
+    overlayfs, not through us."""
     out = {}
     for k, rec in snap.items():
         if k.startswith("<"):
             out[k] = rec
             continue
         *head, xattrs = rec
-        out[k] = (*head, {n: v for n, v in xattrs.items() if not n.startswith("trusted.unionfs.")})
+        out[k] = (*head, {n: v for n, v in xattrs.items() if not n.startswith(("trusted.unionfs.", "user.unionfs."))})
     return out
 
 

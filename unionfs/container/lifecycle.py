@@ -303,7 +303,9 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
     console: ConsoleSocket | None = None
     try:
         os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
-        mount_container(store, c, c.rootfs, ["suid,dev,allow_other"])
+        # Rootless, every process of the container is the user (one id mapped): no allow_other,
+        # which fusermount3 refuses to users without user_allow_other in /etc/fuse.conf.
+        mount_container(store, c, c.rootfs, ["suid,dev,allow_other"] if os.geteuid() == 0 else [])
         if prepare is not None:
             prepare()
         with open(os.path.join(c.bundle, "config.json"), "rb") as f:

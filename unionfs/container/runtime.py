@@ -26,6 +26,7 @@ from .model import ContainerError
 RUNTIMES = ("crun", "runc")
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 UNIFIED = "/sys/fs/cgroup/unified"
@@ -88,9 +89,28 @@ def runtime_command(runtime: str, args: list[str], layout: str) -> tuple[list[st
     return [runtime, *args], False
 
 
-def _child_setup(hide: bool) -> None:
+def _own_user_namespace(uid: int, gid: int) -> None:
+    """Rootless, in the runtime's child before exec: a user namespace whose root is the user (the one
+    mapping a user may write without newuidmap), so crun runs as root there and the container's root
+    is the user: the files of the user's store (the user's own) are root's inside."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
+    for name, value in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(value)
+
+
+def rootless() -> bool:
+    return os.geteuid() != 0
+
+
+def _child_setup(hide: bool, ids: tuple[int, int] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if ids is not None:
+        _own_user_namespace(*ids)
     if hide:
         _private_cgroup_view()
 
@@ -104,19 +124,27 @@ class Runtime:
 
     def command(self, args: list[str]) -> tuple[list[str], bool]:
         glob = ["--log", self.log, "--log-format", "json"] if self.log else []
+        if rootless():
+            # Root of a user namespace, crun would use /run/crun: its state stays the user's.
+            glob += ["--root", os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{os.getuid()}",
+                                            "unionfs", "runtime")]
         return runtime_command(self.path, glob + args, cgroup_layout())
+
+    def _setup(self, hide: bool):
+        ids = (os.getuid(), os.getgid()) if rootless() else None
+        return lambda: _child_setup(hide, ids)
 
     def popen(self, args: list[str], **kw) -> subprocess.Popen:
         argv, hide = self.command(args)
         try:
-            return subprocess.Popen(argv, preexec_fn=lambda: _child_setup(hide), **kw)
+            return subprocess.Popen(argv, preexec_fn=self._setup(hide), **kw)
         except subprocess.SubprocessError as e:
             raise ContainerError(f"cannot start {os.path.basename(self.path)}: {e}; a private mount namespace "
                                  "is needed on this cgroup-hybrid host (run as root)") from None
 
     def call(self, args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
         argv, hide = self.command(args)
-        return subprocess.run(argv, preexec_fn=lambda: _child_setup(hide), capture_output=True, text=True,
+        return subprocess.run(argv, preexec_fn=self._setup(hide), capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     def errors(self) -> str:

@@ -230,6 +230,13 @@ def resolve_user(root_fd: int, user: str) -> User:
             gid = int(g[2])
     extra = sorted({int(g[2]) for g in groups if len(g) > 3 and login and login in g[3].split(",")
                     and g[2].isdigit() and int(g[2]) != gid})
+    if os.geteuid() != 0:
+        # Rootless, the container's user namespace maps one id, the user's, as root (and setgroups
+        # is denied there): no other user, no supplementary groups.
+        if uid != 0 or gid != 0:
+            raise ContainerError(f"user {user}: a rootless container runs as root only (uid 0 is you; other "
+                                 "ids would need subordinate ids, not used yet): give --user 0")
+        extra = []
     return User(uid, gid, extra, home)
 
 
@@ -328,7 +335,9 @@ def base_mounts(privileged: bool) -> list[dict]:
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+         # Rootless, the user namespace maps one group (the user's, as 0): there is no tty group 5.
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
+         + (["gid=5"] if os.geteuid() == 0 else [])},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",

@@ -221,9 +221,12 @@ class CopyUp:
             else:
                 if c.origin is not None:
                     ovl.setxattr_at(u.work_fd, c.temp, u.origin_xattr, c.origin.encode())
-                if u.may_mark(st):  # rootless, a symlink or device cannot keep its number
+                marked = u.may_mark(st)  # rootless, a symlink or device cannot keep its number
+                if marked:
                     u.write_meta(u.work_fd, c.temp, c.node.ino)
                 ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
+                if not marked:
+                    u.remember_unmarked(c.upper_parent_fd, c.node.name, c.node.ino)
         except BaseException:
             try:
                 ovl.unlink_at(u.work_fd, c.temp)

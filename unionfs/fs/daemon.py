@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -373,6 +374,14 @@ def _serve(cfg: MountConfig, union, ready) -> None:
 
 def mount(cfg: MountConfig) -> int:
     """Mount; in the background unless ``cfg.foreground``. Returns the exit status."""
+    if os.geteuid() != 0:
+        # libfuse mounts for a user through the setuid fusermount3, with /dev/fuse open: without
+        # either it only says "fuse_session_mount failed".
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            raise UsageError("no access to /dev/fuse: an unprivileged mount needs it read-write for every "
+                             "user (mode 0666, as udev sets it on Debian)")
+        if not (os.access("/usr/bin/fusermount3", os.X_OK) or shutil.which("fusermount3")):
+            raise UsageError("no fusermount3: an unprivileged mount needs it (Debian package fuse3)")
     union = _open_union(cfg)
     if cfg.foreground:
         _setup_logging(cfg)

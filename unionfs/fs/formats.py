@@ -192,14 +192,25 @@ def make_whiteout(dirfd: int, name: bytes, style: Style) -> None:
     """Create a whiteout for ``name`` in the directory ``dirfd`` (``name`` must not exist)."""
     from . import sys as ovl
     if style is Style.XWHITEOUT:
-        fd = ovl.open_at(dirfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o000)
+        # 0600, not 0000: without CAP_DAC_OVERRIDE a user.* xattr is set and read only with the
+        # file's write and read permission, and kernel overlayfs (userxattr) reads it with its mounter's.
+        fd = ovl.open_at(dirfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         ovl.setxattr_at(dirfd, name, USER_PREFIX + Xattr.WHITEOUT.value, b"y")
-        cur = ovl.getxattr_or_none(dirfd, None, USER_PREFIX + Xattr.OPAQUE.value)
-        if cur != b"y":
-            ovl.setxattr_at(dirfd, None, USER_PREFIX + Xattr.OPAQUE.value, b"x")
+        mark_xwhiteouts(dirfd, style)
     else:
         ovl.mknod_at(dirfd, name, stat.S_IFCHR | 0o000, 0)
+
+
+def mark_xwhiteouts(dirfd: int, style: Style) -> None:
+    """Mark ``dirfd`` as holding xattr whiteouts (``opaque=x``), unless it is opaque already;
+    needed wherever one lands, also one made elsewhere and renamed in."""
+    from . import sys as ovl
+    if style is not Style.XWHITEOUT:
+        return
+    cur = ovl.getxattr_or_none(dirfd, None, USER_PREFIX + Xattr.OPAQUE.value)
+    if cur not in (b"y", b"x"):
+        ovl.setxattr_at(dirfd, None, USER_PREFIX + Xattr.OPAQUE.value, b"x")
 
 
 def mark_opaque(dirfd: int, style: Style) -> None:

@@ -108,6 +108,9 @@ class WritableUnion(Union):
         self._lower_index: dict[tuple[int, int], bytes] = {}  # lower (dev, ino) -> index name
         self._layer_uuid: dict[int, bytes] = {}
         self._aliases: dict[int, list[tuple[Node, bytes]]] = {}  # names of upper-only hard links
+        # Rootless, a copied-up symlink or device has no xattr to keep its number in: this mount
+        # remembers it (upper (dev, ino) -> merged ino), or the kernel would meet two inodes for it.
+        self._unmarked: dict[tuple[int, int], int] = {}
         self.work_fd = ovl.open_dir_at(lock.work_fd, WORK_TEMP)
         self.index_fd = ovl.open_dir_at(lock.work_fd, WORK_INDEX)
         self._temp_seq = 0
@@ -344,6 +347,10 @@ class WritableUnion(Union):
                     ino = self.inodes.ino_for(top.st_dev, top.st_ino)
                     self.remember_index(ino, iname)
                     return ino, True
+        if meta is None and self.stack.is_upper(layer) and self._unmarked:
+            ino = self._unmarked.get((top.st_dev, top.st_ino))
+            if ino is not None:
+                return ino, False
         return super()._identify(top, top_at, origin, meta)
 
     def _upper_meta(self, pfd: int, name: bytes) -> UpperMeta | None:
@@ -351,6 +358,11 @@ class WritableUnion(Union):
 
     def write_meta(self, fd: int, name: bytes | None, ino: int, origin_nlink: int | None = None) -> None:
         ovl.setxattr_at(fd, name, self.meta_xattr, UpperMeta(ino, origin_nlink).encode())
+
+    def remember_unmarked(self, pfd: int, name: bytes, ino: int) -> None:
+        """The merged number of a copy-up that cannot carry it (see ``_unmarked``)."""
+        st = ovl.lstat_at(pfd, name)
+        self._unmarked[(st.st_dev, st.st_ino)] = ino
 
     def mark_impure(self, dirfd: int) -> None:
         """overlayfs marks a directory holding copied-up entries with an origin (its readdir then
@@ -566,6 +578,7 @@ class WritableUnion(Union):
             os.close(fd)
             fd = None
         # Nothing of this name exists below (checked above), so the new entry is all there is.
+        self._unmarked.pop((st.st_dev, st.st_ino), None)  # a number reused: not the copy-up's any more
         node = Node(self.inodes.ino_for(st.st_dev, st.st_ino), parent, name, (0,), st.st_mode)
         old = self.inodes.find(node.ino)
         if old is not None:
@@ -707,6 +720,7 @@ class WritableUnion(Union):
                 ovl.remove_tree_at(self.work_fd, tname)
             else:
                 formats.make_whiteout(pfd, name, self.style)
+            self._whiteouts_in(parent, pfd)
         elif upper is not None:
             if stat.S_ISDIR(upper.st_mode):
                 try:
@@ -796,6 +810,8 @@ class WritableUnion(Union):
                 self._rename_whiteout(ofd, old_name, nfd, new_name)
             else:
                 ovl.rename_at(ofd, old_name, nfd, new_name)
+            if whiteout:
+                self._whiteouts_in(old_parent, ofd)
             if target is not None and target is not node and not target.is_dir:
                 last = self._name_removed(target) if target.indexed else \
                     target_real is None or target_real.st_nlink < 2
@@ -853,6 +869,7 @@ class WritableUnion(Union):
             ovl.rmdir_at(pfd, name)
             if self.lower_exists(parent, name):
                 formats.make_whiteout(pfd, name, self.style)
+                self._whiteouts_in(parent, pfd)
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
@@ -860,6 +877,14 @@ class WritableUnion(Union):
             formats.make_whiteout(self.work_fd, tname, self.style)
             ovl.rename_at(self.work_fd, tname, pfd, name, ovl.RENAME_EXCHANGE)
             ovl.remove_tree_at(self.work_fd, tname)
+            self._whiteouts_in(parent, pfd)
+
+    def _whiteouts_in(self, parent: Node, pfd: int) -> None:
+        """Rootless, an upper dir that got an xattr whiteout is marked so, and its node looks for them."""
+        if self.style is formats.Style.XWHITEOUT:
+            formats.mark_xwhiteouts(pfd, self.style)
+            if 0 not in parent.xwh:
+                parent.xwh = (0, *parent.xwh)
 
     # --- attributes --------------------------------------------------------------------
 
