@@ -153,6 +153,12 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .image.convert import convert_estargz
+    print(convert_estargz(_store(args), args.image, args.new, args.chunk_size))
+    return 0
+
+
 def _cmd_save(args: argparse.Namespace) -> int:
     from .image.save import save
     save(_store(args), args.images, args.output, args.format)
@@ -336,6 +342,14 @@ def _container_parsers(sub, common) -> None:
                     help="the archive (an OCI layout is a directory unless FILE ends in .tar)")
     sv.add_argument("--format", choices=("docker", "oci"), default="docker", help="docker (default) or oci")
     sv.set_defaults(func=_cmd_save)
+
+    cv = sub.add_parser("convert", help="a copy of an image with eStargz layers (lazily pullable)", parents=[common])
+    cv.add_argument("--estargz", action="store_true", required=True, help="the layer format (the only one yet)")
+    cv.add_argument("--chunk-size", type=int, default=4 << 20, metavar="BYTES",
+                    help="files bigger than this are split into chunks fetched separately (default 4 MiB)")
+    cv.add_argument("image", metavar="IMAGE")
+    cv.add_argument("new", metavar="NEW", help="the converted image's name")
+    cv.set_defaults(func=_cmd_convert)
 
     rn = sub.add_parser("run", help="run a command in a new container of an image (with crun or runc)",
                         parents=[common], usage="%(prog)s [options] IMAGE [COMMAND [ARG...]]",
@@ -526,7 +540,7 @@ def _is_mount_program_argv(argv: list[str]) -> bool:
 
 
 _COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
-             "commit", "save", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
+             "commit", "save", "convert", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
              "pull", "push", "login", "logout"}
 
 

@@ -52,8 +52,14 @@ def _cmd_push(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     if not args.quiet:
         print(f"The push refers to repository [{ref.registry}/{ref.path}]", file=sys.stderr)
+    image = args.image
+    if args.estargz and args.reference is None:
+        raise ImageError("push --estargz: give a REFERENCE (the eStargz copy is stored under it)")
+    if args.estargz:   # the eStargz copy is stored (and tagged by its reference) and pushed instead
+        from ..image.convert import convert_estargz
+        image = convert_estargz(store, args.image, str(ref))
     with _client(args, ref.registry, ref.path, ("pull", "push")) as client:
-        result = push(store, args.image, ref, client, args.chunk_size, log=say)
+        result = push(store, image, ref, client, args.chunk_size, log=say)
     print(f"{ref.tag}: digest: {result.digest} size: {result.size}")
     return 0
 
@@ -121,6 +127,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, metavar="BYTES",
                    help="upload blobs larger than BYTES in chunks (default: one request per blob)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the digest line")
+    p.add_argument("--estargz", action="store_true",
+                   help="push an eStargz copy (stored under REFERENCE), which `mount --lazy` reads by range")
     _connection(p)
     p.set_defaults(func=_cmd_push)
 
