@@ -1,0 +1,127 @@
+"""eStargz: ``convert --estargz`` and ``push --estargz`` of an image umoci built, read back by outside tools
+(skopeo copies it from a real registry, umoci unpacks it to the original tree, Python's gzip reads the blob
+as one stream), and by range: footer and TOC by two HTTP range requests, every chunk checked."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import httpx
+import pytest
+
+from helpers import diff_snapshots, snapshot
+from registry_server import Registry, have_registry
+from test_image_interop import umoci_image  # noqa: F401  (the module-scoped fixture)
+from test_registry_interop import sh
+from test_registry_pull_push import mounted, ok, one_line_error, pushed_digest, run
+
+from unionfs.image import estargz
+
+pytestmark = pytest.mark.skipif(not (have_registry() and shutil.which("umoci") and shutil.which("skopeo")),
+                                reason="docker-registry, umoci and skopeo are needed (scripts/setup --test)")
+
+TOC = estargz.TOC_NAME
+
+
+def without_toc(snap: dict) -> dict:
+    return {k: v for k, v in snap.items() if k != TOC}
+
+
+def test_writer_keeps_every_member_and_chunks_verify():
+    """The blob is one gzip stream to any reader; its tar holds the original members in order, then the TOC."""
+    src = io.BytesIO()
+    big = bytes(range(256)) * 300   # 76800 bytes: 5 chunks of 16 KiB
+    with tarfile.open(fileobj=src, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind in (("etc", tarfile.DIRTYPE), ("etc/fifo", tarfile.FIFOTYPE)):
+            ti = tarfile.TarInfo(name)
+            ti.type = kind
+            t.addfile(ti)
+        ti = tarfile.TarInfo("etc/big")
+        ti.size, ti.mode, ti.uid, ti.pax_headers = len(big), 0o4755, 7, {"SCHILY.xattr.user.k": "v"}
+        t.addfile(ti, io.BytesIO(big))
+        ln = tarfile.TarInfo("etc/hard")
+        ln.type, ln.linkname = tarfile.LNKTYPE, "etc/big"
+        t.addfile(ln)
+        t.addfile(tarfile.TarInfo("etc/.wh.gone"), io.BytesIO(b""))
+    src.seek(0)
+    out = io.BytesIO()
+    w = estargz.write(src, out, chunk_size=16384)
+    blob = out.getvalue()
+    assert "sha256:" + hashlib.sha256(blob).hexdigest() == w.digest and len(blob) == w.size
+    plain = gzip.decompress(blob)
+    assert "sha256:" + hashlib.sha256(plain).hexdigest() == w.diff_id and len(plain) == w.uncompressed_size
+    members = tarfile.open(fileobj=io.BytesIO(plain)).getmembers()
+    assert [m.name for m in members] == ["etc", "etc/fifo", "etc/big", "etc/hard", "etc/.wh.gone", TOC]
+    b = members[2]
+    assert (b.mode, b.uid, b.pax_headers.get("SCHILY.xattr.user.k")) == (0o4755, 7, "v")
+    toc = estargz.read_toc_member(blob[estargz.parse_footer(blob[-51:]):-51], "t")
+    assert "sha256:" + hashlib.sha256(toc).hexdigest() == w.toc_digest
+    entries = {e.name: e for e in estargz.parse_toc(toc, "t")}
+    assert entries["etc/big"].xattrs == {"user.k": b"v"} and len(entries["etc/big"].chunks) == 5
+    assert entries["etc/hard"].type == "hardlink" and entries["etc/hard"].link == "etc/big"
+    assert b"".join(estargz.read_chunk(blob[c.offset:], c, "t") for c in entries["etc/big"].chunks) == big
+    c = entries["etc/big"].chunks[2]
+    damaged = gzip.compress(b"x" * c.size)
+    with pytest.raises(Exception, match="chunkDigest"):
+        estargz.read_chunk(damaged, c, "t")
+
+
+def test_push_estargz_skopeo_umoci_and_ranges(tmp_path, umoci_image):  # noqa: F811
+    layout, rootfs, docker_archive, _ = umoci_image
+    expected = snapshot(rootfs)
+    store = tmp_path / "store"
+    ok(run(tmp_path, "--root", str(store), "load", str(docker_archive)))
+    # convert: a new image in the store whose mount is the original tree plus the TOC file
+    ok(run(tmp_path, "--root", str(store), "convert", "--estargz", "--chunk-size", "16384",
+           "interop/app:docker", "lazy/app:esgz"))
+    got = mounted(tmp_path, store, "lazy/app:esgz")
+    assert TOC in got
+    assert not diff_snapshots(expected, without_toc(got)), "\n".join(diff_snapshots(expected, without_toc(got)))
+    one_line_error(run(tmp_path, "--root", str(store), "convert", "--estargz", "no/such:1", "x:1"), "no/such")
+
+    with Registry(tmp_path / "reg") as reg:
+        out = f"{reg.host}/lazy/app:1"
+        one_line_error(run(tmp_path, "--root", str(store), "push", "--estargz", "interop/app:docker", "--insecure"),
+                       "REFERENCE")
+        digest = pushed_digest(ok(run(tmp_path, "--root", str(store), "push", "--estargz", "interop/app:docker",
+                                      out, "--insecure")))
+        manifest = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{out}"))
+        assert sh("skopeo", "inspect", "--format", "{{.Digest}}", "--tls-verify=false", f"docker://{out}").strip() == digest
+        layers = manifest["layers"]
+        assert len(layers) == 4 and all(ly["mediaType"].endswith("tar+gzip") for ly in layers)
+        cfg = json.loads(sh("skopeo", "inspect", "--config", "--tls-verify=false", f"docker://{out}"))
+        assert cfg["config"]["Cmd"] == ["/bin/app"]
+
+        # skopeo copies it out and umoci unpacks it (checking each diff_id) to the original tree
+        back = tmp_path / "back"
+        sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{out}", f"oci:{back}:copy")
+        bundle = tmp_path / "bundle"
+        sh("umoci", "unpack", "--image", f"{back}:copy", str(bundle))
+        again = without_toc(snapshot(bundle / "rootfs"))
+        assert not diff_snapshots(expected, again), "\n".join(diff_snapshots(expected, again))
+
+        # by range, as a lazy reader: the footer, then the TOC, then each chunk, checked
+        url = f"http://{reg.host}/v2/lazy/app/blobs/"
+        chunks = 0
+        with httpx.Client() as http:
+            for ly in layers:
+                ann = ly["annotations"]
+                size = ly["size"]
+                r = http.get(url + ly["digest"], headers={"Range": f"bytes={size - 51}-{size - 1}"})
+                assert r.status_code == 206 and len(r.content) == 51
+                toc_at = estargz.parse_footer(r.content)
+                r = http.get(url + ly["digest"], headers={"Range": f"bytes={toc_at}-{size - 52}"})
+                assert r.status_code == 206
+                toc = estargz.read_toc_member(r.content, ly["digest"])
+                assert "sha256:" + hashlib.sha256(toc).hexdigest() == ann[estargz.TOC_DIGEST_ANNOTATION]
+                blob = reg.blob_file(ly["digest"]).read_bytes()
+                assert int(ann[estargz.UNCOMPRESSED_SIZE_ANNOTATION]) == len(gzip.decompress(blob))
+                for e in estargz.parse_toc(toc, ly["digest"]):
+                    data = b"".join(estargz.read_chunk(blob[c.offset:], c, e.name) for c in e.chunks)
+                    chunks += len(e.chunks)
+                    assert e.type != "reg" or "sha256:" + hashlib.sha256(data).hexdigest() == e.digest
+        assert chunks >= 8   # liba.so (70000 bytes) alone is 5 chunks
