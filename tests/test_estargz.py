@@ -125,3 +125,73 @@ def test_push_estargz_skopeo_umoci_and_ranges(tmp_path, umoci_image):  # noqa: F
                     chunks += len(e.chunks)
                     assert e.type != "reg" or "sha256:" + hashlib.sha256(data).hexdigest() == e.digest
         assert chunks >= 8   # liba.so (70000 bytes) alone is 5 chunks
+
+
+def _blob_gets(reg: Registry) -> list[str]:
+    return [x for x in reg.access_log() if x.startswith("GET ") and "/blobs/" in x]
+
+
+def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci_image):  # noqa: F811
+    """pull --lazy fetches footers and TOCs only; the mount equals the whole pull's; each chunk is fetched once;
+    a corrupted chunk or a stopped registry fails that read with EIO, the rest of the mount keeps serving."""
+    _, _, docker_archive, _ = umoci_image
+    src, whole, lazy = tmp_path / "src", tmp_path / "whole", tmp_path / "lazy"
+    ok(run(tmp_path, "--root", str(src), "load", str(docker_archive)))
+    ok(run(tmp_path, "--root", str(src), "convert", "--estargz", "--chunk-size", "16384",
+           "interop/app:docker", "lazy/app:esgz"))
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/lazy/app:1"
+        ok(run(tmp_path, "--root", str(src), "push", "lazy/app:esgz", ref, "--insecure"))
+        ok(run(tmp_path, "--root", str(whole), "pull", ref, "--insecure"))
+        expected = mounted(tmp_path, whole, ref)
+
+        before = len(_blob_gets(reg))
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        layer_dirs = [p for p in (lazy / "layers").iterdir() if (p / "lazy.json").exists()]
+        assert len(layer_dirs) == 4
+        # config + (footer, TOC) per layer: no blob fetched whole
+        assert len(_blob_gets(reg)) - before == 1 + 2 * 4, _blob_gets(reg)[before:]
+        before = len(_blob_gets(reg))
+        got = mounted(tmp_path, lazy, ref)
+        assert not diff_snapshots(expected, got), "\n".join(diff_snapshots(expected, got))
+        fetched = sum(len((p / "lazy-present").read_text().split()) for p in layer_dirs)
+        assert fetched == len(_blob_gets(reg)) - before and fetched >= 8
+        again = mounted(tmp_path, lazy, ref)   # a second mount reads the cache: no request at all
+        assert again == got and len(_blob_gets(reg)) - before == fetched
+
+        # a chunk changed under us in the registry: that read fails, others work, the retry succeeds
+        fresh = tmp_path / "fresh"
+        ok(run(tmp_path, "--root", str(fresh), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        manifest = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"))
+        first = manifest["layers"][0]["digest"]
+        toc = estargz.parse_toc(next(p / "lazy.toc" for p in (fresh / "layers").iterdir()
+                                     if json.loads((p / "lazy.json").read_text())["digest"] == first).read_bytes(), "t")
+        lib = next(e for e in toc if e.name == "usr/lib/liba.so")
+        blob = reg.blob_file(first)
+        original = blob.read_bytes()
+        bad = bytearray(original)
+        at = lib.chunks[1].offset + 30
+        bad[at] ^= 0xFF
+        blob.write_bytes(bytes(bad))
+        mnt = tmp_path / "mnt-reads"
+        mnt.mkdir()
+        log_file = tmp_path / "daemon.log"
+        ok(run(tmp_path, "--root", str(fresh), "mount", ref, str(mnt), "--log", str(log_file)))
+        try:
+            with pytest.raises(OSError) as e:
+                (mnt / "usr/lib/liba.so").read_bytes()
+            assert e.value.errno == 5
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
+            assert "usr/lib/liba.so" in log_file.read_text()
+            blob.write_bytes(original)
+            assert (mnt / "usr/lib/liba.so").read_bytes() == b"a" * 70000
+            reg.stop()   # gone: what is local still reads, the rest fails alone
+            assert (mnt / "usr/lib/liba.so").read_bytes() == b"a" * 70000
+            with pytest.raises(OSError) as e:
+                (mnt / "etc/passwd").read_bytes()
+            assert e.value.errno == 5
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
+            reg.start()
+            assert (mnt / "etc/passwd").read_bytes().startswith(b"root:x:0:0:")
+        finally:
+            ok(run(tmp_path, "umount", str(mnt)))

@@ -27,6 +27,15 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if args.lower or any(o.startswith("lowerdir=") or ",lowerdir=" in o for o in options):
         raise UsageError("give an IMAGE or CONTAINER, or lower layers (--lower, -o lowerdir=), not both")
     store = _store(args)
+    fill = None
+    if args.lazy:   # REFERENCE: the image from its registry, content on first read
+        from .registry.commands import pull_lazy_cmd
+        name = pull_lazy_cmd(args, store, name)
+    if store.exists() and not (not args.writable and cm.find(store, name) is not None):
+        from .registry.lazy import fill_for
+        fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids)
+        if fill is not None and args.writable:
+            raise UsageError(f"{name}: has lazy layers (pull --lazy): --writable mounts of them are not supported yet")
     if not args.writable:
         c = cm.find(store, name) if store.exists() else None
         if c is not None:   # a container's name or id first, then an image's
@@ -37,7 +46,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("an image's writable layer comes from the store: use --writable, not --upper/--work")
     if args.writable:
         return cc.create_and_mount(store, name, mountpoint, options, args.foreground, args.log)
-    return mount_image(store, name, mountpoint, options, args.foreground, args.log)
+    return mount_image(store, name, mountpoint, options, args.foreground, args.log, fill)
 
 
 # --- images ------------------------------------------------------------------------
@@ -462,6 +471,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="lowerdir=,upperdir=,workdir= and FUSE options (allow_other, default_permissions, "
                         "ro, fsname=, debug, suid, dev, ...)")
+    m.add_argument("--lazy", action="store_true",
+                   help="IMAGE is a registry REFERENCE of an eStargz image: fetch only its TOCs now, "
+                        "file content on first read (as pull --lazy)")
+    m.add_argument("--insecure", action="store_true", help="with --lazy: allow plain HTTP / unverified TLS")
+    m.add_argument("--ca-file", metavar="FILE", help="with --lazy: trust this CA (PEM) for the registry")
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground, log to stderr")
     m.add_argument("--log", metavar="FILE", help="write the daemon's log to FILE")
     m.set_defaults(func=_cmd_mount)

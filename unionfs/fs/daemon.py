@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import UsageError
 from .idmap import IdMap
@@ -67,6 +68,7 @@ class MountConfig:
     acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
+    fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
 
 
 def split_lowerdir(value: str) -> list[str]:
@@ -217,8 +219,11 @@ def _open_union(cfg: MountConfig):
         except UsageError:
             stack.close()
             raise
-        return WritableUnion(stack, lock, fsync=cfg.fsync)
-    return Union(stack)
+        union = WritableUnion(stack, lock, fsync=cfg.fsync)
+    else:
+        union = Union(stack)
+    union.fill = cfg.fill
+    return union
 
 
 def _pidfile_dir() -> str:

@@ -21,7 +21,25 @@ def _client(args: argparse.Namespace, registry: str, repository: str, actions: t
                   credentials=creds)
 
 
+def pull_lazy_cmd(args: argparse.Namespace, store: Store, reference: str) -> str:
+    """``pull --lazy`` (also for ``mount --lazy``): the image's TOCs now, content on first read; its name."""
+    from .lazy import WHOLE_BELOW, pull_lazy
+    ref = Reference.parse(reference, allow_digest=True)
+    quiet = getattr(args, "quiet", False)
+    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
+    with _client(args, ref.registry, ref.path, ("pull",)) as client:
+        r = pull_lazy(store, ref, client, getattr(args, "platform", None),
+                      whole_below=WHOLE_BELOW if getattr(args, "whole_below", None) is None else args.whole_below,
+                      log=say)
+    say(f"layers: {r.lazy_layers} lazy, {r.whole_layers} pulled whole, {r.reused_layers} already in the store; "
+        f"{r.fetched_bytes} bytes fetched")
+    return ref.tagged if ref.tag else r.image_id
+
+
 def _cmd_pull(args: argparse.Namespace) -> int:
+    if args.lazy:
+        print(pull_lazy_cmd(args, Store(getattr(args, "root", None)), args.reference))
+        return 0
     from ..image import platform as platforms
     from .pull import pull
     ref = Reference.parse(args.reference, allow_digest=True)
@@ -116,6 +134,11 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="REFERENCE")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: this host)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the reference")
+    p.add_argument("--lazy", action="store_true",
+                   help="record the image with only its eStargz layers' TOCs; content comes on first read "
+                        "(layers without a TOC, or under 2 MiB, are pulled whole)")
+    p.add_argument("--whole-below", type=int, metavar="BYTES",
+                   help="with --lazy: pull layers smaller than BYTES whole (default 2 MiB; 0: none)")
     _connection(p)
     p.set_defaults(func=_cmd_pull)
 
