@@ -9,15 +9,16 @@ import io
 import json
 import shutil
 import tarfile
+import time
 
 import httpx
 import pytest
 
-from helpers import diff_snapshots, snapshot
+from helpers import diff_snapshots, is_mounted, snapshot
 from registry_server import Registry, have_registry
 from test_image_interop import umoci_image  # noqa: F401  (the module-scoped fixture)
 from test_registry_interop import sh
-from test_registry_pull_push import mounted, ok, one_line_error, pushed_digest, run
+from test_registry_pull_push import ok, one_line_error, pushed_digest, run
 
 from unionfs.image import estargz
 
@@ -127,6 +128,17 @@ def test_push_estargz_skopeo_umoci_and_ranges(tmp_path, umoci_image):  # noqa: F
         assert chunks >= 8   # liba.so (70000 bytes) alone is 5 chunks
 
 
+def mounted(tmp_path, store, name, *opts):
+    mnt = tmp_path / f"mnt-{store.name}"
+    mnt.mkdir(exist_ok=True)
+    ok(run(tmp_path, "--root", str(store), "mount", *opts, name, str(mnt)))
+    try:
+        return snapshot(mnt)
+    finally:
+        ok(run(tmp_path, "umount", str(mnt)))
+        assert not is_mounted(mnt)
+
+
 def _blob_gets(reg: Registry) -> list[str]:
     return [x for x in reg.access_log() if x.startswith("GET ") and "/blobs/" in x]
 
@@ -152,11 +164,11 @@ def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci
         # config + (footer, TOC) per layer: no blob fetched whole
         assert len(_blob_gets(reg)) - before == 1 + 2 * 4, _blob_gets(reg)[before:]
         before = len(_blob_gets(reg))
-        got = mounted(tmp_path, lazy, ref)
+        got = mounted(tmp_path, lazy, ref, "--no-fill")
         assert not diff_snapshots(expected, got), "\n".join(diff_snapshots(expected, got))
         fetched = sum(len((p / "lazy-present").read_text().split()) for p in layer_dirs)
         assert fetched == len(_blob_gets(reg)) - before and fetched >= 8
-        again = mounted(tmp_path, lazy, ref)   # a second mount reads the cache: no request at all
+        again = mounted(tmp_path, lazy, ref, "--no-fill")   # a second mount reads the cache: no request at all
         assert again == got and len(_blob_gets(reg)) - before == fetched
 
         # a chunk changed under us in the registry: that read fails, others work, the retry succeeds
@@ -176,7 +188,7 @@ def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci
         mnt = tmp_path / "mnt-reads"
         mnt.mkdir()
         log_file = tmp_path / "daemon.log"
-        ok(run(tmp_path, "--root", str(fresh), "mount", ref, str(mnt), "--log", str(log_file)))
+        ok(run(tmp_path, "--root", str(fresh), "mount", "--no-fill", ref, str(mnt), "--log", str(log_file)))
         try:
             with pytest.raises(OSError) as e:
                 (mnt / "usr/lib/liba.so").read_bytes()
@@ -195,3 +207,38 @@ def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci
             assert (mnt / "etc/passwd").read_bytes().startswith(b"root:x:0:0:")
         finally:
             ok(run(tmp_path, "umount", str(mnt)))
+
+
+def test_background_fill_makes_the_layer_ordinary(tmp_path, umoci_image):  # noqa: F811
+    """With the background fill, every lazy layer becomes whole, is checked against its digest and diff_id,
+    and is an ordinary stored layer: the registry can go, the mount stays whole, push sends the kept blob."""
+    _, _, docker_archive, _ = umoci_image
+    src, lazy = tmp_path / "src", tmp_path / "lazy"
+    ok(run(tmp_path, "--root", str(src), "load", str(docker_archive)))
+    ok(run(tmp_path, "--root", str(src), "convert", "--estargz", "--chunk-size", "16384",
+           "interop/app:docker", "lazy/app:esgz"))
+    expected = mounted(tmp_path, src, "lazy/app:esgz")
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/lazy/app:1"
+        ok(run(tmp_path, "--root", str(src), "push", "lazy/app:esgz", ref, "--insecure"))
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        ok(run(tmp_path, "--root", str(lazy), "mount", ref, str(mnt), "--log", str(tmp_path / "d.log")))
+        try:
+            layers = [p for p in (lazy / "layers").iterdir() if (p / "lazy.json").exists()]
+            assert len(layers) == 4
+            deadline = time.monotonic() + 120   # a bound on waiting, not a measurement
+            while any((p / "lazy.json").exists() for p in layers) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert all((p / "lazy.done").exists() for p in layers), (tmp_path / "d.log").read_text()
+            reg.stop()
+            got = snapshot(mnt)
+        finally:
+            ok(run(tmp_path, "umount", str(mnt)))
+        assert not diff_snapshots(expected, got), "\n".join(diff_snapshots(expected, got))
+        assert mounted(tmp_path, lazy, ref) == got   # no hook now: ordinary layers
+        reg.start()
+        other = f"{reg.host}/lazy/copy:1"
+        ok(run(tmp_path, "--root", str(lazy), "push", ref, other, "--insecure"))
+        sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{other}", f"oci:{tmp_path / 'back'}:c")

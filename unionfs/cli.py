@@ -46,7 +46,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("an image's writable layer comes from the store: use --writable, not --upper/--work")
     if args.writable:
         return cc.create_and_mount(store, name, mountpoint, options, args.foreground, args.log)
-    return mount_image(store, name, mountpoint, options, args.foreground, args.log, fill)
+    return mount_image(store, name, mountpoint, options, args.foreground, args.log, fill, not args.no_fill)
 
 
 # --- images ------------------------------------------------------------------------
@@ -474,6 +474,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--lazy", action="store_true",
                    help="IMAGE is a registry REFERENCE of an eStargz image: fetch only its TOCs now, "
                         "file content on first read (as pull --lazy)")
+    m.add_argument("--no-fill", action="store_true",
+                   help="an image with lazy layers: fetch only what is read (no background fill)")
     m.add_argument("--insecure", action="store_true", help="with --lazy: allow plain HTTP / unverified TLS")
     m.add_argument("--ca-file", metavar="FILE", help="with --lazy: trust this CA (PEM) for the registry")
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground, log to stderr")

@@ -69,6 +69,7 @@ class MountConfig:
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
+    background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
 
 def split_lowerdir(value: str) -> list[str]:
@@ -341,6 +342,9 @@ def _serve(cfg: MountConfig, union, ready) -> None:
         f.write(f"{os.getpid()}\n")
     ready(None)
     log.info("mounted %s on %s", ":".join(cfg.lower), cfg.mountpoint)
+    if cfg.background is not None:
+        import threading
+        threading.Thread(target=cfg.background, name="background", daemon=True).start()
     terminated = False
 
     async def main() -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from ..fs import sys as ovl
 from ..image import estargz, platform as platforms
 from ..image.lazy_layer import materialize
+from ..image.compression import check_blob
 from ..image.load import add_layer_blob, register_image
 from ..image.model import Config, ImageError, Layer, Reference, parse_manifest
 from ..image.store import Store, now_iso
@@ -40,6 +41,9 @@ log = logging.getLogger("unionfs.registry.lazy")
 LAZY_FILE = "lazy.json"
 TOC_FILE = "lazy.toc"
 PRESENT_FILE = "lazy-present"
+BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
+DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an ordinary stored layer
+HEAD_MARK = -1                # in lazy-present: the blob's bytes before the first chunk are here
 WHOLE_BELOW = 2 << 20     # layers smaller than this are fetched whole at once
 
 
@@ -73,20 +77,23 @@ def get_range(client: Client, digest: str, start: int, end: int) -> bytes:
     return data
 
 
-def fetch_toc(client: Client, desc: dict) -> tuple[bytes, int]:
-    """(TOC, its offset) of an eStargz layer by two range requests, checked against the descriptor's annotation."""
+def fetch_toc(client: Client, desc: dict) -> tuple[bytes, int, bytes]:
+    """(TOC, its offset, the blob's bytes from there to the end) of an eStargz layer by two range
+    requests, the TOC checked against the descriptor's annotation."""
     digest, size = desc["digest"], int(desc["size"])
     what = f"{client.where}: layer {digest}"
     if size < estargz.FOOTER_SIZE:
         raise RegistryError(f"{what}: too small for an eStargz blob")
-    toc_at = estargz.parse_footer(get_range(client, digest, size - estargz.FOOTER_SIZE, size))
+    foot = get_range(client, digest, size - estargz.FOOTER_SIZE, size)
+    toc_at = estargz.parse_footer(foot)
     if not 0 <= toc_at < size - estargz.FOOTER_SIZE:
         raise RegistryError(f"{what}: the footer's TOC offset {toc_at} is outside the blob")
-    toc = estargz.read_toc_member(get_range(client, digest, toc_at, size - estargz.FOOTER_SIZE), what)
+    member = get_range(client, digest, toc_at, size - estargz.FOOTER_SIZE)
+    toc = estargz.read_toc_member(member, what)
     want = desc["annotations"][estargz.TOC_DIGEST_ANNOTATION]
     if "sha256:" + hashlib.sha256(toc).hexdigest() != want:
         raise RegistryError(f"{what}: the TOC does not match the manifest's TOC digest {want}")
-    return toc, toc_at
+    return toc, toc_at, member + foot
 
 
 def _is_estargz(desc: dict) -> bool:
@@ -118,9 +125,9 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
                     reused += 1
                     continue
                 if _is_estargz(d) and ly.size >= whole_below:
-                    toc, toc_at = fetch_toc(client, d)
-                    fetched += estargz.FOOTER_SIZE + len(toc)
-                    _add_lazy_layer(store, client, d, ly, toc, toc_at, f"{where}: layer {ly.digest}")
+                    toc, toc_at, tail = fetch_toc(client, d)
+                    fetched += len(tail)
+                    _add_lazy_layer(store, client, d, ly, toc, toc_at, tail, f"{where}: layer {ly.digest}")
                     say(f"{ly.digest[7:19]}: TOC fetched ({len(toc)} bytes), content on demand")
                     lazy += 1
                     continue
@@ -147,7 +154,7 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
 
 
 def _add_lazy_layer(store: Store, client: Client, desc: dict, ly: Layer, toc: bytes, toc_at: int,
-                    what: str) -> None:
+                    tail: bytes, what: str) -> None:
     entries = estargz.parse_toc(toc, what)
     tmp = store.new_tmp_dir("lazy")
     root = os.path.join(tmp, "root")
@@ -163,6 +170,10 @@ def _add_lazy_layer(store: Store, client: Client, desc: dict, ly: Layer, toc: by
         json.dump({"registry": client.registry, "repository": client.repository, "digest": ly.digest,
                    "size": ly.size, "toc_offset": toc_at, "insecure": client.insecure, "ca_file": client.ca_file}, f)
     open(os.path.join(tmp, PRESENT_FILE), "w").close()
+    with open(os.path.join(tmp, BLOB_FILE), "wb") as f:   # the blob as it arrives, holes where it has not
+        f.truncate(ly.size)
+        f.seek(toc_at)
+        f.write(tail)
     size = int((desc.get("annotations") or {}).get(estargz.UNCOMPRESSED_SIZE_ANNOTATION) or 0)
     store.commit_layer(tmp, ly.diff_id, {
         "diff_id": ly.diff_id, "digest": ly.digest, "size": size, "blob_size": ly.size, "compression": "gzip",
@@ -188,6 +199,7 @@ class _LazyLayer:
     dir: str
     source: dict
     ends: list[int]                      # sorted member offsets, then the TOC offset: a chunk's extent ends at the next
+    entries: list[estargz.Entry] = field(default_factory=list)
     present: set[int] = field(default_factory=set)
     present_size: int = 0
     client: Client | None = None
@@ -205,6 +217,11 @@ class _LazyLayer:
             self.present.update(int(x) for x in tail[:cut].split())
             self.present_size += cut
 
+    def mark(self, offset: int) -> None:
+        with open(os.path.join(self.dir, PRESENT_FILE), "a") as p:
+            p.write(f"{offset}\n")
+        self.present.add(offset)
+
     def connect(self) -> Client:
         if self.client is None:
             s = self.source
@@ -215,9 +232,11 @@ class _LazyLayer:
 class LazyFill:
     """The daemon's ``fill(fd, offset, size)`` hook for the lazy layers of one mount."""
 
-    def __init__(self, layer_dirs: list[str]) -> None:
+    def __init__(self, store: Store, layer_dirs: list[str]) -> None:
+        self.store = store
         self.layer_dirs = layer_dirs
         self._files: dict[tuple[int, int], _File] | None = None
+        self._layers: list[_LazyLayer] = []
         self._lock = threading.Lock()
         self.fetched = 0
 
@@ -229,7 +248,8 @@ class LazyFill:
             with open(os.path.join(d, TOC_FILE), "rb") as f:
                 entries = estargz.parse_toc(f.read(), d)
             offsets = sorted({c.offset for e in entries for c in e.chunks})
-            layer = _LazyLayer(d, source, offsets + [int(source["toc_offset"])])
+            layer = _LazyLayer(d, source, offsets + [int(source["toc_offset"])], entries)
+            self._layers.append(layer)
             root = os.open(os.path.join(d, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 for e in entries:
@@ -267,39 +287,110 @@ class LazyFill:
                 if c.offset not in layer.present:
                     self._fetch(f, c)
 
-    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
-        layer = f.layer
+    def _extent(self, layer: _LazyLayer, c: estargz.Chunk, name: str) -> bytes:
+        """The chunk's bytes, its compressed extent fetched, verified and kept in the layer's blob file."""
         i = bisect.bisect_right(layer.ends, c.offset)
         stop = layer.ends[i] if i < len(layer.ends) else int(layer.source["size"])
         digest = layer.source["digest"]
         try:
             data = get_range(layer.connect(), digest, c.offset, stop)
             self.fetched += len(data)
-            chunk = estargz.read_chunk(data, c, f"layer {digest}: {f.entry.name}")
+            chunk = estargz.read_chunk(data, c, f"layer {digest}: {name}")
+            _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, c.offset)
+            return chunk
+        except (ImageError, OSError) as e:
+            key = (c.offset, stop)
+            if key not in layer.failed:
+                layer.failed.add(key)
+                log.error("lazy layer %s: bytes %d-%d (%s): %s", digest, c.offset, stop - 1, name, e)
+            raise OSError(errno.EIO, "lazy fetch failed") from None
+
+    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
+        layer = f.layer
+        chunk = self._extent(layer, c, f.entry.name)
+        try:
             if f.wfd < 0:
                 root = os.open(os.path.join(layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
                 finally:
                     os.close(root)
-            view = memoryview(chunk)
-            pos = c.file_offset
-            while view:
-                n = os.pwrite(f.wfd, view, pos)
-                view, pos = view[n:], pos + n
+            _pwrite_all(f.wfd, chunk, c.file_offset)
             os.fdatasync(f.wfd)
-            with open(os.path.join(layer.dir, PRESENT_FILE), "a") as p:
-                p.write(f"{c.offset}\n")
-            layer.present.add(c.offset)
-        except (ImageError, OSError) as e:
-            key = (c.offset, stop)
-            if key not in layer.failed:
-                layer.failed.add(key)
-                log.error("lazy layer %s: bytes %d-%d (%s): %s", digest, c.offset, stop - 1, f.entry.name, e)
-            raise OSError(errno.EIO, "lazy fetch failed") from None
+        except OSError as e:
+            log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name, e)
+            raise OSError(errno.EIO, "lazy fill failed") from None
+        layer.mark(c.offset)
+
+    # --- the background fill -------------------------------------------------------------
+
+    def background(self) -> None:
+        """Fetch every chunk not yet local, in TOC order, between reads; check each whole blob
+        against its digest and diff_id; then the layer is an ordinary stored layer."""
+        with self._lock:
+            if self._files is None:
+                self._files = self._index()
+        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
+        for layer in self._layers:
+            try:
+                self._fill_layer(layer, placeholders)
+            except OSError:
+                log.warning("lazy layer %s: background fill stopped; the next mount continues",
+                            layer.source["digest"])
+                continue
+            except Exception:
+                log.exception("lazy layer %s: background fill failed", layer.source["digest"])
+                continue
+
+    def _fill_layer(self, layer: _LazyLayer, placeholders: dict) -> None:
+        digest = layer.source["digest"]
+        with self._lock:
+            layer.reload_present()
+            if HEAD_MARK not in layer.present and layer.ends[0] > 0:
+                data = get_range(layer.connect(), digest, 0, layer.ends[0])
+                self.fetched += len(data)
+                _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, 0)
+                layer.mark(HEAD_MARK)
+        for e in layer.entries:
+            for c in e.chunks:
+                with self._lock:
+                    if c.offset in layer.present:
+                        continue
+                    layer.reload_present()
+                    if c.offset in layer.present:
+                        continue
+                    f = placeholders.get((layer.dir, e.name))
+                    if f is not None:
+                        self._fetch(f, c)
+                    else:   # a file the layer itself replaced: its bytes are part of the blob all the same
+                        self._extent(layer, c, e.name)
+                        layer.mark(c.offset)
+        blob = os.path.join(layer.dir, BLOB_FILE)
+        diff_id = "sha256:" + os.path.basename(layer.dir)
+        check_blob(blob, digest, diff_id, f"lazy layer {digest}")   # ImageError: logged by the caller
+        with self.store.locked():
+            os.link(blob, blob + ".keep")
+            self.store.put_blob_file(digest, blob + ".keep")
+            os.rename(os.path.join(layer.dir, LAZY_FILE), os.path.join(layer.dir, DONE_FILE))
+        log.info("lazy layer %s: complete (%d bytes fetched by this mount)", digest, self.fetched)
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+def _pwrite_file(path: str, data: bytes, pos: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        _pwrite_all(fd, data, pos)
+    finally:
+        os.close(fd)
 
 
 def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...]) -> LazyFill | None:
     """The fill hook for an image's layers, or None when every layer is whole."""
     dirs = [store.layer_dir(d) for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
-    return LazyFill(dirs) if dirs else None
+    return LazyFill(store, dirs) if dirs else None
