@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 import time
@@ -242,3 +243,25 @@ def test_background_fill_makes_the_layer_ordinary(tmp_path, umoci_image):  # noq
         other = f"{reg.host}/lazy/copy:1"
         ok(run(tmp_path, "--root", str(lazy), "push", ref, other, "--insecure"))
         sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{other}", f"oci:{tmp_path / 'back'}:c")
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/busybox") or not (shutil.which("crun") or shutil.which("runc")),
+                    reason="busybox-static and crun or runc are needed")
+def test_run_and_create_lazy(tmp_path):
+    """run --lazy REF: the container starts from the TOCs, reads (and copies up) content on demand."""
+    from container_images import busybox_image
+    src, lazy = tmp_path / "src", tmp_path / "lazy"
+    busybox_image(tmp_path / "bb.tar", "bb:1")
+    ok(run(tmp_path, "--root", str(src), "load", str(tmp_path / "bb.tar")))
+    ok(run(tmp_path, "--root", str(src), "convert", "--estargz", "--chunk-size", "65536", "bb:1", "bb:esgz"))
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/lazy/bb:1"
+        ok(run(tmp_path, "--root", str(src), "push", "bb:esgz", ref, "--insecure"))
+        r = ok(run(tmp_path, "--root", str(lazy), "run", "--rm", "--user", "0", "--lazy", "--whole-below", "0", "--insecure",
+                   ref, "sh", "-c", "echo started; echo more >> /etc/passwd; head -1 /etc/passwd; tail -1 /etc/passwd"))
+        out = r.stdout.splitlines()
+        assert out[0] == "started" and out[1].startswith("root:x:0:0:") and out[2] == "more", r.stdout
+        layer = next(p for p in (lazy / "layers").iterdir() if (p / "lazy.json").exists() or (p / "lazy.done").exists())
+        assert (layer / "lazy.toc").exists()
+        cid = ok(run(tmp_path, "--root", str(lazy), "create", "--lazy", "--insecure", ref)).stdout.strip()
+        ok(run(tmp_path, "--root", str(lazy), "rm", cid))

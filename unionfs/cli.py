@@ -34,8 +34,6 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if store.exists() and not (not args.writable and cm.find(store, name) is not None):
         from .registry.lazy import fill_for
         fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids)
-        if fill is not None and args.writable:
-            raise UsageError(f"{name}: has lazy layers (pull --lazy): --writable mounts of them are not supported yet")
     if not args.writable:
         c = cm.find(store, name) if store.exists() else None
         if c is not None:   # a container's name or id first, then an image's
@@ -129,7 +127,12 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from .container.commands import create
-    print(create(_store(args), args.image, args.name).id)
+    store = _store(args)
+    image = args.image
+    if args.lazy:
+        from .registry.commands import pull_lazy_cmd
+        image = pull_lazy_cmd(args, store, image)
+    print(create(store, image, args.name).id)
     return 0
 
 
@@ -196,7 +199,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        user=a.user, hostname=a.hostname, network=a.network, read_only=a.read_only,
                        cap_add=a.cap_add or [], cap_drop=a.cap_drop or [], privileged=a.privileged, init=a.init,
                        tty=a.tty, interactive=a.interactive)
-        return run(_store(a), a.image, opts, a.name, a.rm, a.detach, a.runtime)
+        store, image = _store(a), a.image
+        if a.lazy:
+            from .registry.commands import pull_lazy_cmd
+            image = pull_lazy_cmd(a, store, image)
+        return run(store, image, opts, a.name, a.rm, a.detach, a.runtime)
     return _docker_status(go, args)
 
 
@@ -313,10 +320,21 @@ def _build_parser(sub, common) -> None:
     b.set_defaults(func=_cmd_build)
 
 
+def _lazy_options(p) -> None:
+    p.add_argument("--lazy", action="store_true",
+                   help="IMAGE is a registry REFERENCE of an eStargz image: fetch only its TOCs now, "
+                        "file content on first read (as pull --lazy)")
+    p.add_argument("--whole-below", type=int, metavar="BYTES",
+                   help="with --lazy: pull layers smaller than BYTES whole (default 2 MiB; 0: none)")
+    p.add_argument("--insecure", action="store_true", help="with --lazy: allow plain HTTP / unverified TLS")
+    p.add_argument("--ca-file", metavar="FILE", help="with --lazy: trust this CA (PEM) for the registry")
+
+
 def _container_parsers(sub, common) -> None:
     c = sub.add_parser("create", help="make a container: an image plus a writable layer of its own", parents=[common])
     c.add_argument("image", metavar="IMAGE")
     c.add_argument("--name", metavar="NAME", help="name it (default: a generated name)")
+    _lazy_options(c)
     c.set_defaults(func=_cmd_create)
 
     ps = sub.add_parser("ps", help="list containers", parents=[common])
@@ -365,6 +383,7 @@ def _container_parsers(sub, common) -> None:
                         description="Create a container of IMAGE, mount it, and run COMMAND (default: the image's "
                                     "Entrypoint and Cmd) in it with an OCI runtime; exits with its status.")
     rn.add_argument("--name", metavar="NAME", help="name the container")
+    _lazy_options(rn)
     rn.add_argument("--rm", action="store_true", help="remove the container (and its anonymous volumes) when it exits")
     rn.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
     rn.add_argument("-i", "--interactive", action="store_true", help="keep stdin open to the container")
@@ -471,13 +490,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="lowerdir=,upperdir=,workdir= and FUSE options (allow_other, default_permissions, "
                         "ro, fsname=, debug, suid, dev, ...)")
-    m.add_argument("--lazy", action="store_true",
-                   help="IMAGE is a registry REFERENCE of an eStargz image: fetch only its TOCs now, "
-                        "file content on first read (as pull --lazy)")
+    _lazy_options(m)
     m.add_argument("--no-fill", action="store_true",
                    help="an image with lazy layers: fetch only what is read (no background fill)")
-    m.add_argument("--insecure", action="store_true", help="with --lazy: allow plain HTTP / unverified TLS")
-    m.add_argument("--ca-file", metavar="FILE", help="with --lazy: trust this CA (PEM) for the registry")
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground, log to stderr")
     m.add_argument("--log", metavar="FILE", help="write the daemon's log to FILE")
     m.set_defaults(func=_cmd_mount)

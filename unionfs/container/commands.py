@@ -129,6 +129,9 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
     with store.locked():
         c = model.resolve(store, c.id)   # still there now that we hold the lock
         cfg = build_config(mountpoint, container_lower(store, c), c.upper, c.work, options, foreground, log_file)
+        from ..registry.lazy import fill_for   # lazy layers (pull --lazy): content on first read
+        cfg.fill = fill_for(store, store.image(store.resolve(c.image)).config.diff_ids)
+        cfg.background = getattr(cfg.fill, "background", None)
         c.mountpoint = cfg.mountpoint
         model.save(c)
     # Not under the lock: the daemon is forked from this process and would inherit (and keep) it.
