@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..fs import sys as ovl
@@ -43,6 +44,7 @@ TOC_FILE = "lazy.toc"
 PRESENT_FILE = "lazy-present"
 BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
 DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an ordinary stored layer
+IDLE = 1.0                    # seconds without a fetching read before the background fill goes on
 HEAD_MARK = -1                # in lazy-present: the blob's bytes before the first chunk are here
 WHOLE_BELOW = 2 << 20     # layers smaller than this are fetched whole at once
 
@@ -237,6 +239,7 @@ class LazyFill:
         self.layer_dirs = layer_dirs
         self._files: dict[tuple[int, int], _File] | None = None
         self._layers: list[_LazyLayer] = []
+        self.last_read = time.monotonic()   # the background fill waits for reads to pause
         self._lock = threading.Lock()
         self.fetched = 0
 
@@ -287,17 +290,15 @@ class LazyFill:
                 if c.offset not in layer.present:
                     self._fetch(f, c)
 
-    def _extent(self, layer: _LazyLayer, c: estargz.Chunk, name: str) -> bytes:
-        """The chunk's bytes, its compressed extent fetched, verified and kept in the layer's blob file."""
+    def _download(self, layer: _LazyLayer, c: estargz.Chunk, name: str) -> tuple[bytes, bytes]:
+        """(compressed extent, the chunk's bytes) fetched and verified; any failure is EIO, logged once."""
         i = bisect.bisect_right(layer.ends, c.offset)
         stop = layer.ends[i] if i < len(layer.ends) else int(layer.source["size"])
         digest = layer.source["digest"]
         try:
             data = get_range(layer.connect(), digest, c.offset, stop)
             self.fetched += len(data)
-            chunk = estargz.read_chunk(data, c, f"layer {digest}: {name}")
-            _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, c.offset)
-            return chunk
+            return data, estargz.read_chunk(data, c, f"layer {digest}: {name}")
         except (ImageError, OSError) as e:
             key = (c.offset, stop)
             if key not in layer.failed:
@@ -305,24 +306,35 @@ class LazyFill:
                 log.error("lazy layer %s: bytes %d-%d (%s): %s", digest, c.offset, stop - 1, name, e)
             raise OSError(errno.EIO, "lazy fetch failed") from None
 
-    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
-        layer = f.layer
-        chunk = self._extent(layer, c, f.entry.name)
+    def _keep(self, layer: _LazyLayer, f: _File | None, c: estargz.Chunk, data: bytes, chunk: bytes) -> None:
+        """Write a verified extent into the blob file and its chunk into the placeholder; mark it present."""
         try:
-            if f.wfd < 0:
-                root = os.open(os.path.join(layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
-                finally:
-                    os.close(root)
-            _pwrite_all(f.wfd, chunk, c.file_offset)
-            os.fdatasync(f.wfd)
+            _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, c.offset)
+            if f is not None:
+                if f.wfd < 0:
+                    root = os.open(os.path.join(layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
+                    finally:
+                        os.close(root)
+                _pwrite_all(f.wfd, chunk, c.file_offset)
+                os.fdatasync(f.wfd)
         except OSError as e:
-            log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name, e)
+            log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name if f else "", e)
             raise OSError(errno.EIO, "lazy fill failed") from None
         layer.mark(c.offset)
 
+    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
+        self.last_read = time.monotonic()
+        data, chunk = self._download(f.layer, c, f.entry.name)
+        self._keep(f.layer, f, c, data, chunk)
+
     # --- the background fill -------------------------------------------------------------
+
+    def _wait_idle(self) -> None:
+        """Let reads have the link: the fill goes on once no read has fetched for IDLE seconds."""
+        while (quiet := time.monotonic() - self.last_read) < IDLE:
+            time.sleep(IDLE - quiet)
 
     def background(self) -> None:
         """Fetch every chunk not yet local, in TOC order, between reads; check each whole blob
@@ -353,18 +365,17 @@ class LazyFill:
                 layer.mark(HEAD_MARK)
         for e in layer.entries:
             for c in e.chunks:
+                self._wait_idle()
                 with self._lock:
-                    if c.offset in layer.present:
-                        continue
                     layer.reload_present()
                     if c.offset in layer.present:
                         continue
-                    f = placeholders.get((layer.dir, e.name))
-                    if f is not None:
-                        self._fetch(f, c)
-                    else:   # a file the layer itself replaced: its bytes are part of the blob all the same
-                        self._extent(layer, c, e.name)
-                        layer.mark(c.offset)
+                # fetched without the lock, so reads go on meanwhile; kept only if no read got it first
+                data, chunk = self._download(layer, c, e.name)
+                with self._lock:
+                    if c.offset not in layer.present:
+                        # a file the layer itself replaced has no placeholder: its bytes are part of the blob
+                        self._keep(layer, placeholders.get((layer.dir, e.name)), c, data, chunk)
         blob = os.path.join(layer.dir, BLOB_FILE)
         diff_id = "sha256:" + os.path.basename(layer.dir)
         check_blob(blob, digest, diff_id, f"lazy layer {digest}")   # ImageError: logged by the caller
