@@ -265,3 +265,31 @@ def test_run_and_create_lazy(tmp_path):
         assert (layer / "lazy.toc").exists()
         cid = ok(run(tmp_path, "--root", str(lazy), "create", "--lazy", "--insecure", ref)).stdout.strip()
         ok(run(tmp_path, "--root", str(lazy), "rm", cid))
+
+
+def test_lazy_pull_refuses_a_toc_that_is_not_the_manifests(tmp_path):
+    """A TOC whose digest is not the annotation's, or a layer that is no eStargz blob: one line, exit 2,
+    and the store keeps nothing of the image."""
+    src, lazy = tmp_path / "src", tmp_path / "lazy"
+    from container_images import BASE, APP
+    from image_archives import Img, docker_save_legacy
+    docker_save_legacy(tmp_path / "a.tar", [Img([BASE, APP], ["app:1"])])
+    ok(run(tmp_path, "--root", str(src), "load", str(tmp_path / "a.tar")))
+    ok(run(tmp_path, "--root", str(src), "convert", "--estargz", "app:1", "app:esgz"))
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/lazy/app:1"
+        ok(run(tmp_path, "--root", str(src), "push", "app:esgz", ref, "--insecure"))
+        manifest = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"))
+        bad = json.loads(json.dumps(manifest))
+        bad["layers"][1]["annotations"][estargz.TOC_DIGEST_ANNOTATION] = "sha256:" + "0" * 64
+        r = httpx.put(f"http://{reg.host}/v2/lazy/app/manifests/bad", content=json.dumps(bad).encode(),
+                      headers={"Content-Type": bad["mediaType"]})
+        assert r.status_code == 201, r.text
+        one_line_error(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0",
+                           f"{reg.host}/lazy/app:bad", "--insecure"), "TOC digest")
+        assert not list((lazy / "images").iterdir()) and not list((lazy / "layers").iterdir())
+        # an ordinary gzip layer, with no TOC annotation: pulled whole, the image as usual
+        ok(run(tmp_path, "--root", str(src), "push", "app:1", f"{reg.host}/lazy/plain:1", "--insecure"))
+        r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", f"{reg.host}/lazy/plain:1", "--insecure"))
+        assert "2 pulled whole" in r.stderr
+        assert not [p for p in (lazy / "layers").iterdir() if (p / "lazy.json").exists()]

@@ -36,6 +36,7 @@ TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 DEFAULT_CHUNK_SIZE = 4 << 20     # the Go writer's default
 MAX_TOC = 64 << 20               # a TOC bigger than this is refused, not parsed
+MAX_CHUNK = 256 << 20            # a chunk is decompressed in memory: no honest writer makes them this big
 _BLOCK = 512
 
 _TYPES = {tarfile.DIRTYPE: "dir", tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg",
@@ -274,6 +275,8 @@ def parse_toc(data: bytes, what: str) -> list[Entry]:
             assert ent is not None
             if ent.size:
                 size = ints["chunkSize"] or ent.size - ints["chunkOffset"]
+                if not 0 < size <= MAX_CHUNK:
+                    raise ImageError(f"{what}: TOC chunk of {name!r} is {size} bytes (at most {MAX_CHUNK})")
                 cd = raw.get("chunkDigest")
                 if not isinstance(cd, str) or not cd.startswith("sha256:"):
                     raise ImageError(f"{what}: TOC chunk of {name!r} has no sha256 chunkDigest")

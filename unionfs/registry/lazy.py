@@ -90,6 +90,9 @@ def fetch_toc(client: Client, desc: dict) -> tuple[bytes, int, bytes]:
     toc_at = estargz.parse_footer(foot)
     if not 0 <= toc_at < size - estargz.FOOTER_SIZE:
         raise RegistryError(f"{what}: the footer's TOC offset {toc_at} is outside the blob")
+    if size - estargz.FOOTER_SIZE - toc_at > estargz.MAX_TOC + (1 << 20):
+        raise RegistryError(f"{what}: the TOC would be {size - estargz.FOOTER_SIZE - toc_at} bytes, "
+                            f"more than {estargz.MAX_TOC}")
     member = get_range(client, digest, toc_at, size - estargz.FOOTER_SIZE)
     toc = estargz.read_toc_member(member, what)
     want = desc["annotations"][estargz.TOC_DIGEST_ANNOTATION]
