@@ -168,6 +168,8 @@ def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci
         got = mounted(tmp_path, lazy, ref, "--no-fill")
         assert not diff_snapshots(expected, got), "\n".join(diff_snapshots(expected, got))
         fetched = sum(len((p / "lazy-present").read_text().split()) for p in layer_dirs)
+        report = ok(run(tmp_path, "--root", str(lazy), "images")).stdout
+        assert report.count("bytes local (") == 4 and ref in report, report
         assert fetched == len(_blob_gets(reg)) - before and fetched >= 8
         again = mounted(tmp_path, lazy, ref, "--no-fill")   # a second mount reads the cache: no request at all
         assert again == got and len(_blob_gets(reg)) - before == fetched

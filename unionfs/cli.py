@@ -77,6 +77,11 @@ def _cmd_images(args: argparse.Namespace) -> int:
     from .image.report import images_table
     store = _store(args)
     print(images_table(store, args.no_trunc, hide=set() if args.all else intermediates(store)))
+    if store.exists():
+        from .registry.lazy import lazy_report
+        report = lazy_report(store)   # layers of pull --lazy not yet whole
+        if report:
+            print("\n" + report)
     return 0
 
 

@@ -404,6 +404,37 @@ def _pwrite_file(path: str, data: bytes, pos: int) -> None:
         os.close(fd)
 
 
+def local_bytes(layer_dir: str) -> tuple[int, int]:
+    """(bytes of the layer's blob that are local, the blob's size), from what ``lazy-present`` records."""
+    with open(os.path.join(layer_dir, LAZY_FILE)) as f:
+        source = json.load(f)
+    with open(os.path.join(layer_dir, TOC_FILE), "rb") as f:
+        entries = estargz.parse_toc(f.read(), layer_dir)
+    size, toc_at = int(source["size"]), int(source["toc_offset"])
+    ends = sorted({c.offset for e in entries for c in e.chunks}) + [toc_at]
+    with open(os.path.join(layer_dir, PRESENT_FILE), "rb") as f:
+        present = {int(x) for x in f.read().split()}
+    have = size - toc_at + (ends[0] if HEAD_MARK in present else 0)
+    have += sum(ends[i + 1] - off for i, off in enumerate(ends[:-1]) if off in present)
+    return have, size
+
+
+def lazy_report(store: Store) -> str:
+    """The lazy layers of every image, with how much of each is local (for ``unionfs images``)."""
+    rows = []
+    tags: dict[str, list[str]] = {}
+    for tag, image_id in store.tags().items():
+        tags.setdefault(image_id, []).append(tag)
+    for image_id in store.image_ids():
+        for ly in store.image(image_id).layers:
+            d = store.layer_dir(ly.diff_id)
+            if os.path.exists(os.path.join(d, LAZY_FILE)):
+                have, size = local_bytes(d)
+                name = ",".join(sorted(tags.get(image_id, []))) or image_id[7:19]
+                rows.append(f"{ly.digest[7:19]}  {name}  {have} of {size} bytes local ({100 * have // max(size, 1)}%)")
+    return "\n".join(["LAZY LAYER    IMAGE  LOCAL", *rows]) if rows else ""
+
+
 def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...]) -> LazyFill | None:
     """The fill hook for an image's layers, or None when every layer is whole."""
     dirs = [store.layer_dir(d) for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
