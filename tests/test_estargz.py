@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from helpers import diff_snapshots, is_mounted, snapshot
+from podman_env import HAVE_PODMAN, Podman
 from registry_server import Registry, have_registry
 from test_image_interop import umoci_image  # noqa: F401  (the module-scoped fixture)
 from test_registry_interop import sh
@@ -267,6 +268,14 @@ def test_run_and_create_lazy(tmp_path):
         assert (layer / "lazy.toc").exists()
         cid = ok(run(tmp_path, "--root", str(lazy), "create", "--lazy", "--insecure", ref)).stdout.strip()
         ok(run(tmp_path, "--root", str(lazy), "rm", cid))
+        if HAVE_PODMAN:   # podman pulls the eStargz image from the registry and runs it as any image
+            pm = Podman(tmp_path / "podman")
+            try:
+                pm("pull", "-q", "--tls-verify=false", ref)
+                assert pm.sh(ref, "head -1 /etc/passwd; echo $GREETING").splitlines() == \
+                    [out[1], "hello"]
+            finally:
+                pm.close()
 
 
 def test_lazy_pull_refuses_a_toc_that_is_not_the_manifests(tmp_path):
