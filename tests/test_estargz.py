@@ -81,7 +81,7 @@ def test_push_estargz_skopeo_umoci_and_ranges(tmp_path, umoci_image):  # noqa: F
     # convert: a new image in the store whose mount is the original tree plus the TOC file
     ok(run(tmp_path, "--root", str(store), "convert", "--estargz", "--chunk-size", "16384",
            "interop/app:docker", "lazy/app:esgz"))
-    got = mounted(tmp_path, store, "lazy/app:esgz")
+    got = mounted(tmp_path, store, "lazy/app:esgz", times=False)   # umoci's rootfs: times differ
     assert TOC in got
     assert not diff_snapshots(expected, without_toc(got)), "\n".join(diff_snapshots(expected, without_toc(got)))
     one_line_error(run(tmp_path, "--root", str(store), "convert", "--estargz", "no/such:1", "x:1"), "no/such")
@@ -130,12 +130,12 @@ def test_push_estargz_skopeo_umoci_and_ranges(tmp_path, umoci_image):  # noqa: F
         assert chunks >= 8   # liba.so (70000 bytes) alone is 5 chunks
 
 
-def mounted(tmp_path, store, name, *opts):
+def mounted(tmp_path, store, name, *opts, times=True):
     mnt = tmp_path / f"mnt-{store.name}"
     mnt.mkdir(exist_ok=True)
     ok(run(tmp_path, "--root", str(store), "mount", *opts, name, str(mnt)))
     try:
-        return snapshot(mnt)
+        return snapshot(mnt, with_times=times)
     finally:
         ok(run(tmp_path, "umount", str(mnt)))
         assert not is_mounted(mnt)
@@ -237,7 +237,7 @@ def test_background_fill_makes_the_layer_ordinary(tmp_path, umoci_image):  # noq
                 time.sleep(0.1)
             assert all((p / "lazy.done").exists() for p in layers), (tmp_path / "d.log").read_text()
             reg.stop()
-            got = snapshot(mnt)
+            got = snapshot(mnt, with_times=True)
         finally:
             ok(run(tmp_path, "umount", str(mnt)))
         assert not diff_snapshots(expected, got), "\n".join(diff_snapshots(expected, got))

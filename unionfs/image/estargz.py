@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import struct
 import tarfile
 import zlib
@@ -121,9 +122,30 @@ def _hex_offset(payload: bytes) -> int:
 
 
 def _modtime(ti: tarfile.TarInfo) -> str | None:
+    """RFC 3339 in UTC, with the PAX header's fraction of a second when there is one (Go parses both)."""
     if not ti.mtime:
         return None
-    return datetime.fromtimestamp(int(ti.mtime), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = ti.pax_headers.get("mtime") or ""
+    secs, _, frac = text.partition(".")
+    whole = int(secs) if secs.lstrip("-").isdigit() else int(ti.mtime)
+    frac = frac if frac.isdigit() else ""
+    stamp = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{frac}Z" if frac else stamp + "Z"
+
+
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def parse_modtime(text: str | None) -> float:
+    """Seconds since 1970 from a TOC ``modtime``, the fraction kept as the tar's PAX header had it."""
+    m = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        return 0
+    try:
+        whole = int(datetime.fromisoformat(m[1] + ("+00:00" if m[3] == "Z" else m[3])).timestamp())
+    except ValueError:
+        return 0
+    return float(f"{whole}.{m[2]}") if m[2] else whole
 
 
 def clean_name(name: str) -> str:

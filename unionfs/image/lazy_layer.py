@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from datetime import datetime
 
 from ..fs import formats
 from ..fs import sys as ovl
@@ -49,20 +48,11 @@ class _Placeholders(LayerWriter):
             os.close(fd)
 
 
-def _mtime(text: str | None) -> int:
-    if not text:
-        return 0
-    try:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return 0
-
-
 def tarinfo(e: estargz.Entry) -> tarfile.TarInfo:
     """The tar header the entry came from (as far as the TOC keeps it)."""
     ti = tarfile.TarInfo(e.name)
     ti.type = _TAR_TYPES[e.type]
-    ti.mode, ti.uid, ti.gid, ti.size, ti.mtime = e.mode, e.uid, e.gid, e.size, _mtime(e.modtime)
+    ti.mode, ti.uid, ti.gid, ti.size, ti.mtime = e.mode, e.uid, e.gid, e.size, estargz.parse_modtime(e.modtime)
     ti.linkname = e.link
     ti.devmajor, ti.devminor = e.dev
     ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in e.xattrs.items()}

@@ -321,6 +321,8 @@ class LazyFill:
                     finally:
                         os.close(root)
                 _pwrite_all(f.wfd, chunk, c.file_offset)
+                ns = int(round(estargz.parse_modtime(f.entry.modtime) * 1_000_000_000))
+                os.utime(f.wfd, ns=(ns, ns))   # writing content is no change: the times stay the layer's
                 os.fdatasync(f.wfd)
         except OSError as e:
             log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name if f else "", e)
