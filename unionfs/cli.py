@@ -31,8 +31,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if args.lazy:   # REFERENCE: the image from its registry, content on first read
         from .registry.commands import pull_lazy_cmd
         name = pull_lazy_cmd(args, store, name)
-    if store.exists() and not (not args.writable and cm.find(store, name) is not None):
-        from .registry.lazy import fill_for
+    if store.exists() and not args.writable and cm.find(store, name) is None:   # an image: lazy layers?
+        from .registry.lazy import fill_for   # (containers get theirs in mount_container)
         fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids)
     if not args.writable:
         c = cm.find(store, name) if store.exists() else None

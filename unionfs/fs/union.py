@@ -12,8 +12,8 @@ import errno
 import logging
 import os
 import stat
-from typing import Callable
 from dataclasses import dataclass
+from typing import Callable
 
 from . import formats
 from . import sys as ovl
