@@ -45,6 +45,7 @@ PRESENT_FILE = "lazy-present"
 BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
 DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an ordinary stored layer
 IDLE = 1.0                    # seconds without a fetching read before the background fill goes on
+ACCESS_FILE = "lazy-access"   # files in the order reads first fetched them: the background fill's order next time
 HEAD_MARK = -1                # in lazy-present: the blob's bytes before the first chunk are here
 WHOLE_BELOW = 2 << 20     # layers smaller than this are fetched whole at once
 
@@ -209,6 +210,12 @@ class _LazyLayer:
     present_size: int = 0
     client: Client | None = None
     failed: set[tuple[int, int]] = field(default_factory=set)
+    accessed: dict[str, None] = field(default_factory=dict)   # ordered: ACCESS_FILE as read and appended
+
+    def fill_order(self) -> list[estargz.Entry]:
+        """The entries in the order reads first wanted them (this and earlier mounts), then TOC order."""
+        rank = {name: i for i, name in enumerate(self.accessed)}
+        return sorted(self.entries, key=lambda e: rank.get(e.name, len(rank)))
 
     def reload_present(self) -> None:
         """Chunks other mounts of the layer fetched meanwhile (the file only grows)."""
@@ -271,6 +278,11 @@ class LazyFill:
             finally:
                 os.close(root)
             layer.reload_present()
+            try:
+                with open(os.path.join(d, ACCESS_FILE)) as a:
+                    layer.accessed.update((json.loads(x), None) for x in a if x.endswith("\n"))
+            except (FileNotFoundError, ValueError):
+                pass
         return files
 
     def __call__(self, fd: int, offset: int, size: int) -> None:
@@ -333,6 +345,10 @@ class LazyFill:
         self.last_read = time.monotonic()
         data, chunk = self._download(f.layer, c, f.entry.name)
         self._keep(f.layer, f, c, data, chunk)
+        if f.entry.name not in f.layer.accessed:   # the access pattern, for the next background fill
+            f.layer.accessed[f.entry.name] = None
+            with open(os.path.join(f.layer.dir, ACCESS_FILE), "a") as a:
+                a.write(json.dumps(f.entry.name) + "\n")
 
     # --- the background fill -------------------------------------------------------------
 
@@ -368,7 +384,7 @@ class LazyFill:
                 self.fetched += len(data)
                 _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, 0)
                 layer.mark(HEAD_MARK)
-        for e in layer.entries:
+        for e in layer.fill_order():
             for c in e.chunks:
                 self._wait_idle()
                 with self._lock:
