@@ -22,8 +22,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if len(args.targets) > 2:
         raise UsageError("mount takes [IMAGE] MOUNTPOINT")
     name = args.targets[0] if len(args.targets) == 2 else None
-    return mount_target(_store(args), name, args.targets[-1], args.lower or [], args.upper, args.work,
-                        args.options or [], args.writable, args.foreground, args.log)
+    store = _store(args)
+    if name is not None and args.lazy:   # REFERENCE: the image from its registry, content on first read
+        from .registry.commands import pull_lazy_cmd
+        name = pull_lazy_cmd(args, store, name)
+    return mount_target(store, name, args.targets[-1], args.lower or [], args.upper, args.work,
+                        args.options or [], args.writable, args.foreground, args.log, not args.no_fill)
 
 
 # --- images ------------------------------------------------------------------------
@@ -49,6 +53,11 @@ def _cmd_images(args: argparse.Namespace) -> int:
     from .image.report import images_table
     store = _store(args)
     print(images_table(store, args.no_trunc, hide=set() if args.all else intermediates(store)))
+    if store.exists():
+        from .registry.lazy import lazy_report
+        report = lazy_report(store)   # layers of pull --lazy not yet whole
+        if report:
+            print("\n" + report)
     return 0
 
 
@@ -87,7 +96,12 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from .container.commands import create
-    print(create(_store(args), args.image, args.name).id)
+    store = _store(args)
+    image = args.image
+    if args.lazy:
+        from .registry.commands import pull_lazy_cmd
+        image = pull_lazy_cmd(args, store, image)
+    print(create(store, image, args.name).id)
     return 0
 
 
@@ -116,6 +130,12 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .image.convert import convert_estargz
+    print(convert_estargz(_store(args), args.image, args.new, args.chunk_size))
+    return 0
+
+
 def _cmd_save(args: argparse.Namespace) -> int:
     from .image.save import save
     save(_store(args), args.images, args.output, args.format)
@@ -133,7 +153,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        user=a.user, hostname=a.hostname, network=a.network, read_only=a.read_only,
                        cap_add=a.cap_add or [], cap_drop=a.cap_drop or [], privileged=a.privileged, init=a.init,
                        tty=a.tty, interactive=a.interactive)
-        return run(_store(a), a.image, opts, a.name, a.rm, a.detach, a.runtime)
+        store, image = _store(a), a.image
+        if a.lazy:
+            from .registry.commands import pull_lazy_cmd
+            image = pull_lazy_cmd(a, store, image)
+        return run(store, image, opts, a.name, a.rm, a.detach, a.runtime)
     return docker_status(go)
 
 
@@ -264,10 +288,21 @@ def _build_parser(sub, common) -> None:
     b.set_defaults(func=_cmd_build)
 
 
+def _lazy_options(p) -> None:
+    p.add_argument("--lazy", action="store_true",
+                   help="IMAGE is a registry REFERENCE of an eStargz image: fetch only its TOCs now, "
+                        "file content on first read (as pull --lazy)")
+    p.add_argument("--whole-below", type=int, metavar="BYTES",
+                   help="with --lazy: pull layers smaller than BYTES whole (default 2 MiB; 0: none)")
+    p.add_argument("--insecure", action="store_true", help="with --lazy: allow plain HTTP / unverified TLS")
+    p.add_argument("--ca-file", metavar="FILE", help="with --lazy: trust this CA (PEM) for the registry")
+
+
 def _container_parsers(sub, common) -> None:
     c = sub.add_parser("create", help="make a container: an image plus a writable layer of its own", parents=[common])
     c.add_argument("image", metavar="IMAGE")
     c.add_argument("--name", metavar="NAME", help="name it (default: a generated name)")
+    _lazy_options(c)
     c.set_defaults(func=_cmd_create)
 
     ps = sub.add_parser("ps", help="list containers", parents=[common])
@@ -303,11 +338,20 @@ def _container_parsers(sub, common) -> None:
     sv.add_argument("--format", choices=("docker", "oci"), default="docker", help="docker (default) or oci")
     sv.set_defaults(func=_cmd_save)
 
+    cv = sub.add_parser("convert", help="a copy of an image with eStargz layers (lazily pullable)", parents=[common])
+    cv.add_argument("--estargz", action="store_true", required=True, help="the layer format (the only one yet)")
+    cv.add_argument("--chunk-size", type=int, default=4 << 20, metavar="BYTES",
+                    help="files bigger than this are split into chunks fetched separately (default 4 MiB)")
+    cv.add_argument("image", metavar="IMAGE")
+    cv.add_argument("new", metavar="NEW", help="the converted image's name")
+    cv.set_defaults(func=_cmd_convert)
+
     rn = sub.add_parser("run", help="run a command in a new container of an image (with crun or runc)",
                         parents=[common], usage="%(prog)s [options] IMAGE [COMMAND [ARG...]]",
                         description="Create a container of IMAGE, mount it, and run COMMAND (default: the image's "
                                     "Entrypoint and Cmd) in it with an OCI runtime; exits with its status.")
     rn.add_argument("--name", metavar="NAME", help="name the container")
+    _lazy_options(rn)
     rn.add_argument("--rm", action="store_true", help="remove the container (and its anonymous volumes) when it exits")
     rn.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
     rn.add_argument("-i", "--interactive", action="store_true", help="keep stdin open to the container")
@@ -418,6 +462,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="lowerdir=,upperdir=,workdir= and FUSE options (allow_other, default_permissions, "
                         "ro, fsname=, debug, suid, dev, ...)")
+    _lazy_options(m)
+    m.add_argument("--no-fill", action="store_true",
+                   help="an image with lazy layers: fetch only what is read (no background fill)")
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground, log to stderr")
     m.add_argument("--log", metavar="FILE", help="write the daemon's log to FILE")
     m.set_defaults(func=_cmd_mount)
@@ -497,7 +544,7 @@ def _is_mount_program_argv(argv: list[str]) -> bool:
 
 
 _COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
-             "commit", "save", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
+             "commit", "save", "convert", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
              "pull", "push", "login", "logout"}
 
 

@@ -145,6 +145,9 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
     with store.locked():
         c = model.resolve(store, c.id)   # still there now that we hold the lock
         cfg = build_config(mountpoint, container_lower(store, c), c.upper, c.work, options, foreground, log_file)
+        from ..registry.lazy import fill_for   # lazy layers (pull --lazy): content on first read
+        cfg.fill = fill_for(store, store.image(store.resolve(c.image)).config.diff_ids)
+        cfg.background = getattr(cfg.fill, "background", None)
         c.mountpoint = cfg.mountpoint
         model.save(c)
     # Not under the lock: the daemon is forked from this process and would inherit (and keep) it.
@@ -153,9 +156,10 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
 
 def mount_target(store: Store, name: str | None, mountpoint: str, lower: list[str], upper: str | None,
                  work: str | None, options: list[str], writable: bool = False, foreground: bool = False,
-                 log_file: str | None = None) -> int:
+                 log_file: str | None = None, background_fill: bool = True) -> int:
     """``unionfs mount``: layer directories (no ``name``), else a container by name or id, else an image
-    (read-only; ``writable``: a new container of it).  Mixing the two kinds of source is refused."""
+    (read-only; ``writable``: a new container of it).  Mixing the two kinds of source is refused.
+    An image with lazy layers fills them in the background unless ``background_fill`` is off."""
     if name is None:
         if writable:
             raise UsageError("--writable needs an IMAGE (for layer directories, give --upper and --work)")
@@ -173,7 +177,9 @@ def mount_target(store: Store, name: str | None, mountpoint: str, lower: list[st
         raise UsageError("an image's writable layer comes from the store: use --writable, not --upper/--work")
     if writable:
         return create_and_mount(store, name, mountpoint, options, foreground, log_file)
-    return mount_image(store, name, mountpoint, options, foreground, log_file)
+    from ..registry.lazy import fill_for   # lazy layers (pull --lazy): content on first read
+    fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids) if store.exists() else None
+    return mount_image(store, name, mountpoint, options, foreground, log_file, fill, background_fill)
 
 
 def umount_target(store: Store, target: str) -> int:

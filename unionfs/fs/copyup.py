@@ -197,6 +197,8 @@ class CopyUp:
                     if not c.truncate and st.st_size:
                         src = ovl.open_at(c.lower_fd, c.lower_name, os.O_RDONLY)
                         try:
+                            if u.fill is not None:   # a lazy layer's content first (union.Fill)
+                                u.fill(src, 0, st.st_size)
                             ovl.copy_file_range_all(src, dst, st.st_size)
                         finally:
                             os.close(src)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import UsageError
 from .idmap import IdMap
@@ -68,6 +69,8 @@ class MountConfig:
     acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
+    fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
+    background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
 
 def split_lowerdir(value: str) -> list[str]:
@@ -220,8 +223,11 @@ def _open_union(cfg: MountConfig):
         except UsageError:
             stack.close()
             raise
-        return WritableUnion(stack, lock, fsync=cfg.fsync)
-    return Union(stack)
+        union = WritableUnion(stack, lock, fsync=cfg.fsync)
+    else:
+        union = Union(stack)
+    union.fill = cfg.fill
+    return union
 
 
 def _pidfile_dir() -> str:
@@ -339,6 +345,9 @@ def _serve(cfg: MountConfig, union, ready) -> None:
         f.write(f"{os.getpid()}\n")
     ready(None)
     log.info("mounted %s on %s", ":".join(cfg.lower), cfg.mountpoint)
+    if cfg.background is not None:
+        import threading
+        threading.Thread(target=cfg.background, name="background", daemon=True).start()
     terminated = False
 
     async def main() -> None:

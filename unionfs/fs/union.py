@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import Callable
 
 from . import formats
 from . import sys as ovl
@@ -71,9 +72,15 @@ def _check_name(name: bytes) -> None:
         raise OSError(errno.EINVAL, "invalid name")
 
 
+# ``fill(fd, offset, size)``: make bytes ``offset..offset+size`` of the lower file open as ``fd``
+# present before they are read (a lazy layer's content arrives on first read); OSError fails the read.
+Fill = Callable[[int, int, int], None]
+
+
 class Union:
     def __init__(self, stack: LayerStack) -> None:
         self.stack = stack
+        self.fill: Fill | None = None   # set by the daemon for lazy layers (unionfs.registry.lazy)
         self.inodes = InodeTable(stack.devs)
         self.readonly = stack.upper is None
         self.index_fd = -1  # the writable layer's index dir
@@ -557,6 +564,8 @@ class Union:
         return ovl.open_at(fd, name, flags, noatime=lower)
 
     def read(self, f: "OpenFile", off: int, size: int) -> bytes:
+        if self.fill is not None and not f.writable:
+            self.fill(f.fd, off, size)
         return os.pread(f.fd, size, off)
 
     def release(self, f: "OpenFile") -> None:

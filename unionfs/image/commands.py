@@ -36,10 +36,13 @@ def with_fsname(options: list[str], name: str) -> list[str]:
 
 
 def mount_image(store: Store, name: str, mountpoint: str, options: list[str], foreground: bool = False,
-                log_file: str | None = None) -> int:
-    """Mount an image's layers read-only on ``mountpoint``."""
+                log_file: str | None = None, fill=None, background: bool = True) -> int:
+    """Mount an image's layers read-only on ``mountpoint``; ``fill``: the hook of its lazy layers."""
     lower = lower_stack(store, store.resolve(name), name)
-    return mount(build_config(mountpoint, lower, None, None, with_fsname(options, name), foreground, log_file))
+    cfg = build_config(mountpoint, lower, None, None, with_fsname(options, name), foreground, log_file)
+    cfg.fill = fill
+    cfg.background = getattr(fill, "background", None) if background else None
+    return mount(cfg)
 
 
 def tag(store: Store, source: str, target: str) -> None:

@@ -26,7 +26,25 @@ def _client(args: argparse.Namespace, registry: str, repository: str, actions: t
                   credentials=creds)
 
 
+def pull_lazy_cmd(args: argparse.Namespace, store: Store, reference: str) -> str:
+    """``pull --lazy`` (also for ``mount --lazy``): the image's TOCs now, content on first read; its name."""
+    from .lazy import WHOLE_BELOW, pull_lazy
+    ref = Reference.parse(reference, allow_digest=True)
+    quiet = getattr(args, "quiet", False)
+    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
+    with _client(args, ref.registry, ref.path, ("pull",)) as client:
+        r = pull_lazy(store, ref, client, getattr(args, "platform", None),
+                      whole_below=WHOLE_BELOW if getattr(args, "whole_below", None) is None else args.whole_below,
+                      log=say)
+    say(f"layers: {r.lazy_layers} lazy, {r.whole_layers} pulled whole, {r.reused_layers} already in the store; "
+        f"{r.fetched_bytes} bytes fetched")
+    return ref.tagged if ref.tag else r.image_id
+
+
 def _cmd_pull(args: argparse.Namespace) -> int:
+    if args.lazy:
+        print(pull_lazy_cmd(args, Store(getattr(args, "root", None)), args.reference))
+        return 0
     from ..image import platform as platforms
     from .pull import pull
     ref = Reference.parse(args.reference, allow_digest=True)
@@ -57,8 +75,14 @@ def _cmd_push(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     if not args.quiet:
         print(f"The push refers to repository [{ref.registry}/{ref.path}]", file=sys.stderr)
+    image = args.image
+    if args.estargz and args.reference is None:
+        raise ImageError("push --estargz: give a REFERENCE (the eStargz copy is stored under it)")
+    if args.estargz:   # the eStargz copy is stored (and tagged by its reference) and pushed instead
+        from ..image.convert import convert_estargz
+        image = convert_estargz(store, args.image, str(ref))
     with _client(args, ref.registry, ref.path, ("pull", "push")) as client:
-        result = push(store, args.image, ref, client, args.chunk_size, log=say)
+        result = push(store, image, ref, client, args.chunk_size, log=say)
     print(f"{ref.tag}: digest: {result.digest} size: {result.size}")
     return 0
 
@@ -107,6 +131,11 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="REFERENCE")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: this host)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the reference")
+    p.add_argument("--lazy", action="store_true",
+                   help="record the image with only its eStargz layers' TOCs; content comes on first read "
+                        "(layers without a TOC, or under 2 MiB, are pulled whole)")
+    p.add_argument("--whole-below", type=int, metavar="BYTES",
+                   help="with --lazy: pull layers smaller than BYTES whole (default 2 MiB; 0: none)")
     _connection(p)
     p.set_defaults(func=_cmd_pull)
 
@@ -118,6 +147,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, metavar="BYTES",
                    help="upload blobs larger than BYTES in chunks (default: one request per blob)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the digest line")
+    p.add_argument("--estargz", action="store_true",
+                   help="push an eStargz copy (stored under REFERENCE), which `mount --lazy` reads by range")
     _connection(p)
     p.set_defaults(func=_cmd_push)
 

@@ -1,0 +1,459 @@
+"""Lazy images: ``pull --lazy`` records an image with its eStargz layers as trees of holes, and
+the mount daemon fills file content on first read, chunk by chunk, by HTTP range requests.
+
+``pull --lazy`` fetches the manifest and config; for each eStargz layer (the TOC digest
+annotation) the 51-byte footer and the TOC (two range requests), checks the TOC against the
+annotation's digest, and materializes the tree (:mod:`unionfs.image.lazy_layer`) as an
+ordinary store layer plus ``lazy.json`` (where the blob is) and ``lazy.toc``.  Layers without
+a TOC, and layers smaller than ``whole_below``, are pulled whole as by ``pull``.
+
+:class:`LazyFill` is the hook the daemon calls before each read of a lower file
+(``fs.union.Union.fill``): a read of a placeholder fetches the compressed extent of each chunk
+it covers that is not yet local, checks it against the TOC's ``chunkDigest``, writes it into
+the placeholder and records its offset in ``lazy-present`` (shared by every mount of the
+layer, so nothing is fetched twice).  A chunk that cannot be fetched or does not verify fails
+that read alone with ``EIO``, logged once per layer and range; the next read tries again.
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..fs import sys as ovl
+from ..image import estargz, platform as platforms
+from ..image.lazy_layer import materialize
+from ..image.compression import check_blob
+from ..image.load import add_layer_blob, register_image
+from ..image.model import Config, ImageError, Layer, Reference, parse_manifest
+from ..image.store import Store, now_iso
+from .client import Client, RegistryError
+from .pull import download_path, fetch_to_downloads, resolve
+
+log = logging.getLogger("unionfs.registry.lazy")
+
+LAZY_FILE = "lazy.json"
+TOC_FILE = "lazy.toc"
+PRESENT_FILE = "lazy-present"
+BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
+DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an ordinary stored layer
+IDLE = 1.0                    # seconds without a fetching read before the background fill goes on
+ACCESS_FILE = "lazy-access"   # files in the order reads first fetched them: the background fill's order next time
+HEAD_MARK = -1                # in lazy-present: the blob's bytes before the first chunk are here
+WHOLE_BELOW = 2 << 20     # layers smaller than this are fetched whole at once
+
+
+@dataclass(frozen=True)
+class LazyPulled:
+    image_id: str
+    lazy_layers: int
+    whole_layers: int
+    reused_layers: int
+    fetched_bytes: int
+
+
+def get_range(client: Client, digest: str, start: int, end: int) -> bytes:
+    """Bytes ``start..end-1`` of a blob, by one range request (a 200 for the whole blob is refused)."""
+    what = f"{client.where}: blob {digest} bytes {start}-{end - 1}"
+    resp = client._send("GET", f"/v2/{client.repository}/blobs/{digest}",
+                        headers={"Range": f"bytes={start}-{end - 1}"}, stream=True)
+    try:
+        if resp.status_code != 206:
+            raise client._fail(resp, what) if resp.status_code >= 400 else \
+                RegistryError(f"{what}: the registry answered {resp.status_code}, not 206 (no range requests)")
+        data = b"".join(resp.iter_bytes())
+    except RegistryError:
+        raise
+    except Exception as e:   # httpx transport errors: one line, as every registry error
+        raise RegistryError(f"{what}: {e.__class__.__name__}: {e}") from None
+    finally:
+        resp.close()
+    if len(data) != end - start:
+        raise RegistryError(f"{what}: got {len(data)} bytes")
+    return data
+
+
+def fetch_toc(client: Client, desc: dict) -> tuple[bytes, int, bytes]:
+    """(TOC, its offset, the blob's bytes from there to the end) of an eStargz layer by two range
+    requests, the TOC checked against the descriptor's annotation."""
+    digest, size = desc["digest"], int(desc["size"])
+    what = f"{client.where}: layer {digest}"
+    if size < estargz.FOOTER_SIZE:
+        raise RegistryError(f"{what}: too small for an eStargz blob")
+    foot = get_range(client, digest, size - estargz.FOOTER_SIZE, size)
+    toc_at = estargz.parse_footer(foot)
+    if not 0 <= toc_at < size - estargz.FOOTER_SIZE:
+        raise RegistryError(f"{what}: the footer's TOC offset {toc_at} is outside the blob")
+    if size - estargz.FOOTER_SIZE - toc_at > estargz.MAX_TOC + (1 << 20):
+        raise RegistryError(f"{what}: the TOC would be {size - estargz.FOOTER_SIZE - toc_at} bytes, "
+                            f"more than {estargz.MAX_TOC}")
+    member = get_range(client, digest, toc_at, size - estargz.FOOTER_SIZE)
+    toc = estargz.read_toc_member(member, what)
+    want = desc["annotations"][estargz.TOC_DIGEST_ANNOTATION]
+    if "sha256:" + hashlib.sha256(toc).hexdigest() != want:
+        raise RegistryError(f"{what}: the TOC does not match the manifest's TOC digest {want}")
+    return toc, toc_at, member + foot
+
+
+def _is_estargz(desc: dict) -> bool:
+    ann = desc.get("annotations")
+    return isinstance(ann, dict) and isinstance(ann.get(estargz.TOC_DIGEST_ANNOTATION), str) \
+        and "gzip" in (desc.get("mediaType") or "")
+
+
+def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None = None,
+              whole_below: int = WHOLE_BELOW, log=None) -> LazyPulled:
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    where = str(ref)
+    top, manifest, manifest_digest, _ = resolve(client, ref, platforms.parse(platform))
+    config_desc, descs = parse_manifest(manifest, f"{where}: manifest {manifest_digest}")
+    config_bytes = client.get_small_blob(config_desc["digest"])
+    image_id = config_desc["digest"]
+    config = Config.parse(config_bytes, f"{where}: config {image_id}")
+    if len(config.diff_ids) != len(descs):
+        raise RegistryError(f"{where}: the manifest has {len(descs)} layers but the config lists "
+                            f"{len(config.diff_ids)} diff_ids")
+    layers = [Layer(diff_id, d["digest"], d.get("mediaType") or "", int(d.get("size") or 0))
+              for d, diff_id in zip(descs, config.diff_ids)]
+    store.ensure()
+    lazy = whole = reused = fetched = 0
+    with store.locked():
+        try:
+            for d, ly in zip(descs, layers):
+                if store.has_layer(ly.diff_id):
+                    reused += 1
+                    continue
+                if _is_estargz(d) and ly.size >= whole_below:
+                    toc, toc_at, tail = fetch_toc(client, d)
+                    fetched += len(tail)
+                    _add_lazy_layer(store, client, d, ly, toc, toc_at, tail, f"{where}: layer {ly.digest}")
+                    say(f"{ly.digest[7:19]}: TOC fetched ({len(toc)} bytes), content on demand")
+                    lazy += 1
+                    continue
+                fetched += fetch_to_downloads(store, client, ly.digest, ly.size) or 0
+                path = download_path(store, ly.digest)
+                try:
+                    add_layer_blob(store, path, ly.digest, ly.diff_id, f"{where}: layer {ly.digest}")
+                except ImageError:
+                    os.unlink(path)
+                    raise
+                store.put_blob_file(ly.digest, path)
+                say(f"{ly.digest[7:19]}: Pull complete")
+                whole += 1
+            register_image(store, image_id, config_bytes, manifest, manifest_digest, layers,
+                           (f"{ref.repository}@{top}",))
+            if ref.tag:
+                tags = store.tags()
+                tags[ref.tagged] = image_id
+                store.set_tags(tags)
+        except BaseException:
+            store.cleanup()
+            raise
+    return LazyPulled(image_id, lazy, whole, reused, fetched)
+
+
+def _add_lazy_layer(store: Store, client: Client, desc: dict, ly: Layer, toc: bytes, toc_at: int,
+                    tail: bytes, what: str) -> None:
+    entries = estargz.parse_toc(toc, what)
+    tmp = store.new_tmp_dir("lazy")
+    root = os.path.join(tmp, "root")
+    os.mkdir(root, 0o755)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        n = materialize(entries, toc, fd, what)
+    finally:
+        os.close(fd)
+    with open(os.path.join(tmp, TOC_FILE), "wb") as f:
+        f.write(toc)
+    with open(os.path.join(tmp, LAZY_FILE), "w") as f:
+        json.dump({"registry": client.registry, "repository": client.repository, "digest": ly.digest,
+                   "size": ly.size, "toc_offset": toc_at, "insecure": client.insecure, "ca_file": client.ca_file}, f)
+    open(os.path.join(tmp, PRESENT_FILE), "w").close()
+    with open(os.path.join(tmp, BLOB_FILE), "wb") as f:   # the blob as it arrives, holes where it has not
+        f.truncate(ly.size)
+        f.seek(toc_at)
+        f.write(tail)
+    size = int((desc.get("annotations") or {}).get(estargz.UNCOMPRESSED_SIZE_ANNOTATION) or 0)
+    store.commit_layer(tmp, ly.diff_id, {
+        "diff_id": ly.diff_id, "digest": ly.digest, "size": size, "blob_size": ly.size, "compression": "gzip",
+        "entries": n, "whiteout_style": "overlay", "extracted": now_iso(), "lazy": True})
+
+
+def is_lazy(store: Store, diff_id: str) -> bool:
+    return os.path.exists(os.path.join(store.layer_dir(diff_id), LAZY_FILE))
+
+
+# --- filling on read (runs in the mount daemon) -----------------------------------------
+
+@dataclass
+class _File:
+    layer: "_LazyLayer"
+    entry: estargz.Entry
+    path: bytes              # below the layer root
+    wfd: int = -1
+
+
+@dataclass
+class _LazyLayer:
+    dir: str
+    source: dict
+    ends: list[int]                      # sorted member offsets, then the TOC offset: a chunk's extent ends at the next
+    entries: list[estargz.Entry] = field(default_factory=list)
+    present: set[int] = field(default_factory=set)
+    present_size: int = 0
+    client: Client | None = None
+    failed: set[tuple[int, int]] = field(default_factory=set)
+    accessed: dict[str, None] = field(default_factory=dict)   # ordered: ACCESS_FILE as read and appended
+
+    def fill_order(self) -> list[estargz.Entry]:
+        """The entries in the order reads first wanted them (this and earlier mounts), then TOC order."""
+        rank = {name: i for i, name in enumerate(self.accessed)}
+        return sorted(self.entries, key=lambda e: rank.get(e.name, len(rank)))
+
+    def reload_present(self) -> None:
+        """Chunks other mounts of the layer fetched meanwhile (the file only grows)."""
+        path = os.path.join(self.dir, PRESENT_FILE)
+        size = os.path.getsize(path)
+        if size != self.present_size:
+            with open(path, "rb") as f:
+                f.seek(self.present_size)
+                tail = f.read()
+            cut = tail.rfind(b"\n") + 1
+            self.present.update(int(x) for x in tail[:cut].split())
+            self.present_size += cut
+
+    def mark(self, offset: int) -> None:
+        with open(os.path.join(self.dir, PRESENT_FILE), "a") as p:
+            p.write(f"{offset}\n")
+        self.present.add(offset)
+
+    def connect(self) -> Client:
+        if self.client is None:
+            s = self.source
+            self.client = Client(s["registry"], s["repository"], insecure=s["insecure"], ca_file=s["ca_file"]).connect()
+        return self.client
+
+
+class LazyFill:
+    """The daemon's ``fill(fd, offset, size)`` hook for the lazy layers of one mount."""
+
+    def __init__(self, store: Store, layer_dirs: list[str]) -> None:
+        self.store = store
+        self.layer_dirs = layer_dirs
+        self._files: dict[tuple[int, int], _File] | None = None
+        self._layers: list[_LazyLayer] = []
+        self.last_read = time.monotonic()   # the background fill waits for reads to pause
+        self._lock = threading.Lock()
+        self.fetched = 0
+
+    def _index(self) -> dict[tuple[int, int], _File]:
+        files: dict[tuple[int, int], _File] = {}
+        for d in self.layer_dirs:
+            with open(os.path.join(d, LAZY_FILE)) as f:
+                source = json.load(f)
+            with open(os.path.join(d, TOC_FILE), "rb") as f:
+                entries = estargz.parse_toc(f.read(), d)
+            offsets = sorted({c.offset for e in entries for c in e.chunks})
+            layer = _LazyLayer(d, source, offsets + [int(source["toc_offset"])], entries)
+            self._layers.append(layer)
+            root = os.open(os.path.join(d, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for e in entries:
+                    if e.type != "reg" or not e.chunks:
+                        continue
+                    try:
+                        st = ovl.fstat(fd := ovl.open_beneath(root, os.fsencode(e.name), os.O_RDONLY))
+                        os.close(fd)
+                    except OSError:
+                        continue   # whited out within the layer, or replaced by a later entry
+                    if st.st_size == e.size:
+                        files[(st.st_dev, st.st_ino)] = _File(layer, e, os.fsencode(e.name))
+            finally:
+                os.close(root)
+            layer.reload_present()
+            try:
+                with open(os.path.join(d, ACCESS_FILE)) as a:
+                    layer.accessed.update((json.loads(x), None) for x in a if x.endswith("\n"))
+            except (FileNotFoundError, ValueError):
+                pass
+        return files
+
+    def __call__(self, fd: int, offset: int, size: int) -> None:
+        with self._lock:
+            if self._files is None:
+                self._files = self._index()
+            if not self._files:
+                return
+            st = os.fstat(fd)
+            f = self._files.get((st.st_dev, st.st_ino))
+            if f is None:
+                return
+            end = min(offset + size, f.entry.size)
+            todo = [c for c in f.entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
+            layer = f.layer
+            if all(c.offset in layer.present for c in todo):
+                return
+            layer.reload_present()
+            for c in todo:
+                if c.offset not in layer.present:
+                    self._fetch(f, c)
+
+    def _download(self, layer: _LazyLayer, c: estargz.Chunk, name: str) -> tuple[bytes, bytes]:
+        """(compressed extent, the chunk's bytes) fetched and verified; any failure is EIO, logged once."""
+        i = bisect.bisect_right(layer.ends, c.offset)
+        stop = layer.ends[i] if i < len(layer.ends) else int(layer.source["size"])
+        digest = layer.source["digest"]
+        try:
+            data = get_range(layer.connect(), digest, c.offset, stop)
+            self.fetched += len(data)
+            return data, estargz.read_chunk(data, c, f"layer {digest}: {name}")
+        except (ImageError, OSError) as e:
+            key = (c.offset, stop)
+            if key not in layer.failed:
+                layer.failed.add(key)
+                log.error("lazy layer %s: bytes %d-%d (%s): %s", digest, c.offset, stop - 1, name, e)
+            raise OSError(errno.EIO, "lazy fetch failed") from None
+
+    def _keep(self, layer: _LazyLayer, f: _File | None, c: estargz.Chunk, data: bytes, chunk: bytes) -> None:
+        """Write a verified extent into the blob file and its chunk into the placeholder; mark it present."""
+        try:
+            _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, c.offset)
+            if f is not None:
+                if f.wfd < 0:
+                    root = os.open(os.path.join(layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
+                    finally:
+                        os.close(root)
+                _pwrite_all(f.wfd, chunk, c.file_offset)
+                ns = int(round(estargz.parse_modtime(f.entry.modtime) * 1_000_000_000))
+                os.utime(f.wfd, ns=(ns, ns))   # writing content is no change: the times stay the layer's
+                os.fdatasync(f.wfd)
+        except OSError as e:
+            log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name if f else "", e)
+            raise OSError(errno.EIO, "lazy fill failed") from None
+        layer.mark(c.offset)
+
+    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
+        self.last_read = time.monotonic()
+        data, chunk = self._download(f.layer, c, f.entry.name)
+        self._keep(f.layer, f, c, data, chunk)
+        if f.entry.name not in f.layer.accessed:   # the access pattern, for the next background fill
+            f.layer.accessed[f.entry.name] = None
+            with open(os.path.join(f.layer.dir, ACCESS_FILE), "a") as a:
+                a.write(json.dumps(f.entry.name) + "\n")
+
+    # --- the background fill -------------------------------------------------------------
+
+    def _wait_idle(self) -> None:
+        """Let reads have the link: the fill goes on once no read has fetched for IDLE seconds."""
+        while (quiet := time.monotonic() - self.last_read) < IDLE:
+            time.sleep(IDLE - quiet)
+
+    def background(self) -> None:
+        """Fetch every chunk not yet local, in TOC order, between reads; check each whole blob
+        against its digest and diff_id; then the layer is an ordinary stored layer."""
+        with self._lock:
+            if self._files is None:
+                self._files = self._index()
+        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
+        for layer in self._layers:
+            try:
+                self._fill_layer(layer, placeholders)
+            except OSError:
+                log.warning("lazy layer %s: background fill stopped; the next mount continues",
+                            layer.source["digest"])
+                continue
+            except Exception:
+                log.exception("lazy layer %s: background fill failed", layer.source["digest"])
+                continue
+
+    def _fill_layer(self, layer: _LazyLayer, placeholders: dict) -> None:
+        digest = layer.source["digest"]
+        with self._lock:
+            layer.reload_present()
+            if HEAD_MARK not in layer.present and layer.ends[0] > 0:
+                data = get_range(layer.connect(), digest, 0, layer.ends[0])
+                self.fetched += len(data)
+                _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, 0)
+                layer.mark(HEAD_MARK)
+        for e in layer.fill_order():
+            for c in e.chunks:
+                self._wait_idle()
+                with self._lock:
+                    layer.reload_present()
+                    if c.offset in layer.present:
+                        continue
+                # fetched without the lock, so reads go on meanwhile; kept only if no read got it first
+                data, chunk = self._download(layer, c, e.name)
+                with self._lock:
+                    if c.offset not in layer.present:
+                        # a file the layer itself replaced has no placeholder: its bytes are part of the blob
+                        self._keep(layer, placeholders.get((layer.dir, e.name)), c, data, chunk)
+        blob = os.path.join(layer.dir, BLOB_FILE)
+        diff_id = "sha256:" + os.path.basename(layer.dir)
+        check_blob(blob, digest, diff_id, f"lazy layer {digest}")   # ImageError: logged by the caller
+        with self.store.locked():
+            os.link(blob, blob + ".keep")
+            self.store.put_blob_file(digest, blob + ".keep")
+            os.rename(os.path.join(layer.dir, LAZY_FILE), os.path.join(layer.dir, DONE_FILE))
+        log.info("lazy layer %s: complete (%d bytes fetched by this mount)", digest, self.fetched)
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+def _pwrite_file(path: str, data: bytes, pos: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        _pwrite_all(fd, data, pos)
+    finally:
+        os.close(fd)
+
+
+def local_bytes(layer_dir: str) -> tuple[int, int]:
+    """(bytes of the layer's blob that are local, the blob's size), from what ``lazy-present`` records."""
+    with open(os.path.join(layer_dir, LAZY_FILE)) as f:
+        source = json.load(f)
+    with open(os.path.join(layer_dir, TOC_FILE), "rb") as f:
+        entries = estargz.parse_toc(f.read(), layer_dir)
+    size, toc_at = int(source["size"]), int(source["toc_offset"])
+    ends = sorted({c.offset for e in entries for c in e.chunks}) + [toc_at]
+    with open(os.path.join(layer_dir, PRESENT_FILE), "rb") as f:
+        present = {int(x) for x in f.read().split()}
+    have = size - toc_at + (ends[0] if HEAD_MARK in present else 0)
+    have += sum(ends[i + 1] - off for i, off in enumerate(ends[:-1]) if off in present)
+    return have, size
+
+
+def lazy_report(store: Store) -> str:
+    """The lazy layers of every image, with how much of each is local (for ``unionfs images``)."""
+    rows = []
+    tags: dict[str, list[str]] = {}
+    for tag, image_id in store.tags().items():
+        tags.setdefault(image_id, []).append(tag)
+    for image_id in store.image_ids():
+        for ly in store.image(image_id).layers:
+            d = store.layer_dir(ly.diff_id)
+            if os.path.exists(os.path.join(d, LAZY_FILE)):
+                have, size = local_bytes(d)
+                name = ",".join(sorted(tags.get(image_id, []))) or image_id[7:19]
+                rows.append(f"{ly.digest[7:19]}  {name}  {have} of {size} bytes local ({100 * have // max(size, 1)}%)")
+    return "\n".join(["LAZY LAYER    IMAGE  LOCAL", *rows]) if rows else ""
+
+
+def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...]) -> LazyFill | None:
+    """The fill hook for an image's layers, or None when every layer is whole."""
+    dirs = [store.layer_dir(d) for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
+    return LazyFill(store, dirs) if dirs else None
