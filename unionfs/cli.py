@@ -7,7 +7,7 @@ import os
 import sys
 
 from .errors import UsageError
-from .fs.daemon import build_config, mount, umount
+from .fuse.daemon import build_config, mount, umount
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if name is None:
         if args.writable:
             raise UsageError("--writable needs an IMAGE (for layer directories, give --upper and --work)")
-        from .fs.daemon import split_lowerdir
+        from .fuse.daemon import split_lowerdir
         lower = [d for value in args.lower or [] for d in split_lowerdir(value)]
         return mount(build_config(mountpoint, lower, args.upper, args.work, options, args.foreground, args.log))
     from .container import commands as cc, model as cm

@@ -6,7 +6,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..fs.daemon import build_config, is_mountpoint, mount, umount
+from ..fuse.daemon import build_config, is_mountpoint, mount, umount
 from ..image.commands import lower_stack, with_fsname
 from ..image.report import human_ago, human_size, table
 from ..image.store import Store

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..fs import sys as ovl
 from ..errors import UsageError
-from ..fs.daemon import is_mountpoint, umount
+from ..fuse.daemon import is_mountpoint, umount
 from ..image.store import Store, now_iso
 from . import model
 from .model import Container, ContainerError

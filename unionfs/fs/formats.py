@@ -57,6 +57,7 @@ USER_PREFIX = "user.overlay."
 FUSE_OVERLAYFS_PREFIX = "user.fuseoverlayfs."
 UNIONFS_PREFIX = "trusted.unionfs."
 UNIONFS_USER_PREFIX = "user.unionfs."
+META_NAMES = (UNIONFS_PREFIX + "origin", UNIONFS_USER_PREFIX + "origin")  # our per-inode UpperMeta
 PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX, FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX)
 # A layer may carry overlay xattrs of its own, escaped one level ("nesting").
 ESCAPE = "overlay."
@@ -67,6 +68,11 @@ REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
 
 
 IMPLIED_NAMES = (TRUSTED_PREFIX + Xattr.IMPLIED.value, USER_PREFIX + Xattr.IMPLIED.value)
+
+
+def meta_xattr_name(style: "Style") -> str:
+    """The xattr holding an upper inode's :class:`UpperMeta` in this style."""
+    return META_NAMES[0] if style is Style.OVERLAY else META_NAMES[1]
 
 
 def xattr_name(role: Xattr, userxattr: bool = False) -> str:

@@ -4,7 +4,7 @@ This module knows the overlay rules and nothing of FUSE: lookups resolve top
 down, directories merge until an opaque one, the first non-directory hides
 everything below, whiteouts hide names below their layer.  Everything raises
 ``OSError`` with the errno a caller should see; the FUSE adapter
-(:mod:`unionfs.fs.operations`) only translates.
+(:mod:`unionfs.fuse.operations`) only translates.
 """
 from __future__ import annotations
 
@@ -19,8 +19,16 @@ from . import sys as ovl
 from .formats import UpperMeta
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
+from .readdir import merged_names
 
 log = logging.getLogger("unionfs.union")
+
+# Lower layers never change under us and we are the only writer of the upper,
+# so the kernel may keep what we tell it.  Entries that live only in lower layers
+# are immutable; upper entries get a shorter life as a guard against anything
+# (another process on the upper dir) we did not do ourselves.
+LOWER_TIMEOUT = 86400.0
+UPPER_TIMEOUT = 1.0
 
 
 @dataclass(slots=True)
@@ -108,6 +116,21 @@ class Union:
     def fds(self) -> set[int]:
         """Every fd this union holds (a forked daemon closes all others)."""
         return self.stack.fds()
+
+    # --- what the kernel may cache --------------------------------------------------
+
+    def immutable(self, node: Node) -> bool:
+        """Nothing but a copy-up (which drops the listing and tells the kernel) can change this
+        node's attributes: it lives in lower layers only, or the whole stack is read-only."""
+        return self.readonly or not (self.stack.is_upper(node.top) or node.indexed)
+
+    def cache_timeout(self, node: Node) -> float:
+        """How long the kernel may keep this node's entry and attributes."""
+        return LOWER_TIMEOUT if self.immutable(node) else UPPER_TIMEOUT
+
+    def negative_timeout(self) -> float:
+        """How long the kernel may remember that a name does not exist."""
+        return LOWER_TIMEOUT if self.readonly else UPPER_TIMEOUT
 
     # --- resolution ---------------------------------------------------------------
 
@@ -490,54 +513,8 @@ class Union:
     # --- directories ------------------------------------------------------------
 
     def list_names(self, node: Node, masks: list[int] | None = None) -> list[bytes]:
-        """The merged listing of directory ``node``: deduplicated, whiteouts and markers removed.
-
-        Names come topmost layer first, each layer in its own order.  With ``masks`` (a list),
-        it is filled in parallel with the names: for each, the layers holding it (bit per layer
-        index) above any whiteout, for :meth:`resolve`.
-        """
-        if not node.is_dir:
-            raise OSError(errno.ENOTDIR, "not a directory")
-        where: dict[bytes, int] = {}  # name -> position in out
-        hidden: set[bytes] = set()  # whiteouts of layers above the one being read
-        out: list[bytes] = []
-        bits: list[int] = []
-        fsencode = os.fsencode
-        for index in node.layers:
-            fd = self.stack.dir_fd(index, node)
-            oci = self.stack.layers[index].oci_whiteouts
-            xwh = index in node.xwh
-            bit = 1 << index
-            layer_hidden: list[bytes] = []
-            with ovl.scandir(fd) as it:
-                for de in it:
-                    name = fsencode(de.name)
-                    if name in hidden:
-                        continue
-                    if oci and name.startswith(formats.WH_PREFIX):
-                        target = formats.oci_whiteout_target(name)
-                        if target is not None:
-                            layer_hidden.append(target)
-                        continue
-                    if not (de.is_dir(follow_symlinks=False) or de.is_symlink()):
-                        is_file = de.is_file(follow_symlinks=False)
-                        if not is_file or xwh:
-                            st = de.stat(follow_symlinks=False)
-                            if formats.is_chardev_whiteout(st) or (
-                                    xwh and is_file and self._is_whiteout(index, node, fd, name, st)):
-                                layer_hidden.append(name)
-                                continue
-                    pos = where.get(name)
-                    if pos is None:
-                        where[name] = len(out)
-                        out.append(name)
-                        bits.append(bit)
-                    else:
-                        bits[pos] |= bit
-            hidden.update(layer_hidden)
-        if masks is not None:
-            masks[:] = bits
-        return out
+        """The merged listing of directory ``node`` (see :func:`readdir.merged_names`)."""
+        return merged_names(self.stack, node, self._is_whiteout, masks)
 
     # --- data ------------------------------------------------------------------
 
@@ -570,9 +547,3 @@ class OpenFile:
     node: Node
     fd: int
     writable: bool
-
-
-def index_name(ino: int) -> bytes:
-    """Name of an inode's index entry before we wrote the kernel's format (and where a lower
-    filesystem gives no file handles)."""
-    return b"%x" % ino

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from .idmap import IdMap
+from ..fs.idmap import IdMap
+from ..fs.mount import open_union
 
 log = logging.getLogger("unionfs.daemon")
 
@@ -200,27 +201,6 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
 
 # --- running -----------------------------------------------------------------
 
-def _open_union(cfg: MountConfig):
-    from .layers import LayerError, LayerStack
-    from .union import Union
-    try:
-        stack = LayerStack.open(cfg.lower, cfg.upper)
-    except LayerError as e:
-        raise UsageError(str(e)) from None
-    if os.path.realpath(cfg.mountpoint) in {os.path.realpath(p) for p in cfg.lower + [cfg.upper or ""]}:
-        stack.close()
-        raise UsageError(f"mount point {cfg.mountpoint} is also a layer")
-    if cfg.upper is not None:
-        from .writable import WritableUnion, prepare_upper
-        try:
-            lock = prepare_upper(stack, cfg.work)
-        except UsageError:
-            stack.close()
-            raise
-        return WritableUnion(stack, lock, fsync=cfg.fsync)
-    return Union(stack)
-
-
 def _pidfile_dir() -> str:
     return "/run/unionfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp") + "/unionfs"
 
@@ -371,7 +351,7 @@ def _serve(cfg: MountConfig, union, ready) -> None:
 
 def mount(cfg: MountConfig) -> int:
     """Mount; in the background unless ``cfg.foreground``. Returns the exit status."""
-    union = _open_union(cfg)
+    union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint)
     if cfg.foreground:
         _setup_logging(cfg)
         faulthandler.enable()
