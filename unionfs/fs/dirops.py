@@ -112,9 +112,7 @@ class DirOps:
                 try:
                     if opaque:
                         formats.mark_opaque(dfd, self.upper.style)
-                    ovl.fchown(dfd, uid, gid)
-                    ovl.fchmod(dfd, perm)
-                    st = ovl.fstat(dfd)
+                    st = _own(dfd, uid, gid, perm)
                 finally:
                     os.close(dfd)
             elif kind == stat.S_IFLNK:
@@ -123,9 +121,7 @@ class DirOps:
                 st = ovl.lstat_at(where, tname)
             elif kind == stat.S_IFREG:
                 fd = ovl.open_at(where, tname, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                ovl.fchown(fd, uid, gid)
-                ovl.fchmod(fd, perm)
-                st = ovl.fstat(fd)
+                st = _own(fd, uid, gid, perm)
             else:
                 ovl.mknod_at(where, tname, kind | 0o600, rdev)
                 ovl.chown_at(where, tname, uid, gid)
@@ -207,10 +203,7 @@ class DirOps:
         upper = self._upper_entry(parent, name)
         if whiteout:
             if upper is not None:
-                tname = self.upper.temp_name()
-                formats.make_whiteout(self.upper.work_fd, tname, self.upper.style)
-                ovl.rename_at(self.upper.work_fd, tname, pfd, name, ovl.RENAME_EXCHANGE)
-                ovl.remove_tree_at(self.upper.work_fd, tname)
+                self._whiteout_over(pfd, name)
             else:
                 formats.make_whiteout(pfd, name, self.upper.style)
         elif upper is not None:
@@ -362,7 +355,19 @@ class DirOps:
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
-            tname = self.upper.temp_name()
-            formats.make_whiteout(self.upper.work_fd, tname, self.upper.style)
-            ovl.rename_at(self.upper.work_fd, tname, pfd, name, ovl.RENAME_EXCHANGE)
-            ovl.remove_tree_at(self.upper.work_fd, tname)
+            self._whiteout_over(pfd, name)
+
+    def _whiteout_over(self, pfd: int, name: bytes) -> None:
+        """Replace the upper entry ``name`` by a whiteout in one step: built in the work dir, swapped in
+        with ``RENAME_EXCHANGE``, the old entry removed there."""
+        tname = self.upper.temp_name()
+        formats.make_whiteout(self.upper.work_fd, tname, self.upper.style)
+        ovl.rename_at(self.upper.work_fd, tname, pfd, name, ovl.RENAME_EXCHANGE)
+        ovl.remove_tree_at(self.upper.work_fd, tname)
+
+
+def _own(fd: int, uid: int, gid: int, perm: int) -> os.stat_result:
+    """Give a new entry built in the work dir its owner, then its mode (chown clears setuid)."""
+    ovl.fchown(fd, uid, gid)
+    ovl.fchmod(fd, perm)
+    return ovl.fstat(fd)

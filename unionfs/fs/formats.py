@@ -318,9 +318,13 @@ class UpperMeta:
     lower_links: int | None = None
     pending: bytes | None = None
 
-    def encode(self) -> bytes:
+    def encode(self, legacy: bool = False) -> bytes:
+        """``legacy``: the form before the kernel's index format (``lower=``), for the migration."""
         value = b"ino=%d" % (self.ino or 0)
-        if self.origin_nlink is not None:
+        if legacy:
+            if self.lower_links is not None:
+                value += b";lower=%d" % self.lower_links
+        elif self.origin_nlink is not None:
             value += b";onlink=%d" % self.origin_nlink
         return value
 

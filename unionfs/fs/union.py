@@ -254,11 +254,9 @@ class Union:
         """The directory an implied, opaque one stands on: its own opaque marker hides what
         is below it, not the directory itself (as ``umoci unpack`` empties it and keeps it)."""
         for index in below:
-            pfd = self.stack.dir_fd(index, parent)
-            try:
-                st = ovl.lstat_at(pfd, name)
-            except (FileNotFoundError, NotADirectoryError):
-                if self._oci_whiteout_at(index, pfd, name):
+            pfd, st, whited_out = self._probe(index, parent, name)
+            if st is None:
+                if whited_out:
                     return None
                 continue
             if self._is_whiteout(index, parent, pfd, name, st) or not stat.S_ISDIR(st.st_mode):
@@ -346,6 +344,15 @@ class Union:
                     d.name = d.name[:prelen] + target + post
                 d.redirect = target
         return st, kind, implied
+
+    def _probe(self, index: int, parent: Node, name: bytes) -> tuple[int, os.stat_result | None, bool]:
+        """``name`` in layer ``index`` under ``parent``: the directory's fd there, the entry's lstat
+        (None where there is none), and whether a ``.wh.`` entry whites it out there."""
+        pfd = self.stack.dir_fd(index, parent)
+        try:
+            return pfd, ovl.lstat_at(pfd, name), False
+        except (FileNotFoundError, NotADirectoryError):
+            return pfd, None, self._oci_whiteout_at(index, pfd, name)
 
     def _oci_whiteout_at(self, index: int, pfd: int, name: bytes) -> bool:
         """Does layer ``index`` white ``name`` out with a ``.wh.`` entry in ``pfd``?"""
@@ -500,11 +507,17 @@ class Union:
     # --- xattrs -----------------------------------------------------------------
 
     def getxattr(self, node: Node, name: str) -> bytes:
-        stored = formats.escape_xattr(name)
-        if formats.is_private_xattr(stored):
-            raise OSError(errno.ENODATA, "no such attribute")
+        stored = self._stored_xattr(name)
         fd, real = self.locate(node)
         return ovl.getxattr_at(fd, real, stored)
+
+    @staticmethod
+    def _stored_xattr(name: str, refused: int = errno.ENODATA) -> str:
+        """The name an xattr the user named is stored under; ours and overlayfs's are ``refused``."""
+        stored = formats.escape_xattr(name)
+        if formats.is_private_xattr(stored):
+            raise OSError(refused, "reserved attribute" if refused == errno.EPERM else "no such attribute")
+        return stored
 
     def listxattr(self, node: Node) -> list[str]:
         fd, real = self.locate(node)

@@ -127,7 +127,7 @@ class Upper:
             if meta is not None and meta.pending == name and meta.lower_links is not None:
                 # The form before the kernel's: this link was counted as in place already.
                 meta.lower_links += 1
-                ovl.setxattr_at(self.work_fd, name, self.meta_xattr, _legacy_meta(meta))
+                ovl.setxattr_at(self.work_fd, name, self.meta_xattr, meta.encode(legacy=True))
             ovl.remove_tree_at(self.work_fd, name)
         with os.scandir(self.index_fd) as it:
             entries = [os.fsencode(e.name) for e in it]
@@ -333,11 +333,3 @@ def parse_index_name(name: bytes) -> int | None:
         return int(name, 16)
     except ValueError:
         return None
-
-
-def _legacy_meta(meta: UpperMeta) -> bytes:
-    """``unionfs.origin`` in the form before the kernel's index format, for the migration."""
-    value = b"ino=%d" % (meta.ino or 0)
-    if meta.lower_links is not None:
-        value += b";lower=%d" % meta.lower_links
-    return value

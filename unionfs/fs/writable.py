@@ -170,14 +170,10 @@ class WritableUnion(DirOps, Union):
         for index in parent.layers:
             if self.stack.is_upper(index):
                 continue
-            pfd = self.stack.dir_fd(index, parent)
-            try:
-                st = ovl.lstat_at(pfd, name)
-            except (FileNotFoundError, NotADirectoryError):
-                st = None
+            pfd, st, whited_out = self._probe(index, parent, name)
             if st is not None:
                 return not self._is_whiteout(index, parent, pfd, name, st)
-            if self._oci_whiteout_at(index, pfd, name):
+            if whited_out:
                 return False
         return False
 
@@ -281,17 +277,13 @@ class WritableUnion(DirOps, Union):
             ovl.utime_at(fd, name, (atime_ns, mtime_ns)) if name is not None else ovl.futimens(fd, (atime_ns, mtime_ns))
 
     def setxattr(self, node: Node, name: str, value: bytes) -> None:
-        stored = formats.escape_xattr(name)
-        if formats.is_private_xattr(stored):
-            raise OSError(errno.EPERM, "reserved attribute")
+        stored = self._stored_xattr(name, errno.EPERM)
         self.copy_up(node)
         fd, real = self.locate(node)
         ovl.setxattr_at(fd, real, stored, value)
 
     def removexattr(self, node: Node, name: str) -> None:
-        stored = formats.escape_xattr(name)
-        if formats.is_private_xattr(stored):
-            raise OSError(errno.ENODATA, "no such attribute")
+        stored = self._stored_xattr(name)
         if not self.in_upper(node):
             self.getxattr(node, name)  # ENODATA without a needless copy-up
         self.copy_up(node)

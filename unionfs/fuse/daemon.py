@@ -7,6 +7,7 @@ pipe).  In the foreground the same code runs in the calling process.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import logging.handlers
@@ -343,10 +344,8 @@ def _serve(cfg: MountConfig, union, ready) -> None:
         log.info("unmounted %s", cfg.mountpoint)
     finally:
         union.close()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(pidfile)
-        except OSError:
-            pass
 
 
 def mount(cfg: MountConfig) -> int:
@@ -406,10 +405,8 @@ def _close_fds_but(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def _mountinfo_path(field: str) -> str:
