@@ -126,7 +126,7 @@ def test_user_namespace_id_mapping(podmans):
 
 
 @pytest.mark.xfail(strict=True, reason="a work dir fuse-overlayfs left (work/work) is refused: accepting it is "
-                                       "branch interop-index's (writable.py prepare_upper)")
+                                       "branch interop-index's (upper.py prepare_upper)")
 def test_switching_mount_program_keeps_containers(podmans):
     """A container made with fuse-overlayfs as the mount program starts and shows its changes with unionfs."""
     p = podmans["fuse-overlayfs"]

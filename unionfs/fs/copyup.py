@@ -14,6 +14,10 @@ index, exactly as overlayfs ``index=on`` does it: built in ``work/``, with
 to ``index/<hex of that handle>``, then linked to its name ("link-up").  Every
 name of it copied up later is another link of that one upper inode, so writes
 through one name show through all of them, in our mount and in the kernel's.
+
+It works on the read-side :class:`~unionfs.fs.union.Union` (where the object is)
+and :class:`~unionfs.fs.upper.Upper` (the work dir and index); it must not decide
+when to copy up (the writable union does) nor know FUSE.
 """
 from __future__ import annotations
 

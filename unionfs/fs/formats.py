@@ -27,6 +27,9 @@ the merged view takes them from the layer below that has it (:func:`is_implied`)
 name is in overlayfs's private namespace so that kernel overlayfs over the store's
 layers hides it too (it ignores names it does not know), and a layer's own xattrs of
 that name arrive escaped (``trusted.overlay.overlay.``), so a tar cannot forge it.
+
+This module owns bytes and names only: it must not decide union rules, and it makes
+syscalls only through :mod:`sys` on fds it is given.
 """
 from __future__ import annotations
 

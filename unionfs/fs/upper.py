@@ -79,7 +79,6 @@ def prepare_upper(stack: LayerStack, work: str) -> UpperLock:
     return UpperLock(wfd, upper.fd)
 
 
-
 class Upper:
     """The work dir and index of one writable layer, opened for the life of a mount."""
 

@@ -1,4 +1,9 @@
-"""The writable layer: every change lands in the upper dir, lower layers stay untouched.
+"""The writable union: every change lands in the upper dir, lower layers stay untouched.
+
+Owns opening for write, data, attributes, xattrs and the names of hard-linked
+upper files; new entries, removal and rename are :mod:`dirops`', copying up is
+:mod:`copyup`'s, the work dir and index are :mod:`upper`'s.  It must not speak
+FUSE (the adapter translates) nor write a format :mod:`formats` does not define.
 
 Namespace changes follow overlayfs (``dir.c``) with ``index=on,redirect_dir=on``:
 
@@ -31,8 +36,8 @@ from . import formats
 from . import sys as ovl
 from .copyup import CopyUp
 from .dirops import DirOps
-from .inodes import Node
 from .formats import OverlayFh, UpperMeta
+from .inodes import Node
 from .layers import LayerStack
 from .union import OpenFile, Union
 from .upper import Upper, UpperLock, in_upper, index_name

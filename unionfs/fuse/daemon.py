@@ -4,6 +4,10 @@
 a one-line error and exit status 2; then it forks the daemon and returns once
 the kernel has the mount (the daemon reports readiness, or its error, through a
 pipe).  In the foreground the same code runs in the calling process.
+
+Owns fuse-overlayfs's ``-o`` options, the pidfiles, the trio loop and unmounting.
+It must not decide what the filesystem means: it opens the union with
+:func:`unionfs.fs.mount.open_union` and hands it to the adapter.
 """
 from __future__ import annotations
 
