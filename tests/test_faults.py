@@ -190,7 +190,7 @@ def test_every_handler_is_guarded():
     import pyfuse3
     import trio
 
-    from unionfs.fs import operations
+    from unionfs.fuse import operations
     handlers = [n for n, f in vars(pyfuse3.Operations).items() if inspect.iscoroutinefunction(f)]
     assert len(handlers) > 20
     unguarded = []

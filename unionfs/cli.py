@@ -2,7 +2,7 @@
 
 Each ``_cmd_*`` parses nothing of its own and decides nothing: it hands the arguments to the
 function of the package the command belongs to (``image``, ``container``, ``build``,
-``registry``, ``fs.daemon``) and prints what that returns.  :func:`main` turns our errors into one
+``registry``, ``fuse.daemon``) and prints what that returns.  :func:`main` turns our errors into one
 line and an exit status (2 for a mistake, 1 for an OS error).  Also fuse-overlayfs's command line,
 for podman's ``mount_program`` and mount.fuse3.
 """
@@ -14,7 +14,7 @@ import os
 import sys
 
 from .errors import UsageError, one_line
-from .fs.daemon import build_config, mount
+from .fuse.daemon import build_config, mount
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..fs.daemon import build_config, is_mountpoint, mount, split_lowerdir, umount
+from ..fuse.daemon import build_config, is_mountpoint, mount, split_lowerdir, umount
 from ..image.commands import has_option, lower_stack, mount_image, rmi as remove_image, with_fsname
 from ..image.report import human_ago, human_size, table
 from ..errors import UsageError

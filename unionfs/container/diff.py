@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 
 from ..fs import formats
 from ..fs import sys as ovl
+from ..fs import upper as upper_dir
 from .view import split
 
-REDIRECT_NAMES = (formats.TRUSTED_PREFIX + formats.Xattr.REDIRECT.value,
-                  formats.USER_PREFIX + formats.Xattr.REDIRECT.value)
 ADDED, CHANGED, DELETED = "A", "C", "D"
 
 
@@ -108,7 +107,7 @@ class _Walker:
             if not stat.S_ISDIR(st.st_mode):
                 continue
             redirect = None
-            for x in REDIRECT_NAMES:
+            for x in formats.REDIRECT_NAMES:
                 redirect = redirect or ovl.getxattr_or_none(ufd, name, x)
             if redirect:
                 target = redirect.strip(b"/") if redirect.startswith(b"/") else join(path, redirect)
@@ -179,7 +178,7 @@ def index_inodes(work: str | None) -> set[int]:
     if not work:
         return set()
     try:
-        fd = os.open(os.path.join(work, "index"), ovl.O_DIR & ~os.O_NOFOLLOW)
+        fd = os.open(os.path.join(work, os.fsdecode(upper_dir.WORK_INDEX)), ovl.O_DIR & ~os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
         return set()
     out = set()
@@ -187,7 +186,7 @@ def index_inodes(work: str | None) -> set[int]:
         for n in os.listdir(fd):
             name = os.fsencode(n)
             meta = None
-            for attr in ("trusted.unionfs.origin", "user.unionfs.origin"):
+            for attr in formats.META_NAMES:
                 meta = formats.UpperMeta.decode(ovl.getxattr_or_none(fd, name, attr))
                 if meta is not None:
                     break
@@ -206,10 +205,9 @@ def index_inodes(work: str | None) -> set[int]:
                 finally:
                     os.close(ofd)
             else:
-                try:
-                    out.add(int(n, 16))
-                except ValueError:
-                    continue
+                ino = upper_dir.parse_index_name(name)
+                if ino is not None:
+                    out.add(ino)
     finally:
         os.close(fd)
     return out

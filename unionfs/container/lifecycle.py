@@ -35,7 +35,7 @@ from typing import Callable
 
 from ..fs import sys as ovl
 from ..errors import UsageError, one_line
-from ..fs.daemon import is_mountpoint, umount
+from ..fuse.daemon import is_mountpoint, umount
 from ..image.store import Store, now_iso
 from . import model
 from .model import Container, ContainerError

@@ -4,7 +4,7 @@ One directory per container, renamed into place whole (so a record is never
 half-written)::
 
     containers/<id>/container.json   {Id, Name, Image, ImageRef, Created, Mountpoint, Upper, Work}
-    containers/<id>/upper/           the writable layer (overlayfs's format, see unionfs.fs.writable)
+    containers/<id>/upper/           the writable layer (overlayfs's format, see unionfs.fs.writable and unionfs.fs.upper)
     containers/<id>/work/            its work dir (temporary files, the hard-link index)
     containers/<id>/rootfs/          where ``unionfs run`` mounts it (made on demand)
     containers/<id>/bundle/          the OCI bundle ``unionfs run`` gives the runtime
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..errors import UsageError
-from ..fs.daemon import daemons_holding, is_mountpoint
+from ..fs.upper import WORK_INDEX
+from ..fuse.daemon import daemons_holding, is_mountpoint
 from ..image.store import Store, now_iso
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")   # Docker's rule for container names
@@ -231,7 +232,7 @@ def upper_size(c: Container) -> int:
     """Bytes held by the writable layer: regular files of upper/ and of the hard-link index, each inode once."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    stack = [p for p in (c.upper, os.path.join(c.work, "index")) if os.path.isdir(p)]
+    stack = [p for p in (c.upper, os.path.join(c.work, os.fsdecode(WORK_INDEX))) if os.path.isdir(p)]
     while stack:
         d = stack.pop()
         try:

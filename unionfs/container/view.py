@@ -26,6 +26,8 @@ from typing import BinaryIO
 
 from ..fs import formats
 from ..fs import sys as ovl
+from ..fs.mount import open_union
+from ..fs.union import Union
 
 
 @dataclass(frozen=True)
@@ -57,23 +59,7 @@ class UnionView:
     """The union rules in plain Python over layer directories (``lower`` topmost first)."""
 
     def __init__(self, lower: list[str], upper: str | None = None, work: str | None = None) -> None:
-        from ..fs.layers import LayerError, LayerStack
-        from ..fs.union import Union
-        try:
-            stack = LayerStack.open(lower, upper)
-        except LayerError as e:
-            from .model import ContainerError
-            raise ContainerError(str(e)) from None
-        if upper is not None:
-            from ..fs.writable import WritableUnion, prepare_upper
-            try:
-                lock = prepare_upper(stack, work)   # refuses an upper dir a mount is using
-            except BaseException:
-                stack.close()
-                raise
-            self.u: Union = WritableUnion(stack, lock)
-        else:
-            self.u = Union(stack)
+        self.u: Union = open_union(lower, upper, work)   # an upper dir a mount is using is refused
         self._nodes: dict[bytes, object] = {b"": self.u.root}
 
     def close(self) -> None:

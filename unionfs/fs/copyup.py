@@ -14,6 +14,10 @@ index, exactly as overlayfs ``index=on`` does it: built in ``work/``, with
 to ``index/<hex of that handle>``, then linked to its name ("link-up").  Every
 name of it copied up later is another link of that one upper inode, so writes
 through one name show through all of them, in our mount and in the kernel's.
+
+It works on the read-side :class:`~unionfs.fs.union.Union` (where the object is)
+and :class:`~unionfs.fs.upper.Upper` (the work dir and index); it must not decide
+when to copy up (the writable union does) nor know FUSE.
 """
 from __future__ import annotations
 
@@ -22,15 +26,14 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from . import formats
 from . import sys as ovl
 from .formats import OverlayFh
 from .inodes import Node
-
-if TYPE_CHECKING:
-    from .writable import WritableUnion
+from .union import Union
+from .upper import Upper, in_upper
 
 log = logging.getLogger("unionfs.copyup")
 
@@ -81,14 +84,19 @@ def _set_owner_mode_times(fd: int, name: bytes | None, st: os.stat_result) -> No
 
 
 class CopyUp:
-    def __init__(self, union: "WritableUnion") -> None:
+    """Copies nodes of ``union`` up into its writable layer ``upper``; ``reopen`` is told of each
+    copied file, so that open readers move to the copy."""
+
+    def __init__(self, union: Union, upper: Upper, reopen: Callable[[Node], None]) -> None:
         self.u = union
+        self.up = upper
+        self.reopen = reopen
 
     def dir_chain(self, node: Node) -> None:
         """Make sure directory ``node`` and all its ancestors exist in the upper layer."""
         chain: list[Node] = []
         n: Node | None = node
-        while n is not None and n.parent is not None and not self.u.in_upper(n):
+        while n is not None and n.parent is not None and not in_upper(n):
             chain.append(n)
             n = n.parent
         for d in reversed(chain):
@@ -96,14 +104,14 @@ class CopyUp:
 
     def __call__(self, node: Node, truncate: bool = False) -> None:
         """Copy ``node`` up (with its parents) unless it is already in the upper layer."""
-        if self.u.in_upper(node):
+        if in_upper(node):
             return
         if node.parent is not None:
             self.dir_chain(node.parent)
         self.one(node, truncate)
 
     def one(self, node: Node, truncate: bool = False) -> None:
-        u = self.u
+        u, up = self.u, self.up
         lower = node.attr_layer if node.attr_layer is not None else node.top  # a dir's real attributes
         lower_fd, lower_name = u.locate_in(node, lower)
         st = ovl.lstat_at(lower_fd, lower_name)
@@ -111,18 +119,18 @@ class CopyUp:
         assert parent is not None
         upper_parent_fd = u.stack.dir_fd(0, parent)
         pstat = ovl.fstat(upper_parent_fd)
-        index = u.lower_index_name(lower, lower_fd, lower_name, st) if u.indexable(st) else None
-        ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, u.temp_name(), truncate, index)
+        index = up.lower_index_name(lower, lower_fd, lower_name, st) if up.indexable(st) else None
+        ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, up.temp_name(), truncate, index)
         log.debug("copy up %r", node)
-        if index is not None and u.index_stat(index) is not None:
+        if index is not None and up.index_stat(index) is not None:
             self._link_up(ctx)
         else:
-            if index is None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1) and u.may_mark(st):
+            if index is None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1) and up.may_mark(st):
                 # As overlayfs: the copy remembers its origin (a hard link that is not indexed would
                 # not), its parent is marked as holding such entries, and the kernel numbers it as we do.
-                ctx.origin = u.origin_fh(lower, lower_fd, lower_name)
+                ctx.origin = up.origin_fh(lower, lower_fd, lower_name)
                 if ctx.origin is not None:
-                    u.mark_impure(upper_parent_fd)
+                    up.mark_impure(upper_parent_fd)
             if stat.S_ISDIR(st.st_mode):
                 self._dir(ctx)
             else:
@@ -140,8 +148,8 @@ class CopyUp:
             node.layers = (0,)
             node.indexed = index is not None
             if index is not None:
-                u.remember_index(node.ino, index)
-            u.reopen_readers(node)
+                up.remember_index(node.ino, index)
+            self.reopen(node)
 
     def _link_up(self, c: CopyUpCtx) -> None:
         """Another name of this inode was copied up already: this one becomes a link to it.
@@ -150,25 +158,25 @@ class CopyUp:
         never changes), then the name is linked, then the count is made relative to the upper
         inode's again; a crash anywhere leaves the right count, whether the link was made or not.
         """
-        u = self.u
+        up = self.up
         iname = c.index
         assert iname is not None
-        st = ovl.lstat_at(u.index_fd, iname)
-        merged = u.merged_nlink(iname, st)
+        st = ovl.lstat_at(up.index_fd, iname)
+        merged = up.merged_nlink(iname, st)
         if merged is None:
             merged = c.st.st_nlink
-        u.mark_impure(c.upper_parent_fd)
-        if u.origin_nlink(iname) is None:
-            u.write_meta(u.index_fd, iname, c.node.ino, c.st.st_nlink)
-        u.set_nlink(iname, merged, base="L")
-        ovl.link_at(u.index_fd, iname, c.upper_parent_fd, c.node.name)
-        u.set_nlink(iname, merged, st.st_nlink + 1)
+        up.mark_impure(c.upper_parent_fd)
+        if up.origin_nlink(iname) is None:
+            up.write_meta(up.index_fd, iname, c.node.ino, c.st.st_nlink)
+        up.set_nlink(iname, merged, base="L")
+        ovl.link_at(up.index_fd, iname, c.upper_parent_fd, c.node.name)
+        up.set_nlink(iname, merged, st.st_nlink + 1)
 
     def _dir(self, c: CopyUpCtx) -> None:
-        u = self.u
-        ovl.mkdir_at(u.work_fd, c.temp, 0o700)
+        up = self.up
+        ovl.mkdir_at(up.work_fd, c.temp, 0o700)
         try:
-            fd = ovl.open_dir_at(u.work_fd, c.temp)
+            fd = ovl.open_dir_at(up.work_fd, c.temp)
             try:
                 src = ovl.open_dir_at(c.lower_fd, c.lower_name)
                 try:
@@ -176,23 +184,23 @@ class CopyUp:
                 finally:
                     os.close(src)
                 if c.node.redirect is not None:
-                    u.set_redirect(fd, c.node.redirect)
+                    up.set_redirect(fd, c.node.redirect)
                 if c.origin is not None:
-                    ovl.setxattr_at(fd, None, u.origin_xattr, c.origin.encode())
+                    ovl.setxattr_at(fd, None, up.origin_xattr, c.origin.encode())
                 _set_owner_mode_times(fd, None, c.st)
             finally:
                 os.close(fd)
-            ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
+            ovl.rename_at(up.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
         except BaseException:
-            ovl.remove_tree_at(u.work_fd, c.temp)
+            ovl.remove_tree_at(up.work_fd, c.temp)
             raise
 
     def _nondir(self, c: CopyUpCtx) -> None:
-        u, st = self.u, c.st
+        u, up, st = self.u, self.up, c.st
         mode = st.st_mode
         try:
             if stat.S_ISREG(mode):
-                dst = ovl.open_at(u.work_fd, c.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                dst = ovl.open_at(up.work_fd, c.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     if not c.truncate and st.st_size:
                         src = ovl.open_at(c.lower_fd, c.lower_name, os.O_RDONLY)
@@ -202,36 +210,36 @@ class CopyUp:
                             ovl.copy_file_range_all(src, dst, st.st_size)
                         finally:
                             os.close(src)
-                    if u.fsync:
+                    if up.fsync:
                         ovl.fsync(dst)
                 finally:
                     os.close(dst)
             elif stat.S_ISLNK(mode):
-                ovl.symlink_at(ovl.readlink_at(c.lower_fd, c.lower_name), u.work_fd, c.temp)
+                ovl.symlink_at(ovl.readlink_at(c.lower_fd, c.lower_name), up.work_fd, c.temp)
             else:  # fifo, socket, device: the same kind of node, never a regular file
-                ovl.mknod_at(u.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-            copy_xattrs(c.lower_fd, c.lower_name, u.work_fd, c.temp)
-            _set_owner_mode_times(u.work_fd, c.temp, st)
+                ovl.mknod_at(up.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            copy_xattrs(c.lower_fd, c.lower_name, up.work_fd, c.temp)
+            _set_owner_mode_times(up.work_fd, c.temp, st)
             if c.index is not None:
                 fh = OverlayFh.from_index_name(c.index)
                 if fh is not None:
-                    ovl.setxattr_at(u.work_fd, c.temp, u.origin_xattr, fh.encode())
+                    ovl.setxattr_at(up.work_fd, c.temp, up.origin_xattr, fh.encode())
                 # The index entry alone stands for all N lower names: "U+(N-1)", as overlayfs.
-                ovl.setxattr_at(u.work_fd, c.temp, u.nlink_xattr, formats.encode_nlink(st.st_nlink - 1))
-                u.write_meta(u.work_fd, c.temp, c.node.ino, st.st_nlink)
-                ovl.rename_at(u.work_fd, c.temp, u.index_fd, c.index, ovl.RENAME_NOREPLACE)
+                ovl.setxattr_at(up.work_fd, c.temp, up.nlink_xattr, formats.encode_nlink(st.st_nlink - 1))
+                up.write_meta(up.work_fd, c.temp, c.node.ino, st.st_nlink)
+                ovl.rename_at(up.work_fd, c.temp, up.index_fd, c.index, ovl.RENAME_NOREPLACE)
             else:
                 if c.origin is not None:
-                    ovl.setxattr_at(u.work_fd, c.temp, u.origin_xattr, c.origin.encode())
-                marked = u.may_mark(st)  # rootless, a symlink or device cannot keep its number
+                    ovl.setxattr_at(up.work_fd, c.temp, up.origin_xattr, c.origin.encode())
+                marked = up.may_mark(st)  # rootless, a symlink or device cannot keep its number
                 if marked:
-                    u.write_meta(u.work_fd, c.temp, c.node.ino)
-                ovl.rename_at(u.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
+                    up.write_meta(up.work_fd, c.temp, c.node.ino)
+                ovl.rename_at(up.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
                 if not marked:
-                    u.remember_unmarked(c.upper_parent_fd, c.node.name, c.node.ino)
+                    up.remember_unmarked(c.upper_parent_fd, c.node.name, c.node.ino)
         except BaseException:
             try:
-                ovl.unlink_at(u.work_fd, c.temp)
+                ovl.unlink_at(up.work_fd, c.temp)
             except OSError:
                 pass
             raise

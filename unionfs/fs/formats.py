@@ -27,6 +27,9 @@ the merged view takes them from the layer below that has it (:func:`is_implied`)
 name is in overlayfs's private namespace so that kernel overlayfs over the store's
 layers hides it too (it ignores names it does not know), and a layer's own xattrs of
 that name arrive escaped (``trusted.overlay.overlay.``), so a tar cannot forge it.
+
+This module owns bytes and names only: it must not decide union rules, and it makes
+syscalls only through :mod:`sys` on fds it is given.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ USER_PREFIX = "user.overlay."
 FUSE_OVERLAYFS_PREFIX = "user.fuseoverlayfs."
 UNIONFS_PREFIX = "trusted.unionfs."
 UNIONFS_USER_PREFIX = "user.unionfs."
+META_NAMES = (UNIONFS_PREFIX + "origin", UNIONFS_USER_PREFIX + "origin")  # our per-inode UpperMeta
 PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX, FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX)
 # A layer may carry overlay xattrs of its own, escaped one level ("nesting").
 ESCAPE = "overlay."
@@ -67,6 +71,11 @@ REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
 
 
 IMPLIED_NAMES = (TRUSTED_PREFIX + Xattr.IMPLIED.value, USER_PREFIX + Xattr.IMPLIED.value)
+
+
+def meta_xattr_name(style: "Style") -> str:
+    """The xattr holding an upper inode's :class:`UpperMeta` in this style."""
+    return META_NAMES[0] if style is Style.OVERLAY else META_NAMES[1]
 
 
 def xattr_name(role: Xattr, userxattr: bool = False) -> str:
@@ -323,9 +332,13 @@ class UpperMeta:
     lower_links: int | None = None
     pending: bytes | None = None
 
-    def encode(self) -> bytes:
+    def encode(self, legacy: bool = False) -> bytes:
+        """``legacy``: the form before the kernel's index format (``lower=``), for the migration."""
         value = b"ino=%d" % (self.ino or 0)
-        if self.origin_nlink is not None:
+        if legacy:
+            if self.lower_links is not None:
+                value += b";lower=%d" % self.lower_links
+        elif self.origin_nlink is not None:
             value += b";onlink=%d" % self.origin_nlink
         return value
 

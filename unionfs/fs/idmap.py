@@ -8,6 +8,8 @@ unshifted (container ids ``C..C+S-1``) while the container's processes are host 
 who creates or chowns writes ``C+k``.  An id no range covers shows as the kernel's overflow id
 (65534), as in fuse-overlayfs.  ``squash_to_uid``/``squash_to_gid``/``squash_to_root`` make
 every entry show that owner; what is written is unchanged by them.
+
+Plain arithmetic on ids: the adapter applies it at the FUSE boundary; it must not touch a layer.
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ same after a remount.
 A node stays in the table while the kernel holds lookups on it or while one of
 its children is in the table (a child's path goes through its parent), which is
 how the kernel's own dentry tree pins parents.
+
+It must not make syscalls or know the overlay rules: it is given real (dev, ino) pairs.
 """
 from __future__ import annotations
 

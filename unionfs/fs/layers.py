@@ -6,6 +6,8 @@ to their parent's fd, one name at a time with ``O_NOFOLLOW``, and kept in a
 bounded LRU cache keyed by (layer, inode number): a walk reuses its parents'
 fds, and an fd stays right across renames because it names the directory, not
 its path.
+
+It must not interpret what is in a layer (whiteouts, xattrs): that is :mod:`union`.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ never followed (``O_NOFOLLOW`` / ``AT_SYMLINK_NOFOLLOW``), and intermediate
 components do not exist because names never contain ``/``.  Multi-component
 paths are only opened with :func:`open_beneath`, which uses ``openat2`` with
 ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` or walks component by component.
+It must not know layers or overlay formats: it is given fds and names.
 """
 from __future__ import annotations
 

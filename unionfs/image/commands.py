@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..fs.daemon import build_config, daemons_holding, mount
+from ..fuse.daemon import build_config, daemons_holding, mount
 from .model import ImageError, Reference
 from .store import Store
 

@@ -4,9 +4,14 @@
 a one-line error and exit status 2; then it forks the daemon and returns once
 the kernel has the mount (the daemon reports readiness, or its error, through a
 pipe).  In the foreground the same code runs in the calling process.
+
+Owns fuse-overlayfs's ``-o`` options, the pidfiles, the trio loop and unmounting.
+It must not decide what the filesystem means: it opens the union with
+:func:`unionfs.fs.mount.open_union` and hands it to the adapter.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import logging.handlers
@@ -21,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UsageError
-from .idmap import IdMap
+from ..fs.idmap import IdMap
+from ..fs.mount import open_union
 
 log = logging.getLogger("unionfs.daemon")
 
@@ -206,30 +212,6 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
 
 # --- running -----------------------------------------------------------------
 
-def _open_union(cfg: MountConfig):
-    from .layers import LayerError, LayerStack
-    from .union import Union
-    try:
-        stack = LayerStack.open(cfg.lower, cfg.upper)
-    except LayerError as e:
-        raise UsageError(str(e)) from None
-    if os.path.realpath(cfg.mountpoint) in {os.path.realpath(p) for p in cfg.lower + [cfg.upper or ""]}:
-        stack.close()
-        raise UsageError(f"mount point {cfg.mountpoint} is also a layer")
-    if cfg.upper is not None:
-        from .writable import WritableUnion, prepare_upper
-        try:
-            lock = prepare_upper(stack, cfg.work)
-        except UsageError:
-            stack.close()
-            raise
-        union = WritableUnion(stack, lock, fsync=cfg.fsync)
-    else:
-        union = Union(stack)
-    union.fill = cfg.fill
-    return union
-
-
 def _pidfile_dir() -> str:
     return "/run/unionfs" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp") + "/unionfs"
 
@@ -375,10 +357,8 @@ def _serve(cfg: MountConfig, union, ready) -> None:
         log.info("unmounted %s", cfg.mountpoint)
     finally:
         union.close()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(pidfile)
-        except OSError:
-            pass
 
 
 def mount(cfg: MountConfig) -> int:
@@ -391,7 +371,8 @@ def mount(cfg: MountConfig) -> int:
                              "user (mode 0666, as udev sets it on Debian)")
         if not (os.access("/usr/bin/fusermount3", os.X_OK) or shutil.which("fusermount3")):
             raise UsageError("no fusermount3: an unprivileged mount needs it (Debian package fuse3)")
-    union = _open_union(cfg)
+    union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint)
+    union.fill = cfg.fill
     if cfg.foreground:
         _setup_logging(cfg)
         faulthandler.enable()
@@ -446,10 +427,8 @@ def _close_fds_but(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def _mountinfo_path(field: str) -> str:

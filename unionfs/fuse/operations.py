@@ -1,10 +1,10 @@
 """The pyfuse3 adapter: maps FUSE requests onto :class:`~unionfs.fs.union.Union`.
 
 Thin on purpose.  Its jobs: inode numbers <-> nodes, file and directory
-handles, the kernel's lookup counts, cache timeouts, and errors: an
-``OSError`` becomes a ``FUSEError`` with the same errno, and any other
+handles, the kernel's lookup counts, and errors: an ``OSError`` becomes a ``FUSEError`` with the same errno, and any other
 exception is logged and answered with EIO, because pyfuse3 ends its main loop
-(and hangs the mount) on anything but ``FUSEError``.
+(and hangs the mount) on anything but ``FUSEError``.  It decides nothing
+itself: how long the kernel may cache an entry is the union's answer.
 """
 from __future__ import annotations
 
@@ -19,20 +19,13 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from . import sys as sysmod
-from .dircache import DirCache, Listing
-from .idmap import IdMap
-from .inodes import ROOT_INO, Node
-from .union import Attr, OpenFile, Union
+from ..fs import sys as sysmod
+from ..fs.readdir import DirCache, Listing
+from ..fs.idmap import IdMap
+from ..fs.inodes import ROOT_INO, Node
+from ..fs.union import Attr, OpenFile, Union
 
 log = logging.getLogger("unionfs.ops")
-
-# Lower layers never change under us and we are the only writer of the upper,
-# so the kernel may keep what we tell it.  Entries that live only in lower layers
-# are immutable; upper entries get a shorter life as a guard against anything
-# (another process on the upper dir) we did not do ourselves.
-LOWER_TIMEOUT = 86400.0
-UPPER_TIMEOUT = 1.0
 
 
 def _guard(fn):
@@ -104,16 +97,11 @@ class Operations(pyfuse3.Operations):
 
     # --- helpers ---------------------------------------------------------------
 
-    def _timeout(self, node: Node) -> float:
-        if self.union.readonly or not (self.union.stack.is_upper(node.top) or node.indexed):
-            return LOWER_TIMEOUT
-        return UPPER_TIMEOUT
-
     def _entry(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
         e.generation = self.inodes.generations.get(attr.ino, 0) if self.inodes.generations else 0
-        e.entry_timeout = e.attr_timeout = self._timeout(node)
+        e.entry_timeout = e.attr_timeout = self.union.cache_timeout(node)
         e.st_mode = attr.mode
         e.st_nlink = 1 if self.static_nlink and stat.S_ISDIR(attr.mode) else attr.nlink
         e.st_uid = self.uids.shown(attr.uid)
@@ -154,7 +142,7 @@ class Operations(pyfuse3.Operations):
     def _negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = LOWER_TIMEOUT if self.union.readonly else UPPER_TIMEOUT
+        e.entry_timeout = self.union.negative_timeout()
         return e
 
     # --- lookups and attributes ---------------------------------------------------
@@ -227,18 +215,6 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.ENOTDIR, "not a directory")
         return self.handles.add(self.handles.dirs, DirHandle(node))
 
-    def _immutable(self, node: Node) -> bool:
-        """Nothing but a copy-up (which drops the listing) can change this node's attributes."""
-        return self.union.readonly or not (self.union.stack.is_upper(node.top) or node.indexed)
-
-    def _listing(self, node: Node) -> Listing:
-        listing = self.listings.get(node.ino)
-        if listing is None:
-            masks: list[int] = []
-            names = self.union.list_names(node, masks)
-            listing = self.listings.put(node, names, masks)
-        return listing
-
     @_guard
     async def readdir(self, fh, start_id, token):
         h = self.handles.dirs[fh]
@@ -246,13 +222,13 @@ class Operations(pyfuse3.Operations):
         if h.listing is None or (start_id == 0 and h.served):
             # A listing is a snapshot per open handle (taken again on rewinddir), so offsets
             # stay valid however lookups and changes interleave.
-            h.listing = self._listing(node)
+            h.listing = self.listings.listing(node, self.union.list_names)
         h.served = True
         listing = h.listing
         names, cached = listing.names, listing.cached
         # The layer masks hold only while nothing changed the directory since the listing.
         masks = listing.masks if self.listings.current(node.ino, listing) else None
-        remember, count = self.inodes.remember, self.inodes.lookup
+        remember, count, immutable = self.inodes.remember, self.inodes.lookup, self.union.immutable
         for off in range(start_id, len(names) + 2):
             if off >= 2:
                 i = off - 2
@@ -260,7 +236,7 @@ class Operations(pyfuse3.Operations):
                 if hit is not None:
                     child, entry = hit
                     child = remember(child)
-                    if child is not hit[0] or not self._immutable(child):
+                    if child is not hit[0] or not immutable(child):
                         hit = None
                 if hit is None:
                     name = names[i]
@@ -269,7 +245,7 @@ class Operations(pyfuse3.Operations):
                     except FileNotFoundError:
                         continue  # gone since the snapshot
                     entry = self._entry(child, attr)
-                    if self._immutable(child):
+                    if immutable(child):
                         cached[i] = (child, entry)
                 if not pyfuse3.readdir_reply(token, names[i], entry, off + 1):
                     break
