@@ -138,8 +138,11 @@ class FS:
 
     def fresh(self) -> tuple[Path, Path, Path]:
         base = self.scratch / self.name
+        for left in (base / "mnt", base / "merged"):   # never remove through a mount left behind
+            while _is_mounted(left):
+                subprocess.run(["umount", "-l", str(left)], check=True)
         if base.exists():
-            subprocess.run(["rm", "-rf", str(base)], check=True)
+            subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=True)
         up, work, mnt = base / "upper", base / "work", base / "mnt"
         for d in (up, work, mnt):
             d.mkdir(parents=True)
@@ -157,6 +160,12 @@ class FS:
     def umount(self, m: Mounted) -> None:
         subprocess.run(["umount", str(m.mnt)], capture_output=True)
         _wait_gone(m)
+
+
+def _is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
 
 
 def _wait_gone(m: Mounted) -> None:
