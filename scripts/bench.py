@@ -177,9 +177,18 @@ def _wait_gone(m: Mounted) -> None:
             m.proc.wait()
     elif m.pid:
         for _ in range(3000):
-            if not os.path.exists(f"/proc/{m.pid}"):
+            if not _alive(m.pid):
                 break
             time.sleep(0.001)
+
+
+def _alive(pid: int) -> bool:
+    """Running: a zombie has exited (this machine's init may reap daemons late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _foreground(argv: list[str], mnt: Path, log: Path | None) -> subprocess.Popen:
