@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+UNIONFS = str(Path(PY).with_name("unionfs"))   # the venv's entry point, as podman calls it
 
 SIZES = {
     #            bottom files, big dir entries, big file bytes, subtree files, creates
@@ -103,14 +104,18 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def _wait_mounted(mnt: Path, timeout: float = 30) -> None:
+def _wait_mounted(mnt: Path, timeout: float = 30, proc: subprocess.Popen | None = None) -> None:
+    """Until mnt is a FUSE mount that answers (polled every ms: this is also the mount-latency row)."""
     deadline = time.monotonic() + timeout
     real = str(mnt.resolve())
     while time.monotonic() < deadline:
         with open("/proc/self/mountinfo") as f:
-            if any(line.split()[4] == real for line in f):
+            if any(line.split()[4] == real and " - fuse" in line for line in f):
+                os.stat(mnt)   # answered: INIT is done
                 return
-        time.sleep(0.01)
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{mnt}: the daemon exited ({proc.returncode}) before mounting")
+        time.sleep(0.001)
     raise RuntimeError(f"{mnt} did not mount")
 
 
@@ -119,6 +124,8 @@ class Mounted:
     name: str
     mnt: Path
     pid: int | None = None  # the daemon, for memory figures
+    proc: subprocess.Popen | None = None   # a daemon in the foreground (request counts, floor)
+    under: Path | None = None  # the floor's kernel overlay mount below it
 
 
 class FS:
@@ -131,8 +138,11 @@ class FS:
 
     def fresh(self) -> tuple[Path, Path, Path]:
         base = self.scratch / self.name
+        for left in (base / "mnt", base / "merged"):   # never remove through a mount left behind
+            while _is_mounted(left):
+                subprocess.run(["umount", "-l", str(left)], check=True)
         if base.exists():
-            subprocess.run(["rm", "-rf", str(base)], check=True)
+            subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=True)
         up, work, mnt = base / "upper", base / "work", base / "mnt"
         for d in (up, work, mnt):
             d.mkdir(parents=True)
@@ -141,51 +151,130 @@ class FS:
     def lowerdir(self) -> str:
         return ":".join(str(p) for p in self.lowers)
 
-    def mount(self) -> Mounted:
+    fuse = True   # a FUSE daemon whose requests can be counted
+
+    def mount(self, debug_log: Path | None = None) -> Mounted:
+        """Mounted and ready; with ``debug_log``, in the foreground with libfuse's debug output there."""
         raise NotImplementedError
 
     def umount(self, m: Mounted) -> None:
         subprocess.run(["umount", str(m.mnt)], capture_output=True)
-        if m.pid:
-            for _ in range(500):
-                if not os.path.exists(f"/proc/{m.pid}"):
-                    break
-                time.sleep(0.01)
+        _wait_gone(m)
+
+
+def _is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def _wait_gone(m: Mounted) -> None:
+    if m.proc is not None:
+        try:
+            m.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            m.proc.kill()
+            m.proc.wait()
+    elif m.pid:
+        for _ in range(3000):
+            if not _alive(m.pid):
+                break
+            time.sleep(0.001)
+
+
+def _alive(pid: int) -> bool:
+    """Running: a zombie has exited (this machine's init may reap daemons late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _foreground(argv: list[str], mnt: Path, log: Path | None) -> subprocess.Popen:
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=out, cwd=REPO)
+    if log:
+        out.close()
+    _wait_mounted(mnt, proc=proc)
+    return proc
+
+
+def _kernel_overlay(lowerdir: str, up: Path, work: Path, mnt: Path) -> None:
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lowerdir},upperdir={up},workdir={work},index=on,redirect_dir=on",
+                    str(mnt)], check=True)
 
 
 class Kernel(FS):
     name = "overlay"
+    fuse = False
 
-    def mount(self) -> Mounted:
+    def mount(self, debug_log: Path | None = None) -> Mounted:
         up, work, mnt = self.fresh()
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={self.lowerdir()},upperdir={up},workdir={work},index=on,redirect_dir=on",
-                        str(mnt)], check=True)
+        _kernel_overlay(self.lowerdir(), up, work, mnt)
         return Mounted(self.name, mnt)
 
 
 class FuseOverlayfs(FS):
     name = "fuse-overlayfs"
 
-    def mount(self) -> Mounted:
+    def mount(self, debug_log: Path | None = None) -> Mounted:
         up, work, mnt = self.fresh()
-        subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}",
-                        str(mnt)], check=True, capture_output=True)
-        _wait_mounted(mnt)
+        argv = ["fuse-overlayfs", "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}", str(mnt)]
+        if debug_log:
+            proc = _foreground(argv[:1] + ["-d"] + argv[1:], mnt, debug_log)
+            return Mounted(self.name, mnt, proc.pid, proc)
+        subprocess.run(argv, check=True, capture_output=True)   # returns once mounted, as podman waits for it
         pid = subprocess.run(["pgrep", "-n", "-f", f"fuse-overlayfs.*{mnt}"], capture_output=True,
                              text=True).stdout.strip()
         return Mounted(self.name, mnt, int(pid) if pid else None)
 
 
 class Unionfs(FS):
+    """``unionfs -o lowerdir=... MNT`` as podman calls it (``style="mount"``: ``unionfs mount --lower``)."""
     name = "unionfs"
+    style = "o"
 
-    def mount(self) -> Mounted:
+    def mount(self, debug_log: Path | None = None) -> Mounted:
         up, work, mnt = self.fresh()
-        subprocess.run([PY, "-m", "unionfs", "mount", "--lower", self.lowerdir(), "--upper", str(up),
-                        "--work", str(work), str(mnt)], check=True, cwd=REPO)
+        if self.style == "o":
+            argv = [UNIONFS, "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}", str(mnt)]
+        else:
+            argv = [UNIONFS, "mount", "--lower", self.lowerdir(), "--upper", str(up), "--work", str(work), str(mnt)]
+        if debug_log:   # libfuse's debug output: one line per request, its opcode named
+            argv = [UNIONFS, "mount", "-f", "-o", "debug", "--lower", self.lowerdir(), "--upper", str(up),
+                    "--work", str(work), str(mnt)]
+            proc = _foreground(argv, mnt, debug_log)
+            return Mounted(self.name, mnt, proc.pid, proc)
+        subprocess.run(argv, check=True, cwd=REPO)
         pidfile = Path("/run/unionfs") / (str(mnt.resolve()).strip("/").replace("/", "%") + ".pid")
         return Mounted(self.name, mnt, int(pidfile.read_text()))
+
+    def umount(self, m: Mounted) -> None:
+        if m.proc is not None:
+            super().umount(m)
+        else:
+            subprocess.run([UNIONFS, "umount", str(m.mnt)], check=True, capture_output=True)
+            _wait_gone(m)
+
+
+class Floor(FS):
+    """pyfuse3 passthrough (scripts/bench_floor.py) of a kernel overlay mount: pyfuse3's cost, none of ours."""
+    name = "floor"
+
+    def mount(self, debug_log: Path | None = None) -> Mounted:
+        up, work, mnt = self.fresh()
+        under = mnt.parent / "merged"
+        under.mkdir()
+        _kernel_overlay(self.lowerdir(), up, work, under)
+        argv = [PY, str(REPO / "scripts" / "bench_floor.py"), str(under), str(mnt)] + (["debug"] if debug_log else [])
+        proc = _foreground(argv, mnt, debug_log)
+        return Mounted(self.name, mnt, proc.pid, proc, under)
+
+    def umount(self, m: Mounted) -> None:
+        super().umount(m)
+        subprocess.run(["umount", str(m.under)], capture_output=True)
 
 
 # --- workloads ------------------------------------------------------------------------------
@@ -216,9 +305,10 @@ def walk(mnt: Path) -> int:
 @dataclass
 class Workload:
     name: str
-    run: object                   # fn(mnt, params) -> None
+    run: object                   # fn(mnt, params) -> None, or the figure itself (seconds) to record
     prepare: object = None        # fn(mnt, params) -> None, untimed, after mount
     cold: bool = False            # drop caches after mounting
+    kind: str = "run"             # "run": time run(); "mount"/"umount": time the mount/umount itself
 
 
 def _preads(mnt: Path, p: dict) -> None:
@@ -254,7 +344,41 @@ def _copy_up(mnt: Path, p: dict) -> None:
         f.write(b"!")
 
 
+def _readers_during_copy_up(mnt: Path, p: dict) -> float:
+    """The longest wait of two readers (stat + read of lower files not looked up yet) during a big copy-up."""
+    import threading
+    names = [f for f in (p["stack"] / "files.txt").read_text().split("\n") if f][::7]
+    done = threading.Event()
+    waits: list[float] = []
+
+    def reader(part: list[str]) -> None:
+        worst = 0.0
+        i = 0
+        while not done.is_set() and i < len(part):
+            t0 = time.perf_counter()
+            try:
+                with open(mnt / part[i], "rb") as f:
+                    f.read(4096)
+            except OSError:
+                pass
+            worst = max(worst, time.perf_counter() - t0)
+            i += 1
+            time.sleep(0.002)
+        waits.append(worst)
+    readers = [threading.Thread(target=reader, args=(names[k::2],)) for k in range(2)]
+    for t in readers:
+        t.start()
+    time.sleep(0.05)
+    _copy_up(mnt, p)
+    done.set()
+    for t in readers:
+        t.join()
+    return max(waits)
+
+
 WORKLOADS = [
+    Workload("mount to ready", None, kind="mount"),
+    Workload("umount", None, kind="umount"),
     Workload("walk cold (lstat all)", lambda m, p: walk(m), cold=True),
     Workload("walk warm (lstat all)", lambda m, p: walk(m), prepare=lambda m, p: walk(m)),
     Workload("ls -l bigdir", lambda m, p: sh("ls -l bigdir > /dev/null", m)),
@@ -272,7 +396,125 @@ WORKLOADS = [
     Workload("chmod lower files", _chmods),
     Workload("rm -rf lower subtree", lambda m, p: sh("rm -rf rmme", m)),
     Workload("untar into mount", lambda m, p: sh(f"mkdir untar && tar -C untar -xf {p['stack']}/untar.tar", m)),
+    Workload("readers' worst wait in copy-up", _readers_during_copy_up),
 ]
+
+
+def count_requests(systems: list[FS], workloads: list[Workload], p: dict, scratch: Path) -> dict:
+    """{workload: {fs: {opcode: n}}}: one untimed run each with libfuse's debug output, the run's part only."""
+    import re
+    opcode = re.compile(rb"opcode: (\w+)")
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for w in workloads:
+        if w.kind != "run":
+            continue
+        for s in systems:
+            log = scratch / f"{s.name}.debug.log"
+            m = s.mount(debug_log=log)
+            try:
+                if w.prepare:
+                    w.prepare(m.mnt, p)
+                if w.cold:
+                    drop_caches()
+                start = log.stat().st_size
+                w.run(m.mnt, p)
+                os.sync()
+                time.sleep(0.2)   # the last replies' lines
+                end = log.stat().st_size
+            finally:
+                s.umount(m)
+            ops: dict[str, int] = {}
+            with open(log, "rb") as f:
+                f.seek(start)
+                for match in opcode.finditer(f.read(end - start)):
+                    op = match[1].decode()
+                    ops[op] = ops.get(op, 0) + 1
+            log.unlink()
+            counts.setdefault(w.name, {})[s.name] = ops
+        print(f"bench: {w.name}: requests counted", file=sys.stderr)
+    return counts
+
+
+# --- whole-tool rows ---------------------------------------------------------------------
+
+def _timed(argv: list[str], **kw) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600, **kw)
+    return time.perf_counter() - t0
+
+
+def _big_image(cache: Path) -> Path:
+    """An OCI layout of three layers from this machine's /usr/lib (about 230 MB unpacked), made by umoci; built once."""
+    layout = cache / "big-image"
+    if (layout / ".complete").exists():
+        return layout
+    shutil.rmtree(layout, ignore_errors=True)
+    bundle = cache / "big-image-bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:big"], check=True)
+    for src in ("/usr/lib/python3.11", "/usr/lib/python3", "/usr/lib/gcc"):
+        subprocess.run(["umoci", "unpack", "--image", f"{layout}:big", str(bundle)], check=True,
+                       stdout=subprocess.DEVNULL)
+        dest = bundle / "rootfs" / os.path.dirname(src).lstrip("/")
+        dest.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-a", src, str(dest)], check=True)
+        subprocess.run(["umoci", "repack", "--image", f"{layout}:big", str(bundle)], check=True)
+        shutil.rmtree(bundle)
+    subprocess.run(["tar", "-C", str(layout), "-cf", str(cache / "big-image.tar"), "."], check=True)
+    (layout / ".complete").touch()
+    return layout
+
+
+def run_tool_rows(cache: Path, repeat: int, p: dict) -> dict[str, dict[str, list[float]]]:
+    """Rows that time whole tools, interleaved: podman with each mount program; loading a 100 MB image."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from podman_env import FUSE_OVERLAYFS, Podman, write_image
+    rows: dict[str, dict[str, list[float]]] = {}
+    work = cache / "tools"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if shutil.which("podman"):
+        archive = work / "bb.tar"
+        write_image(archive, "bb:1")
+        podmans = {"fuse-overlayfs": Podman(work / "pm-fo", FUSE_OVERLAYFS), "unionfs": Podman(work / "pm-u", UNIONFS)}
+        try:
+            for pm in podmans.values():
+                pm("load", "-i", str(archive))
+                pm("run", "--rm", "bb:1", "true")   # warm: the first run sets up the store
+            row = rows.setdefault("podman run --rm IMAGE true", {n: [] for n in podmans})
+            row2 = rows.setdefault("podman run: 300 files written", {n: [] for n in podmans})
+            for _ in range(max(repeat, 3)):
+                for n, pm in podmans.items():
+                    t0 = time.perf_counter()
+                    pm("run", "--rm", "bb:1", "true")
+                    row[n].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    pm("run", "--rm", "bb:1", "sh", "-c", "cp -a /bin /tmp/b && cat /etc/* >/dev/null 2>&1; true")
+                    row2[n].append(time.perf_counter() - t0)
+        finally:
+            for pm in podmans.values():
+                pm.close()
+    layout = _big_image(cache)
+    row = rows.setdefault(f"load {_du_mb(layout)} MB OCI image", {"podman load": [], "umoci unpack": [],
+                                                                    "unionfs load": []})
+    for _ in range(max(repeat, 3)):
+        pm = Podman(work / "pm-load")
+        try:
+            row["podman load"].append(_timed(["podman", "load", "-i", str(cache / "big-image.tar")], env=pm.env))
+        finally:
+            pm.close()
+        shutil.rmtree(work / "bundle", ignore_errors=True)
+        row["umoci unpack"].append(_timed(["umoci", "unpack", "--image", f"{layout}:big", str(work / "bundle")]))
+        shutil.rmtree(work / "bundle", ignore_errors=True)
+        shutil.rmtree(work / "store", ignore_errors=True)
+        row["unionfs load"].append(_timed([UNIONFS, "--root", str(work / "store"), "load", str(layout)]))
+        shutil.rmtree(work / "store", ignore_errors=True)
+    return rows
+
+
+def _du_mb(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) >> 20
 
 
 def rss_kb(pid: int | None, field_name: str = "VmRSS") -> int | None:
@@ -294,7 +536,12 @@ def main() -> int:
     ap.add_argument("--size", choices=sorted(SIZES), help="stack size (default full, or quick with --quick)")
     ap.add_argument("--repeat", type=int, default=None, help="repetitions per figure (default 5, quick 3)")
     ap.add_argument("--only", action="append", help="run workloads whose name contains this (repeatable)")
-    ap.add_argument("--fs", action="append", choices=["overlay", "fuse-overlayfs", "unionfs"],
+    ap.add_argument("--requests", action="store_true",
+                    help="also count each workload's FUSE requests by opcode (one more, untimed, run each)")
+    ap.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
+                    help="the whole-tool rows: podman run with each mount program, load against podman load "
+                         "and umoci unpack (default: on, off with --size tiny)")
+    ap.add_argument("--fs", action="append", choices=["overlay", "fuse-overlayfs", "floor", "unionfs"],
                     help="filesystems to run (default all)")
     ap.add_argument("--cache", default="/var/tmp/unionfs-bench", help="where the layer stack is built once")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -309,7 +556,9 @@ def main() -> int:
     p = dict(SIZES[size], stack=stack)
     scratch = cache / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    classes = [Kernel, FuseOverlayfs, Unionfs]
+    if args.tools is None:
+        args.tools = size != "tiny"
+    classes = [Kernel, FuseOverlayfs, Floor, Unionfs]
     if args.fs:
         classes = [c for c in classes if c.name in args.fs]
     if FuseOverlayfs in classes and not shutil.which("fuse-overlayfs"):
@@ -321,16 +570,22 @@ def main() -> int:
     for w in workloads:
         for r in range(repeat):
             for s in systems:  # interleaved: noise hits every filesystem alike
+                t0 = time.perf_counter()
                 m = s.mount()
+                if w.kind == "mount":
+                    os.stat(m.mnt)   # ready means answering
+                    times[w.name][s.name].append(time.perf_counter() - t0)
                 try:
+                    if w.kind != "run":
+                        continue
                     if w.prepare:
                         w.prepare(m.mnt, p)
                     if w.cold:
                         drop_caches()
                     before = rss_kb(m.pid)
                     t0 = time.perf_counter()
-                    w.run(m.mnt, p)
-                    times[w.name][s.name].append(time.perf_counter() - t0)
+                    figure = w.run(m.mnt, p)
+                    times[w.name][s.name].append(figure if isinstance(figure, float) else time.perf_counter() - t0)
                     if w.name.startswith("walk cold") and r == 0 and m.pid:
                         entries = walk(m.mnt)
                         after = rss_kb(m.pid)
@@ -339,33 +594,59 @@ def main() -> int:
                                           "bytes_per_entry": round((after - before) * 1024 / entries)
                                           if before and after else None}
                 finally:
+                    t0 = time.perf_counter()
                     s.umount(m)
+                    if w.kind == "umount":
+                        times[w.name][s.name].append(time.perf_counter() - t0)
             print(f"bench: {w.name}: round {r + 1}/{repeat} done", file=sys.stderr)
+    requests = count_requests([s for s in systems if s.fuse], workloads, p, scratch) if args.requests else {}
     # report
     ref = "overlay" if any(s.name == "overlay" for s in systems) else systems[0].name
+    names = [s.name for s in systems]
     results = []
     print(f"\nstack: {size} ({p['files']} files from /usr + {p['bigdir']} entry dir + "
-          f"{p['blob'] >> 20} MiB file), {repeat} runs, seconds min/median/max, ratio = median / {ref} median\n")
-    head = f"{'workload':26}" + "".join(f"{s.name:>34}" for s in systems)
-    print(head)
+          f"{p['blob'] >> 20} MiB file), {repeat} runs, seconds min/median/max; unionfs's median as a ratio "
+          f"to each other's median (x{ref}, x fuse-overlayfs, x floor)\n")
+    print(f"{'workload':32}" + "".join(f"{n:>26}" for n in names) + "".join(
+        f"{'u/' + n[:5]:>9}" for n in names if n != "unionfs"))
     for w in workloads:
-        row = f"{w.name:26}"
-        ref_med = statistics.median(times[w.name][ref])
-        for s in systems:
-            t = times[w.name][s.name]
-            med = statistics.median(t)
-            ratio = med / ref_med if ref_med else float("nan")
-            row += f"{min(t):>9.3f}/{med:.3f}/{max(t):.3f} {ratio:5.2f}x"
-            results.append({"workload": w.name, "fs": s.name, "runs": t, "min": min(t), "median": med,
-                            "max": max(t), "ratio_to_" + ref: ratio})
+        row = f"{w.name:32}"
+        meds = {n: statistics.median(times[w.name][n]) for n in names}
+        for n in names:
+            t = times[w.name][n]
+            row += f"{min(t):>8.3f}/{meds[n]:.3f}/{max(t):.3f}"
+            results.append({"workload": w.name, "fs": n, "runs": t, "min": min(t), "median": meds[n],
+                            "max": max(t), "ratio_to_" + ref: meds[n] / meds[ref] if meds[ref] else None,
+                            **{f"ratio_to_{o}": meds[n] / meds[o] for o in names if o != n and meds[o]}})
+        if "unionfs" in meds:
+            row += "".join(f"{meds['unionfs'] / meds[n] if meds[n] else float('nan'):>8.2f}x"
+                           for n in names if n != "unionfs")
         print(row)
+    if requests:
+        print("\nFUSE requests per run of each workload (libfuse's debug output; the biggest opcodes)")
+        for w in workloads:
+            if w.name not in requests:
+                continue
+            print(f"  {w.name}")
+            for n, ops in requests[w.name].items():
+                top = ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda x: -x[1])[:6])
+                print(f"    {n:16} {sum(ops.values()):>9}  {top}")
+    tool_rows = run_tool_rows(cache, repeat, p) if args.tools else {}
+    if tool_rows:
+        print("\nwhole-tool rows (seconds min/median/max; ratio to the row's first)")
+        for row_name, by in tool_rows.items():
+            first = statistics.median(next(iter(by.values())))
+            for n, t in by.items():
+                med = statistics.median(t)
+                print(f"  {row_name:34} {n:28} {min(t):8.3f}/{med:.3f}/{max(t):.3f} {med / first:6.2f}x")
     if memory:
         print("\nmemory (daemon, first cold walk):")
         for name, mem in memory.items():
             print(f"  {name:16} " + ", ".join(f"{k}={v}" for k, v in mem.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"size": size, "repeat": repeat, "params": SIZES[size],
-                                               "results": results,
+                                               "results": results, "requests": requests,
+                                               "tool_rows": tool_rows,
                                                "memory": memory}, indent=2))
     return 0
 
