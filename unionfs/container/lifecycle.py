@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from ..fs import sys as ovl
+from ..background import spawn
 from ..errors import UsageError, one_line
 from ..fuse.daemon import is_mountpoint, umount
 from ..image.store import Store, now_iso
@@ -445,42 +446,14 @@ def _auto_remove(store: Store, c: Container) -> None:
 def detach(store: Store, c: Container, prepare=None) -> None:
     """Start the container under a supervisor of its own (a double-forked, session-leading process); returns
     once it runs, or raises what kept it from starting."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
+    def supervisor(tell) -> None:
         try:
-            os.close(r)
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            os.chdir("/")             # pin no directory of the caller's
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for std in (0, 1, 2):
-                os.dup2(devnull, std)
-            os.close(devnull)
-            os.closerange(3, w)
-            os.closerange(w + 1, 65536)
-
-            told = []
-
-            def started() -> None:
-                os.write(w, b"ok\n")
-                os.close(w)
-                told.append(True)
-            try:
-                supervise(store, c, Attach(False, False), started, prepare)
-            except BaseException as err:      # told after the cleanup (--rm done), so the caller sees it done
-                code = 1
-                if not told:
-                    code_ = err.code if isinstance(err, RunFailed) else 125
-                    os.write(w, f"{code_} {' '.join(str(err).splitlines()) or type(err).__name__}\n".encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    os.waitpid(pid, 0)
-    with os.fdopen(r, "rb") as f:
-        answer = f.read().decode(errors="replace").strip()
+            supervise(store, c, Attach(False, False), lambda: tell("ok"), prepare)
+        except BaseException as err:      # told after the cleanup (--rm done), so the caller sees it done
+            code = err.code if isinstance(err, RunFailed) else 125
+            tell(f"{code} {' '.join(str(err).splitlines()) or type(err).__name__}")   # unless started
+            raise
+    answer = spawn(supervisor, chdir="/")   # pin no directory of the caller's
     if answer == "ok":
         return
     code, _, msg = answer.partition(" ")

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..background import spawn
 from ..errors import UsageError
 from ..fs.idmap import IdMap
 from ..fs.mount import open_union
@@ -382,53 +383,22 @@ def mount(cfg: MountConfig) -> int:
         if problem:
             raise UsageError(problem[0])
         return 0
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # an intermediate child: the daemon is its child, so it is never our zombie
-        code = 0
+    def daemon(tell) -> None:
         try:
-            os.close(r)
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            _close_fds_but(union.fds() | {w})
-            devnull = os.open(os.devnull, os.O_RDWR)
-            # Never hold the caller's stdio open: a pipe reader would wait for us forever.
-            for std in (0, 1, 2):
-                os.dup2(devnull, std)
-            os.close(devnull)
             _setup_logging(cfg)
             faulthandler.enable()
             faulthandler.register(signal.SIGUSR1)
-
-            def ready(msg: str | None) -> None:
-                os.write(w, (msg or "ok").encode() + b"\n")
-                os.close(w)
-            _serve(cfg, union, ready)
+            _serve(cfg, union, lambda msg: tell(msg or "ok"))
         except BaseException:
             log.exception("daemon failed")
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    os.waitpid(pid, 0)
-    with os.fdopen(r, "rb") as f:
-        answer = f.read().decode(errors="replace").strip()
+            raise
+    answer = spawn(daemon, keep=union.fds())
     union.close()
     if answer == "ok":
         return 0
     if answer:
         raise UsageError(answer)
     raise UsageError("the daemon died before the mount was ready")
-
-
-def _close_fds_but(keep: set[int]) -> None:
-    """The daemon keeps only its own fds: not the caller's locks, sockets or pipes."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def _mountinfo_path(field: str) -> str:

@@ -1,0 +1,65 @@
+"""Starting a process of ours in the background, the way a daemon starts.
+
+Double-forked (the intermediate child exits at once, so the process is never its
+starter's zombie), a session of its own, stdio on ``/dev/null`` (a pipe reader of
+the starter's output must never wait for us), only the fds it needs; it tells its
+starter one line when it is ready, or why it cannot be.  The FUSE daemon
+(:mod:`unionfs.fuse.daemon`) and a detached container's supervisor
+(:mod:`unionfs.container.lifecycle`) both start this way.  It imports nothing of
+unionfs and knows nothing of what the process does.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+
+def close_fds_but(keep: set[int]) -> None:
+    """Close every fd above stderr but ``keep``: none of the starter's locks, sockets or pipes stay."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def spawn(body: Callable[[Callable[[str], None]], None], keep: set[int] | frozenset[int] = frozenset(),
+          chdir: str | None = None) -> str:
+    """Run ``body(tell)`` in a new background process; return the line it told ("" if it ended first).
+
+    ``tell(line)`` reaches the starter once (later calls do nothing).  What escapes ``body`` ends the
+    process with status 1: ``body`` reports its own failures, through ``tell`` or its log.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            if chdir is not None:
+                os.chdir(chdir)
+            close_fds_but(set(keep) | {w})
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(devnull, std)
+            os.close(devnull)
+            told: list[bool] = []
+
+            def tell(line: str) -> None:
+                if not told:
+                    told.append(True)
+                    os.write(w, line.encode() + b"\n")
+                    os.close(w)
+            body(tell)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return f.read().decode(errors="replace").strip()
