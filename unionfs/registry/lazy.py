@@ -28,14 +28,14 @@ import time
 from dataclasses import dataclass, field
 
 from ..fs import sys as ovl
-from ..image import estargz, platform as platforms
+from ..image import estargz
 from ..image.lazy_layer import materialize
 from ..image.compression import check_blob
 from ..image.load import add_layer_blob, register_image
-from ..image.model import Config, ImageError, Layer, Reference, parse_manifest
+from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
-from .pull import download_path, fetch_to_downloads, resolve
+from .pull import download_path, fetch_image, fetch_to_downloads
 
 log = logging.getLogger("unionfs.registry.lazy")
 
@@ -112,16 +112,9 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
               whole_below: int = WHOLE_BELOW, log=None) -> LazyPulled:
     say = log or (lambda msg: print(msg, file=sys.stderr))
     where = str(ref)
-    top, manifest, manifest_digest, _ = resolve(client, ref, platforms.parse(platform))
-    config_desc, descs = parse_manifest(manifest, f"{where}: manifest {manifest_digest}")
-    config_bytes = client.get_small_blob(config_desc["digest"])
-    image_id = config_desc["digest"]
-    config = Config.parse(config_bytes, f"{where}: config {image_id}")
-    if len(config.diff_ids) != len(descs):
-        raise RegistryError(f"{where}: the manifest has {len(descs)} layers but the config lists "
-                            f"{len(config.diff_ids)} diff_ids")
-    layers = [Layer(diff_id, d["digest"], d.get("mediaType") or "", int(d.get("size") or 0))
-              for d, diff_id in zip(descs, config.diff_ids)]
+    r = fetch_image(client, ref, platform)
+    top, manifest, manifest_digest = r.top, r.manifest, r.manifest_digest
+    config_bytes, image_id, descs, layers = r.config_bytes, r.image_id, r.descs, r.layers
     store.ensure()
     lazy = whole = reused = fetched = 0
     with store.locked():

@@ -65,11 +65,23 @@ def resolve(client: Client, ref: Reference, platform: platforms.Platform) -> tup
     return top, data, digest, media
 
 
-def pull(store: Store, ref: Reference, client: Client, platform: str | None = None,
-         progress: bool | None = None, log=None) -> Pulled:
-    if progress is None:
-        progress = progress_enabled()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+@dataclass(frozen=True)
+class RemoteImage:
+    """What a reference names in a registry, checked: the manifest (through an index, by platform),
+    its layers' media types, the config, and that the config's diff_ids line up with the layers."""
+    top: str            # the digest the reference names (an index or the manifest)
+    manifest: bytes
+    manifest_digest: str
+    media: str
+    config_bytes: bytes
+    image_id: str
+    config: Config
+    descs: list[dict]
+    layers: list[Layer]
+
+
+def fetch_image(client: Client, ref: Reference, platform: str | None) -> RemoteImage:
+    """The manifest and config of ``ref`` (``pull`` and ``pull --lazy`` share this), no layer yet."""
     plat = platforms.parse(platform)
     where = str(ref)
     top, manifest, manifest_digest, media = resolve(client, ref, plat)
@@ -86,6 +98,18 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
         raise RegistryError(f"{where}: the image is for {config.os}/{config.architecture}, not {platform}")
     layers = [Layer(diff_id, d["digest"], d.get("mediaType") or "", int(d.get("size") or 0))
               for d, diff_id in zip(layer_descs, config.diff_ids)]
+    return RemoteImage(top, manifest, manifest_digest, media, config_bytes, image_id, config, layer_descs, layers)
+
+
+def pull(store: Store, ref: Reference, client: Client, platform: str | None = None,
+         progress: bool | None = None, log=None) -> Pulled:
+    if progress is None:
+        progress = progress_enabled()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    where = str(ref)
+    r = fetch_image(client, ref, platform)
+    top, manifest, manifest_digest = r.top, r.manifest, r.manifest_digest
+    config_bytes, image_id, layers = r.config_bytes, r.image_id, r.layers
     store.ensure()
 
     # Layers the store lacks, and blobs of layers it has but not as this blob: each is recorded
