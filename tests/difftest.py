@@ -329,22 +329,9 @@ def kernel_over(mnt: Path, lower: list[Path], upper: Path, work: Path, opts: str
 
 def fuse_overlayfs(mnt: Path, lower: list[Path], upper: Path, work: Path):
     """fuse-overlayfs mounted (a context manager), always unmounted afterwards."""
-    import contextlib
-    import subprocess
-
-    from helpers import force_unmount, is_mounted
-
-    @contextlib.contextmanager
-    def mounted():
-        opts = "lowerdir=" + ":".join(str(p) for p in lower) + f",upperdir={upper},workdir={work}"
-        subprocess.run(["fuse-overlayfs", "-o", opts, str(mnt)], check=True, capture_output=True, timeout=30)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
-            if is_mounted(mnt):
-                force_unmount(mnt)
-    return mounted()
+    from helpers import program_mount
+    opts = "lowerdir=" + ":".join(str(p) for p in lower) + f",upperdir={upper},workdir={work}"
+    return program_mount("fuse-overlayfs", opts, mnt)
 
 
 def run_sequence(root: Path, seed: int, initial: list[str], steps: int) -> None:

@@ -40,6 +40,21 @@ def force_unmount(path: str | os.PathLike) -> None:
     subprocess.run(["umount", "-l", real], capture_output=True, timeout=30)
 
 
+@contextmanager
+def program_mount(program: str, opts: str, mnt: Path, cwd: Path | None = None):
+    """Mount with ``PROGRAM -o OPTS MNT`` as podman does (unionfs or fuse-overlayfs); always unmounted
+    with ``fusermount3 -u``, as podman does, and forced off if that left it."""
+    r = subprocess.run([program, "-o", opts, str(mnt)], capture_output=True, text=True, timeout=60, cwd=cwd,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and is_mounted(mnt), (program, opts, r.stderr)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+        if is_mounted(mnt):
+            force_unmount(mnt)
+
+
 def unmount_all_below(base: str | os.PathLike) -> list[str]:
     """Force-unmount every mount at or below ``base``; returns their paths (for a stale-mount check)."""
     prefix = str(base)

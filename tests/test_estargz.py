@@ -19,7 +19,7 @@ from helpers import diff_snapshots, is_mounted, snapshot
 from podman_env import HAVE_PODMAN, Podman
 from registry_server import Registry, have_registry
 from test_image_interop import umoci_image  # noqa: F401  (the module-scoped fixture)
-from test_registry_interop import sh
+from test_registry_interop import registry_rootfs, sh
 from test_registry_pull_push import ok, one_line_error, pushed_digest, run
 
 from unionfs.image import estargz
@@ -100,11 +100,7 @@ def test_push_estargz_skopeo_umoci_and_ranges(tmp_path, umoci_image):  # noqa: F
         assert cfg["config"]["Cmd"] == ["/bin/app"]
 
         # skopeo copies it out and umoci unpacks it (checking each diff_id) to the original tree
-        back = tmp_path / "back"
-        sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{out}", f"oci:{back}:copy")
-        bundle = tmp_path / "bundle"
-        sh("umoci", "unpack", "--image", f"{back}:copy", str(bundle))
-        again = without_toc(snapshot(bundle / "rootfs"))
+        again = without_toc(registry_rootfs(out, tmp_path))
         assert not diff_snapshots(expected, again), "\n".join(diff_snapshots(expected, again))
 
         # by range, as a lazy reader: the footer, then the TOC, then each chunk, checked

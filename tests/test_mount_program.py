@@ -8,11 +8,10 @@ import os
 import shutil
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import as_user, force_unmount, is_mounted
+from helpers import as_user, force_unmount, is_mounted, program_mount
 from podman_env import FUSE_OVERLAYFS, UNIONFS
 
 pytestmark = pytest.mark.skipif(shutil.which("fuse-overlayfs") is None,
@@ -24,17 +23,7 @@ def _program(program: str, opts: str, mnt: Path, cwd: Path | None = None, *, arg
                           cwd=cwd, stdin=subprocess.DEVNULL)
 
 
-@contextmanager
-def mounted(program: str, opts: str, mnt: Path, cwd: Path | None = None):
-    """Mount with ``PROGRAM -o OPTS MNT`` as podman does; always unmounted with fusermount3 -u, as podman does."""
-    r = _program(program, opts, mnt, cwd)
-    assert r.returncode == 0 and is_mounted(mnt), (program, opts, r.stderr)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
-        if is_mounted(mnt):
-            force_unmount(mnt)
+mounted = program_mount
 
 
 def _mount_options(mnt: Path) -> tuple[str, str, set[str]]:

@@ -23,6 +23,16 @@ def sh(*args):
     return r.stdout
 
 
+def registry_rootfs(ref: str, tmp_path) -> dict:
+    """What a registry holds at ``ref``, as outside tools read it: skopeo copies it to an OCI layout and
+    umoci unpacks it (checking every diff_id); the rootfs's snapshot."""
+    back = tmp_path / "back"
+    sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"oci:{back}:copy")
+    bundle = tmp_path / "bundle"
+    sh("umoci", "unpack", "--image", f"{back}:copy", str(bundle))
+    return snapshot(bundle / "rootfs")
+
+
 def test_skopeo_push_unionfs_pull_and_back(tmp_path, umoci_image):  # noqa: F811
     layout, rootfs, docker_archive, _ = umoci_image
     expected = snapshot(rootfs)
@@ -49,9 +59,5 @@ def test_skopeo_push_unionfs_pull_and_back(tmp_path, umoci_image):  # noqa: F811
         assert seen["Digest"] == digest and len(seen["Layers"]) == 4
         cfg = json.loads(sh("skopeo", "inspect", "--config", "--tls-verify=false", f"docker://{out}"))
         assert cfg["config"]["Cmd"] == ["/bin/app"]
-        back = tmp_path / "back"
-        sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{out}", f"oci:{back}:copy")
-        bundle = tmp_path / "bundle"
-        sh("umoci", "unpack", "--image", f"{back}:copy", str(bundle))
-        again = snapshot(bundle / "rootfs")
+        again = registry_rootfs(out, tmp_path)
         assert not diff_snapshots(expected, again), "\n".join(diff_snapshots(expected, again))
