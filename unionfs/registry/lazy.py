@@ -31,11 +31,11 @@ from ..fs import sys as ovl
 from ..image import estargz
 from ..image.lazy_layer import materialize
 from ..image.compression import check_blob
-from ..image.load import add_layer_blob, register_image
+from ..image.load import add_layer_blob
 from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
-from .pull import download_path, fetch_image, fetch_to_downloads
+from .pull import download_path, fetch_image, fetch_to_downloads, record
 
 log = logging.getLogger("unionfs.registry.lazy")
 
@@ -113,8 +113,7 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
     say = log or (lambda msg: print(msg, file=sys.stderr))
     where = str(ref)
     r = fetch_image(client, ref, platform)
-    top, manifest, manifest_digest = r.top, r.manifest, r.manifest_digest
-    config_bytes, image_id, descs, layers = r.config_bytes, r.image_id, r.descs, r.layers
+    image_id, descs, layers = r.image_id, r.descs, r.layers
     store.ensure()
     lazy = whole = reused = fetched = 0
     with store.locked():
@@ -140,12 +139,7 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
                 store.put_blob_file(ly.digest, path)
                 say(f"{ly.digest[7:19]}: Pull complete")
                 whole += 1
-            register_image(store, image_id, config_bytes, manifest, manifest_digest, layers,
-                           (f"{ref.repository}@{top}",))
-            if ref.tag:
-                tags = store.tags()
-                tags[ref.tagged] = image_id
-                store.set_tags(tags)
+            record(store, ref, r, layers)
         except BaseException:
             store.cleanup()
             raise

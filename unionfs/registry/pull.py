@@ -101,6 +101,18 @@ def fetch_image(client: Client, ref: Reference, platform: str | None) -> RemoteI
     return RemoteImage(top, manifest, manifest_digest, media, config_bytes, image_id, config, layer_descs, layers)
 
 
+def record(store: Store, ref: Reference, r: RemoteImage, layers: list[Layer]) -> str:
+    """A pulled image into the store (its layers are there): the record, then its tag, last.
+    Returns its repo digest (``repo@sha256:`` of what the reference named)."""
+    repo_digest = f"{ref.repository}@{r.top}"
+    register_image(store, r.image_id, r.config_bytes, r.manifest, r.manifest_digest, layers, (repo_digest,))
+    if ref.tag:
+        tags = store.tags()
+        tags[ref.tagged] = r.image_id
+        store.set_tags(tags)
+    return repo_digest
+
+
 def pull(store: Store, ref: Reference, client: Client, platform: str | None = None,
          progress: bool | None = None, log=None) -> Pulled:
     if progress is None:
@@ -108,8 +120,7 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
     log = log or (lambda msg: print(msg, file=sys.stderr))
     where = str(ref)
     r = fetch_image(client, ref, platform)
-    top, manifest, manifest_digest = r.top, r.manifest, r.manifest_digest
-    config_bytes, image_id, layers = r.config_bytes, r.image_id, r.layers
+    image_id, layers = r.image_id, r.layers
     store.ensure()
 
     # Layers the store lacks, and blobs of layers it has but not as this blob: each is recorded
@@ -145,12 +156,7 @@ def pull(store: Store, ref: Reference, client: Client, platform: str | None = No
                     raise
                 store.put_blob_file(ly.digest, path)
                 new += 1
-            repo_digest = f"{ref.repository}@{top}"
-            register_image(store, image_id, config_bytes, manifest, manifest_digest, layers, (repo_digest,))
-            tags = store.tags()
-            if ref.tag:
-                tags[ref.tagged] = image_id
-                store.set_tags(tags)
+            repo_digest = record(store, ref, r, layers)
         except BaseException:
             store.cleanup()
             raise
