@@ -87,18 +87,8 @@ def test_the_reader_sees_the_imports():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-# The one cycle left, outside the filesystem (the command layer's part of the same clean-up):
-# ``supervise`` imports ``mount_container`` lazily from the module that imports it.  Listed so that
-# no other cycle can come in; when it is gone, the second assertion says to drop it from here.
-KNOWN_CYCLE_EDGES = {("unionfs.container.lifecycle", "unionfs.container.commands")}
-
-
 def test_no_import_cycle():
-    g = _graph()
-    for src, dst in KNOWN_CYCLE_EDGES:
-        assert dst in g[src], f"{src} no longer imports {dst}: remove it from KNOWN_CYCLE_EDGES"
-        g[src] = g[src] - {dst}
-    assert _cycle(g) is None
+    assert _cycle(_graph()) is None
 
 
 def test_fs_and_fuse_have_no_cycle_at_all():

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO, TypeVar
 
-from ..container.commands import image_lower
+from ..container.mounting import image_lower
 from ..container.commit import container_layer
 from ..errors import UsageError
 from ..image.load import add_layer_tar, register_config

@@ -40,6 +40,7 @@ from ..fuse.daemon import is_mountpoint, umount
 from ..image.store import Store, now_iso
 from . import model
 from .model import Container, ContainerError
+from .mounting import mount_container
 from .runtime import Runtime, exit_code_of_failure
 from .terminal import ConsoleSocket, follow_winsize, pump, raw_terminal
 
@@ -288,7 +289,6 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
     called once the container runs.  What keeps it from starting is raised after the cleanup.  The
     caller must not hold the store's lock (the mount's daemon is forked from here).
     """
-    from .commands import mount_container
     cfg = RunConfig.load(c)
     rt = Runtime(cfg.runtime, c.file("runtime.log"))
     if read_state(c).running:

@@ -21,6 +21,7 @@ from ..image.store import Store
 from . import model, volumes
 from .lifecycle import Attach, RunConfig, detach, supervise
 from .model import Container, ContainerError
+from .mounting import image_lower
 from .runtime import find_runtime
 from .spec import INIT_PATH, Mount, RunOptions, bind, describe, process_spec, runtime_spec, stop_signal, tmpfs_mount
 
@@ -63,7 +64,6 @@ def init_layer(store: Store, c: Container, config: dict, opts: RunOptions) -> No
 
     An existing parent is copied with its owner, mode and mtime (the merged directory looks as in the
     image); nothing is made below a symlink or over anything the image has."""
-    from .commands import image_lower
     from .view import UnionView, split
     targets = [(p, True) for p in ETC_FILES]
     for m in opts.mounts:
