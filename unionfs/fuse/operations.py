@@ -274,7 +274,11 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def read(self, fh, off, size):
-        return self.union.read(self.handles.files[fh], off, size)
+        f = self.handles.files[fh]
+        job = self.union.slow_read(f, off, size)
+        if job is None:
+            return self.union.read(f, off, size)
+        return await trio.to_thread.run_sync(job)   # a lazy fetch: other requests go on meanwhile
 
     @_guard
     async def release(self, fh):

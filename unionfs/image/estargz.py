@@ -36,6 +36,9 @@ LEGACY_FOOTER_SIZE = 47
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 DEFAULT_CHUNK_SIZE = 4 << 20     # the Go writer's default
+PREFETCH_LANDMARK = ".prefetch.landmark"        # files before this entry are fetched first (the spec's prefetch)
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"  # the image says: prefetch nothing
+LANDMARK_CONTENT = b"\x0f"                      # either landmark file holds this one byte
 MAX_TOC = 64 << 20               # a TOC bigger than this is refused, not parsed
 MAX_CHUNK = 256 << 20            # a chunk is decompressed in memory: no honest writer makes them this big
 _BLOCK = 512
@@ -358,3 +361,12 @@ def read_chunk(member: bytes, chunk: Chunk, what: str) -> bytes:
     if len(data) != chunk.size or "sha256:" + hashlib.sha256(data).hexdigest() != chunk.digest:
         raise ImageError(f"{what}: chunk at blob offset {chunk.offset} does not match its chunkDigest {chunk.digest}")
     return data
+
+
+def prefetch_names(entries: list[Entry]) -> list[str]:
+    """The regular files before the TOC's ``.prefetch.landmark`` (none without one, or with
+    ``.no.prefetch.landmark``): what a lazy reader fetches first, as the image's writer chose."""
+    names = [e.name for e in entries]
+    if PREFETCH_LANDMARK not in names:
+        return []
+    return [e.name for e in entries[:names.index(PREFETCH_LANDMARK)] if e.type == "reg" and e.chunks]

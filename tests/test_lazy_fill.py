@@ -1,0 +1,93 @@
+"""Lazy images, beyond the first read: a fetch in flight holds up nothing else, prefetch landmarks and
+recorded prefetch lists order the fill, ``images``/``ps``/``inspect`` show how much is local, and
+``push``/``save`` of an image not yet local say how to fill it.  Against the real registry on loopback,
+through a proxy that holds a download in flight; the image made by umoci."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from helpers import is_mounted
+from registry_server import CuttingProxy, Registry, have_registry
+from test_image_interop import umoci_image  # noqa: F401  (the module-scoped fixture)
+from test_registry_interop import sh
+from test_registry_pull_push import ok, run
+
+from unionfs.image import estargz
+
+pytestmark = pytest.mark.skipif(not (have_registry() and shutil.which("umoci") and shutil.which("skopeo")),
+                                reason="docker-registry, umoci and skopeo are needed (scripts/setup --test)")
+
+
+@pytest.fixture
+def esgz_src(tmp_path, umoci_image):  # noqa: F811
+    """A store with the umoci image converted to eStargz (16 KiB chunks, so liba.so is 5 chunks)."""
+    _, _, docker_archive, _ = umoci_image
+    src = tmp_path / "src"
+    ok(run(tmp_path, "--root", str(src), "load", str(docker_archive)))
+    ok(run(tmp_path, "--root", str(src), "convert", "--estargz", "--chunk-size", "16384",
+           "interop/app:docker", "lazy/app:esgz"))
+    return src
+
+
+def _layer_of(ref: str, name: str, lazy) -> tuple[str, list]:
+    """(blob digest, chunks) of the layer whose TOC has ``name`` as a regular file with content."""
+    for p in (lazy / "layers").iterdir():
+        if (p / "lazy.toc").exists():
+            for e in estargz.parse_toc((p / "lazy.toc").read_bytes(), "t"):
+                if e.name == name and e.chunks:
+                    return json.loads((p / "lazy.json").read_text())["digest"], e.chunks
+    raise AssertionError(f"{name} in no lazy layer of {ref}")
+
+
+def test_a_fetch_in_flight_holds_up_nothing_else(tmp_path, esgz_src):
+    """While one read's chunk download is held in flight: stat, listing and reads of local content through
+    the same mount answer; a second read of the same file waits for that fetch; no range is fetched twice."""
+    lazy = tmp_path / "lazy"
+    with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
+        ref = f"{proxy.host}/lazy/app:1"
+        ok(run(tmp_path, "--root", str(esgz_src), "push", "lazy/app:esgz", ref, "--insecure"))
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        digest, chunks = _layer_of(ref, "usr/lib/liba.so", lazy)
+        assert len(chunks) == 5
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        ok(run(tmp_path, "--root", str(lazy), "mount", "--no-fill", ref, str(mnt), "--log", str(tmp_path / "d.log")))
+        try:
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"   # now local
+            proxy.hold_digest = digest
+            got: dict[str, bytes] = {}
+            done = {k: threading.Event() for k in ("first", "second")}
+
+            def reader(key: str) -> None:
+                try:
+                    got[key] = (mnt / "usr/lib/liba.so").read_bytes()
+                finally:
+                    done[key].set()
+            first = threading.Thread(target=reader, args=("first",), daemon=True)
+            first.start()
+            assert proxy.held.wait(60), "the read never reached the registry"
+            second = threading.Thread(target=reader, args=("second",), daemon=True)
+            second.start()
+            # the download is in flight: the rest of the mount answers meanwhile
+            assert (mnt / "usr/lib/liba.so").stat().st_size == 70000
+            assert "liba.so" in {p.name for p in (mnt / "usr/lib").iterdir()}
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
+            assert not done["first"].is_set() and not done["second"].is_set()
+            proxy.release.set()
+            first.join(60)
+            second.join(60)
+            assert got == {"first": b"a" * 70000, "second": b"a" * 70000}
+        finally:
+            proxy.release.set()
+            print((tmp_path / "d.log").read_text())
+            ok(run(tmp_path, "umount", str(mnt)))
+            assert not is_mounted(mnt)
+        ranges = [rng for d, rng in proxy.blob_gets() if d == digest]
+        wanted = {f"bytes={c.offset}-" for c in chunks}
+        hits = [r for r in ranges if r and any(r.startswith(w) for w in wanted)]
+        assert len(hits) == len(set(hits)) == 5, ranges   # every chunk once, though two reads wanted it
