@@ -91,3 +91,45 @@ def test_a_fetch_in_flight_holds_up_nothing_else(tmp_path, esgz_src):
         wanted = {f"bytes={c.offset}-" for c in chunks}
         hits = [r for r in ranges if r and any(r.startswith(w) for w in wanted)]
         assert len(hits) == len(set(hits)) == 5, ranges   # every chunk once, though two reads wanted it
+
+
+def test_local_share_shown_and_save_fetches_the_rest(tmp_path, esgz_src):
+    """images, ps and inspect show how much of each lazy layer is local; save of a lazy image fetches the rest
+    first (a line per layer), after which the layers are ordinary; with the registry gone it is one line, exit 2,
+    naming the way out, and the store keeps what it had."""
+    lazy = tmp_path / "lazy"
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/lazy/app:1"
+        ok(run(tmp_path, "--root", str(esgz_src), "push", "lazy/app:esgz", ref, "--insecure"))
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        layers = [p for p in (lazy / "layers").iterdir() if (p / "lazy.json").exists()]
+        assert len(layers) == 4
+        report = ok(run(tmp_path, "--root", str(lazy), "images")).stdout
+        assert report.count("bytes local (") == 4, report
+        (info,) = json.loads(ok(run(tmp_path, "--root", str(lazy), "inspect", ref)).stdout)
+        assert len(info["LazyLayers"]) == 4
+        assert all(0 < x["LocalBytes"] < x["Size"] and x["LocalPercent"] < 100 for x in info["LazyLayers"]), info
+        cid = ok(run(tmp_path, "--root", str(lazy), "create", ref)).stdout.strip()
+        ps = ok(run(tmp_path, "--root", str(lazy), "ps", "-a")).stdout
+        lazy_rows = [x for x in ps.splitlines() if "bytes local (" in x]
+        assert len(lazy_rows) == 4 and all(x.startswith(cid[:12]) for x in lazy_rows), ps
+        ok(run(tmp_path, "--root", str(lazy), "rm", cid))
+
+        reg.stop()
+        r = run(tmp_path, "--root", str(lazy), "save", "-o", str(tmp_path / "out.tar"), ref)
+        assert r.returncode == 2, r.stderr
+        errs = [x for x in r.stderr.splitlines() if x.startswith("unionfs:")]
+        assert len(errs) == 1 and "not all local" in errs[0] and "unionfs pull" in errs[0], r.stderr
+        assert all((p / "lazy.json").exists() for p in layers) and not (tmp_path / "out.tar").exists()
+
+        reg.start()
+        r = ok(run(tmp_path, "--root", str(lazy), "save", "-o", str(tmp_path / "out.tar"), ref))
+        assert r.stderr.count("fetching the rest") == 4 and r.stderr.count(": complete") == 4, r.stderr
+    assert all((p / "lazy.done").exists() and not (p / "lazy.json").exists() for p in layers)
+    assert "bytes local" not in ok(run(tmp_path, "--root", str(lazy), "images")).stdout
+    (info,) = json.loads(ok(run(tmp_path, "--root", str(lazy), "inspect", ref)).stdout)
+    assert "LazyLayers" not in info
+    # an outside reader takes the archive: skopeo copies every layer out of it, digests checked
+    sh("skopeo", "copy", "-q", f"docker-archive:{tmp_path / 'out.tar'}", f"oci:{tmp_path / 'back'}:c")
+    manifest = json.loads(sh("skopeo", "inspect", "--raw", f"oci:{tmp_path / 'back'}:c"))
+    assert len(manifest["layers"]) == 4

@@ -65,6 +65,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .image.report import inspect
     store = _store(args)
     out = [inspect(store, store.image(store.resolve(n))) for n in args.images]
+    from .registry.lazy import lazy_inspect
+    for o in out:   # layers of pull --lazy not yet whole: how much is local
+        if lazy := lazy_inspect(store, o["RootFS"]["Layers"]):
+            o["LazyLayers"] = lazy
     print(json.dumps(out, indent=4))
     return 0
 
@@ -132,12 +136,16 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .image.convert import convert_estargz
+    from .registry.lazy import make_local
+    make_local(_store(args), [args.image], lambda m: print(m, file=sys.stderr))   # a lazy image: its blobs first
     print(convert_estargz(_store(args), args.image, args.new, args.chunk_size))
     return 0
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
     from .image.save import save
+    from .registry.lazy import make_local
+    make_local(_store(args), args.images, lambda m: print(m, file=sys.stderr))   # a lazy image: its blobs first
     save(_store(args), args.images, args.output, args.format)
     return 0
 

@@ -248,6 +248,7 @@ class LazyFill:
         self._inflight: dict[tuple[str, int], threading.Event] = {}
         self._demand = 0                    # reads fetching now: the background fill waits for none
         self.fetched = 0
+        self.wait_for_reads = True          # off for complete(): nobody reads, fetch at once
 
     def _index(self) -> dict[tuple[int, int], _File]:
         files: dict[tuple[int, int], _File] = {}
@@ -395,7 +396,7 @@ class LazyFill:
 
     def _wait_idle(self) -> None:
         """Let reads have the link: the fill goes on once no read is fetching, nor has for IDLE seconds."""
-        while True:
+        while self.wait_for_reads:
             with self._lock:
                 quiet = time.monotonic() - self.last_read
                 busy = self._demand > 0
@@ -426,6 +427,29 @@ class LazyFill:
             except Exception:
                 log.exception("lazy layer %s: background fill failed", layer.source["digest"])
                 continue
+
+    def complete(self, say) -> None:
+        """Fetch all that is not yet local now, layer by layer with a line each (``push``, ``save``
+        and ``convert`` of a lazy image need its blobs); a failure is one line naming the way out."""
+        self.wait_for_reads = False
+        with self._lock:
+            if self._files is None:
+                self._files = self._index()
+        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
+        for layer in self._layers:
+            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
+                continue   # a mount's fill completed it meanwhile
+            digest = layer.source["digest"]
+            have, size = local_bytes(layer.dir)
+            say(f"{digest[7:19]}: lazy layer, {have} of {size} bytes local: fetching the rest "
+                f"from {layer.source['registry']}/{layer.source['repository']}")
+            try:
+                self._fill_layer(layer, placeholders)
+            except (OSError, RegistryError) as e:
+                raise RegistryError(f"lazy layer {digest}: fetching the rest from {layer.source['registry']} "
+                                    f"failed ({e}); the image is not all local: try again with the registry "
+                                    f"reachable, or pull it whole (unionfs pull)") from None
+            say(f"{digest[7:19]}: complete")
 
     def _prefetch(self, layer: _LazyLayer, placeholders: dict) -> None:
         """The files the image marks for prefetch, fetched as soon as the mount is up."""
@@ -464,6 +488,8 @@ class LazyFill:
         diff_id = "sha256:" + os.path.basename(layer.dir)
         check_blob(blob, digest, diff_id, f"lazy layer {digest}")   # ImageError: logged by the caller
         with self.store.locked():
+            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
+                return   # another mount's fill (or a push) completed it meanwhile
             os.link(blob, blob + ".keep")
             self.store.put_blob_file(digest, blob + ".keep")
             os.rename(os.path.join(layer.dir, LAZY_FILE), os.path.join(layer.dir, DONE_FILE))
@@ -547,6 +573,16 @@ def lazy_inspect(store: Store, diff_ids) -> list[dict]:
     """``inspect``'s ``LazyLayers``: each layer not yet local, bytes and percent."""
     return [{"Digest": s.digest, "LocalBytes": s.local, "Size": s.size, "LocalPercent": s.percent}
             for s in local_shares(store, diff_ids)]
+
+
+def make_local(store: Store, names, say) -> None:
+    """Fetch the rest of every lazy layer of the images ``names``, so their blobs are all local."""
+    if not store.exists():
+        return
+    for name in names:
+        fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids)
+        if fill is not None:
+            fill.complete(say)
 
 
 def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...]) -> LazyFill | None:
