@@ -5,13 +5,15 @@ through a proxy that holds a download in flight; the image made by umoci."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tarfile
 import threading
 import time
 
 import pytest
 
-from helpers import is_mounted
+from helpers import diff_snapshots, is_mounted, snapshot
 from registry_server import CuttingProxy, Registry, have_registry
 from test_image_interop import umoci_image  # noqa: F401  (the module-scoped fixture)
 from test_registry_interop import sh
@@ -133,3 +135,77 @@ def test_local_share_shown_and_save_fetches_the_rest(tmp_path, esgz_src):
     sh("skopeo", "copy", "-q", f"docker-archive:{tmp_path / 'out.tar'}", f"oci:{tmp_path / 'back'}:c")
     manifest = json.loads(sh("skopeo", "inspect", "--raw", f"oci:{tmp_path / 'back'}:c"))
     assert len(manifest["layers"]) == 4
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/busybox") or not (shutil.which("crun") or shutil.which("runc")),
+                    reason="busybox-static and crun or runc are needed")
+def test_record_prefetch_orders_the_estargz_layer_and_the_fill(tmp_path):
+    """run --record-prefetch notes what the run read, in order; convert --estargz writes those files first and
+    then .prefetch.landmark (umoci unpacks the result to the same tree); a lazy mount of the pushed image fetches
+    the landmark's files before anything else, ahead of the recorded access order; a recorded list of the lazy
+    store's own goes first too."""
+    from container_images import busybox_image
+    from registry_server import Registry
+    from test_registry_interop import registry_rootfs
+    from unionfs.image import prefetch
+    from unionfs.image.store import Store
+    from unionfs.registry.lazy import fill_for
+    src, lazy = tmp_path / "src", tmp_path / "lazy"
+    busybox_image(tmp_path / "bb.tar", "bb:1")
+    ok(run(tmp_path, "--root", str(src), "load", str(tmp_path / "bb.tar")))
+    r = ok(run(tmp_path, "--root", str(src), "run", "--rm", "--user", "0", "--record-prefetch", "bb:1",
+               "cat", "/etc/group"))
+    assert r.stdout.startswith("root:x:0:")
+    image_id = Store(str(src)).resolve("bb:1")
+    recorded = prefetch.load(Store(str(src)), image_id)
+    # the user lookup reads passwd and group, then the command's binary runs and reads group again
+    assert {"bin/busybox", "etc/group"} <= set(recorded) and len(recorded) == len(set(recorded)), recorded
+    ok(run(tmp_path, "--root", str(src), "convert", "--estargz", "--chunk-size", "65536", "bb:1", "bb:esgz"))
+    store = Store(str(src))
+    (layer,) = store.image(store.resolve("bb:esgz")).layers
+    with tarfile.open(store.blob_path(layer.digest)) as t:
+        names = [m.name for m in t.getmembers()]
+    regs = [n for n in names if n in recorded]
+    at = names.index(estargz.PREFETCH_LANDMARK)
+    assert regs == recorded and all(names.index(n) < at for n in regs), names
+    assert names[-1] == estargz.TOC_NAME
+    assert prefetch.load(store, store.resolve("bb:esgz")) == recorded   # the copy keeps the list
+    with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
+        ref = f"{proxy.host}/lazy/bb:1"
+        ok(run(tmp_path, "--root", str(src), "push", "bb:esgz", ref, "--insecure"))
+        want = registry_rootfs(f"{reg.host}/lazy/bb:1", tmp_path)   # outside tools: skopeo copies, umoci unpacks
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        ok(run(tmp_path, "--root", str(src), "mount", "bb:1", str(mnt)))
+        try:
+            original = snapshot(mnt)
+        finally:
+            ok(run(tmp_path, "umount", str(mnt)))
+        extra = {estargz.TOC_NAME, estargz.PREFETCH_LANDMARK}
+        assert not diff_snapshots({k: v for k, v in want.items() if k not in extra}, original)
+
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        (ldir,) = [p for p in (lazy / "layers").iterdir() if (p / "lazy.json").exists()]
+        toc = {e.name: e for e in estargz.parse_toc((ldir / "lazy.toc").read_bytes(), "t")}
+        (ldir / "lazy-access").write_text('"etc/passwd"\n')   # an earlier mount's reads: after the landmark's files
+        before = len(proxy.blob_gets())
+        ok(run(tmp_path, "--root", str(lazy), "mount", ref, str(mnt), "--log", str(tmp_path / "d.log")))
+        try:
+            deadline = time.monotonic() + 120   # a bound on waiting, not a measurement
+            while (ldir / "lazy.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (ldir / "lazy.done").exists(), (tmp_path / "d.log").read_text()
+        finally:
+            ok(run(tmp_path, "umount", str(mnt)))
+        starts = [int(rng[len("bytes="):].split("-")[0]) for _, rng in proxy.blob_gets()[before:] if rng]
+        first = [c.offset for n in recorded for c in toc[n].chunks]
+        assert starts[:len(first)] == first, (starts, first)
+
+    # a recorded list of the lazy store's own (run --record-prefetch --lazy) orders the fill too
+    lstore = Store(str(lazy))
+    lid = lstore.resolve(ref)
+    (ldir / "lazy.done").rename(ldir / "lazy.json")   # lazy again, for the hook's choice alone
+    prefetch.save(lstore, lid, ["etc/passwd", "bin/busybox"])
+    fill = fill_for(lstore, lstore.image(lid).config.diff_ids, lid)
+    fill._index()
+    assert fill._layers[0].prefetch == ["etc/passwd", "bin/busybox"]

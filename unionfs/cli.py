@@ -165,7 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if a.lazy:
             from .registry.commands import pull_lazy_cmd
             image = pull_lazy_cmd(a, store, image)
-        return run(store, image, opts, a.name, a.rm, a.detach, a.runtime)
+        return run(store, image, opts, a.name, a.rm, a.detach, a.runtime, a.record_prefetch)
     return docker_status(go)
 
 
@@ -360,6 +360,9 @@ def _container_parsers(sub, common) -> None:
                                     "Entrypoint and Cmd) in it with an OCI runtime; exits with its status.")
     rn.add_argument("--name", metavar="NAME", help="name the container")
     _lazy_options(rn)
+    rn.add_argument("--record-prefetch", action="store_true",
+                    help="note the files the run reads, in order, as the image's prefetch list: a lazy mount "
+                         "fetches them first, and convert/push --estargz writes them first, then the landmark")
     rn.add_argument("--rm", action="store_true", help="remove the container (and its anonymous volumes) when it exits")
     rn.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
     rn.add_argument("-i", "--interactive", action="store_true", help="keep stdin open to the container")

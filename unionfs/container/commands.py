@@ -153,7 +153,10 @@ def mount_target(store: Store, name: str | None, mountpoint: str, lower: list[st
     if writable:
         return create_and_mount(store, name, mountpoint, options, foreground, log_file)
     from ..registry.lazy import fill_for   # lazy layers (pull --lazy): content on first read
-    fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids) if store.exists() else None
+    fill = None
+    if store.exists():
+        image_id = store.resolve(name)
+        fill = fill_for(store, store.image(image_id).config.diff_ids, image_id)
     return mount_image(store, name, mountpoint, options, foreground, log_file, fill, background_fill)
 
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..fs import sys as ovl
-from ..image import estargz
+from ..image import estargz, prefetch
 from ..image.lazy_layer import materialize
 from ..image.compression import check_blob
 from ..image.load import add_layer_blob
@@ -238,9 +238,10 @@ class LazyFill:
     that fetch instead of starting another (as does the background fill, which also stands aside
     while any read is fetching)."""
 
-    def __init__(self, store: Store, layer_dirs: list[str]) -> None:
+    def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
         self.store = store
         self.layer_dirs = layer_dirs
+        self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
         self._files: dict[tuple[int, int], _File] | None = None
         self._layers: list[_LazyLayer] = []
         self.last_read = time.monotonic()   # the background fill waits for reads to pause
@@ -259,7 +260,7 @@ class LazyFill:
                 entries = estargz.parse_toc(f.read(), d)
             offsets = sorted({c.offset for e in entries for c in e.chunks})
             layer = _LazyLayer(d, source, offsets + [int(source["toc_offset"])], entries,
-                               prefetch=estargz.prefetch_names(entries))
+                               prefetch=self.recorded.get(d) or estargz.prefetch_names(entries))
             self._layers.append(layer)
             root = os.open(os.path.join(d, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -394,15 +395,15 @@ class LazyFill:
 
     # --- the background fill -------------------------------------------------------------
 
-    def _wait_idle(self) -> None:
-        """Let reads have the link: the fill goes on once no read is fetching, nor has for IDLE seconds."""
+    def _wait_idle(self, idle: float = IDLE) -> None:
+        """Let reads have the link: the fill goes on once no read is fetching, nor has for ``idle`` seconds."""
         while self.wait_for_reads:
             with self._lock:
                 quiet = time.monotonic() - self.last_read
                 busy = self._demand > 0
-            if not busy and quiet >= IDLE:
+            if not busy and quiet >= idle:
                 return
-            time.sleep(IDLE - quiet if not busy and quiet < IDLE else 0.05)
+            time.sleep(idle - quiet if not busy and quiet < idle else 0.05)
 
     def background(self) -> None:
         """Fetch every chunk not yet local: first each layer's prefetch files (its landmark) at once,
@@ -457,6 +458,7 @@ class LazyFill:
         for name in layer.prefetch:
             e = by_name.get(name)
             for c in e.chunks if e is not None else ():
+                self._wait_idle(0)   # at once, but after any read's fetch
                 with self._lock:
                     layer.reload_present()
                 self._get(layer, placeholders.get((layer.dir, name)), c, name, demand=False)
@@ -580,12 +582,18 @@ def make_local(store: Store, names, say) -> None:
     if not store.exists():
         return
     for name in names:
-        fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids)
+        fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids)   # any order will do
         if fill is not None:
             fill.complete(say)
 
 
-def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...]) -> LazyFill | None:
-    """The fill hook for an image's layers, or None when every layer is whole."""
-    dirs = [store.layer_dir(d) for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
-    return LazyFill(store, dirs) if dirs else None
+def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...], image_id: str | None = None) -> LazyFill | None:
+    """The fill hook for an image's layers, or None when every layer is whole.  With ``image_id``,
+    the image's recorded prefetch list (``run --record-prefetch``) goes first, else each layer's landmark."""
+    lazy = [d for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
+    if not lazy:
+        return None
+    paths = prefetch.load(store, image_id) if image_id else None
+    shares = prefetch.by_layer(store, diff_ids, paths) if paths else {}
+    return LazyFill(store, [store.layer_dir(d) for d in lazy],
+                    {store.layer_dir(d): shares[d] for d in lazy if shares.get(d)})
