@@ -203,7 +203,7 @@ def write(tar: BinaryIO, out: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE, le
         if prefetch is None:
             for ti in src:
                 if not _is_toc(ti):
-                    _member(w, ti, src.extractfile(ti), entries, chunk_size)   # type: ignore[arg-type]
+                    _member(w, ti, src.extractfile(ti) if ti.isreg() else None, entries, chunk_size)  # type: ignore[arg-type]
         else:
             _reordered(w, src, prefetch, entries, chunk_size)
     except (tarfile.TarError, EOFError, zlib.error) as e:
