@@ -246,6 +246,7 @@ class LazyFill:
         self._layers: list[_LazyLayer] = []
         self.last_read = time.monotonic()   # the background fill waits for reads to pause
         self._lock = threading.Lock()
+        self._connecting = threading.Lock()   # connect() talks to the registry: never under _lock
         self._inflight: dict[tuple[str, int], threading.Event] = {}
         self._demand = 0                    # reads fetching now: the background fill waits for none
         self.fetched = 0
@@ -356,7 +357,7 @@ class LazyFill:
         stop = layer.ends[i] if i < len(layer.ends) else int(layer.source["size"])
         digest = layer.source["digest"]
         try:
-            with self._lock:
+            with self._connecting:
                 client = layer.connect()
             data = get_range(client, digest, c.offset, stop)
             with self._lock:
@@ -468,6 +469,7 @@ class LazyFill:
         with self._lock:
             layer.reload_present()
             head = HEAD_MARK not in layer.present and layer.ends[0] > 0
+        with self._connecting:
             client = layer.connect()
         if head:
             data = get_range(client, digest, 0, layer.ends[0])
