@@ -209,3 +209,43 @@ def test_record_prefetch_orders_the_estargz_layer_and_the_fill(tmp_path):
     fill = fill_for(lstore, lstore.image(lid).config.diff_ids, lid)
     fill._index()
     assert fill._layers[0].prefetch == ["etc/passwd", "bin/busybox"]
+
+
+def test_a_copy_up_fetching_holds_up_nothing_else(tmp_path, esgz_src):
+    """A --writable mount: appending to a lazy file copies it up whole; while its fetch is held in flight, the
+    rest of the mount answers; then the copy-up completes with the verified content."""
+    lazy = tmp_path / "lazy"
+    with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
+        ref = f"{proxy.host}/lazy/app:1"
+        ok(run(tmp_path, "--root", str(esgz_src), "push", "lazy/app:esgz", ref, "--insecure"))
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        digest, _ = _layer_of(ref, "usr/lib/liba.so", lazy)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        ok(run(tmp_path, "--root", str(lazy), "mount", "--writable", "--no-fill", ref, str(mnt),
+               "--log", str(tmp_path / "d.log")))
+        try:
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
+            proxy.hold_digest = digest
+            done = threading.Event()
+
+            def append() -> None:
+                try:
+                    with open(mnt / "usr/lib/liba.so", "ab") as f:
+                        f.write(b"x")
+                finally:
+                    done.set()
+            writer = threading.Thread(target=append, daemon=True)
+            writer.start()
+            assert proxy.held.wait(60), "the copy-up never reached the registry"
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
+            assert (mnt / "usr/lib").is_dir() and (mnt / "usr/lib/liba.so").stat().st_size == 70000
+            assert not done.is_set()
+            proxy.release.set()
+            writer.join(60)
+            assert (mnt / "usr/lib/liba.so").read_bytes() == b"a" * 70000 + b"x"
+        finally:
+            proxy.release.set()
+            print((tmp_path / "d.log").read_text())
+            ok(run(tmp_path, "umount", str(mnt)))
+            assert not is_mounted(mnt)

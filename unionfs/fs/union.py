@@ -268,6 +268,32 @@ class Union(Lookup):
                 os.close(fd)
         return job
 
+    def prefill(self, node: Node) -> Callable[[], None] | None:
+        """Before a change that copies ``node`` up: fetching its lazy content as a job for a thread,
+        so the copy-up then finds it local and holds up nothing; None when nothing is to fetch."""
+        fill = self.fill
+        if fill is None or self.readonly or not stat.S_ISREG(node.mode):
+            return None
+        try:
+            fd = self._open_real(node, os.O_RDONLY)
+        except OSError:
+            return None   # the change itself will say why
+        try:
+            size = ovl.fstat(fd).st_size
+            if not fill.pending(fd, 0, size):
+                os.close(fd)
+                return None
+        except BaseException:
+            os.close(fd)
+            raise
+
+        def job() -> None:
+            try:
+                fill(fd, 0, size)
+            finally:
+                os.close(fd)
+        return job
+
     def release(self, f: "OpenFile") -> None:
         os.close(f.fd)
 
