@@ -46,18 +46,22 @@ def _layer_of(ref: str, name: str, lazy) -> tuple[str, list]:
     raise AssertionError(f"{name} in no lazy layer of {ref}")
 
 
+def _pulled_through(proxy: CuttingProxy, tmp_path, src):
+    """(reference, lazy store, an empty mount point): the eStargz image pushed and pulled --lazy via ``proxy``."""
+    ref, lazy, mnt = f"{proxy.host}/lazy/app:1", tmp_path / "lazy", tmp_path / "mnt"
+    ok(run(tmp_path, "--root", str(src), "push", "lazy/app:esgz", ref, "--insecure"))
+    ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+    mnt.mkdir()
+    return ref, lazy, mnt
+
+
 def test_a_fetch_in_flight_holds_up_nothing_else(tmp_path, esgz_src):
     """While one read's chunk download is held in flight: stat, listing and reads of local content through
     the same mount answer; a second read of the same file waits for that fetch; no range is fetched twice."""
-    lazy = tmp_path / "lazy"
     with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
-        ref = f"{proxy.host}/lazy/app:1"
-        ok(run(tmp_path, "--root", str(esgz_src), "push", "lazy/app:esgz", ref, "--insecure"))
-        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src)
         digest, chunks = _layer_of(ref, "usr/lib/liba.so", lazy)
         assert len(chunks) == 5
-        mnt = tmp_path / "mnt"
-        mnt.mkdir()
         ok(run(tmp_path, "--root", str(lazy), "mount", "--no-fill", ref, str(mnt), "--log", str(tmp_path / "d.log")))
         try:
             assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"   # now local
@@ -214,14 +218,9 @@ def test_record_prefetch_orders_the_estargz_layer_and_the_fill(tmp_path):
 def test_a_copy_up_fetching_holds_up_nothing_else(tmp_path, esgz_src):
     """A --writable mount: appending to a lazy file copies it up whole; while its fetch is held in flight, the
     rest of the mount answers; then the copy-up completes with the verified content."""
-    lazy = tmp_path / "lazy"
     with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
-        ref = f"{proxy.host}/lazy/app:1"
-        ok(run(tmp_path, "--root", str(esgz_src), "push", "lazy/app:esgz", ref, "--insecure"))
-        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src)
         digest, _ = _layer_of(ref, "usr/lib/liba.so", lazy)
-        mnt = tmp_path / "mnt"
-        mnt.mkdir()
         ok(run(tmp_path, "--root", str(lazy), "mount", "--writable", "--no-fill", ref, str(mnt),
                "--log", str(tmp_path / "d.log")))
         try:
