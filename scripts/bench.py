@@ -18,6 +18,7 @@ import shutil
 import stat
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -541,6 +542,9 @@ def main() -> int:
     ap.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
                     help="the whole-tool rows: podman run with each mount program, load against podman load "
                          "and umoci unpack (default: on, off with --size tiny)")
+    ap.add_argument("--cold-start", action=argparse.BooleanOptionalAction, default=None,
+                    help="the cold start from a registry rows (scripts/bench_lazy.py: run --lazy against pull + run "
+                         "and podman run, through a 4 MB/s loopback link; default: with --tools)")
     ap.add_argument("--fs", action="append", choices=["overlay", "fuse-overlayfs", "floor", "unionfs"],
                     help="filesystems to run (default all)")
     ap.add_argument("--cache", default="/var/tmp/unionfs-bench", help="where the layer stack is built once")
@@ -639,6 +643,16 @@ def main() -> int:
             for n, t in by.items():
                 med = statistics.median(t)
                 print(f"  {row_name:34} {n:28} {min(t):8.3f}/{med:.3f}/{max(t):.3f} {med / first:6.2f}x")
+    cold_rows = {}
+    if args.tools if args.cold_start is None else args.cold_start:
+        import bench_lazy   # scripts/ is on the path: this script's own directory
+        work = Path(tempfile.mkdtemp(prefix="cold-", dir=scratch))
+        try:
+            cold_rows = bench_lazy.cold_start(work, 4.0, 100 if size == "full" else 20, repeat,
+                                              lambda m: print(m, file=sys.stderr))
+        finally:
+            bench_lazy.cleanup(work)
+        print("\n" + bench_lazy.report(cold_rows))
     if memory:
         print("\nmemory (daemon, first cold walk):")
         for name, mem in memory.items():
@@ -646,7 +660,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"size": size, "repeat": repeat, "params": SIZES[size],
                                                "results": results, "requests": requests,
-                                               "tool_rows": tool_rows,
+                                               "tool_rows": tool_rows, "cold_start": cold_rows,
                                                "memory": memory}, indent=2))
     return 0
 

@@ -4,6 +4,8 @@ Debian's docker-registry.  Prints seconds and bytes over the link for each.  Mea
 
 The image: a busybox layer (the shell) and a layer of --mib MiB of real files from the host's
 /usr/lib/x86_64-linux-gnu, as a Debian userland is; the workload starts ``sh`` and prints one line.
+Every run starts from an empty store; seconds min/median/max over --repeat runs.  scripts/bench
+prints this table too (its whole-tool rows; ``--no-cold-start`` leaves it out).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -127,84 +130,126 @@ def u(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
     return r
 
 
-def first_output(cmd: list[str]) -> tuple[float, float, str]:
-    """(seconds to the first line of output, seconds to exit, the line)."""
+def _time_cmd(cmd: list[str], env: dict | None = None, wait_exit: bool = True) -> tuple[float, float | None, str]:
+    """(seconds to the first line of output, seconds to exit or None, the line)."""
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     t1 = time.monotonic()
-    _, err = p.communicate(timeout=1800)
-    if p.returncode != 0:
+    try:
+        _, err = p.communicate(timeout=1800 if wait_exit else 60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    if wait_exit and p.returncode != 0 or not line:
         raise SystemExit(f"{' '.join(cmd)}: {err}")
-    return t1 - t0, time.monotonic() - t0, line.strip()
+    return t1 - t0, (time.monotonic() - t0) if wait_exit else None, line.strip()
+
+
+WORKLOAD = ["sh", "-c", "echo started; ls / > /dev/null"]
+
+
+def cold_start(work: Path, rate: float, mib: int, repeat: int, say=lambda m: None) -> dict[str, dict[str, list]]:
+    """Each row's figures over ``repeat`` runs, every run from an empty store (``first_output_s``,
+    ``total_s``, ``bytes`` over the link): run --lazy of the eStargz image, pull + run of the gzip and the
+    eStargz image, and podman run (which pulls) of the gzip image, interleaved so noise hits all alike."""
+    layers = [busybox_layer(), host_files_layer(mib)]
+    cfg = config([sha(x) for x in layers], Cmd=["sh"], Env=["PATH=/usr/bin:/bin"])
+    docker_save_legacy(work / "img.tar", [Img([gzip.compress(x, 6) for x in layers], ["bench/app:1"], config=cfg)])
+    src = work / "src"
+    u(src, "load", str(work / "img.tar"))
+    u(src, "convert", "--estargz", "bench/app:1", "bench/app:esgz")
+    rows: dict[str, dict[str, list]] = {}
+
+    def add(name: str, first: float, total: float | None, sent: int) -> None:
+        r = rows.setdefault(name, {"first_output_s": [], "total_s": [], "bytes": []})
+        r["first_output_s"].append(first)
+        r["total_s"].append(total)
+        r["bytes"].append(sent)
+    with Registry(work / "reg") as reg:
+        u(src, "push", "bench/app:1", f"{reg.host}/bench/app:gz", "--insecure")
+        u(src, "push", "bench/app:esgz", f"{reg.host}/bench/app:esgz", "--insecure")
+        link = Link(rate * 1e6)
+        proxy = ThrottledProxy(reg.port, link)
+        try:
+            for i in range(repeat):
+                store = work / f"s-lazy-{i}"
+                sent = link.sent
+                first, total, _ = _time_cmd([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0", "--lazy",
+                                             "--insecure", f"{proxy.host}/bench/app:esgz", *WORKLOAD])
+                add("run --lazy eStargz", first, total, link.sent - sent)
+                for name, tag in (("pull+run gzip", "gz"), ("pull+run eStargz", "esgz")):
+                    store = work / f"s-{tag}-{i}"
+                    sent, t0 = link.sent, time.monotonic()
+                    u(store, "pull", f"{proxy.host}/bench/app:{tag}", "--insecure")
+                    t_pull = time.monotonic() - t0
+                    first, total, _ = _time_cmd([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0",
+                                                 f"{proxy.host}/bench/app:{tag}", *WORKLOAD])
+                    add(name, t_pull + first, t_pull + total, link.sent - sent)
+                    shutil.rmtree(store, ignore_errors=True)
+                if shutil.which("podman"):
+                    from podman_env import Podman
+                    pm = Podman(work / f"podman-{i}")
+                    try:
+                        sent = link.sent
+                        argv = ["podman", "--runtime", pm.runtime, "run", "--rm", "--network", "host",
+                                "--tls-verify=false", f"{proxy.host}/bench/app:gz", *WORKLOAD]
+                        # podman waits for conmon after a short-lived container: time to first output only
+                        first, _, _ = _time_cmd(argv, env=pm.env, wait_exit=False)
+                        add("podman run (pulls) gzip", first, None, link.sent - sent)
+                    except SystemExit as e:
+                        say(f"podman run failed: {str(e)[-300:]}")
+                    finally:
+                        pm.close()
+                say(f"bench: cold start from a registry: round {i + 1}/{repeat} done")
+        finally:
+            proxy.close()
+    rows["_image"] = {"uncompressed_bytes": [len(layers[0]) + len(layers[1])], "rate_mb_s": [rate]}
+    return rows
+
+
+def report(rows: dict[str, dict[str, list]]) -> str:
+    """The table: seconds min/median/max to first output and to exit, median bytes over the link."""
+    img = rows.get("_image", {})
+    out = [f"cold start from a registry (link {img.get('rate_mb_s', ['?'])[0]} MB/s; image "
+           f"{img.get('uncompressed_bytes', ['?'])[0]} bytes uncompressed; {WORKLOAD[-1]!r})",
+           f"  {'':26} {'first output s min/med/max':>28} {'exit s min/med/max':>24} {'bytes (median)':>15}"]
+
+    def mmm(xs: list) -> str:
+        xs = [x for x in xs if x is not None]
+        return f"{min(xs):.1f}/{statistics.median(xs):.1f}/{max(xs):.1f}" if xs else "-"
+    for name, r in rows.items():
+        if name.startswith("_"):
+            continue
+        out.append(f"  {name:26} {mmm(r['first_output_s']):>28} {mmm(r['total_s']):>24} "
+                   f"{int(statistics.median(r['bytes'])):>15}")
+    return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=4.0, help="MB/s of the link (default 4)")
     ap.add_argument("--mib", type=int, default=100, help="MiB of host files in the big layer (default 100)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row (default 3)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lazy-"))
-    rows = {}
     try:
-        layers = [busybox_layer(), host_files_layer(args.mib)]
-        cfg = config([sha(x) for x in layers], Cmd=["sh"], Env=["PATH=/usr/bin:/bin"])
-        docker_save_legacy(work / "img.tar", [Img([gzip.compress(x, 6) for x in layers], ["bench/app:1"], config=cfg)])
-        src = work / "src"
-        u(src, "load", str(work / "img.tar"))
-        u(src, "convert", "--estargz", "bench/app:1", "bench/app:esgz")
-        with Registry(work / "reg") as reg:
-            u(src, "push", "bench/app:1", f"{reg.host}/bench/app:gz", "--insecure")
-            u(src, "push", "bench/app:esgz", f"{reg.host}/bench/app:esgz", "--insecure")
-            link = Link(args.rate * 1e6)
-            proxy = ThrottledProxy(reg.port, link)
-            try:
-                workload = ["sh", "-c", "echo started; ls / > /dev/null"]
-                for name, tag in (("pull+run gzip", "gz"), ("pull+run eStargz", "esgz")):
-                    store = work / f"s-{tag}"
-                    sent, t0 = link.sent, time.monotonic()
-                    u(store, "pull", f"{proxy.host}/bench/app:{tag}", "--insecure")
-                    t_pull = time.monotonic() - t0
-                    first, total, line = first_output([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0",
-                                                       f"{proxy.host}/bench/app:{tag}", *workload])
-                    rows[name] = {"first_output_s": t_pull + first, "total_s": t_pull + total,
-                                  "bytes": link.sent - sent, "line": line}
-                store = work / "s-lazy"
-                sent = link.sent
-                first, total, line = first_output([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0",
-                                                   "--lazy", "--insecure", f"{proxy.host}/bench/app:esgz", *workload])
-                rows["run --lazy eStargz"] = {"first_output_s": first, "total_s": total,
-                                              "bytes": link.sent - sent, "line": line}
-                if shutil.which("podman"):
-                    pr = work / "podman"
-                    sent, t0 = link.sent, time.monotonic()
-                    r = subprocess.run(["podman", "--root", str(pr / "root"), "--runroot", str(pr / "run"),
-                                        "--storage-driver", "vfs", "pull", "-q", "--tls-verify=false",
-                                        f"{proxy.host}/bench/app:gz"], capture_output=True, text=True, timeout=1800)
-                    if r.returncode == 0:
-                        rows["podman pull gzip"] = {"first_output_s": None, "total_s": time.monotonic() - t0,
-                                                    "bytes": link.sent - sent, "line": ""}
-                    else:
-                        print(f"podman pull failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
-                    subprocess.run(["podman", "--root", str(pr / "root"), "--runroot", str(pr / "run"),
-                                    "--storage-driver", "vfs", "system", "reset", "-f"], capture_output=True)
-            finally:
-                proxy.close()
-        print(f"link {args.rate} MB/s; image: {len(layers[0]) + len(layers[1])} bytes uncompressed")
-        print(f"{'':22} {'first output s':>14} {'total s':>9} {'bytes over the link':>20}")
-        for name, r in rows.items():
-            fo = f"{r['first_output_s']:.1f}" if r["first_output_s"] is not None else "-"
-            print(f"{name:22} {fo:>14} {r['total_s']:9.1f} {r['bytes']:20d}")
+        rows = cold_start(work, args.rate, args.mib, args.repeat, lambda m: print(m, file=sys.stderr))
+        print(report(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     finally:
-        for line in open("/proc/self/mountinfo"):
-            mp = line.split()[4]
-            if mp.startswith(str(work)):
-                subprocess.run(["umount", "-l", mp], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+        cleanup(work)
     return 0
+
+
+def cleanup(work: Path) -> None:
+    for line in open("/proc/self/mountinfo"):
+        mp = line.split()[4]
+        if mp.startswith(str(work)):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -144,13 +144,17 @@ class _Proxy(http.server.ThreadingHTTPServer):
 
 class CuttingProxy:
     """A plain-HTTP forwarding proxy in front of a registry, recording each request (method, path, Range),
-    that can cut the response for one blob after ``cut_after`` bytes (a network failure mid-download)."""
+    that can cut the response for one blob after ``cut_after`` bytes (a network failure mid-download),
+    or hold the next GET of ``hold_digest`` (a slow link, in flight until ``release`` is set)."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.requests: list[tuple[str, str, str | None]] = []
         self.cut_digest: str | None = None
         self.cut_after = 0
+        self.hold_digest: str | None = None
+        self.held = threading.Event()      # set when the held request has arrived
+        self.release = threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -161,6 +165,11 @@ class CuttingProxy:
 
             def _forward(self):
                 proxy.requests.append((self.command, self.path, self.headers.get("Range")))
+                if proxy.hold_digest is not None and self.command == "GET" and \
+                        self.path.endswith("/blobs/" + proxy.hold_digest):
+                    proxy.hold_digest = None   # only once
+                    proxy.held.set()
+                    proxy.release.wait(120)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 up = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
@@ -201,6 +210,7 @@ class CuttingProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 

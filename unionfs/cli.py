@@ -65,6 +65,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .image.report import inspect
     store = _store(args)
     out = [inspect(store, store.image(store.resolve(n))) for n in args.images]
+    from .registry.lazy import lazy_inspect
+    for o in out:   # layers of pull --lazy not yet whole: how much is local
+        if lazy := lazy_inspect(store, o["RootFS"]["Layers"]):
+            o["LazyLayers"] = lazy
     print(json.dumps(out, indent=4))
     return 0
 
@@ -132,12 +136,16 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .image.convert import convert_estargz
+    from .registry.lazy import make_local
+    make_local(_store(args), [args.image], lambda m: print(m, file=sys.stderr))   # a lazy image: its blobs first
     print(convert_estargz(_store(args), args.image, args.new, args.chunk_size))
     return 0
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
     from .image.save import save
+    from .registry.lazy import make_local
+    make_local(_store(args), args.images, lambda m: print(m, file=sys.stderr))   # a lazy image: its blobs first
     save(_store(args), args.images, args.output, args.format)
     return 0
 
@@ -157,7 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if a.lazy:
             from .registry.commands import pull_lazy_cmd
             image = pull_lazy_cmd(a, store, image)
-        return run(store, image, opts, a.name, a.rm, a.detach, a.runtime)
+        return run(store, image, opts, a.name, a.rm, a.detach, a.runtime, a.record_prefetch)
     return docker_status(go)
 
 
@@ -352,6 +360,9 @@ def _container_parsers(sub, common) -> None:
                                     "Entrypoint and Cmd) in it with an OCI runtime; exits with its status.")
     rn.add_argument("--name", metavar="NAME", help="name the container")
     _lazy_options(rn)
+    rn.add_argument("--record-prefetch", action="store_true",
+                    help="note the files the run reads, in order, as the image's prefetch list: a lazy mount "
+                         "fetches them first, and convert/push --estargz writes them first, then the landmark")
     rn.add_argument("--rm", action="store_true", help="remove the container (and its anonymous volumes) when it exits")
     rn.add_argument("--runtime", metavar="RUNTIME", help="crun or runc, or a path (default: crun, else runc)")
     rn.add_argument("-i", "--interactive", action="store_true", help="keep stdin open to the container")

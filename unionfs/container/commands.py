@@ -51,7 +51,9 @@ def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False, all_: bo
     cs = [c for c in model.containers(store) if all_ or states[c.id].running]
     if quiet:
         return "\n".join(c.id if no_trunc else c.short_id for c in cs)
+    from ..registry.lazy import local_shares   # images of pull --lazy: how much is local
     tags = store.tags()
+    lazy: list[str] = []
     for c in cs:
         names = sorted(t for t, i in tags.items() if i == c.image)
         image = c.image_ref if c.image_ref and c.image_ref in names else (names[0] if names else c.image[7:19])
@@ -65,7 +67,7 @@ def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False, all_: bo
                 seen.setdefault(ly.diff_id, n)
             virtual = size + sum(seen.values())
         except (OSError, ValueError):
-            virtual = size
+            img, virtual = None, size
         try:
             command = RunConfig.load(c).command
         except ContainerError:
@@ -75,7 +77,10 @@ def ps_table(store: Store, no_trunc: bool = False, quiet: bool = False, all_: bo
         rows.append([c.id if no_trunc else c.short_id, image, command, human_ago(c.created),
                      status_text(states[c.id]), mounted, f"{human_size(size)} (virtual {human_size(virtual)})",
                      c.name])
-    return table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MOUNTED", "SIZE", "NAMES"], rows)
+        lazy.extend(f"{c.id if no_trunc else c.short_id}  {s.digest[7:19]}  {s.text()}"
+                    for s in (local_shares(store, img.config.diff_ids) if img else ()))
+    out = table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MOUNTED", "SIZE", "NAMES"], rows)
+    return out + "\n\n" + "\n".join(["CONTAINER     LAZY LAYER    LOCAL", *lazy]) if lazy else out
 
 
 def remove(store: Store, names: list[str], force: bool = False, volumes: bool = False) -> list[str]:
@@ -148,7 +153,10 @@ def mount_target(store: Store, name: str | None, mountpoint: str, lower: list[st
     if writable:
         return create_and_mount(store, name, mountpoint, options, foreground, log_file)
     from ..registry.lazy import fill_for   # lazy layers (pull --lazy): content on first read
-    fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids) if store.exists() else None
+    fill = None
+    if store.exists():
+        image_id = store.resolve(name)
+        fill = fill_for(store, store.image(image_id).config.diff_ids, image_id)
     return mount_image(store, name, mountpoint, options, foreground, log_file, fill, background_fill)
 
 

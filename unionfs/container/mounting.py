@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from ..fuse.daemon import build_config, mount
+from ..image import prefetch
 from ..image.commands import lower_stack, with_fsname
 from ..image.store import Store
 from . import model
@@ -39,8 +40,11 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
         c = model.resolve(store, c.id)   # still there now that we hold the lock
         cfg = build_config(mountpoint, container_lower(store, c), c.upper, c.work, options, foreground, log_file)
         from ..registry.lazy import fill_for   # lazy layers (pull --lazy): content on first read
-        cfg.fill = fill_for(store, store.image(store.resolve(c.image)).config.diff_ids)
+        cfg.fill = fill_for(store, store.image(store.resolve(c.image)).config.diff_ids, c.image)
         cfg.background = getattr(cfg.fill, "background", None)
+        if os.path.exists(flag := c.file(prefetch.RECORD_FLAG)):   # run --record-prefetch: this mount records
+            os.unlink(flag)
+            cfg.fill = prefetch.Recorder(prefetch.record_path(store, c.image), image_lower(store, c.image), cfg.fill)
         c.mountpoint = cfg.mountpoint
         model.save(c)
     # Not under the lock: the daemon is forked from this process and would inherit (and keep) it.

@@ -182,7 +182,7 @@ def prepare(store: Store, c: Container, config: dict, opts: RunOptions) -> None:
 
 
 def run(store: Store, image: str, opts: RunOptions, name: str | None = None, remove: bool = False,
-        detached: bool = False, runtime: str | None = None) -> int:
+        detached: bool = False, runtime: str | None = None, record_prefetch: bool = False) -> int:
     """``docker run``: the container's exit status in the foreground; with ``detached``, 0 once it runs
     (the id is printed).  Failures to start raise :class:`.lifecycle.RunFailed` with docker's code."""
     runtime_path = find_runtime(runtime)            # before anything is created
@@ -190,6 +190,9 @@ def run(store: Store, image: str, opts: RunOptions, name: str | None = None, rem
         init_mount()
     from .commands import create
     c: Container = create(store, image, name)
+    if record_prefetch:   # the container's mount records what the run reads (image.prefetch)
+        from ..image.prefetch import RECORD_FLAG
+        open(c.file(RECORD_FLAG), "w").close()
     return run_container(store, c, opts, remove, detached, runtime_path)
 
 

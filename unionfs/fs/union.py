@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from . import formats
 from . import sys as ovl
@@ -58,9 +58,15 @@ def _check_name(name: bytes) -> None:
         raise OSError(errno.EINVAL, "invalid name")
 
 
-# ``fill(fd, offset, size)``: make bytes ``offset..offset+size`` of the lower file open as ``fd``
-# present before they are read (a lazy layer's content arrives on first read); OSError fails the read.
-Fill = Callable[[int, int, int], None]
+class Fill(Protocol):
+    """A lazy layer's content arrives on first read (:mod:`unionfs.registry.lazy`)."""
+
+    def __call__(self, fd: int, offset: int, size: int) -> None:
+        """Make bytes ``offset..offset+size`` of the lower file open as ``fd`` present before they
+        are read (may wait on the network, so the adapter calls it off its loop); OSError fails the read."""
+
+    def pending(self, fd: int, offset: int, size: int) -> bool:
+        """Whether ``__call__`` would have to fetch (or wait for a fetch): quick, no network."""
 
 
 class Union(Lookup):
@@ -245,6 +251,48 @@ class Union(Lookup):
         if self.fill is not None and not f.writable:
             self.fill(f.fd, off, size)
         return os.pread(f.fd, size, off)
+
+    def slow_read(self, f: "OpenFile", off: int, size: int) -> Callable[[], bytes] | None:
+        """The read as a job for a thread when it must first fetch lazy content, else None (read at
+        once).  The job reads a duplicate of the fd: a copy-up meanwhile may close the handle's own."""
+        fill = self.fill
+        if fill is None or f.writable or not fill.pending(f.fd, off, size):
+            return None
+        fd = os.dup(f.fd)
+
+        def job() -> bytes:
+            try:
+                fill(fd, off, size)
+                return os.pread(fd, size, off)
+            finally:
+                os.close(fd)
+        return job
+
+    def prefill(self, node: Node) -> Callable[[], None] | None:
+        """Before a change that copies ``node`` up: fetching its lazy content as a job for a thread,
+        so the copy-up then finds it local and holds up nothing; None when nothing is to fetch."""
+        fill = self.fill
+        if fill is None or self.readonly or not stat.S_ISREG(node.mode):
+            return None
+        try:
+            fd = self._open_real(node, os.O_RDONLY)
+        except OSError:
+            return None   # the change itself will say why
+        try:
+            size = ovl.fstat(fd).st_size
+            if not fill.pending(fd, 0, size):
+                os.close(fd)
+                return None
+        except BaseException:
+            os.close(fd)
+            raise
+
+        def job() -> None:
+            try:
+                fill(fd, 0, size)
+            finally:
+                os.close(fd)
+        return job
 
     def release(self, f: "OpenFile") -> None:
         os.close(f.fd)

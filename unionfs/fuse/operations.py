@@ -268,13 +268,19 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode, flags, ctx):
         node = self.inodes.get(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
+            await self._prefill(node)
         f = self.union.open(node, flags)
         fh = self.handles.add(self.handles.files, f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_guard
     async def read(self, fh, off, size):
-        return self.union.read(self.handles.files[fh], off, size)
+        f = self.handles.files[fh]
+        job = self.union.slow_read(f, off, size)
+        if job is None:
+            return self.union.read(f, off, size)
+        return await trio.to_thread.run_sync(job)   # a lazy fetch: other requests go on meanwhile
 
     @_guard
     async def release(self, fh):
@@ -283,10 +289,20 @@ class Operations(pyfuse3.Operations):
     # --- changes ------------------------------------------------------------------
     # A stack without an upper layer is read-only (the mount is ``ro`` too).
 
+    async def _prefill(self, node: Node) -> None:
+        """A lazy file about to be copied up: its content fetched on a thread first (the loop goes on)."""
+        job = self.union.prefill(node)
+        if job is not None:
+            await trio.to_thread.run_sync(job)
+
     def _writable(self):
         if self.union.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
         return self.union
+
+    def _writable_node(self, inode) -> Node:
+        self._writable()
+        return self.inodes.get(inode)
 
     def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
         entry = self._entry(node, self.union.getattr(node))
@@ -298,6 +314,8 @@ class Operations(pyfuse3.Operations):
         u = self._writable()
         node = self.inodes.get(inode)
         f = self.handles.files.get(fh) if fh is not None else None
+        if not (fields.update_size and attr.st_size == 0):
+            await self._prefill(node)
         u.setattr(node, f,
                   mode=attr.st_mode if fields.update_mode else None,
                   uid=self.uids.stored(attr.st_uid) if fields.update_uid else None,
@@ -324,6 +342,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        await self._prefill(self._writable_node(inode))
         node = self._writable().link(self.inodes.get(inode), self.inodes.get(new_parent_inode), new_name)
         return self._new_entry(node)
 
@@ -373,6 +392,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def setxattr(self, inode, name, value, ctx):
         self._no_xattrs()
+        await self._prefill(self._writable_node(inode))
         self._writable().setxattr(self.inodes.get(inode), os.fsdecode(name), value)
 
     @_guard

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-from . import estargz
+from . import estargz, prefetch
 from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed
 from .load import load
 from .model import MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_LAYER, MEDIA_OCI_MANIFEST, ImageError, Reference
@@ -35,7 +35,7 @@ def _put(blobs: str, data: bytes) -> str:
 
 
 def _convert_layer(store: Store, name: str, digest: str, diff_id: str, blobs: str,
-                   chunk_size: int) -> estargz.Written:
+                   chunk_size: int, first: list[str] | None) -> estargz.Written:
     path = store.blob_path(digest)
     if not os.path.exists(path):
         raise ImageError(f"{name}: blob {digest} is not in the store (loaded by an older unionfs): "
@@ -46,7 +46,7 @@ def _convert_layer(store: Store, name: str, digest: str, diff_id: str, blobs: st
         try:
             _, stream = decompressed(HashingReader(f))
             tar = HashingReader(stream)  # type: ignore[arg-type]
-            written = estargz.write(tar, out, chunk_size)  # type: ignore[arg-type]
+            written = estargz.write(tar, out, chunk_size, prefetch=first)  # type: ignore[arg-type]
             tar.drain()
         except DECOMPRESS_ERRORS as e:
             raise corrupt(what, e) from None
@@ -58,7 +58,9 @@ def _convert_layer(store: Store, name: str, digest: str, diff_id: str, blobs: st
 
 
 def convert_estargz(store: Store, name: str, new: str, chunk_size: int = estargz.DEFAULT_CHUNK_SIZE) -> str:
-    """Store a copy of image ``name`` with eStargz layers, tagged ``new``; returns its id."""
+    """Store a copy of image ``name`` with eStargz layers, tagged ``new``; returns its id.  With a
+    recorded prefetch list (``run --record-prefetch``), each layer has its files of the list first,
+    then the prefetch landmark, and the copy keeps the list."""
     if chunk_size <= 0:
         raise ImageError(f"--chunk-size {chunk_size}: must be positive")
     tag = Reference.parse(new)
@@ -69,9 +71,12 @@ def convert_estargz(store: Store, name: str, new: str, chunk_size: int = estargz
         blobs = os.path.join(work, "blobs", "sha256")
         os.makedirs(blobs)
         done: dict[str, estargz.Written] = {}
+        paths = prefetch.load(store, image.id)
+        shares = prefetch.by_layer(store, image.config.diff_ids, paths) if paths is not None else None
         for ly in image.layers:
             if ly.diff_id not in done:
-                done[ly.diff_id] = _convert_layer(store, name, ly.digest, ly.diff_id, blobs, chunk_size)
+                done[ly.diff_id] = _convert_layer(store, name, ly.digest, ly.diff_id, blobs, chunk_size,
+                                                  shares[ly.diff_id] if shares is not None else None)
         layers = [done[ly.diff_id] for ly in image.layers]
         config["rootfs"] = {"type": "layers", "diff_ids": [w.diff_id for w in layers]}
         config_bytes = _json(config)
@@ -88,6 +93,8 @@ def convert_estargz(store: Store, name: str, new: str, chunk_size: int = estargz
         with open(os.path.join(work, "oci-layout"), "wb") as f:
             f.write(_json({"imageLayoutVersion": "1.0.0"}))
         (loaded,) = load(store, work, tag, progress=False)
+        if paths is not None:
+            prefetch.save(store, loaded.image_id, paths)
         return loaded.image_id
     finally:
         shutil.rmtree(work, ignore_errors=True)

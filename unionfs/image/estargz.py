@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
+import shutil
 import struct
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +39,9 @@ LEGACY_FOOTER_SIZE = 47
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 DEFAULT_CHUNK_SIZE = 4 << 20     # the Go writer's default
+PREFETCH_LANDMARK = ".prefetch.landmark"        # files before this entry are fetched first (the spec's prefetch)
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"  # the image says: prefetch nothing
+LANDMARK_CONTENT = b"\x0f"                      # either landmark file holds this one byte
 MAX_TOC = 64 << 20               # a TOC bigger than this is refused, not parsed
 MAX_CHUNK = 256 << 20            # a chunk is decompressed in memory: no honest writer makes them this big
 _BLOCK = 512
@@ -178,29 +184,28 @@ def _entry(ti: tarfile.TarInfo) -> dict:
     return ent
 
 
-def write(tar: BinaryIO, out: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE, level: int = 6) -> Written:
+def write(tar: BinaryIO, out: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE, level: int = 6,
+          prefetch: list[str] | None = None) -> Written:
     """Write the uncompressed layer tar ``tar`` to ``out`` as an eStargz blob.
 
     Every member keeps its metadata (PAX headers, xattrs, hard links, devices, whiteouts as
-    ``.wh.`` files); the original tar's end-of-archive blocks make way for the TOC entry."""
+    ``.wh.`` files); the original tar's end-of-archive blocks make way for the TOC entry.
+    With ``prefetch`` (a recorded access order; ``[]``: this layer has none of it), the
+    regular files named come first in that order, each after its parent directories' entries
+    (and their opaque markers), then ``.prefetch.landmark``, then the rest in their order, as
+    ``ctr-remote optimize`` writes a layer; ``[]`` puts ``.no.prefetch.landmark`` first."""
     if chunk_size <= 0:
         raise ImageError(f"eStargz chunk size {chunk_size}: must be positive")
     w = _Out(out, level)
     entries: list[dict] = []
     try:
         src = tarfile.open(fileobj=tar, mode="r|", format=tarfile.PAX_FORMAT)
-        for ti in src:
-            if ti.name.endswith(TOC_NAME) and clean_name(ti.name) == TOC_NAME:
-                continue   # an eStargz layer converted again: its old TOC goes
-            ent = _entry(ti)
-            w.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-            if ent["type"] == "reg":
-                ent["size"] = ti.size
-                entries.extend(_write_content(w, src.extractfile(ti), ti.size, ent, chunk_size))  # type: ignore[arg-type]
-                if ti.size % _BLOCK:
-                    w.write(b"\0" * (_BLOCK - ti.size % _BLOCK))
-            else:
-                entries.append(ent)
+        if prefetch is None:
+            for ti in src:
+                if not _is_toc(ti):
+                    _member(w, ti, src.extractfile(ti) if ti.isreg() else None, entries, chunk_size)  # type: ignore[arg-type]
+        else:
+            _reordered(w, src, prefetch, entries, chunk_size)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise ImageError(f"layer tar: {e}") from None
     w.close_member()
@@ -213,6 +218,82 @@ def write(tar: BinaryIO, out: BinaryIO, chunk_size: int = DEFAULT_CHUNK_SIZE, le
     w.raw(footer(toc_offset))
     return Written("sha256:" + w.blob.hexdigest(), w.offset, "sha256:" + w.tar.hexdigest(), w.tar_size,
                    "sha256:" + hashlib.sha256(toc).hexdigest())
+
+
+def _is_toc(ti: tarfile.TarInfo, landmarks: bool = False) -> bool:
+    """An eStargz layer converted again: its old TOC goes (and its landmarks, when a new order comes)."""
+    return clean_name(ti.name) in ((TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK) if landmarks else (TOC_NAME,))
+
+
+def _member(w: "_Out", ti: tarfile.TarInfo, data: BinaryIO | None, entries: list[dict], chunk_size: int) -> None:
+    ent = _entry(ti)
+    w.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    if ent["type"] == "reg":
+        ent["size"] = ti.size
+        entries.extend(_write_content(w, data, ti.size, ent, chunk_size))  # type: ignore[arg-type]
+        if ti.size % _BLOCK:
+            w.write(b"\0" * (_BLOCK - ti.size % _BLOCK))
+    else:
+        entries.append(ent)
+
+
+def _landmark(name: str) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.type = len(LANDMARK_CONTENT), 0o644, tarfile.REGTYPE
+    return ti
+
+
+def _reordered(w: "_Out", src: tarfile.TarFile, prefetch: list[str], entries: list[dict], chunk_size: int) -> None:
+    """The members with the prefetch files first (contents spooled to a temporary file meanwhile).
+    A name the layer holds more than once keeps its place: moving it would change which one wins."""
+    with tempfile.TemporaryFile() as spool:
+        members: list[tuple[tarfile.TarInfo, int]] = []
+        for ti in src:
+            if _is_toc(ti, landmarks=True):
+                continue
+            at = spool.tell()
+            if ti.isreg():
+                shutil.copyfileobj(src.extractfile(ti), spool)   # type: ignore[arg-type]
+            members.append((ti, at))
+        count: dict[str, int] = {}
+        for ti, _ in members:
+            count[clean_name(ti.name)] = count.get(clean_name(ti.name), 0) + 1
+        index = {clean_name(ti.name): i for i, (ti, _) in enumerate(members)}
+        first: list[int] = []
+        chosen: set[int] = set()
+
+        def take(i: int) -> None:
+            if i not in chosen:
+                chosen.add(i)
+                first.append(i)
+        for name in dict.fromkeys(clean_name(n) for n in prefetch):
+            i = index.get(name)
+            if i is None or count[name] > 1 or not members[i][0].isreg():
+                continue
+            parts = name.split("/")
+            for k in range(1, len(parts)):   # its directories' entries first, with their opaque markers
+                d = "/".join(parts[:k])
+                for n in (d, d + "/" + ".wh..wh..opq"):
+                    j = index.get(n)
+                    if j is not None and count[n] == 1 and (n != d or members[j][0].isdir()):
+                        take(j)
+            take(i)
+
+        def emit(i: int) -> None:
+            ti, at = members[i]
+            spool.seek(at)
+            _member(w, ti, spool if ti.isreg() else None, entries, chunk_size)   # type: ignore[arg-type]
+        if not any(members[i][0].isreg() for i in first):
+            _member(w, _landmark(NO_PREFETCH_LANDMARK), io.BytesIO(LANDMARK_CONTENT), entries, chunk_size)
+            first = []
+        else:
+            for i in first:
+                emit(i)
+            _member(w, _landmark(PREFETCH_LANDMARK), io.BytesIO(LANDMARK_CONTENT), entries, chunk_size)
+        done = set(first)
+        for i in range(len(members)):
+            if i not in done:
+                emit(i)
 
 
 def _write_content(w: _Out, data: BinaryIO, size: int, ent: dict, chunk_size: int) -> Iterator[dict]:
@@ -358,3 +439,12 @@ def read_chunk(member: bytes, chunk: Chunk, what: str) -> bytes:
     if len(data) != chunk.size or "sha256:" + hashlib.sha256(data).hexdigest() != chunk.digest:
         raise ImageError(f"{what}: chunk at blob offset {chunk.offset} does not match its chunkDigest {chunk.digest}")
     return data
+
+
+def prefetch_names(entries: list[Entry]) -> list[str]:
+    """The regular files before the TOC's ``.prefetch.landmark`` (none without one, or with
+    ``.no.prefetch.landmark``): what a lazy reader fetches first, as the image's writer chose."""
+    names = [e.name for e in entries]
+    if PREFETCH_LANDMARK not in names:
+        return []
+    return [e.name for e in entries[:names.index(PREFETCH_LANDMARK)] if e.type == "reg" and e.chunks]

@@ -20,6 +20,7 @@ writer when it takes the lock, so nothing is ever half-registered.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -297,6 +298,8 @@ class Store:
         self._require_lock()
         self.set_tags({t: i for t, i in self.tags().items() if i != image_id})
         os.unlink(self.path("images", _hex(image_id) + ".json"))
+        with contextlib.suppress(FileNotFoundError):   # its prefetch list (image.prefetch), if recorded
+            os.unlink(self.path("images", _hex(image_id) + ".prefetch"))
 
     # --- garbage collection ----------------------------------------------------------
 

@@ -78,6 +78,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
     image = args.image
     if args.estargz and args.reference is None:
         raise ImageError("push --estargz: give a REFERENCE (the eStargz copy is stored under it)")
+    from .lazy import make_local
+    make_local(store, [image], say)   # a lazy image: the rest of its layers first, with a line each
     if args.estargz:   # the eStargz copy is stored (and tagged by its reference) and pushed instead
         from ..image.convert import convert_estargz
         image = convert_estargz(store, args.image, str(ref))

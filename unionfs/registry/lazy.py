@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..fs import sys as ovl
-from ..image import estargz
+from ..image import estargz, prefetch
 from ..image.lazy_layer import materialize
 from ..image.compression import check_blob
 from ..image.load import add_layer_blob
@@ -198,6 +198,7 @@ class _LazyLayer:
     client: Client | None = None
     failed: set[tuple[int, int]] = field(default_factory=set)
     accessed: dict[str, None] = field(default_factory=dict)   # ordered: ACCESS_FILE as read and appended
+    prefetch: list[str] = field(default_factory=list)         # the image's prefetch files (its landmark)
 
     def fill_order(self) -> list[estargz.Entry]:
         """The entries in the order reads first wanted them (this and earlier mounts), then TOC order."""
@@ -229,16 +230,27 @@ class _LazyLayer:
 
 
 class LazyFill:
-    """The daemon's ``fill(fd, offset, size)`` hook for the lazy layers of one mount."""
+    """The daemon's ``fill(fd, offset, size)`` hook for the lazy layers of one mount.
 
-    def __init__(self, store: Store, layer_dirs: list[str]) -> None:
+    Called on threads (the adapter runs a read that must fetch off its loop), so other requests
+    and reads of local content go on while a chunk downloads.  ``_lock`` guards the state, never
+    a download; a chunk being fetched is in ``_inflight``, and a second read wanting it waits for
+    that fetch instead of starting another (as does the background fill, which also stands aside
+    while any read is fetching)."""
+
+    def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
         self.store = store
         self.layer_dirs = layer_dirs
+        self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
         self._files: dict[tuple[int, int], _File] | None = None
         self._layers: list[_LazyLayer] = []
         self.last_read = time.monotonic()   # the background fill waits for reads to pause
         self._lock = threading.Lock()
+        self._connecting = threading.Lock()   # connect() talks to the registry: never under _lock
+        self._inflight: dict[tuple[str, int], threading.Event] = {}
+        self._demand = 0                    # reads fetching now: the background fill waits for none
         self.fetched = 0
+        self.wait_for_reads = True          # off for complete(): nobody reads, fetch at once
 
     def _index(self) -> dict[tuple[int, int], _File]:
         files: dict[tuple[int, int], _File] = {}
@@ -248,7 +260,8 @@ class LazyFill:
             with open(os.path.join(d, TOC_FILE), "rb") as f:
                 entries = estargz.parse_toc(f.read(), d)
             offsets = sorted({c.offset for e in entries for c in e.chunks})
-            layer = _LazyLayer(d, source, offsets + [int(source["toc_offset"])], entries)
+            layer = _LazyLayer(d, source, offsets + [int(source["toc_offset"])], entries,
+                               prefetch=self.recorded.get(d) or estargz.prefetch_names(entries))
             self._layers.append(layer)
             root = os.open(os.path.join(d, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -272,25 +285,71 @@ class LazyFill:
                 pass
         return files
 
+    def _missing(self, fd: int, offset: int, size: int) -> tuple[_File | None, list[estargz.Chunk]]:
+        """(the placeholder open as ``fd``, the chunks of the range not local), under the lock."""
+        if self._files is None:
+            self._files = self._index()
+        if not self._files:
+            return None, []
+        st = os.fstat(fd)
+        f = self._files.get((st.st_dev, st.st_ino))
+        if f is None:
+            return None, []
+        end = min(offset + size, f.entry.size)
+        todo = [c for c in f.entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
+        if all(c.offset in f.layer.present for c in todo):
+            return f, []
+        f.layer.reload_present()
+        return f, [c for c in todo if c.offset not in f.layer.present]
+
+    def pending(self, fd: int, offset: int, size: int) -> bool:
+        with self._lock:
+            return self._files is None or bool(self._missing(fd, offset, size)[1])
+
     def __call__(self, fd: int, offset: int, size: int) -> None:
         with self._lock:
-            if self._files is None:
-                self._files = self._index()
-            if not self._files:
+            f, todo = self._missing(fd, offset, size)
+            if not todo:
                 return
-            st = os.fstat(fd)
-            f = self._files.get((st.st_dev, st.st_ino))
-            if f is None:
-                return
-            end = min(offset + size, f.entry.size)
-            todo = [c for c in f.entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
-            layer = f.layer
-            if all(c.offset in layer.present for c in todo):
-                return
-            layer.reload_present()
+            self._demand += 1
+        try:
             for c in todo:
-                if c.offset not in layer.present:
-                    self._fetch(f, c)
+                self._get(f.layer, f, c, f.entry.name, demand=True)
+        finally:
+            with self._lock:
+                self._demand -= 1
+                self.last_read = time.monotonic()
+        with self._lock:
+            if f.entry.name not in f.layer.accessed:   # the access pattern, for the next background fill
+                f.layer.accessed[f.entry.name] = None
+                with open(os.path.join(f.layer.dir, ACCESS_FILE), "a") as a:
+                    a.write(json.dumps(f.entry.name) + "\n")
+
+    def _get(self, layer: _LazyLayer, f: "_File | None", c: estargz.Chunk, name: str, demand: bool) -> None:
+        """Make one chunk local: fetch it, or wait for the fetch of it already going on.
+        A demand read whose chunk another fetch failed tries once itself (its own EIO)."""
+        key = (layer.dir, c.offset)
+        while True:
+            with self._lock:
+                if c.offset in layer.present:
+                    return
+                if demand:
+                    self.last_read = time.monotonic()
+                ev = self._inflight.get(key)
+                if ev is None:
+                    ev = self._inflight[key] = threading.Event()
+                    break
+            ev.wait()
+            with self._lock:
+                if c.offset in layer.present or not demand:
+                    return
+        try:
+            data, chunk = self._download(layer, c, name)
+            self._keep(layer, f, c, data, chunk)
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            ev.set()
 
     def _download(self, layer: _LazyLayer, c: estargz.Chunk, name: str) -> tuple[bytes, bytes]:
         """(compressed extent, the chunk's bytes) fetched and verified; any failure is EIO, logged once."""
@@ -298,13 +357,18 @@ class LazyFill:
         stop = layer.ends[i] if i < len(layer.ends) else int(layer.source["size"])
         digest = layer.source["digest"]
         try:
-            data = get_range(layer.connect(), digest, c.offset, stop)
-            self.fetched += len(data)
+            with self._connecting:
+                client = layer.connect()
+            data = get_range(client, digest, c.offset, stop)
+            with self._lock:
+                self.fetched += len(data)
             return data, estargz.read_chunk(data, c, f"layer {digest}: {name}")
         except (ImageError, OSError) as e:
             key = (c.offset, stop)
-            if key not in layer.failed:
+            with self._lock:
+                first = key not in layer.failed
                 layer.failed.add(key)
+            if first:
                 log.error("lazy layer %s: bytes %d-%d (%s): %s", digest, c.offset, stop - 1, name, e)
             raise OSError(errno.EIO, "lazy fetch failed") from None
 
@@ -313,12 +377,13 @@ class LazyFill:
         try:
             _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, c.offset)
             if f is not None:
-                if f.wfd < 0:
-                    root = os.open(os.path.join(layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    try:
-                        f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
-                    finally:
-                        os.close(root)
+                with self._lock:
+                    if f.wfd < 0:
+                        root = os.open(os.path.join(layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        try:
+                            f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
+                        finally:
+                            os.close(root)
                 _pwrite_all(f.wfd, chunk, c.file_offset)
                 ns = int(round(estargz.parse_modtime(f.entry.modtime) * 1_000_000_000))
                 os.utime(f.wfd, ns=(ns, ns))   # writing content is no change: the times stay the layer's
@@ -326,31 +391,34 @@ class LazyFill:
         except OSError as e:
             log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name if f else "", e)
             raise OSError(errno.EIO, "lazy fill failed") from None
-        layer.mark(c.offset)
-
-    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
-        self.last_read = time.monotonic()
-        data, chunk = self._download(f.layer, c, f.entry.name)
-        self._keep(f.layer, f, c, data, chunk)
-        if f.entry.name not in f.layer.accessed:   # the access pattern, for the next background fill
-            f.layer.accessed[f.entry.name] = None
-            with open(os.path.join(f.layer.dir, ACCESS_FILE), "a") as a:
-                a.write(json.dumps(f.entry.name) + "\n")
+        with self._lock:
+            layer.mark(c.offset)
 
     # --- the background fill -------------------------------------------------------------
 
-    def _wait_idle(self) -> None:
-        """Let reads have the link: the fill goes on once no read has fetched for IDLE seconds."""
-        while (quiet := time.monotonic() - self.last_read) < IDLE:
-            time.sleep(IDLE - quiet)
+    def _wait_idle(self, idle: float = IDLE) -> None:
+        """Let reads have the link: the fill goes on once no read is fetching, nor has for ``idle`` seconds."""
+        while self.wait_for_reads:
+            with self._lock:
+                quiet = time.monotonic() - self.last_read
+                busy = self._demand > 0
+            if not busy and quiet >= idle:
+                return
+            time.sleep(idle - quiet if not busy and quiet < idle else 0.05)
 
     def background(self) -> None:
-        """Fetch every chunk not yet local, in TOC order, between reads; check each whole blob
+        """Fetch every chunk not yet local: first each layer's prefetch files (its landmark) at once,
+        then, between reads, in the recorded access order and TOC order; check each whole blob
         against its digest and diff_id; then the layer is an ordinary stored layer."""
         with self._lock:
             if self._files is None:
                 self._files = self._index()
         placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
+        for layer in self._layers:
+            try:
+                self._prefetch(layer, placeholders)
+            except OSError:
+                log.warning("lazy layer %s: prefetch stopped", layer.source["digest"])
         for layer in self._layers:
             try:
                 self._fill_layer(layer, placeholders)
@@ -362,32 +430,70 @@ class LazyFill:
                 log.exception("lazy layer %s: background fill failed", layer.source["digest"])
                 continue
 
+    def complete(self, say) -> None:
+        """Fetch all that is not yet local now, layer by layer with a line each (``push``, ``save``
+        and ``convert`` of a lazy image need its blobs); a failure is one line naming the way out."""
+        self.wait_for_reads = False
+        with self._lock:
+            if self._files is None:
+                self._files = self._index()
+        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
+        for layer in self._layers:
+            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
+                continue   # a mount's fill completed it meanwhile
+            digest = layer.source["digest"]
+            have, size = local_bytes(layer.dir)
+            say(f"{digest[7:19]}: lazy layer, {have} of {size} bytes local: fetching the rest "
+                f"from {layer.source['registry']}/{layer.source['repository']}")
+            try:
+                self._fill_layer(layer, placeholders)
+            except (OSError, RegistryError) as e:
+                raise RegistryError(f"lazy layer {digest}: fetching the rest from {layer.source['registry']} "
+                                    f"failed ({e}); the image is not all local: try again with the registry "
+                                    f"reachable, or pull it whole (unionfs pull)") from None
+            say(f"{digest[7:19]}: complete")
+
+    def _prefetch(self, layer: _LazyLayer, placeholders: dict) -> None:
+        """The files the image marks for prefetch, fetched as soon as the mount is up."""
+        by_name = {e.name: e for e in layer.entries}
+        for name in layer.prefetch:
+            e = by_name.get(name)
+            for c in e.chunks if e is not None else ():
+                self._wait_idle(0)   # at once, but after any read's fetch
+                with self._lock:
+                    layer.reload_present()
+                self._get(layer, placeholders.get((layer.dir, name)), c, name, demand=False)
+
     def _fill_layer(self, layer: _LazyLayer, placeholders: dict) -> None:
         digest = layer.source["digest"]
         with self._lock:
             layer.reload_present()
-            if HEAD_MARK not in layer.present and layer.ends[0] > 0:
-                data = get_range(layer.connect(), digest, 0, layer.ends[0])
+            head = HEAD_MARK not in layer.present and layer.ends[0] > 0
+        with self._connecting:
+            client = layer.connect()
+        if head:
+            data = get_range(client, digest, 0, layer.ends[0])
+            _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, 0)
+            with self._lock:
                 self.fetched += len(data)
-                _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, 0)
                 layer.mark(HEAD_MARK)
         for e in layer.fill_order():
             for c in e.chunks:
                 self._wait_idle()
                 with self._lock:
                     layer.reload_present()
-                    if c.offset in layer.present:
-                        continue
-                # fetched without the lock, so reads go on meanwhile; kept only if no read got it first
-                data, chunk = self._download(layer, c, e.name)
-                with self._lock:
-                    if c.offset not in layer.present:
-                        # a file the layer itself replaced has no placeholder: its bytes are part of the blob
-                        self._keep(layer, placeholders.get((layer.dir, e.name)), c, data, chunk)
+                # a file the layer itself replaced has no placeholder: its bytes are part of the blob
+                self._get(layer, placeholders.get((layer.dir, e.name)), c, e.name, demand=False)
+        with self._lock:
+            missing = [c for e in layer.entries for c in e.chunks if c.offset not in layer.present]
+        if missing:   # a fetch another fill of ours was making failed: the next mount goes on
+            raise OSError(errno.EIO, f"{len(missing)} chunks not fetched")
         blob = os.path.join(layer.dir, BLOB_FILE)
         diff_id = "sha256:" + os.path.basename(layer.dir)
         check_blob(blob, digest, diff_id, f"lazy layer {digest}")   # ImageError: logged by the caller
         with self.store.locked():
+            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
+                return   # another mount's fill (or a push) completed it meanwhile
             os.link(blob, blob + ".keep")
             self.store.put_blob_file(digest, blob + ".keep")
             os.rename(os.path.join(layer.dir, LAZY_FILE), os.path.join(layer.dir, DONE_FILE))
@@ -424,6 +530,36 @@ def local_bytes(layer_dir: str) -> tuple[int, int]:
     return have, size
 
 
+@dataclass(frozen=True)
+class LocalShare:
+    """How much of one lazy layer's blob is local (for ``images``, ``ps`` and ``inspect``)."""
+    digest: str
+    local: int
+    size: int
+
+    @property
+    def percent(self) -> int:
+        return 100 * self.local // max(self.size, 1)
+
+    def text(self) -> str:
+        return f"{self.local} of {self.size} bytes local ({self.percent}%)"
+
+
+def local_shares(store: Store, diff_ids) -> list[LocalShare]:
+    """The layers among ``diff_ids`` still lazy (a filled one is an ordinary layer and not listed)."""
+    out = []
+    for diff_id in dict.fromkeys(diff_ids):
+        d = store.layer_dir(diff_id)
+        try:
+            with open(os.path.join(d, LAZY_FILE)) as f:
+                digest = json.load(f)["digest"]
+            have, size = local_bytes(d)
+        except (FileNotFoundError, ValueError):
+            continue   # not lazy, or completed meanwhile
+        out.append(LocalShare(digest, have, size))
+    return out
+
+
 def lazy_report(store: Store) -> str:
     """The lazy layers of every image, with how much of each is local (for ``unionfs images``)."""
     rows = []
@@ -431,16 +567,35 @@ def lazy_report(store: Store) -> str:
     for tag, image_id in store.tags().items():
         tags.setdefault(image_id, []).append(tag)
     for image_id in store.image_ids():
-        for ly in store.image(image_id).layers:
-            d = store.layer_dir(ly.diff_id)
-            if os.path.exists(os.path.join(d, LAZY_FILE)):
-                have, size = local_bytes(d)
-                name = ",".join(sorted(tags.get(image_id, []))) or image_id[7:19]
-                rows.append(f"{ly.digest[7:19]}  {name}  {have} of {size} bytes local ({100 * have // max(size, 1)}%)")
+        name = ",".join(sorted(tags.get(image_id, []))) or image_id[7:19]
+        for share in local_shares(store, store.image(image_id).config.diff_ids):
+            rows.append(f"{share.digest[7:19]}  {name}  {share.text()}")
     return "\n".join(["LAZY LAYER    IMAGE  LOCAL", *rows]) if rows else ""
 
 
-def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...]) -> LazyFill | None:
-    """The fill hook for an image's layers, or None when every layer is whole."""
-    dirs = [store.layer_dir(d) for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
-    return LazyFill(store, dirs) if dirs else None
+def lazy_inspect(store: Store, diff_ids) -> list[dict]:
+    """``inspect``'s ``LazyLayers``: each layer not yet local, bytes and percent."""
+    return [{"Digest": s.digest, "LocalBytes": s.local, "Size": s.size, "LocalPercent": s.percent}
+            for s in local_shares(store, diff_ids)]
+
+
+def make_local(store: Store, names, say) -> None:
+    """Fetch the rest of every lazy layer of the images ``names``, so their blobs are all local."""
+    if not store.exists():
+        return
+    for name in names:
+        fill = fill_for(store, store.image(store.resolve(name)).config.diff_ids)   # any order will do
+        if fill is not None:
+            fill.complete(say)
+
+
+def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...], image_id: str | None = None) -> LazyFill | None:
+    """The fill hook for an image's layers, or None when every layer is whole.  With ``image_id``,
+    the image's recorded prefetch list (``run --record-prefetch``) goes first, else each layer's landmark."""
+    lazy = [d for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
+    if not lazy:
+        return None
+    paths = prefetch.load(store, image_id) if image_id else None
+    shares = prefetch.by_layer(store, diff_ids, paths) if paths else {}
+    return LazyFill(store, [store.layer_dir(d) for d in lazy],
+                    {store.layer_dir(d): shares[d] for d in lazy if shares.get(d)})
