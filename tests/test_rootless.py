@@ -332,25 +332,112 @@ def test_run_as_user(user, ubase):
     assert user.unionfs("run", "--rm", "b:1", "cat", "/f", "/d/a").stdout == b"hi\nA\n"
 
 
-def test_device_node_refused_as_user_and_store_unchanged(user, ubase):
-    """A user cannot make device nodes: loading a layer with one is one line, exit 2, and the
-    store keeps what it had."""
-    import tarfile
+def _umoci_owners_image(base: Path) -> Path:
+    """An OCI layout made by umoci (as root) whose layer has what a user cannot make: files of several
+    owners, setuid/setgid/sticky, a read-only file, hard links, a char and a block device, a fifo."""
+    import subprocess
+    layout, bundle = base / "oci", base / "bundle"
+    sh = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=120)  # noqa: E731
+    sh("umoci", "init", "--layout", str(layout))
+    sh("umoci", "new", "--image", f"{layout}:app")
+    sh("umoci", "unpack", "--image", f"{layout}:app", str(bundle))
+    root = bundle / "rootfs"
+    for rel, mode, owner in [("tmp", 0o1777, (0, 0)), ("var/www", 0o750, (33, 33)), ("home/app", 0o700, (1000, 1000)),
+                             ("srv/shared", 0o2775, (0, 50))]:
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        os.chown(root / rel, *owner)
+        os.chmod(root / rel, mode)
+    for rel, data, mode, owner in [("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644, (0, 0)),
+                                   ("bin/su", b"su", 0o4755, (0, 0)), ("usr/bin/wall", b"wall", 0o2755, (0, 5)),
+                                   ("opt/ro", b"ro", 0o444, (0, 0)), ("home/app/notes", b"app", 0o600, (1000, 1000)),
+                                   ("var/www/index.html", b"www", 0o640, (33, 33))]:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chown(p, *owner)
+        os.chmod(p, mode)
+    os.link(root / "bin/su", root / "bin/su2")
+    os.symlink("notes", root / "home/app/link")
+    (root / "dev").mkdir(exist_ok=True)
+    (root / "run").mkdir(exist_ok=True)
+    for rel, kind, perm, dev, owner in [("dev/null", stat.S_IFCHR, 0o666, os.makedev(1, 3), (0, 0)),
+                                        ("dev/sda", stat.S_IFBLK, 0o660, os.makedev(8, 0), (0, 6)),
+                                        ("run/fifo", stat.S_IFIFO, 0o620, 0, (0, 5))]:
+        os.mknod(root / rel, kind | perm, dev)
+        os.chown(root / rel, *owner)
+        os.chmod(root / rel, perm)
+    sh("umoci", "repack", "--image", f"{layout}:app", str(bundle))
+    shutil.rmtree(bundle)
+    for dirpath, dirnames, filenames in os.walk(layout):
+        os.chmod(dirpath, 0o755)
+        for n in filenames:
+            os.chmod(os.path.join(dirpath, n), 0o644)
+    return layout
 
-    from image_archives import Entry, Img, docker_save_legacy, f, layer_tar
+
+def _root_snapshot(store: Path, image: str, mnt: Path) -> dict:
+    import subprocess
+
+    from helpers import unionfs_cmd
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(unionfs_cmd("--root", str(store), "mount", image, str(mnt)), check=True, capture_output=True,
+                   timeout=60)
+    try:
+        return snapshot(mnt)
+    finally:
+        subprocess.run(unionfs_cmd("umount", str(mnt)), capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is needed (scripts/setup --test)")
+def test_owners_modes_devices_as_user(user, ubase, tmp_path):
+    """A user's store keeps the image's owners, modes and devices in user.containers.override_stat:
+    the user's mount shows every entry as root's mount of the same image does; the user, root of
+    the container, changes owners and modes of lower and new files; commit and save carry them, and
+    the save loads as root with the same tree."""
+    import subprocess
+
+    from helpers import unionfs_cmd
     base, mounts = ubase
-    ok_archive, dev_archive = base / "ok.tar", base / "dev.tar"
-    docker_save_legacy(ok_archive, [Img([layer_tar([f("etc/motd", b"hi")])], ["ok:1"])])
-    docker_save_legacy(dev_archive, [Img([layer_tar([f("etc/x", b"x"), Entry("dev/null", type=tarfile.CHRTYPE,
-                                                                            mode=0o666, devmajor=1, devminor=3)])],
-                                         ["dev:1"])])
-    for a in (ok_archive, dev_archive):
-        os.chmod(a, 0o644)
-    user.unionfs("load", str(ok_archive))
-    def images() -> list[list[bytes]]:   # repository, tag, id: not CREATED, which moves with the clock
-        return [line.split()[:3] for line in user.unionfs("images").stdout.splitlines()]
-    before = images()
-    r = user.unionfs("load", str(dev_archive), check=False)
-    err = [x for x in r.stderr.decode().splitlines() if x.startswith("unionfs:")]
-    assert r.returncode == 2 and len(err) == 1 and "device node" in err[0], r.stderr
-    assert images() == before
+    layout = _umoci_owners_image(base)
+    u = user.unionfs
+    u("load", str(layout), "--tag", "app:1")
+    rstore = tmp_path / "rootstore"
+    subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(layout), "--tag", "app:1"), check=True,
+                   capture_output=True, timeout=120)
+    as_root = _root_snapshot(rstore, "app:1", tmp_path / "r1")
+    assert as_root["dev/null"][:6] == (stat.S_IFCHR, 0o666, 0, 0, 0, os.makedev(1, 3))
+    mnt = user_dir(user, base, "img")
+    u("mount", "app:1", str(mnt))
+    try:
+        as_user = _user_snapshot(user, mnt)
+    finally:
+        u("umount", str(mnt))
+    assert diff_snapshots(as_root, as_user) == []
+
+    u("create", "--name", "c1", "app:1")
+    cmnt = user_dir(user, base, "ctr")
+    u("mount", "c1", str(cmnt))
+    try:
+        user.run(["sh", "-c", f"cd {cmnt} && chown 33:33 etc/passwd && echo x >> opt/ro && chmod 4711 opt/ro"
+                  " && echo new > etc/new && mkdir -m 2750 srv/d && chown 1000:33 srv/d && echo s > srv/shared/s"
+                  " && chown 0:0 home/app/notes && echo more >> var/www/index.html && mkfifo -m 0600 run/f2"
+                  " && chmod 0640 dev/null && rm bin/su2"])
+        changed = _user_snapshot(user, cmnt)
+    finally:
+        u("umount", str(cmnt))
+    assert changed["etc/passwd"][1:4] == (0o644, 33, 33) and changed["opt/ro"][1:4] == (0o4711, 0, 0)
+    assert changed["etc/new"][1:4] == (0o644, 0, 0) and changed["srv/d"][1:4] == (0o2750, 1000, 33)
+    assert changed["srv/shared/s"][2:4] == (0, 50)   # the setgid dir's group, recorded
+    assert changed["var/www/index.html"][1:4] == (0o640, 33, 33)   # copied up, owners kept
+    assert changed["dev/null"][:6] == (stat.S_IFCHR, 0o640, 0, 0, 0, os.makedev(1, 3))
+    # On disk, the user's own files with containers/storage's record (what fuse-overlayfs reads).
+    (up,) = [p / "upper" for p in (user.data / "unionfs/containers").iterdir()]
+    assert (up / "etc/passwd").stat().st_uid == user.uid
+    assert os.getxattr(up / "etc/passwd", "user.containers.override_stat") == b"33:33:0644:file"
+    assert os.getxattr(up / "run/f2", "user.containers.override_stat") == b"0:0:0600:pipe"
+    u("commit", "c1", "app:2")
+    out = base / "save.tar"
+    u("save", "--output", str(out), "app:2")
+    subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(out)), check=True, capture_output=True, timeout=120)
+    assert diff_snapshots(_root_snapshot(rstore, "app:2", tmp_path / "r2"), changed) == []
+    u("rm", "c1")

@@ -305,8 +305,10 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
     try:
         os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
         # Rootless, every process of the container is the user (one id mapped): no allow_other,
-        # which fusermount3 refuses to users without user_allow_other in /etc/fuse.conf.
-        mount_container(store, c, c.rootfs, ["suid,dev,allow_other"] if os.geteuid() == 0 else [])
+        # which fusermount3 refuses to users without user_allow_other in /etc/fuse.conf.  Root's
+        # files (recorded owner 0) show as the user, who is root inside.
+        me = f"uidmapping=0:{os.geteuid()}:1,gidmapping=0:{os.getegid()}:1"
+        mount_container(store, c, c.rootfs, ["suid,dev,allow_other"] if os.geteuid() == 0 else [me])
         if prepare is not None:
             prepare()
         with open(os.path.join(c.bundle, "config.json"), "rb") as f:
