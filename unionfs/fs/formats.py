@@ -61,13 +61,16 @@ FUSE_OVERLAYFS_PREFIX = "user.fuseoverlayfs."
 UNIONFS_PREFIX = "trusted.unionfs."
 UNIONFS_USER_PREFIX = "user.unionfs."
 # Owner, mode and type kept in an xattr where they cannot be kept on the file (a user's store):
-# containers/storage's name (fuse-overlayfs ``xattr_permissions=2``) and fuse-overlayfs's own (``=1``).
+# containers/storage's name (its force_mask; fuse-overlayfs >= 1.14 writes it for xattr_permissions=2),
+# fuse-overlayfs's privileged one (xattr_permissions=1) and its older user one (=2 before 1.14).
+# fuse-overlayfs reads a lower layer by the name its root carries, in this order.
 OVERRIDE_CONTAINERS = "user.containers.override_stat"
+OVERRIDE_PRIVILEGED = "security.fuseoverlayfs.override_stat"
 OVERRIDE_FUSE_OVERLAYFS = FUSE_OVERLAYFS_PREFIX + "override_stat"
-OVERRIDE_NAMES = (OVERRIDE_CONTAINERS, OVERRIDE_FUSE_OVERLAYFS)
+OVERRIDE_NAMES = (OVERRIDE_PRIVILEGED, OVERRIDE_CONTAINERS, OVERRIDE_FUSE_OVERLAYFS)
 META_NAMES = (UNIONFS_PREFIX + "origin", UNIONFS_USER_PREFIX + "origin")  # our per-inode UpperMeta
 PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX, FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX,
-                    OVERRIDE_CONTAINERS)
+                    OVERRIDE_CONTAINERS, OVERRIDE_PRIVILEGED)
 # A layer may carry overlay xattrs of its own, escaped one level ("nesting").
 ESCAPE = "overlay."
 
@@ -162,7 +165,7 @@ def is_private_xattr(name: str) -> bool:
     for prefix in (TRUSTED_PREFIX, USER_PREFIX):
         if name.startswith(prefix):
             return not name.startswith(prefix + ESCAPE)
-    return name.startswith((FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX)) or name == OVERRIDE_CONTAINERS
+    return name.startswith((FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX)) or name in OVERRIDE_NAMES
 
 
 def unescape_xattr(name: str) -> str:
@@ -377,8 +380,9 @@ _OVERRIDE_KINDS = {v: k for k, v in _OVERRIDE_TYPES.items()}
 
 
 def override_name(level: int) -> str:
-    """The xattr of fuse-overlayfs's ``xattr_permissions=level`` (1: its own, 2: containers/storage's)."""
-    return OVERRIDE_FUSE_OVERLAYFS if level == 1 else OVERRIDE_CONTAINERS
+    """The xattr ``xattr_permissions=level`` writes: 1 fuse-overlayfs's privileged one (security.*, root
+    only), 2 containers/storage's (what fuse-overlayfs >= 1.14 writes; every name is read)."""
+    return OVERRIDE_PRIVILEGED if level == 1 else OVERRIDE_CONTAINERS
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,12 @@ class Union(Lookup):
             return None
         try:
             fd, name = self.locate(node)
-            return formats.Override.decode(ovl.getxattr_or_none(fd, name, self.override))
+            raw = ovl.getxattr_or_none(fd, name, self.override)
+            if raw is None:   # another tool's name (fuse-overlayfs's, containers/storage's)?
+                names = ovl.listxattr_at(fd, name)
+                other = next((n for n in formats.OVERRIDE_NAMES if n in names), None)
+                raw = ovl.getxattr_or_none(fd, name, other) if other is not None else None
+            return formats.Override.decode(raw)
         except FileNotFoundError:   # an unlinked file still open
             return None
 

@@ -174,9 +174,12 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             static_nlink = True
         elif k == "xattr_permissions":
             if v not in (None, "0", "1", "2"):
-                raise UsageError(f"xattr_permissions={v}: want 0, 1 (user.fuseoverlayfs.override_stat) "
+                raise UsageError(f"xattr_permissions={v}: want 0, 1 (security.fuseoverlayfs.override_stat) "
                                  "or 2 (user.containers.override_stat)")
             override = formats.override_name(int(v or "1")) if v != "0" else None
+            if override == formats.OVERRIDE_PRIVILEGED and os.geteuid() != 0:
+                raise UsageError("xattr_permissions=1 records owners in security.* xattrs, which only root may "
+                                 "write: use xattr_permissions=2")
         elif k == "context" and v:
             if _selinux_enabled():   # without SELinux the kernel would refuse the mount
                 fuse.add(f"context={v}")
