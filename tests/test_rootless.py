@@ -199,10 +199,6 @@ def _user_snapshot(user: User, root: Path) -> dict:
         "print(json.dumps(snapshot_as_user(sys.argv[1])))", str(root)).stdout))
 
 
-def _no_owners(snap: dict) -> dict:
-    return {k: (v if k.startswith("<") else (v[0], v[1], *v[4:])) for k, v in snap.items()}
-
-
 @pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is needed (scripts/setup --test)")
 def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
     """load, images, inspect, history, tag, mount, create, mount the container, change it, diff,
@@ -242,7 +238,7 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
     out = base / "save.tar"
     u("save", "--output", str(out), "app:changed")
     assert len(cid) == 64
-    # As root, into a store of root's: the same tree (owners aside: see the README's Rootless section).
+    # As root, into a store of root's: the same tree, owners included (the user's store records them).
     rstore = tmp_path / "rootstore"
     from helpers import unionfs_cmd
     subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(out)), check=True, capture_output=True, timeout=120)
@@ -254,8 +250,7 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
         as_root = snapshot(rmnt)
     finally:
         subprocess.run(unionfs_cmd("umount", str(rmnt)), capture_output=True, timeout=60)
-    assert diff_snapshots(_no_owners(as_root), _no_owners(changed)) == []
-    # What the user never touched keeps the image's owners in the saved layers.
+    assert diff_snapshots(as_root, changed) == []
     assert as_root["var/www/index.html"][2:4] == (33, 33)
     assert as_root["bin/su"][1:4] == (0o4755, 0, 0)
     u("rm", "c1")
@@ -265,7 +260,7 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
 
 def test_push_and_pull_as_user(user, ubase, tmp_path):
     """push from the user's store to a registry, pull as the user into another store and as root:
-    the same tree (owners aside, see README), the manifest digest unchanged."""
+    the same tree, owners included, the manifest digest unchanged."""
     import subprocess
 
     from helpers import unionfs_cmd
@@ -301,7 +296,7 @@ def test_push_and_pull_as_user(user, ubase, tmp_path):
     finally:
         subprocess.run(unionfs_cmd("umount", str(rmnt)), capture_output=True, timeout=60)
     assert diff_snapshots(views[0], views[1]) == []
-    assert diff_snapshots(_no_owners(as_root), _no_owners(views[0])) == []
+    assert diff_snapshots(as_root, views[0]) == []
     assert as_root["home/app/notes"][1:4] == (0o600, 1000, 1000)   # the pushed layer kept the image's owners
 
 
