@@ -164,25 +164,15 @@ def test_missing_pieces_get_one_line(user, ubase):
     assert not os.path.ismount(mnt)
 
 
-def _umoci_image(base: Path) -> Path:
-    """An OCI layout made by umoci (as root): files of several owners, setuid, a deleted-later dir."""
+def _umoci_layout(base: Path, fill) -> Path:
+    """An OCI layout made by umoci (as root) with one layer: ``fill(rootfs)`` makes its tree."""
     import subprocess
     layout, bundle = base / "oci", base / "bundle"
     sh = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=120)  # noqa: E731
     sh("umoci", "init", "--layout", str(layout))
     sh("umoci", "new", "--image", f"{layout}:app")
     sh("umoci", "unpack", "--image", f"{layout}:app", str(bundle))
-    root = bundle / "rootfs"
-    for rel, data, mode, owner in [("etc/motd", b"hi\n", 0o644, (0, 0)), ("bin/su", b"su", 0o4755, (0, 0)),
-                                   ("home/app/notes", b"app", 0o600, (1000, 1000)),
-                                   ("var/www/index.html", b"www", 0o640, (33, 33)),
-                                   ("old/a", b"a", 0o644, (0, 0)), ("old/b/c", b"c", 0o644, (0, 0))]:
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        os.chown(p, *owner)
-        os.chmod(p, mode)
-    os.chown(root / "home/app", 1000, 1000)
+    fill(bundle / "rootfs")
     sh("umoci", "repack", "--image", f"{layout}:app", str(bundle))
     shutil.rmtree(bundle)
     chown_tree(layout, 0, 0)
@@ -191,6 +181,26 @@ def _umoci_image(base: Path) -> Path:
         for n in filenames:
             os.chmod(os.path.join(dirpath, n), 0o644)
     return layout
+
+
+def _write_files(root: Path, files) -> None:
+    for rel, data, mode, owner in files:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chown(p, *owner)
+        os.chmod(p, mode)
+
+
+def _umoci_image(base: Path) -> Path:
+    """An OCI layout made by umoci (as root): files of several owners, setuid, a deleted-later dir."""
+    def fill(root: Path) -> None:
+        _write_files(root, [("etc/motd", b"hi\n", 0o644, (0, 0)), ("bin/su", b"su", 0o4755, (0, 0)),
+                            ("home/app/notes", b"app", 0o600, (1000, 1000)),
+                            ("var/www/index.html", b"www", 0o640, (33, 33)),
+                            ("old/a", b"a", 0o644, (0, 0)), ("old/b/c", b"c", 0o644, (0, 0))])
+        os.chown(root / "home/app", 1000, 1000)
+    return _umoci_layout(base, fill)
 
 
 def _user_snapshot(user: User, root: Path) -> dict:
@@ -330,44 +340,27 @@ def test_run_as_user(user, ubase):
 def _umoci_owners_image(base: Path) -> Path:
     """An OCI layout made by umoci (as root) whose layer has what a user cannot make: files of several
     owners, setuid/setgid/sticky, a read-only file, hard links, a char and a block device, a fifo."""
-    import subprocess
-    layout, bundle = base / "oci", base / "bundle"
-    sh = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=120)  # noqa: E731
-    sh("umoci", "init", "--layout", str(layout))
-    sh("umoci", "new", "--image", f"{layout}:app")
-    sh("umoci", "unpack", "--image", f"{layout}:app", str(bundle))
-    root = bundle / "rootfs"
-    for rel, mode, owner in [("tmp", 0o1777, (0, 0)), ("var/www", 0o750, (33, 33)), ("home/app", 0o700, (1000, 1000)),
-                             ("srv/shared", 0o2775, (0, 50))]:
-        (root / rel).mkdir(parents=True, exist_ok=True)
-        os.chown(root / rel, *owner)
-        os.chmod(root / rel, mode)
-    for rel, data, mode, owner in [("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644, (0, 0)),
-                                   ("bin/su", b"su", 0o4755, (0, 0)), ("usr/bin/wall", b"wall", 0o2755, (0, 5)),
-                                   ("opt/ro", b"ro", 0o444, (0, 0)), ("home/app/notes", b"app", 0o600, (1000, 1000)),
-                                   ("var/www/index.html", b"www", 0o640, (33, 33))]:
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        os.chown(p, *owner)
-        os.chmod(p, mode)
-    os.link(root / "bin/su", root / "bin/su2")
-    os.symlink("notes", root / "home/app/link")
-    (root / "dev").mkdir(exist_ok=True)
-    (root / "run").mkdir(exist_ok=True)
-    for rel, kind, perm, dev, owner in [("dev/null", stat.S_IFCHR, 0o666, os.makedev(1, 3), (0, 0)),
-                                        ("dev/sda", stat.S_IFBLK, 0o660, os.makedev(8, 0), (0, 6)),
-                                        ("run/fifo", stat.S_IFIFO, 0o620, 0, (0, 5))]:
-        os.mknod(root / rel, kind | perm, dev)
-        os.chown(root / rel, *owner)
-        os.chmod(root / rel, perm)
-    sh("umoci", "repack", "--image", f"{layout}:app", str(bundle))
-    shutil.rmtree(bundle)
-    for dirpath, dirnames, filenames in os.walk(layout):
-        os.chmod(dirpath, 0o755)
-        for n in filenames:
-            os.chmod(os.path.join(dirpath, n), 0o644)
-    return layout
+    def fill(root: Path) -> None:
+        for rel, mode, owner in [("tmp", 0o1777, (0, 0)), ("var/www", 0o750, (33, 33)),
+                                 ("home/app", 0o700, (1000, 1000)), ("srv/shared", 0o2775, (0, 50))]:
+            (root / rel).mkdir(parents=True, exist_ok=True)
+            os.chown(root / rel, *owner)
+            os.chmod(root / rel, mode)
+        _write_files(root, [("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644, (0, 0)),
+                            ("bin/su", b"su", 0o4755, (0, 0)), ("usr/bin/wall", b"wall", 0o2755, (0, 5)),
+                            ("opt/ro", b"ro", 0o444, (0, 0)), ("home/app/notes", b"app", 0o600, (1000, 1000)),
+                            ("var/www/index.html", b"www", 0o640, (33, 33))])
+        os.link(root / "bin/su", root / "bin/su2")
+        os.symlink("notes", root / "home/app/link")
+        (root / "dev").mkdir(exist_ok=True)
+        (root / "run").mkdir(exist_ok=True)
+        for rel, kind, perm, dev, owner in [("dev/null", stat.S_IFCHR, 0o666, os.makedev(1, 3), (0, 0)),
+                                            ("dev/sda", stat.S_IFBLK, 0o660, os.makedev(8, 0), (0, 6)),
+                                            ("run/fifo", stat.S_IFIFO, 0o620, 0, (0, 5))]:
+            os.mknod(root / rel, kind | perm, dev)
+            os.chown(root / rel, *owner)
+            os.chmod(root / rel, perm)
+    return _umoci_layout(base, fill)
 
 
 def _root_snapshot(store: Path, image: str, mnt: Path) -> dict:
