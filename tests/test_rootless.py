@@ -17,7 +17,7 @@ import pytest
 
 from difftest import build_lower, without_private_xattrs
 from helpers import diff_snapshots, overlay_mount, program_mount, snapshot
-from rootless_env import User, UserMount, chown_tree, rootless_user, user_dir
+from rootless_env import User, UserMount, chown_tree, edited, rootless_user, user_allow_other, user_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = int(os.environ.get("UNIONFS_ROOTLESS_SEEDS", "8"))
@@ -335,6 +335,46 @@ def test_run_as_user(user, ubase):
     chown_tree(ctx, user.uid, user.gid)
     user.unionfs("build", "-t", "b:1", str(ctx), timeout=300)
     assert user.unionfs("run", "--rm", "b:1", "cat", "/f", "/d/a").stdout == b"hi\nA\n"
+
+
+@pytest.mark.skipif(shutil.which("crun") is None or shutil.which("newuidmap") is None,
+                    reason="crun and newuidmap are needed (scripts/setup --test)")
+def test_run_other_users_with_subordinate_ids(user, ubase, tmp_path):
+    """With subordinate ids (newuidmap) and user_allow_other, a rootless container runs as the image's
+    user and as any uid, owners as the image has them, permissions checked: as in root's run.
+    Without them, one line naming what is missing."""
+    import subprocess
+
+    from container_images import busybox_image
+    from helpers import unionfs_cmd
+    base, mounts = ubase
+    archive = base / "bb.tar"
+    busybox_image(archive, "sub:1")
+    os.chmod(archive, 0o644)
+    user.unionfs("load", str(archive))
+    rstore = tmp_path / "rootstore"
+    subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(archive)), check=True, capture_output=True,
+                   timeout=120)
+    script = ("id -u; id -g; id -G; stat -c %u:%g:%a /home/app /etc/passwd /tmp; echo x > /home/app/f && "
+              "stat -c %u:%g /home/app/f; (echo y > /etc/x) 2>/dev/null || echo denied; ls /root 2>/dev/null || "
+              "echo closed")
+    for args in ([], ["-u", "33:33"]):   # the image's User is app (1000)
+        r = user.unionfs("run", "--rm", *args, "sub:1", "sh", "-c", script, check=False, timeout=120)
+        err = r.stderr.decode().strip()
+        assert r.returncode != 0 and len(err.splitlines()) == 1 and "user_allow_other" in err, err
+    with user_allow_other():
+        for args, uid in (([], "1000"), (["-u", "33:33"], "33"), (["-u", "0"], "0")):
+            ours = user.unionfs("run", "--rm", *args, "sub:1", "sh", "-c", script, timeout=120).stdout.decode()
+            theirs = subprocess.run(unionfs_cmd("--root", str(rstore), "run", "--rm", *args, "sub:1", "sh", "-c",
+                                                script), capture_output=True, timeout=120).stdout.decode()
+            assert ours == theirs, (args, ours, theirs)
+            assert ours.split()[0] == uid and "1000:1000:755" in ours, ours
+        with edited("/etc/subuid", lambda text: "".join(line + "\n" for line in text.splitlines()
+                                                        if not line.startswith(user.name + ":"))):
+            r = user.unionfs("run", "--rm", "-u", "33", "sub:1", "true", check=False, timeout=120)
+            err = r.stderr.decode().strip()
+            assert r.returncode != 0 and len(err.splitlines()) == 1, err
+            assert f"no subordinate ids for {user.name} in /etc/subuid" in err, err
 
 
 def _umoci_owners_image(base: Path) -> Path:

@@ -205,13 +205,11 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError("allow_root and allow_other exclude each other")
     if os.geteuid() == 0:
         fuse |= {opt for opt, unless in ROOT_DEFAULTS.items() if unless not in fuse}
-    elif override is not None:
-        # A user's mount with recorded owners: the user is root of it ("fakeroot"), so the kernel
-        # must not check the recorded owners against the user's own id; with nobody else let in,
-        # there is nobody else to check.
-        if "allow_other" in fuse or "allow_root" in fuse:
-            raise UsageError("xattr_permissions with allow_other or allow_root: a user's mount with recorded "
-                             "owners lets in the user only (who is root of it)")
+    elif override is not None and not ("allow_other" in fuse or "allow_root" in fuse):
+        # A user's mount with recorded owners, for the user alone: the user is root of it ("fakeroot"),
+        # so the kernel must not check the recorded owners against the user's own id; with nobody else
+        # let in, there is nobody else to check.  With others let in (a container's subordinate ids),
+        # the kernel checks everyone against the owners shown, as for root's mounts.
         fuse.discard("default_permissions")
     if not any(o.startswith("fsname=") for o in fuse):
         fuse.add("fsname=unionfs")
@@ -331,7 +329,7 @@ def _serve(cfg: MountConfig, union, ready) -> None:
     real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting (see below)
     ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint), idmap=cfg.idmap,
                      acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink,
-                     fakeroot=cfg.override is not None and os.geteuid() != 0)
+                     fakeroot="default_permissions" not in cfg.fuse_options)
     os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
     try:
