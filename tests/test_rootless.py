@@ -461,13 +461,14 @@ def test_owners_modes_devices_as_user(user, ubase, tmp_path):
         user.run(["sh", "-c", f"cd {cmnt} && chown 33:33 etc/passwd && echo x >> opt/ro && chmod 4711 opt/ro"
                   " && echo new > etc/new && mkdir -m 2750 srv/d && chown 1000:33 srv/d && echo s > srv/shared/s"
                   " && chown 0:0 home/app/notes && echo more >> var/www/index.html && mkfifo -m 0600 run/f2"
-                  " && chmod 0640 dev/null && rm bin/su2"])
+                  " && chmod 0640 dev/null && rm bin/su2 && ln -s passwd etc/link && ln -s s srv/shared/l"])
         changed = _user_snapshot(user, cmnt)
     finally:
         u("umount", str(cmnt))
     assert changed["etc/passwd"][1:4] == (0o644, 33, 33) and changed["opt/ro"][1:4] == (0o4711, 0, 0)
     assert changed["etc/new"][1:4] == (0o644, 0, 0) and changed["srv/d"][1:4] == (0o2750, 1000, 33)
     assert changed["srv/shared/s"][2:4] == (0, 50)   # the setgid dir's group, recorded
+    assert changed["etc/link"][:4] == (stat.S_IFLNK, 0o777, 0, 0)
     assert changed["var/www/index.html"][1:4] == (0o640, 33, 33)   # copied up, owners kept
     assert changed["dev/null"][:6] == (stat.S_IFCHR, 0o640, 0, 0, 0, os.makedev(1, 3))
     # On disk, the user's own files with containers/storage's record (what fuse-overlayfs reads).

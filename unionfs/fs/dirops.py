@@ -63,7 +63,9 @@ class DirOps:
         # A directory where a lower one was removed is opaque (the whiteout says so).
         opaque = kind == stat.S_IFDIR and over_whiteout
         override = None
-        if self.override is not None and kind != stat.S_IFLNK:
+        if self.override is not None and kind == stat.S_IFLNK and self._euid != 0:
+            uid, gid = self._euid, self._egid   # no record can go on a symlink: the user's own (shows as root's)
+        elif self.override is not None:
             # xattr_permissions: the owner, mode and type are recorded; a user's entry is the user's
             # own, read-write for the user, a device or fifo a regular file (formats.stored_kind).
             override = formats.Override(uid, gid, perm, kind, rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
