@@ -64,7 +64,43 @@ def _ensure_user() -> tuple[int, int, Path]:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", USER],
                        check=True, capture_output=True, timeout=60)
         pw = pwd.getpwnam(USER)
+    _ensure_subids(USER)
     return pw.pw_uid, pw.pw_gid, Path(pw.pw_dir)
+
+
+SUBIDS = (100000, 65536)
+
+
+def _ensure_subids(name: str) -> None:
+    """Subordinate ids for the user, as useradd gives them on Debian (kept, like the user)."""
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if not any(line.split(":")[0] == name for line in lines):
+            with open(path, "a") as f:
+                f.write(f"{name}:{SUBIDS[0]}:{SUBIDS[1]}\n")
+
+
+@contextlib.contextmanager
+def edited(path: str, edit):
+    """``path`` with its text changed by ``edit`` for a while, put back as it was after."""
+    p = Path(path)
+    before = p.read_text() if p.exists() else None
+    p.write_text(edit(before or ""))
+    try:
+        yield
+    finally:
+        if before is None:
+            p.unlink()
+        else:
+            p.write_text(before)
+
+
+def user_allow_other():
+    """/etc/fuse.conf with ``user_allow_other`` (a container of the user's with other users needs it)."""
+    return edited("/etc/fuse.conf", lambda text: text + "\nuser_allow_other\n")
 
 
 @contextlib.contextmanager

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from difftest import build_lower, without_private_xattrs
-from helpers import diff_snapshots, overlay_mount, snapshot
-from rootless_env import User, UserMount, chown_tree, rootless_user, user_dir
+from helpers import diff_snapshots, overlay_mount, program_mount, snapshot
+from rootless_env import User, UserMount, chown_tree, edited, rootless_user, user_allow_other, user_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = int(os.environ.get("UNIONFS_ROOTLESS_SEEDS", "8"))
@@ -164,25 +164,15 @@ def test_missing_pieces_get_one_line(user, ubase):
     assert not os.path.ismount(mnt)
 
 
-def _umoci_image(base: Path) -> Path:
-    """An OCI layout made by umoci (as root): files of several owners, setuid, a deleted-later dir."""
+def _umoci_layout(base: Path, fill) -> Path:
+    """An OCI layout made by umoci (as root) with one layer: ``fill(rootfs)`` makes its tree."""
     import subprocess
     layout, bundle = base / "oci", base / "bundle"
     sh = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=120)  # noqa: E731
     sh("umoci", "init", "--layout", str(layout))
     sh("umoci", "new", "--image", f"{layout}:app")
     sh("umoci", "unpack", "--image", f"{layout}:app", str(bundle))
-    root = bundle / "rootfs"
-    for rel, data, mode, owner in [("etc/motd", b"hi\n", 0o644, (0, 0)), ("bin/su", b"su", 0o4755, (0, 0)),
-                                   ("home/app/notes", b"app", 0o600, (1000, 1000)),
-                                   ("var/www/index.html", b"www", 0o640, (33, 33)),
-                                   ("old/a", b"a", 0o644, (0, 0)), ("old/b/c", b"c", 0o644, (0, 0))]:
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        os.chown(p, *owner)
-        os.chmod(p, mode)
-    os.chown(root / "home/app", 1000, 1000)
+    fill(bundle / "rootfs")
     sh("umoci", "repack", "--image", f"{layout}:app", str(bundle))
     shutil.rmtree(bundle)
     chown_tree(layout, 0, 0)
@@ -193,14 +183,30 @@ def _umoci_image(base: Path) -> Path:
     return layout
 
 
+def _write_files(root: Path, files) -> None:
+    for rel, data, mode, owner in files:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chown(p, *owner)
+        os.chmod(p, mode)
+
+
+def _umoci_image(base: Path) -> Path:
+    """An OCI layout made by umoci (as root): files of several owners, setuid, a deleted-later dir."""
+    def fill(root: Path) -> None:
+        _write_files(root, [("etc/motd", b"hi\n", 0o644, (0, 0)), ("bin/su", b"su", 0o4755, (0, 0)),
+                            ("home/app/notes", b"app", 0o600, (1000, 1000)),
+                            ("var/www/index.html", b"www", 0o640, (33, 33)),
+                            ("old/a", b"a", 0o644, (0, 0)), ("old/b/c", b"c", 0o644, (0, 0))])
+        os.chown(root / "home/app", 1000, 1000)
+    return _umoci_layout(base, fill)
+
+
 def _user_snapshot(user: User, root: Path) -> dict:
     return _unsnap(json.loads(user.python(
         "import json, sys; from rootless_diff import snapshot_as_user;"
         "print(json.dumps(snapshot_as_user(sys.argv[1])))", str(root)).stdout))
-
-
-def _no_owners(snap: dict) -> dict:
-    return {k: (v if k.startswith("<") else (v[0], v[1], *v[4:])) for k, v in snap.items()}
 
 
 @pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is needed (scripts/setup --test)")
@@ -242,7 +248,7 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
     out = base / "save.tar"
     u("save", "--output", str(out), "app:changed")
     assert len(cid) == 64
-    # As root, into a store of root's: the same tree (owners aside: see the README's Rootless section).
+    # As root, into a store of root's: the same tree, owners included (the user's store records them).
     rstore = tmp_path / "rootstore"
     from helpers import unionfs_cmd
     subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(out)), check=True, capture_output=True, timeout=120)
@@ -254,8 +260,7 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
         as_root = snapshot(rmnt)
     finally:
         subprocess.run(unionfs_cmd("umount", str(rmnt)), capture_output=True, timeout=60)
-    assert diff_snapshots(_no_owners(as_root), _no_owners(changed)) == []
-    # What the user never touched keeps the image's owners in the saved layers.
+    assert diff_snapshots(as_root, changed) == []
     assert as_root["var/www/index.html"][2:4] == (33, 33)
     assert as_root["bin/su"][1:4] == (0o4755, 0, 0)
     u("rm", "c1")
@@ -265,7 +270,7 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
 
 def test_push_and_pull_as_user(user, ubase, tmp_path):
     """push from the user's store to a registry, pull as the user into another store and as root:
-    the same tree (owners aside, see README), the manifest digest unchanged."""
+    the same tree, owners included, the manifest digest unchanged."""
     import subprocess
 
     from helpers import unionfs_cmd
@@ -301,7 +306,7 @@ def test_push_and_pull_as_user(user, ubase, tmp_path):
     finally:
         subprocess.run(unionfs_cmd("umount", str(rmnt)), capture_output=True, timeout=60)
     assert diff_snapshots(views[0], views[1]) == []
-    assert diff_snapshots(_no_owners(as_root), _no_owners(views[0])) == []
+    assert diff_snapshots(as_root, views[0]) == []
     assert as_root["home/app/notes"][1:4] == (0o600, 1000, 1000)   # the pushed layer kept the image's owners
 
 
@@ -332,25 +337,148 @@ def test_run_as_user(user, ubase):
     assert user.unionfs("run", "--rm", "b:1", "cat", "/f", "/d/a").stdout == b"hi\nA\n"
 
 
-def test_device_node_refused_as_user_and_store_unchanged(user, ubase):
-    """A user cannot make device nodes: loading a layer with one is one line, exit 2, and the
-    store keeps what it had."""
-    import tarfile
+@pytest.mark.skipif(shutil.which("crun") is None or shutil.which("newuidmap") is None,
+                    reason="crun and newuidmap are needed (scripts/setup --test)")
+def test_run_other_users_with_subordinate_ids(user, ubase, tmp_path):
+    """With subordinate ids (newuidmap) and user_allow_other, a rootless container runs as the image's
+    user and as any uid, owners as the image has them, permissions checked: as in root's run.
+    Without them, one line naming what is missing."""
+    import subprocess
 
-    from image_archives import Entry, Img, docker_save_legacy, f, layer_tar
+    from container_images import busybox_image
+    from helpers import unionfs_cmd
     base, mounts = ubase
-    ok_archive, dev_archive = base / "ok.tar", base / "dev.tar"
-    docker_save_legacy(ok_archive, [Img([layer_tar([f("etc/motd", b"hi")])], ["ok:1"])])
-    docker_save_legacy(dev_archive, [Img([layer_tar([f("etc/x", b"x"), Entry("dev/null", type=tarfile.CHRTYPE,
-                                                                            mode=0o666, devmajor=1, devminor=3)])],
-                                         ["dev:1"])])
-    for a in (ok_archive, dev_archive):
-        os.chmod(a, 0o644)
-    user.unionfs("load", str(ok_archive))
-    def images() -> list[list[bytes]]:   # repository, tag, id: not CREATED, which moves with the clock
-        return [line.split()[:3] for line in user.unionfs("images").stdout.splitlines()]
-    before = images()
-    r = user.unionfs("load", str(dev_archive), check=False)
-    err = [x for x in r.stderr.decode().splitlines() if x.startswith("unionfs:")]
-    assert r.returncode == 2 and len(err) == 1 and "device node" in err[0], r.stderr
-    assert images() == before
+    archive = base / "bb.tar"
+    busybox_image(archive, "sub:1")
+    os.chmod(archive, 0o644)
+    user.unionfs("load", str(archive))
+    rstore = tmp_path / "rootstore"
+    subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(archive)), check=True, capture_output=True,
+                   timeout=120)
+    script = ("id -u; id -g; id -G; stat -c %u:%g:%a /home/app /etc/passwd /tmp; echo x > /home/app/f && "
+              "stat -c %u:%g /home/app/f; (echo y > /etc/x) 2>/dev/null || echo denied; ls /root 2>/dev/null || "
+              "echo closed")
+    for args in ([], ["-u", "33:33"]):   # the image's User is app (1000)
+        r = user.unionfs("run", "--rm", *args, "sub:1", "sh", "-c", script, check=False, timeout=120)
+        err = r.stderr.decode().strip()
+        assert r.returncode != 0 and len(err.splitlines()) == 1 and "user_allow_other" in err, err
+    with user_allow_other():
+        for args, uid in (([], "1000"), (["-u", "33:33"], "33"), (["-u", "0"], "0")):
+            ours = user.unionfs("run", "--rm", *args, "sub:1", "sh", "-c", script, timeout=120).stdout.decode()
+            theirs = subprocess.run(unionfs_cmd("--root", str(rstore), "run", "--rm", *args, "sub:1", "sh", "-c",
+                                                script), capture_output=True, timeout=120).stdout.decode()
+            assert ours == theirs, (args, ours, theirs)
+            assert ours.split()[0] == uid and "1000:1000:755" in ours, ours
+        with edited("/etc/subuid", lambda text: "".join(line + "\n" for line in text.splitlines()
+                                                        if not line.startswith(user.name + ":"))):
+            r = user.unionfs("run", "--rm", "-u", "33", "sub:1", "true", check=False, timeout=120)
+            err = r.stderr.decode().strip()
+            assert r.returncode != 0 and len(err.splitlines()) == 1, err
+            assert f"no subordinate ids for {user.name} in /etc/subuid" in err, err
+
+
+def _umoci_owners_image(base: Path) -> Path:
+    """An OCI layout made by umoci (as root) whose layer has what a user cannot make: files of several
+    owners, setuid/setgid/sticky, a read-only file, hard links, a char and a block device, a fifo."""
+    def fill(root: Path) -> None:
+        for rel, mode, owner in [("tmp", 0o1777, (0, 0)), ("var/www", 0o750, (33, 33)),
+                                 ("home/app", 0o700, (1000, 1000)), ("srv/shared", 0o2775, (0, 50))]:
+            (root / rel).mkdir(parents=True, exist_ok=True)
+            os.chown(root / rel, *owner)
+            os.chmod(root / rel, mode)
+        _write_files(root, [("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644, (0, 0)),
+                            ("bin/su", b"su", 0o4755, (0, 0)), ("usr/bin/wall", b"wall", 0o2755, (0, 5)),
+                            ("opt/ro", b"ro", 0o444, (0, 0)), ("home/app/notes", b"app", 0o600, (1000, 1000)),
+                            ("var/www/index.html", b"www", 0o640, (33, 33))])
+        os.link(root / "bin/su", root / "bin/su2")
+        os.symlink("notes", root / "home/app/link")
+        (root / "dev").mkdir(exist_ok=True)
+        (root / "run").mkdir(exist_ok=True)
+        for rel, kind, perm, dev, owner in [("dev/null", stat.S_IFCHR, 0o666, os.makedev(1, 3), (0, 0)),
+                                            ("dev/sda", stat.S_IFBLK, 0o660, os.makedev(8, 0), (0, 6)),
+                                            ("run/fifo", stat.S_IFIFO, 0o620, 0, (0, 5))]:
+            os.mknod(root / rel, kind | perm, dev)
+            os.chown(root / rel, *owner)
+            os.chmod(root / rel, perm)
+    return _umoci_layout(base, fill)
+
+
+def _root_snapshot(store: Path, image: str, mnt: Path) -> dict:
+    import subprocess
+
+    from helpers import unionfs_cmd
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(unionfs_cmd("--root", str(store), "mount", image, str(mnt)), check=True, capture_output=True,
+                   timeout=60)
+    try:
+        return snapshot(mnt)
+    finally:
+        subprocess.run(unionfs_cmd("umount", str(mnt)), capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is needed (scripts/setup --test)")
+def test_owners_modes_devices_as_user(user, ubase, tmp_path):
+    """A user's store keeps the image's owners, modes and devices in user.containers.override_stat:
+    the user's mount shows every entry as root's mount of the same image does; the user, root of
+    the container, changes owners and modes of lower and new files; commit and save carry them, and
+    the save loads as root with the same tree."""
+    import subprocess
+
+    from helpers import unionfs_cmd
+    base, mounts = ubase
+    layout = _umoci_owners_image(base)
+    u = user.unionfs
+    u("load", str(layout), "--tag", "own:1")
+    rstore = tmp_path / "rootstore"
+    subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(layout), "--tag", "own:1"), check=True,
+                   capture_output=True, timeout=120)
+    as_root = _root_snapshot(rstore, "own:1", tmp_path / "r1")
+    assert as_root["dev/null"][:6] == (stat.S_IFCHR, 0o666, 0, 0, 0, os.makedev(1, 3))
+    mnt = user_dir(user, base, "img")
+    u("mount", "own:1", str(mnt))
+    try:
+        as_user = _user_snapshot(user, mnt)
+    finally:
+        u("umount", str(mnt))
+    assert diff_snapshots(as_root, as_user) == []
+    # fuse-overlayfs (xattr_permissions=2, as podman's force_mask runs it) reads the user's store alike:
+    # owners and modes of files and directories (version 1.10 predates the device form of the record).
+    lower = json.loads(u("inspect", "own:1").stdout)[0]["GraphDriver"]["Data"]["LowerDir"]
+    fo = tmp_path / "fo"
+    for d in ("up", "work", "mnt"):
+        (fo / d).mkdir(parents=True)
+    with program_mount("fuse-overlayfs", f"lowerdir={lower},upperdir={fo / 'up'},workdir={fo / 'work'},"
+                       "xattr_permissions=2", fo / "mnt"):
+        theirs = snapshot(fo / "mnt")
+    checked = [rel for rel, v in as_root.items() if not rel.startswith("<") and v[0] in (stat.S_IFREG, stat.S_IFDIR)]
+    assert len(checked) > 10 and all(theirs[rel][:4] == as_root[rel][:4] for rel in checked), \
+        [(rel, theirs[rel][:4], as_root[rel][:4]) for rel in checked if theirs[rel][:4] != as_root[rel][:4]]
+
+    cid = u("create", "--name", "o1", "own:1").stdout.decode().strip()
+    cmnt = user_dir(user, base, "ctr")
+    u("mount", "o1", str(cmnt))
+    try:
+        user.run(["sh", "-c", f"cd {cmnt} && chown 33:33 etc/passwd && echo x >> opt/ro && chmod 4711 opt/ro"
+                  " && echo new > etc/new && mkdir -m 2750 srv/d && chown 1000:33 srv/d && echo s > srv/shared/s"
+                  " && chown 0:0 home/app/notes && echo more >> var/www/index.html && mkfifo -m 0600 run/f2"
+                  " && chmod 0640 dev/null && rm bin/su2 && ln -s passwd etc/link && ln -s s srv/shared/l"])
+        changed = _user_snapshot(user, cmnt)
+    finally:
+        u("umount", str(cmnt))
+    assert changed["etc/passwd"][1:4] == (0o644, 33, 33) and changed["opt/ro"][1:4] == (0o4711, 0, 0)
+    assert changed["etc/new"][1:4] == (0o644, 0, 0) and changed["srv/d"][1:4] == (0o2750, 1000, 33)
+    assert changed["srv/shared/s"][2:4] == (0, 50)   # the setgid dir's group, recorded
+    assert changed["etc/link"][:4] == (stat.S_IFLNK, 0o777, 0, 0)
+    assert changed["var/www/index.html"][1:4] == (0o640, 33, 33)   # copied up, owners kept
+    assert changed["dev/null"][:6] == (stat.S_IFCHR, 0o640, 0, 0, 0, os.makedev(1, 3))
+    # On disk, the user's own files with containers/storage's record (what fuse-overlayfs reads).
+    up = user.data / "unionfs/containers" / cid / "upper"
+    assert (up / "etc/passwd").stat().st_uid == user.uid
+    assert os.getxattr(up / "etc/passwd", "user.containers.override_stat") == b"33:33:0644:file"
+    assert os.getxattr(up / "run/f2", "user.containers.override_stat") == b"0:0:0600:pipe"
+    u("commit", "o1", "own:2")
+    out = base / "save.tar"
+    u("save", "--output", str(out), "own:2")
+    subprocess.run(unionfs_cmd("--root", str(rstore), "load", str(out)), check=True, capture_output=True, timeout=120)
+    assert diff_snapshots(_root_snapshot(rstore, "own:2", tmp_path / "r2"), changed) == []
+    u("rm", "o1")

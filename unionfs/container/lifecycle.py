@@ -38,7 +38,7 @@ from ..background import spawn
 from ..errors import UsageError, one_line
 from ..fuse.daemon import is_mountpoint, umount
 from ..image.store import Store, now_iso
-from . import model
+from . import model, subids
 from .model import Container, ContainerError
 from .mounting import mount_container
 from .runtime import Runtime, exit_code_of_failure
@@ -242,6 +242,22 @@ def _set_subreaper() -> None:
         raise RunFailed(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
 
 
+def _rootfs_options() -> list[str]:
+    """How ``run`` mounts the container's rootfs.  Rootless, owners shift as the container's user
+    namespace maps them (:mod:`.runtime`): recorded owner 0 shows as the user (root inside), k as the
+    user's k-th subordinate id.  With subordinate ids the container's processes are several host ids:
+    ``allow_other`` (``user_allow_other``), and the kernel checks them against the shown owners; with
+    the user alone every process is the user: no allow_other, which fusermount3 refuses without
+    ``user_allow_other`` in /etc/fuse.conf."""
+    if os.geteuid() == 0:
+        return ["suid,dev,allow_other"]
+    uid, gid = os.geteuid(), os.getegid()
+    sub = subids.usable(uid)
+    if sub is not None:
+        return ["allow_other," + sub.mount_options(uid, gid)]
+    return [f"uidmapping=0:{uid}:1,gidmapping=0:{gid}:1"]
+
+
 def make_workdir(rootfs: str, cwd: str) -> None:
     """Docker creates a missing working directory (owned by root) through the container's own view."""
     root_fd = os.open(rootfs, ovl.O_DIR & ~os.O_NOFOLLOW)
@@ -304,9 +320,7 @@ def supervise(store: Store, c: Container, io: Attach, started=None, prepare=None
     console: ConsoleSocket | None = None
     try:
         os.makedirs(c.rootfs, mode=0o755, exist_ok=True)
-        # Rootless, every process of the container is the user (one id mapped): no allow_other,
-        # which fusermount3 refuses to users without user_allow_other in /etc/fuse.conf.
-        mount_container(store, c, c.rootfs, ["suid,dev,allow_other"] if os.geteuid() == 0 else [])
+        mount_container(store, c, c.rootfs, _rootfs_options())
         if prepare is not None:
             prepare()
         with open(os.path.join(c.bundle, "config.json"), "rb") as f:

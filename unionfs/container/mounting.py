@@ -11,7 +11,7 @@ import os
 
 from ..fuse.daemon import build_config, mount
 from ..image import prefetch
-from ..image.commands import lower_stack, with_fsname
+from ..image.commands import lower_stack, store_options
 from ..image.store import Store
 from . import model
 from .model import Container, ContainerError
@@ -35,7 +35,7 @@ def mount_container(store: Store, c: Container, mountpoint: str, options: list[s
     if state is not None:
         raise ContainerError(f"{c.name or c.short_id}: already mounted on "
                              f"{state.mountpoint or f'(unionfs pid {state.pid})'}")
-    options = with_fsname(options, c.name or c.short_id)
+    options = store_options(options, c.name or c.short_id)
     with store.locked():
         c = model.resolve(store, c.id)   # still there now that we hold the lock
         cfg = build_config(mountpoint, container_lower(store, c), c.upper, c.work, options, foreground, log_file)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 
+from ..fs import formats
 from ..fs import sys as ovl
 from ..image.store import Store
 from . import model, volumes
@@ -57,6 +59,18 @@ def etc_files(c: Container, hostname: str) -> list[dict]:
 ETC_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 
 
+def _mirror_dir(fd: int, name: bytes, st) -> None:
+    """Give a directory of the init layer the owner and mode the image's has: its own as root; in a
+    user's store recorded in the override, as the store's layers have them (image.extract)."""
+    if os.geteuid() == 0:
+        ovl.chown_at(fd, name, st.uid, st.gid)
+        ovl.chmod_at(fd, name, st.mode & 0o7777)
+        return
+    ovl.setxattr_at(fd, name, formats.OVERRIDE_CONTAINERS,
+                    formats.Override(st.uid, st.gid, st.mode & 0o7777, stat.S_IFDIR).encode())
+    ovl.chmod_at(fd, name, formats.stored_perm(stat.S_IFDIR, st.mode))
+
+
 def init_layer(store: Store, c: Container, config: dict, opts: RunOptions) -> None:
     """Docker's "init layer": a lower layer of the container's own, above the image's, holding the mount
     points the runtime needs and the image lacks (/etc/hosts, volume and bind targets), so the runtime
@@ -93,8 +107,7 @@ def init_layer(store: Store, c: Container, config: dict, opts: RunOptions) -> No
                                 break
                             ovl.mkdir_at(fd, name, 0o755)
                             if st is not None:
-                                ovl.chown_at(fd, name, st.uid, st.gid)
-                                ovl.chmod_at(fd, name, st.mode & 0o7777)
+                                _mirror_dir(fd, name, st)
                                 mirrored.append((rel, st.mtime_ns))
                         if last:
                             break

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..fs import sys as ovl
 from .model import ContainerError
+from . import subids
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Docker's default capability set (moby oci/caps/defaults.go).
@@ -231,12 +232,19 @@ def resolve_user(root_fd: int, user: str) -> User:
     extra = sorted({int(g[2]) for g in groups if len(g) > 3 and login and login in g[3].split(",")
                     and g[2].isdigit() and int(g[2]) != gid})
     if os.geteuid() != 0:
-        # Rootless, the container's user namespace maps one id, the user's, as root (and setgroups
+        # Rootless, the container's user namespace maps the user as root and, where the host has what
+        # that needs (subids), the user's subordinate ids as 1..N; else the user alone (and setgroups
         # is denied there): no other user, no supplementary groups.
-        if uid != 0 or gid != 0:
-            raise ContainerError(f"user {user}: a rootless container runs as root only (uid 0 is you; other "
-                                 "ids would need subordinate ids, not used yet): give --user 0")
-        extra = []
+        sub = subids.usable(os.geteuid())
+        if sub is None:
+            if uid != 0 or gid != 0:
+                why = subids.missing_for_other_users(os.geteuid())
+                raise ContainerError(f"user {user}: a rootless container runs as root only here: {why}; "
+                                     "or give --user 0")
+            extra = []
+        elif max(uid, gid, *extra) > sub.count:
+            raise ContainerError(f"user {user}: ids beyond the {sub.count} subordinate ids of "
+                                 f"{subids.user_name(os.geteuid())} cannot be mapped")
     return User(uid, gid, extra, home)
 
 
@@ -335,9 +343,9 @@ def base_mounts(privileged: bool) -> list[dict]:
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         # Rootless, the user namespace maps one group (the user's, as 0): there is no tty group 5.
+         # Rootless with the user's group alone (as 0) mapped, there is no tty group 5.
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
-         + (["gid=5"] if os.geteuid() == 0 else [])},
+         + (["gid=5"] if os.geteuid() == 0 or subids.usable(os.geteuid()) else [])},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",

@@ -60,6 +60,8 @@ class UnionView:
 
     def __init__(self, lower: list[str], upper: str | None = None, work: str | None = None) -> None:
         self.u: Union = open_union(lower, upper, work)   # an upper dir a mount is using is refused
+        if os.geteuid() != 0:   # a user's store: owners and modes as recorded (see image.commands.store_options)
+            self.u.override = formats.OVERRIDE_CONTAINERS
         self._nodes: dict[bytes, object] = {b"": self.u.root}
 
     def close(self) -> None:

@@ -54,9 +54,10 @@ class CopyUpCtx:
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
-    """Copy every xattr but overlay-private ones; only security.* failures are fatal (as overlayfs)."""
+    """Copy every xattr but overlay-private ones (a recorded owner and mode, ``override_stat``, goes
+    along: the copy stands for the same file); only security.* failures are fatal (as overlayfs)."""
     for name in ovl.listxattr_at(src_fd, src_name):
-        if formats.is_private_xattr(name):
+        if formats.is_private_xattr(name) and name not in formats.OVERRIDE_NAMES:
             continue
         try:
             value = ovl.getxattr_at(src_fd, src_name, name)

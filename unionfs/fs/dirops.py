@@ -62,7 +62,21 @@ class DirOps:
             perm |= stat.S_ISGID
         # A directory where a lower one was removed is opaque (the whiteout says so).
         opaque = kind == stat.S_IFDIR and over_whiteout
-        if not over_whiteout and uid == self._euid and (gid == self._egid or sgid_parent):
+        override = None
+        if self.override is not None and kind == stat.S_IFLNK and self._euid != 0:
+            uid, gid = self._euid, self._egid   # no record can go on a symlink: the user's own (shows as root's)
+        elif self.override is not None:
+            # xattr_permissions: the owner, mode and type are recorded; a user's entry is the user's
+            # own, read-write for the user, a device or fifo a regular file (formats.stored_kind).
+            override = formats.Override(uid, gid, perm, kind, rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+            if self._euid != 0:
+                uid, gid = self._euid, self._egid
+                kind, rdev = formats.stored_kind(kind), 0
+                perm = formats.stored_perm(kind, perm)
+        if override is not None:
+            fd, st = self._make_in_work_dir(pfd, name, kind, perm, uid, gid, rdev, target, opaque,
+                                            override.encode())
+        elif not over_whiteout and uid == self._euid and (gid == self._egid or sgid_parent):
             # Created by the daemon's own user (root in a container), the entry has its owner and
             # mode from the creating syscall itself, as overlayfs creates in place: atomic as is.
             fd, st = self._make_in_place(pfd, name, kind, perm, rdev, target)
@@ -100,10 +114,11 @@ class DirOps:
         return fd, st
 
     def _make_in_work_dir(self, pfd: int, name: bytes, kind: int, perm: int, uid: int, gid: int, rdev: int,
-                          target: bytes | None, opaque: bool) -> tuple[int | None, os.stat_result]:
-        """Built in the work dir with its owner and mode, then renamed into place: a crash never
-        leaves a new entry with the daemon's owner or a half-set mode (and a whiteout it replaces
-        goes in the same rename)."""
+                          target: bytes | None, opaque: bool,
+                          override: bytes | None = None) -> tuple[int | None, os.stat_result]:
+        """Built in the work dir with its owner and mode (and ``override``, the recorded ones, on a
+        regular file or directory), then renamed into place: a crash never leaves a new entry with
+        the daemon's owner or a half-set mode (and a whiteout it replaces goes in the same rename)."""
         where, tname = self.upper.work_fd, self.upper.temp_name()
         fd: int | None = None
         try:
@@ -113,6 +128,8 @@ class DirOps:
                 try:
                     if opaque:
                         formats.mark_opaque(dfd, self.upper.style)
+                    if override is not None:
+                        ovl.fsetxattr(dfd, self.override, override)
                     st = _own(dfd, uid, gid, perm)
                 finally:
                     os.close(dfd)
@@ -122,6 +139,8 @@ class DirOps:
                 st = ovl.lstat_at(where, tname)
             elif kind == stat.S_IFREG:
                 fd = ovl.open_at(where, tname, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                if override is not None:
+                    ovl.fsetxattr(fd, self.override, override)
                 st = _own(fd, uid, gid, perm)
             else:
                 ovl.mknod_at(where, tname, kind | 0o600, rdev)

@@ -60,8 +60,17 @@ USER_PREFIX = "user.overlay."
 FUSE_OVERLAYFS_PREFIX = "user.fuseoverlayfs."
 UNIONFS_PREFIX = "trusted.unionfs."
 UNIONFS_USER_PREFIX = "user.unionfs."
+# Owner, mode and type kept in an xattr where they cannot be kept on the file (a user's store):
+# containers/storage's name (its force_mask; fuse-overlayfs >= 1.14 writes it for xattr_permissions=2),
+# fuse-overlayfs's privileged one (xattr_permissions=1) and its older user one (=2 before 1.14).
+# fuse-overlayfs reads a lower layer by the name its root carries, in this order.
+OVERRIDE_CONTAINERS = "user.containers.override_stat"
+OVERRIDE_PRIVILEGED = "security.fuseoverlayfs.override_stat"
+OVERRIDE_FUSE_OVERLAYFS = FUSE_OVERLAYFS_PREFIX + "override_stat"
+OVERRIDE_NAMES = (OVERRIDE_PRIVILEGED, OVERRIDE_CONTAINERS, OVERRIDE_FUSE_OVERLAYFS)
 META_NAMES = (UNIONFS_PREFIX + "origin", UNIONFS_USER_PREFIX + "origin")  # our per-inode UpperMeta
-PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX, FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX)
+PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX, FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX,
+                    OVERRIDE_CONTAINERS, OVERRIDE_PRIVILEGED)
 # A layer may carry overlay xattrs of its own, escaped one level ("nesting").
 ESCAPE = "overlay."
 
@@ -156,7 +165,7 @@ def is_private_xattr(name: str) -> bool:
     for prefix in (TRUSTED_PREFIX, USER_PREFIX):
         if name.startswith(prefix):
             return not name.startswith(prefix + ESCAPE)
-    return name.startswith((FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX))
+    return name.startswith((FUSE_OVERLAYFS_PREFIX, UNIONFS_PREFIX, UNIONFS_USER_PREFIX)) or name in OVERRIDE_NAMES
 
 
 def unescape_xattr(name: str) -> str:
@@ -361,3 +370,91 @@ class UpperMeta:
             except ValueError:
                 continue
         return meta
+
+
+# --- owners, modes and types in an xattr: `user.containers.override_stat` ----------------------
+
+_OVERRIDE_TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
+                   stat.S_IFIFO: "pipe", stat.S_IFSOCK: "socket"}
+_OVERRIDE_KINDS = {v: k for k, v in _OVERRIDE_TYPES.items()}
+
+
+def override_name(level: int) -> str:
+    """The xattr ``xattr_permissions=level`` writes: 1 fuse-overlayfs's privileged one (security.*, root
+    only), 2 containers/storage's (what fuse-overlayfs >= 1.14 writes; every name is read)."""
+    return OVERRIDE_PRIVILEGED if level == 1 else OVERRIDE_CONTAINERS
+
+
+@dataclass(frozen=True)
+class Override:
+    """What a stored file stands for when its own owner, mode or type cannot say it (a user cannot
+    chown or mknod): containers/storage's ``idtools.Stat``, as fuse-overlayfs reads it.
+
+    ``mode`` holds the permission bits with setuid/setgid/sticky, and the file type when the
+    value names one (``kind``: ``S_IFCHR`` etc., None for the old three-field form, where the
+    stored file's own type counts).  ``rdev`` only for devices.
+    """
+
+    uid: int
+    gid: int
+    perm: int
+    kind: int | None = None
+    rdev: int = 0
+
+    def encode(self) -> bytes:
+        """``UID:GID:MODE[:TYPE]``, MODE four octal digits, TYPE ``file``, ``dir``, ``symlink``, ``pipe``,
+        ``socket``, ``block-MAJOR-MINOR`` or ``char-MAJOR-MINOR`` (``FormatContainersOverrideXattrDevice``)."""
+        value = "%d:%d:%04o" % (self.uid, self.gid, self.perm & 0o7777)
+        if self.kind in (stat.S_IFCHR, stat.S_IFBLK):
+            value += ":%s-%d-%d" % ("char" if self.kind == stat.S_IFCHR else "block",
+                                    os.major(self.rdev), os.minor(self.rdev))
+        elif self.kind is not None:
+            value += ":" + _OVERRIDE_TYPES[self.kind]
+        return value.encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> "Override | None":
+        """None when absent or malformed (``parseOverrideXattr`` refuses those too); fields after the
+        type, and parts after a device's numbers, are ignored (forward compatible, as there)."""
+        if not raw:
+            return None
+        try:
+            fields = raw.decode("ascii").split(":")
+            if len(fields) < 3 or not all(f.isdigit() for f in fields[:3]):
+                return None
+            uid, gid, perm = int(fields[0]), int(fields[1]), int(fields[2], 8)
+            if uid >= 1 << 32 or gid >= 1 << 32 or perm >= 1 << 32:
+                return None
+            if len(fields) == 3:
+                return cls(uid, gid, perm & 0o7777)
+            typ = fields[3]
+            for prefix, kind in (("char", stat.S_IFCHR), ("block", stat.S_IFBLK)):
+                if typ.startswith(prefix):
+                    parts = typ.split("-")
+                    if len(parts) < 3 or parts[0] != prefix or not (parts[1].isdigit() and parts[2].isdigit()):
+                        return None
+                    return cls(uid, gid, perm & 0o7777, kind, os.makedev(int(parts[1]), int(parts[2])))
+            for name, kind in _OVERRIDE_KINDS.items():
+                if typ.startswith(name):   # HasPrefix, as containers/storage
+                    return cls(uid, gid, perm & 0o7777, kind)
+        except (UnicodeDecodeError, ValueError, OverflowError):
+            return None
+        return None
+
+    def mode(self, real_mode: int) -> int:
+        """The mode shown: the stored file's type unless the value names one, and the value's permissions."""
+        kind = self.kind if self.kind is not None else stat.S_IFMT(real_mode)
+        return kind | (self.perm & 0o7777)
+
+
+def stored_perm(kind: int, perm: int) -> int:
+    """The permissions a file of a user's store has itself: what its mode says for group and others,
+    always read-write (and searchable) for the user, who must read, change and copy up every file;
+    setuid/setgid/sticky only in the override, never on a file the user owns for real."""
+    return (perm & 0o777) | (0o700 if kind == stat.S_IFDIR else 0o600)
+
+
+def stored_kind(kind: int) -> int:
+    """What a user can create for an object of type ``kind``: devices and fifos become regular files
+    (their type lives in the override; user.* xattrs can go on regular files and directories only)."""
+    return stat.S_IFREG if kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK) else kind

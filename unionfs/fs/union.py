@@ -72,8 +72,12 @@ class Fill(Protocol):
 class Union(Lookup):
     """The merged view of a layer stack, read-only; resolution is :class:`Lookup`'s."""
 
+    # ``xattr_permissions``: the xattr holding each entry's owner, mode and type (None: the files' own)
+    override: str | None = None
+
     def __init__(self, stack: LayerStack) -> None:
         self.stack = stack
+        self.store_uid, self.store_gid = os.geteuid(), os.getegid()
         self.fill: Fill | None = None   # set by the daemon for lazy layers (unionfs.registry.lazy)
         self.inodes = InodeTable(stack.devs)
         self.readonly = stack.upper is None
@@ -173,8 +177,41 @@ class Union(Lookup):
         nlink = st.st_nlink
         if node.is_dir and len(node.layers) > 1:
             nlink = 1  # as overlayfs: a merged directory's link count is not worth counting
-        return Attr(node.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
-                    st.st_blksize, st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+        a = Attr(node.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+                 st.st_blksize, st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+        if self.override is not None:
+            self._apply_override(node, a, st)
+        return a
+
+    def read_override(self, node: Node, st: os.stat_result) -> formats.Override | None:
+        """The owner, mode and type recorded for ``node`` (only regular files and directories can
+        carry one: no user.* xattr goes on a symlink or a device)."""
+        if self.override is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return None
+        try:
+            fd, name = self.locate(node)
+            raw = ovl.getxattr_or_none(fd, name, self.override)
+            if raw is None:   # another tool's name (fuse-overlayfs's, containers/storage's)?
+                names = ovl.listxattr_at(fd, name)
+                other = next((n for n in formats.OVERRIDE_NAMES if n in names), None)
+                raw = ovl.getxattr_or_none(fd, name, other) if other is not None else None
+            return formats.Override.decode(raw)
+        except FileNotFoundError:   # an unlinked file still open
+            return None
+
+    def _apply_override(self, node: Node, a: Attr, st: os.stat_result) -> None:
+        """``xattr_permissions``: show the recorded owner, mode and type; an entry without a record
+        that the store's own user owns shows as root's (that user is root of a user's store)."""
+        ov = self.read_override(node, st)
+        if ov is None:
+            if a.uid == self.store_uid:
+                a.uid = 0
+            if a.gid == self.store_gid:
+                a.gid = 0
+            return
+        a.uid, a.gid, a.mode = ov.uid, ov.gid, ov.mode(st.st_mode)
+        if stat.S_ISCHR(a.mode) or stat.S_ISBLK(a.mode):
+            a.rdev, a.size = ov.rdev, 0
 
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.mode):
@@ -189,19 +226,19 @@ class Union(Lookup):
         """access(2) for callers when the kernel does not check permissions itself."""
         if mode == os.F_OK:
             return
-        st = self.real_stat(node)
+        st = self.getattr(node)   # the owner and mode shown (an override's too)
         if mode & os.W_OK and self.readonly:
             raise OSError(errno.EROFS, "read-only file system")
         if uid == 0:
-            if mode & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+            if mode & os.X_OK and not stat.S_ISDIR(st.mode) and not st.mode & 0o111:
                 raise OSError(errno.EACCES, "permission denied")
             return
-        if uid == st.st_uid:
-            bits = (st.st_mode >> 6) & 7
-        elif st.st_gid in gids:
-            bits = (st.st_mode >> 3) & 7
+        if uid == st.uid:
+            bits = (st.mode >> 6) & 7
+        elif st.gid in gids:
+            bits = (st.mode >> 3) & 7
         else:
-            bits = st.st_mode & 7
+            bits = st.mode & 7
         if mode & ~bits & 7:
             raise OSError(errno.EACCES, "permission denied")
 

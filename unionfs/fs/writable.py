@@ -194,9 +194,9 @@ class WritableUnion(DirOps, Union):
 
     def _owner(self, parent: Node, uid: int, gid: int) -> tuple[int, int, bool]:
         """Owner of a new entry, with BSD group semantics under a setgid directory."""
-        pst = self.real_stat(parent)
-        if pst.st_mode & stat.S_ISGID:
-            return uid, pst.st_gid, True
+        pst = self.getattr(parent)   # as shown: an override's setgid bit and group count
+        if pst.mode & stat.S_ISGID:
+            return uid, pst.gid, True
         return uid, gid, False
 
     # --- files -------------------------------------------------------------------
@@ -271,6 +271,9 @@ class WritableUnion(DirOps, Union):
             return
         self.copy_up(node)
         fd, name = self.locate(node)
+        if self.override is not None and (uid is not None or gid is not None or mode is not None):
+            self._record_override(node, fd, name, uid, gid, mode)
+            uid = gid = mode = None
         if uid is not None or gid is not None:
             ovl.chown_at(fd, name, -1 if uid is None else uid, -1 if gid is None else gid) if name is not None \
                 else ovl.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
@@ -284,6 +287,28 @@ class WritableUnion(DirOps, Union):
                 atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
             ovl.utime_at(fd, name, (atime_ns, mtime_ns)) if name is not None else ovl.futimens(fd, (atime_ns, mtime_ns))
+
+    def _record_override(self, node: Node, fd: int, name: bytes | None, uid: int | None, gid: int | None,
+                         mode: int | None) -> None:
+        """chown/chmod under ``xattr_permissions``: the new owner and mode go in the upper file's
+        override (the caller is root of the mount: any owner may be given).  A symlink (or a real
+        fifo or device) can carry none: only what it already shows is accepted."""
+        shown = self.getattr(node)
+        new = formats.Override(shown.uid if uid is None else uid, shown.gid if gid is None else gid,
+                               stat.S_IMODE(shown.mode if mode is None else mode), stat.S_IFMT(shown.mode),
+                               shown.rdev if stat.S_ISCHR(shown.mode) or stat.S_ISBLK(shown.mode) else 0)
+        real = ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
+        if not (stat.S_ISREG(real.st_mode) or stat.S_ISDIR(real.st_mode)):
+            if (new.uid, new.gid) != (shown.uid, shown.gid) or (mode is not None and not stat.S_ISLNK(node.mode)):
+                raise OSError(errno.EPERM, "no owner or mode can be recorded on this kind of file")
+            return
+        if name is None:
+            ovl.fsetxattr(fd, self.override, new.encode())
+        else:
+            ovl.setxattr_at(fd, name, self.override, new.encode())
+        if self._euid != 0 and mode is not None:   # the file's own mode follows, read-write for the user
+            perm = formats.stored_perm(stat.S_IFMT(real.st_mode), new.perm)
+            ovl.chmod_at(fd, name, perm) if name is not None else ovl.fchmod(fd, perm)
 
     def setxattr(self, node: Node, name: str, value: bytes) -> None:
         stored = self._stored_xattr(name, errno.EPERM)

@@ -27,6 +27,7 @@ from typing import Callable
 
 from ..background import spawn
 from ..errors import UsageError
+from ..fs import formats
 from ..fs.idmap import IdMap
 from ..fs.mount import open_union
 
@@ -76,6 +77,7 @@ class MountConfig:
     acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
+    override: str | None = None   # xattr_permissions=1|2: the xattr recording owners, modes and types
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
     background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
@@ -137,6 +139,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
     opts = split_options(options)
     fuse: set[str] = {"default_permissions"}
     fsync, acl, xattrs, static_nlink = True, True, True, False
+    override: str | None = None
     ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
@@ -170,9 +173,13 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         elif k == "static_nlink" and v is None:
             static_nlink = True
         elif k == "xattr_permissions":
-            if _flag(k, v):
-                raise UsageError(f"xattr_permissions={v}: owners and modes in xattrs are not supported "
-                                 "(podman's force_mask); owners and modes are kept on the files")
+            if v not in (None, "0", "1", "2"):
+                raise UsageError(f"xattr_permissions={v}: want 0, 1 (security.fuseoverlayfs.override_stat) "
+                                 "or 2 (user.containers.override_stat)")
+            override = formats.override_name(int(v or "1")) if v != "0" else None
+            if override == formats.OVERRIDE_PRIVILEGED and os.geteuid() != 0:
+                raise UsageError("xattr_permissions=1 records owners in security.* xattrs, which only root may "
+                                 "write: use xattr_permissions=2")
         elif k == "context" and v:
             if _selinux_enabled():   # without SELinux the kernel would refuse the mount
                 fuse.add(f"context={v}")
@@ -198,6 +205,12 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError("allow_root and allow_other exclude each other")
     if os.geteuid() == 0:
         fuse |= {opt for opt, unless in ROOT_DEFAULTS.items() if unless not in fuse}
+    elif override is not None and not ("allow_other" in fuse or "allow_root" in fuse):
+        # A user's mount with recorded owners, for the user alone: the user is root of it ("fakeroot"),
+        # so the kernel must not check the recorded owners against the user's own id; with nobody else
+        # let in, there is nobody else to check.  With others let in (a container's subordinate ids),
+        # the kernel checks everyone against the owners shown, as for root's mounts.
+        fuse.discard("default_permissions")
     if not any(o.startswith("fsname=") for o in fuse):
         fuse.add("fsname=unionfs")
     if not any(o.startswith("subtype=") for o in fuse):
@@ -208,7 +221,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
                        debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
-                       static_nlink=static_nlink)
+                       static_nlink=static_nlink, override=override)
 
 
 # --- running -----------------------------------------------------------------
@@ -315,7 +328,8 @@ def _serve(cfg: MountConfig, union, ready) -> None:
 
     real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting (see below)
     ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint), idmap=cfg.idmap,
-                     acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink)
+                     acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink,
+                     fakeroot="default_permissions" not in cfg.fuse_options)
     os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
     try:
@@ -327,7 +341,7 @@ def _serve(cfg: MountConfig, union, ready) -> None:
     with open(pidfile, "w") as f:
         f.write(f"{os.getpid()}\n")
     ready(None)
-    log.info("mounted %s on %s", ":".join(cfg.lower), cfg.mountpoint)
+    log.info("mounted %s on %s (%s)", ":".join(cfg.lower), cfg.mountpoint, ",".join(sorted(cfg.fuse_options)))
     if cfg.background is not None:
         import threading
         threading.Thread(target=cfg.background, name="background", daemon=True).start()
@@ -374,6 +388,7 @@ def mount(cfg: MountConfig) -> int:
             raise UsageError("no fusermount3: an unprivileged mount needs it (Debian package fuse3)")
     union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint)
     union.fill = cfg.fill
+    union.override = cfg.override
     if cfg.foreground:
         _setup_logging(cfg)
         faulthandler.enable()

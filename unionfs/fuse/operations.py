@@ -77,11 +77,16 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, union: Union, after_init: Callable[[], None] | None = None, idmap: IdMap = IdMap(),
-                 acl: bool = True, xattrs: bool = True, static_nlink: bool = False) -> None:
+                 acl: bool = True, xattrs: bool = True, static_nlink: bool = False, fakeroot: bool = False) -> None:
         super().__init__()
+        # A user's mount with recorded owners (xattr_permissions): the mounting user, the only caller,
+        # is root of it: creates root's files and may change every one (the kernel checks nothing).
+        self.fakeroot = (os.geteuid(), os.getegid()) if fakeroot else None
         self.union = union
         self.uids, self.gids = idmap.uid, idmap.gid   # owners shown and written (uidmapping, squash_to_*)
-        self.enable_acl = acl and xattrs  # read by pyfuse3.init
+        # Read by pyfuse3.init.  The kernel checks permissions itself (default_permissions) wherever it
+        # enforces ACLs, so a fakeroot mount has none: its only caller is root of it anyway.
+        self.enable_acl = acl and xattrs and not fakeroot
         self.xattrs = xattrs
         self.static_nlink = static_nlink
         self.inodes = union.inodes
@@ -133,6 +138,9 @@ class Operations(pyfuse3.Operations):
 
     def _owner(self, ctx) -> tuple[int, int]:
         """The caller's ids as the layers store them."""
+        if self.fakeroot is not None:
+            return (0 if ctx.uid == self.fakeroot[0] else self.uids.stored(ctx.uid),
+                    0 if ctx.gid == self.fakeroot[1] else self.gids.stored(ctx.gid))
         return self.uids.stored(ctx.uid), self.gids.stored(ctx.gid)
 
     def _no_xattrs(self) -> None:
@@ -177,7 +185,12 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def access(self, inode, mode, ctx):
         gids = [self.gids.stored(g) for g in (ctx.gid, *pyfuse3.get_sup_groups(ctx.pid))]
-        self.union.access(self.inodes.get(inode), mode, self.uids.stored(ctx.uid), gids)
+        uid = self._owner(ctx)[0]
+        try:
+            self.union.access(self.inodes.get(inode), mode, uid, gids)
+        except PermissionError:
+            return False
+        return True   # pyfuse3 wants the answer, not None (which it takes for "no")
 
     @_guard
     async def statfs(self, ctx):

@@ -6,6 +6,7 @@ containers: ``rmi`` is told who uses an image by its caller.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,11 +36,21 @@ def with_fsname(options: list[str], name: str) -> list[str]:
     return options
 
 
+def store_options(options: list[str], name: str) -> list[str]:
+    """The options of a mount of the store's images and containers: :func:`with_fsname`, and in a
+    user's store ``xattr_permissions=2``: its files record their image owners, modes and types in
+    ``user.containers.override_stat`` (:mod:`unionfs.image.extract`), and the mount shows those."""
+    options = with_fsname(options, name)
+    if os.geteuid() != 0 and not has_option(options, "xattr_permissions"):
+        options.append("xattr_permissions=2")
+    return options
+
+
 def mount_image(store: Store, name: str, mountpoint: str, options: list[str], foreground: bool = False,
                 log_file: str | None = None, fill=None, background: bool = True) -> int:
     """Mount an image's layers read-only on ``mountpoint``; ``fill``: the hook of its lazy layers."""
     lower = lower_stack(store, store.resolve(name), name)
-    cfg = build_config(mountpoint, lower, None, None, with_fsname(options, name), foreground, log_file)
+    cfg = build_config(mountpoint, lower, None, None, store_options(options, name), foreground, log_file)
     cfg.fill = fill
     cfg.background = getattr(fill, "background", None) if background else None
     return mount(cfg)

@@ -289,10 +289,21 @@ class LayerWriter:
         elif member.islnk():
             self._hardlink(parts, pfd, name, member)
         elif member.ischr() or member.isblk() or member.isfifo():
-            if not member.isfifo() and not self.devices:
-                raise HostileLayer(f"{self.what}: device node {quote(member.name)}: only root may create device nodes")
             kind = stat.S_IFIFO if member.isfifo() else stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             dev = 0 if member.isfifo() else os.makedev(member.devmajor, member.devminor)
+            if not self.owners:
+                # A user's store: an empty regular file, its type and numbers in the override
+                # (a user can neither mknod a device nor put a user.* xattr on a fifo).
+                fd = ovl.open_at(pfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    self._set_owner_xattrs(fd, None, member, kind, dev)
+                    ovl.fchmod(fd, formats.stored_perm(stat.S_IFREG, member.mode))
+                    ovl.futimens(fd, (_ns(member), _ns(member)))
+                finally:
+                    os.close(fd)
+                return
+            if not member.isfifo() and not self.devices:
+                raise HostileLayer(f"{self.what}: device node {quote(member.name)}: only root may create device nodes")
             ovl.mknod_at(pfd, name, kind | 0o600, dev)
             self._set_owner_xattrs(pfd, name, member)
             ovl.chmod_at(pfd, name, member.mode & 0o7777)
@@ -314,7 +325,7 @@ class LayerWriter:
                     view = view[os.write(fd, view):]
             self.written += member.size
             self._set_owner_xattrs(fd, None, member)
-            ovl.fchmod(fd, member.mode & 0o7777)   # after chown, which clears setuid/setgid
+            ovl.fchmod(fd, self._mode(stat.S_IFREG, member.mode))   # after chown, which clears setuid/setgid
             ovl.futimens(fd, (_ns(member), _ns(member)))
         finally:
             os.close(fd)
@@ -333,13 +344,27 @@ class LayerWriter:
                                "the target is not a file extracted earlier from this layer")
         ovl.link_at(tfd, target[-1], pfd, name)
 
-    def _set_owner_xattrs(self, fd: int, name: bytes | None, member: tarfile.TarInfo) -> None:
-        """Owner (numeric, as root only) and xattrs; ``name`` None means ``fd`` itself."""
+    def _mode(self, kind: int, mode: int) -> int:
+        """The mode the stored file gets: the member's as root; in a user's store read-write for the
+        user, with setuid/setgid/sticky in the override only (:func:`formats.stored_perm`)."""
+        return mode & 0o7777 if self.owners else formats.stored_perm(kind, mode)
+
+    def _set_owner_xattrs(self, fd: int, name: bytes | None, member: tarfile.TarInfo,
+                          kind: int | None = None, rdev: int = 0) -> None:
+        """Owner (numeric) and xattrs; ``name`` None means ``fd`` itself.  As root the owner is the
+        file's own; a user cannot chown, so a regular file or directory (or what stands for a device,
+        ``kind``) records owner, mode and type in ``user.containers.override_stat``, as
+        containers/storage's ``force_mask`` does, for mounts with ``xattr_permissions=2``.
+        A symlink can carry no user.* xattr: its owner is not kept."""
         if self.owners:
             if name is None:
                 ovl.fchown(fd, member.uid, member.gid)
             else:
                 ovl.chown_at(fd, name, member.uid, member.gid)
+        elif name is None:
+            kind = kind if kind is not None else stat.S_IFDIR if member.isdir() else stat.S_IFREG
+            ovl.fsetxattr(fd, formats.OVERRIDE_CONTAINERS,
+                          formats.Override(member.uid, member.gid, member.mode & 0o7777, kind, rdev).encode())
         for attr, value in _xattrs(member, self.what):
             try:
                 if name is None:
@@ -407,7 +432,7 @@ class LayerWriter:
             fd = self._existing_dir(parts)
             if fd is None:
                 continue
-            ovl.fchmod(fd, mode & 0o7777)
+            ovl.fchmod(fd, self._mode(stat.S_IFDIR, mode))
             ovl.futimens(fd, (ns, ns))
 
 
