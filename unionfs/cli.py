@@ -14,7 +14,8 @@ import os
 import sys
 
 from .errors import UsageError, one_line
-from .fuse.daemon import build_config, mount
+from .routing import COMMANDS as _COMMANDS
+from .routing import is_mount_program_argv as _is_mount_program_argv
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
@@ -88,6 +89,9 @@ def _cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
+    if os.path.lexists(args.mountpoint) or "/" in args.mountpoint:   # a path: no store, no container
+        from .fuse.daemon import umount
+        return umount(args.mountpoint)
     from .container.commands import umount_target
     return umount_target(_store(args), args.mountpoint)
 
@@ -516,7 +520,7 @@ def _mount_program(argv: list[str]) -> int:
     """fuse-overlayfs's command line, for podman's ``mount_program`` and for mount.fuse3
     (``mount -t fuse.unionfs``, /etc/fstab): ``unionfs [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT``.
     Returns once mounted (in front with -f); SOURCE, if given, names the mount (fsname)."""
-    from .image.commands import with_fsname
+    from .fuse.daemon import build_config, mount, with_fsname
     p = argparse.ArgumentParser(prog="unionfs", usage="%(prog)s -o lowerdir=...[,upperdir=...,workdir=...] "
                                 "[SOURCE] MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
@@ -532,20 +536,6 @@ def _mount_program(argv: list[str]) -> int:
     if args.debug:
         options.append("debug")
     return mount(build_config(args.targets[-1], [], None, None, options, args.foreground or args.debug))
-
-
-def _is_mount_program_argv(argv: list[str]) -> bool:
-    """``-o ...`` first (podman), or SOURCE MOUNTPOINT -o ... (mount.fuse3), not a subcommand."""
-    if not argv or argv[0] in ("-h", "--help", "--version", "--root") or argv[0].startswith("--root="):
-        return False
-    if argv[0].startswith("-o") or argv[0] in ("-f", "-d"):
-        return True
-    return argv[0] not in _COMMANDS and "-o" in argv
-
-
-_COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
-             "commit", "save", "convert", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
-             "pull", "push", "login", "logout"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from ..fuse.daemon import build_config, mount
-from ..image.commands import lower_stack, with_fsname
+from ..fuse.daemon import build_config, mount, with_fsname
+from ..image.commands import lower_stack
 from ..image.store import Store
 from . import model
 from .model import Container, ContainerError
