@@ -9,6 +9,7 @@ for podman's ``mount_program`` and mount.fuse3.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -443,7 +444,8 @@ def _container_parsers(sub, common) -> None:
     vp.set_defaults(func=_cmd_volume_prune)
 
 
-def parser() -> argparse.ArgumentParser:
+@functools.cache   # built once per process: the warm daemon's forks find it built (argparse's
+def parser() -> argparse.ArgumentParser:   # gettext look-ups alone cost a mount 4 ms)
     root_help = "the image store (default: $UNIONFS_ROOT, /var/lib/unionfs as root, else $XDG_DATA_HOME/unionfs)"
     p = argparse.ArgumentParser(prog="unionfs", description="A union filesystem for container images (FUSE).")
     p.add_argument("--root", metavar="DIR", help=root_help)
@@ -516,18 +518,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mount_program(argv: list[str]) -> int:
-    """fuse-overlayfs's command line, for podman's ``mount_program`` and for mount.fuse3
-    (``mount -t fuse.unionfs``, /etc/fstab): ``unionfs [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT``.
-    Returns once mounted (in front with -f); SOURCE, if given, names the mount (fsname)."""
-    from .fuse.daemon import build_config, mount, with_fsname
+@functools.cache
+def mount_program_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unionfs", usage="%(prog)s -o lowerdir=...[,upperdir=...,workdir=...] "
                                 "[SOURCE] MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
     p.add_argument("-f", dest="foreground", action="store_true")
     p.add_argument("-d", dest="debug", action="store_true", help="foreground and debug log")
     p.add_argument("targets", nargs="+", metavar="[SOURCE] MOUNTPOINT")
-    args = p.parse_intermixed_args(argv)
+    return p
+
+
+def _mount_program(argv: list[str]) -> int:
+    """fuse-overlayfs's command line, for podman's ``mount_program`` and for mount.fuse3
+    (``mount -t fuse.unionfs``, /etc/fstab): ``unionfs [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT``.
+    Returns once mounted (in front with -f); SOURCE, if given, names the mount (fsname)."""
+    from .fuse.daemon import build_config, mount, with_fsname
+    args = mount_program_parser().parse_intermixed_args(argv)
     if len(args.targets) > 2:
         raise UsageError("give [SOURCE] MOUNTPOINT")
     options = list(args.options)

@@ -21,9 +21,9 @@ The client half (:func:`run`, :func:`start`) imports only what Python has loaded
 """
 from __future__ import annotations
 
+import _socket   # the client half: socket.py would import selectors and enum (5 ms)
 import marshal
 import os
-import socket
 import stat
 import struct
 import sys
@@ -93,9 +93,9 @@ def _base(ident: bytes) -> str:
     return "".join(f"{binascii.crc32(ident, seed):08x}" for seed in (0, 0x9E3779B9, 0x7F4A7C15))
 
 
-def _peer(sock: socket.socket) -> tuple[int, int, int]:
+def _peer(sock) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end."""
-    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return struct.unpack("3i", sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def run(argv: list[str]) -> int | None:
             os.fstat(fd)
     except OSError:
         return None   # a closed stdio fd cannot be passed on
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     cwd = -1
     try:
         try:
@@ -127,9 +127,10 @@ def run(argv: list[str]) -> int | None:
         request = marshal.dumps((ident, argv, dict(os.environ), umask))
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            socket.send_fds(s, [struct.pack("I", len(request))], [cwd, *std])
+            s.sendmsg([struct.pack("I", len(request))],
+                      [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("4i", cwd, *std))])
             s.sendall(request)
-            s.shutdown(socket.SHUT_WR)
+            s.shutdown(_socket.SHUT_WR)
         except OSError:
             return None
         reply = b""
@@ -184,7 +185,8 @@ def _preload() -> None:
     from .container import commands  # noqa: F401
     from .fs import mount, upper, writable  # noqa: F401
     from .fuse import daemon, operations  # noqa: F401
-    cli.parser()   # argparse and the parsers' own imports
+    cli.parser()   # built once (cached), with the parsers' own imports
+    cli.mount_program_parser()
 
 
 def _sources() -> dict[str, int]:
@@ -199,7 +201,8 @@ def _sources() -> dict[str, int]:
     return out
 
 
-def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+def _receive(conn) -> tuple[bytes, list[int]]:
+    import socket
     head, fds, _, _ = socket.recv_fds(conn, 4, 4)
     if len(head) != 4 or len(fds) != 4:
         for fd in fds:
@@ -251,10 +254,11 @@ def _copy_limits(pid: int) -> None:
                 pass
 
 
-def _work(conn: socket.socket, peer_pid: int, ident: bytes) -> None:
+def _work(conn, peer_pid: int, ident: bytes) -> None:
     """In the fork: become the caller (cwd, stdio, environment, umask, cgroups, limits), run its command."""
     import signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         request, fds = _receive(conn)
         their_ident, argv, env, umask = marshal.loads(request)
@@ -298,6 +302,7 @@ def serve(path: str) -> int:
     """The zygote's life: hold the lock, listen, fork a worker per request, leave when idle or stale."""
     import fcntl
     import signal
+    import socket
     base = path.removesuffix(".sock")
     lock = os.open(base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -309,6 +314,8 @@ def serve(path: str) -> int:
         return 0   # not started by a process like us
     _preload()
     sources = _sources()
+    import gc
+    gc.freeze()   # what is loaded now stays out of the forks' collections: fewer copy-on-write pages
     idle = float(os.environ.get(ENV_IDLE) or IDLE)
 
     def reap(*_) -> None:
@@ -318,6 +325,7 @@ def serve(path: str) -> int:
         except ChildProcessError:
             pass
     signal.signal(signal.SIGCHLD, reap)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # leave no socket behind
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with_lock_gone = False
