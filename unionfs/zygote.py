@@ -329,14 +329,14 @@ def serve(path: str) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with_lock_gone = False
+        with open(base + ".pid", "w") as f:   # before the socket: whoever reaches it finds our pid
+            f.write(f"{os.getpid()}\n")
         if os.path.lexists(path):
             os.unlink(path)   # a dead zygote's: we hold the lock
         listener.bind(path)
         os.chmod(path, 0o600)
         listener.listen(64)
         listener.settimeout(idle)
-        with open(base + ".pid", "w") as f:
-            f.write(f"{os.getpid()}\n")
         while True:
             try:
                 conn, _ = listener.accept()
