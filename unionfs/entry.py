@@ -15,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     kind = warm_kind(argv) if zygote.enabled() else None
     if kind is not None:
-        code = zygote.run(argv)
+        try:
+            code = zygote.run(argv)
+        except KeyboardInterrupt:
+            return 130
         if code is not None:   # done: skip the interpreter's teardown too (a few ms)
             sys.stdout.flush()
             sys.stderr.flush()

@@ -62,17 +62,22 @@ def identity() -> bytes:
     return b"\n".join(parts)
 
 
-def directory() -> str:
+def directory() -> str | None:
+    """Where the sockets live; None for a user without a runtime directory of their own (a shared
+    /tmp would let others swap the directory under us)."""
     if os.environ.get(ENV_DIR):
         return os.environ[ENV_DIR]
     if os.geteuid() == 0:
         return "/run/unionfs/zygote"
-    return os.environ.get("XDG_RUNTIME_DIR", "/tmp") + "/unionfs/zygote"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return runtime + "/unionfs/zygote" if runtime else None
 
 
 def _private_dir(create: bool) -> str | None:
     """The zygote directory if it is ours and closed to everybody else (made so with ``create``)."""
     d = directory()
+    if d is None:
+        return None
     if create:
         try:
             os.makedirs(d, mode=0o700, exist_ok=True)
@@ -125,8 +130,8 @@ def run(argv: list[str]) -> int | None:
         umask = os.umask(0o022)
         os.umask(umask)
         request = marshal.dumps((ident, argv, dict(os.environ), umask))
-        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             s.sendmsg([struct.pack("I", len(request))],
                       [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("4i", cwd, *std))])
             s.sendall(request)
@@ -137,8 +142,6 @@ def run(argv: list[str]) -> int | None:
         while not reply.endswith(b"\n"):
             try:
                 chunk = s.recv(64)
-            except InterruptedError:
-                continue
             except OSError:
                 break
             if not chunk:
