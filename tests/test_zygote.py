@@ -213,26 +213,3 @@ except ConnectionResetError:   # closed with our request unread
     finally:
         _unmount(mnt)
 
-
-@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
-def test_auto_unmount_when_the_daemon_dies(tmp_path, zygotes, warm):
-    """libfuse's auto_unmount (a fusermount3 that outlives the daemon) works from the zygote's fork too."""
-    (tmp_path / "low").mkdir()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    env = None if warm else COLD
-    try:
-        if warm:
-            assert _run(["-o", f"lowerdir={tmp_path}/low", str(mnt)], zygotes).returncode == 0
-            _unmount(mnt)
-            _zygote_pid(zygotes)
-        r = _run(["-o", f"lowerdir={tmp_path}/low,auto_unmount", str(mnt)], zygotes, env=env)
-        assert r.returncode == 0 and is_mounted(mnt), r.stderr
-        assert _forked_by_zygote(_daemon(mnt)) == warm
-        os.kill(_daemon(mnt), signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while is_mounted(mnt) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not is_mounted(mnt)
-    finally:
-        _unmount(mnt)
