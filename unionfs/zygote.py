@@ -37,6 +37,7 @@ _STATUS_FIELDS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff
                   b"NoNewPrivs:", b"Seccomp:", b"Seccomp_filters:")
 _NAMESPACES = ("mnt", "pid", "pid_for_children", "user", "net", "ipc", "uts", "cgroup", "time")
 _ACCEPTED = b"A"
+_TAKE_TIMEOUT = 10.0
 _MAX_REQUEST = 16 << 20
 
 
@@ -139,13 +140,20 @@ def run(argv: list[str]) -> int | None:
         except OSError:
             return None
         reply = b""
+        s.settimeout(_TAKE_TIMEOUT)   # a wedged (stopped, swapped-out) zygote must not hang the caller
         while not reply.endswith(b"\n"):
             try:
                 chunk = s.recv(64)
+            except TimeoutError:
+                if not reply:
+                    return None   # not taken: the worker, if it ever comes, finds us gone and does nothing
+                continue
             except OSError:
                 break
             if not chunk:
                 break
+            if not reply:
+                s.settimeout(None)   # taken: as long as the command takes
             reply += chunk
         if not reply.startswith(_ACCEPTED):
             return None   # refused (stale, another identity) or gone before taking it: nothing was done
@@ -269,7 +277,7 @@ def _work(conn, peer_pid: int, ident: bytes) -> None:
         return
     if their_ident != ident:
         return
-    conn.sendall(_ACCEPTED)
+    conn.sendall(_ACCEPTED)   # the caller gone (timed out): EPIPE, and nothing is done
     cwd, *std = fds
     os.fchdir(cwd)
     os.close(cwd)
