@@ -159,7 +159,7 @@ def run(argv: list[str]) -> int | None:
             return None   # refused (stale, another identity) or gone before taking it: nothing was done
         status = reply[1:].strip()
         if not status.lstrip(b"-").isdigit():
-            sys.stderr.write("unionfs: the warm daemon's worker died before finishing (see the system log)\n")
+            sys.stderr.write("unionfs: the warm daemon's worker ended without an exit status\n")
             return 1
         return int(status)
     finally:
