@@ -467,15 +467,17 @@ def _big_image(cache: Path) -> Path:
     return layout
 
 
-def run_tool_rows(cache: Path, repeat: int, p: dict) -> dict[str, dict[str, list[float]]]:
-    """Rows that time whole tools, interleaved: podman with each mount program; loading a 100 MB image."""
+def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Rows that time whole tools, interleaved: podman with each mount program; loading a 100 MB image.
+    With ``only`` (--only), the podman rows if one names them ("podman"), the load row if one says "load"."""
     sys.path.insert(0, str(REPO / "tests"))
     from podman_env import FUSE_OVERLAYFS, Podman, write_image
     rows: dict[str, dict[str, list[float]]] = {}
     work = cache / "tools"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    if shutil.which("podman"):
+    if shutil.which("podman") and (not only or any(o in "podman run --rm IMAGE true; podman run: 300 files written"
+                                                    for o in only)):
         archive = work / "bb.tar"
         write_image(archive, "bb:1")
         podmans = {"fuse-overlayfs": Podman(work / "pm-fo", FUSE_OVERLAYFS), "unionfs": Podman(work / "pm-u", UNIONFS)}
@@ -496,6 +498,8 @@ def run_tool_rows(cache: Path, repeat: int, p: dict) -> dict[str, dict[str, list
         finally:
             for pm in podmans.values():
                 pm.close()
+    if only and not any(o in "load" for o in only):
+        return rows
     layout = _big_image(cache)
     row = rows.setdefault(f"load {_du_mb(layout)} MB OCI image", {"podman load": [], "umoci unpack": [],
                                                                     "unionfs load": []})
@@ -635,7 +639,7 @@ def main() -> int:
             for n, ops in requests[w.name].items():
                 top = ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda x: -x[1])[:6])
                 print(f"    {n:16} {sum(ops.values()):>9}  {top}")
-    tool_rows = run_tool_rows(cache, repeat, p) if args.tools else {}
+    tool_rows = run_tool_rows(cache, repeat, p, args.only) if args.tools else {}
     if tool_rows:
         print("\nwhole-tool rows (seconds min/median/max; ratio to the row's first)")
         for row_name, by in tool_rows.items():

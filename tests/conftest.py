@@ -1,6 +1,9 @@
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -9,6 +12,28 @@ from helpers import UnionMount, is_mounted, unmount_all_below  # noqa: E402
 
 if os.geteuid() != 0:
     pytest.exit("the test suite mounts filesystems: run it as root (see README)", returncode=2)
+
+
+# The warm daemons (unionfs.zygote) this session's mounts start live in a directory of its own and
+# are stopped at its end; the idle timeout is the safety net if the session itself is killed.
+_ZYGOTES = tempfile.mkdtemp(prefix="unionfs-zygotes-")
+os.environ["UNIONFS_ZYGOTE_DIR"] = _ZYGOTES
+os.environ.setdefault("UNIONFS_ZYGOTE_IDLE", "120")
+
+
+def stop_zygotes(directory: str) -> None:
+    """SIGTERM every zygote with a pidfile in ``directory`` (each removes its socket as it goes)."""
+    for name in os.listdir(directory):
+        if name.endswith(".pid"):
+            try:
+                os.kill(int(open(os.path.join(directory, name)).read()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stop_zygotes(_ZYGOTES)
+    shutil.rmtree(_ZYGOTES, ignore_errors=True)
 
 
 def pytest_sessionstart(session):

@@ -9,12 +9,14 @@ for podman's ``mount_program`` and mount.fuse3.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 
 from .errors import UsageError, one_line
-from .fuse.daemon import build_config, mount
+from .routing import COMMANDS as _COMMANDS
+from .routing import is_mount_program_argv as _is_mount_program_argv
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
@@ -92,6 +94,9 @@ def _cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
+    if os.path.lexists(args.mountpoint) or "/" in args.mountpoint:   # a path: no store, no container
+        from .fuse.daemon import umount
+        return umount(args.mountpoint)
     from .container.commands import umount_target
     return umount_target(_store(args), args.mountpoint)
 
@@ -450,7 +455,8 @@ def _container_parsers(sub, common) -> None:
     vp.set_defaults(func=_cmd_volume_prune)
 
 
-def parser() -> argparse.ArgumentParser:
+@functools.cache   # built once per process: the warm daemon's forks find it built (argparse's
+def parser() -> argparse.ArgumentParser:   # gettext look-ups alone cost a mount 4 ms)
     root_help = "the image store (default: $UNIONFS_ROOT, /var/lib/unionfs as root, else $XDG_DATA_HOME/unionfs)"
     p = argparse.ArgumentParser(prog="unionfs", description="A union filesystem for container images (FUSE).")
     p.add_argument("--root", metavar="DIR", help=root_help)
@@ -523,18 +529,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mount_program(argv: list[str]) -> int:
-    """fuse-overlayfs's command line, for podman's ``mount_program`` and for mount.fuse3
-    (``mount -t fuse.unionfs``, /etc/fstab): ``unionfs [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT``.
-    Returns once mounted (in front with -f); SOURCE, if given, names the mount (fsname)."""
-    from .image.commands import with_fsname
+@functools.cache
+def mount_program_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unionfs", usage="%(prog)s -o lowerdir=...[,upperdir=...,workdir=...] "
                                 "[SOURCE] MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
     p.add_argument("-f", dest="foreground", action="store_true")
     p.add_argument("-d", dest="debug", action="store_true", help="foreground and debug log")
     p.add_argument("targets", nargs="+", metavar="[SOURCE] MOUNTPOINT")
-    args = p.parse_intermixed_args(argv)
+    return p
+
+
+def _mount_program(argv: list[str]) -> int:
+    """fuse-overlayfs's command line, for podman's ``mount_program`` and for mount.fuse3
+    (``mount -t fuse.unionfs``, /etc/fstab): ``unionfs [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT``.
+    Returns once mounted (in front with -f); SOURCE, if given, names the mount (fsname)."""
+    from .fuse.daemon import build_config, mount, with_fsname
+    args = mount_program_parser().parse_intermixed_args(argv)
     if len(args.targets) > 2:
         raise UsageError("give [SOURCE] MOUNTPOINT")
     options = list(args.options)
@@ -543,20 +554,6 @@ def _mount_program(argv: list[str]) -> int:
     if args.debug:
         options.append("debug")
     return mount(build_config(args.targets[-1], [], None, None, options, args.foreground or args.debug))
-
-
-def _is_mount_program_argv(argv: list[str]) -> bool:
-    """``-o ...`` first (podman), or SOURCE MOUNTPOINT -o ... (mount.fuse3), not a subcommand."""
-    if not argv or argv[0] in ("-h", "--help", "--version", "--root") or argv[0].startswith("--root="):
-        return False
-    if argv[0].startswith("-o") or argv[0] in ("-f", "-d"):
-        return True
-    return argv[0] not in _COMMANDS and "-o" in argv
-
-
-_COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
-             "commit", "save", "convert", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec", "volume",
-             "pull", "push", "login", "logout"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..fuse.daemon import build_config, is_mountpoint, mount, split_lowerdir, umount
-from ..image.commands import has_option, mount_image, rmi as remove_image, with_fsname
+from ..fuse.daemon import build_config, has_option, is_mountpoint, mount, split_lowerdir, umount, with_fsname
+from ..image.commands import mount_image, rmi as remove_image
 from ..image.report import human_ago, human_size, table
 from ..errors import UsageError
 from ..image.store import Store

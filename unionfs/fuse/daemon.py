@@ -29,7 +29,6 @@ from ..background import spawn
 from ..errors import UsageError
 from ..fs import formats
 from ..fs.idmap import IdMap
-from ..fs.mount import open_union
 
 log = logging.getLogger("unionfs.daemon")
 
@@ -113,6 +112,19 @@ def split_options(values: list[str]) -> dict[str, str | None]:
             k, sep, v = item.partition("=")
             out[k] = v if sep else None
     return out
+
+
+def has_option(options: list[str], key: str) -> bool:
+    """Does one of the ``-o`` values (each a comma-separated list) set ``key=``?"""
+    return any(o.startswith(key + "=") or f",{key}=" in o for o in options)
+
+
+def with_fsname(options: list[str], name: str) -> list[str]:
+    """``options`` plus ``fsname=NAME`` unless one is given: ``df`` and ``mount`` then show what is mounted."""
+    options = list(options)
+    if not has_option(options, "fsname"):
+        options.append(f"fsname={name}")
+    return options
 
 
 def _flag(k: str, v: str | None) -> bool:
@@ -245,6 +257,29 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in (b"Z", b"X")
+
+
+def _wait_exited(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited (its upper dir's lock is free then); False after ``timeout``.
+    A pidfd wakes us the moment it exits; polling the state is the fallback (an old kernel)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        deadline = time.monotonic() + timeout
+        while _running(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+    try:
+        import select
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        return bool(poll.poll(timeout * 1000)) or not _running(pid)
+    finally:
+        os.close(fd)
 
 
 def daemons_holding(paths: list[str]) -> dict[str, int]:
@@ -386,6 +421,7 @@ def mount(cfg: MountConfig) -> int:
                              "user (mode 0666, as udev sets it on Debian)")
         if not (os.access("/usr/bin/fusermount3", os.X_OK) or shutil.which("fusermount3")):
             raise UsageError("no fusermount3: an unprivileged mount needs it (Debian package fuse3)")
+    from ..fs.mount import open_union   # the union modules: not needed to parse options or unmount
     union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint)
     union.fill = cfg.fill
     union.override = cfg.override
@@ -455,12 +491,7 @@ def umount(mountpoint: str, timeout: float = 10.0) -> int:
         if r2.returncode != 0:
             raise UsageError(f"{mountpoint}: {r2.stderr.strip() or msg}")
     if pid is not None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not _running(pid):
-                break
-            time.sleep(0.02)
-        else:
+        if not _wait_exited(pid, timeout):
             return 0
         try:
             os.unlink(pidfile)  # a killed daemon could not remove its own

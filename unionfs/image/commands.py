@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..fuse.daemon import build_config, daemons_holding, mount
+from ..fuse.daemon import build_config, daemons_holding, has_option, mount, with_fsname
 from .model import ImageError, Reference
 from .store import Store
 
@@ -21,19 +21,6 @@ def lower_stack(store: Store, image_id: str, what: str) -> list[str]:
     if not image.layers:
         raise ImageError(f"{what}: the image has no layers to mount")
     return store.lower_dirs([ly.diff_id for ly in image.layers])
-
-
-def has_option(options: list[str], key: str) -> bool:
-    """Does one of the ``-o`` values (each a comma-separated list) set ``key=``?"""
-    return any(o.startswith(key + "=") or f",{key}=" in o for o in options)
-
-
-def with_fsname(options: list[str], name: str) -> list[str]:
-    """``options`` plus ``fsname=NAME`` unless one is given: ``df`` and ``mount`` then show what is mounted."""
-    options = list(options)
-    if not has_option(options, "fsname"):
-        options.append(f"fsname={name}")
-    return options
 
 
 def store_options(options: list[str], name: str) -> list[str]:

@@ -1,0 +1,389 @@
+"""The warm daemon ("zygote"): a process that has pyfuse3, trio and all of unionfs imported and
+runs each ``unionfs`` mount or umount in a fork of itself, so a mount costs a fork, not 0.2 s of
+imports.
+
+The caller (:mod:`unionfs.entry`) connects to a unix socket, sends its argv, environment and umask,
+and passes its cwd and stdio as fds (SCM_RIGHTS); the fork takes them on, joins the caller's cgroups
+and resource limits, and runs the very code the caller would have run (:func:`unionfs.cli.main`),
+writing to the caller's own stdout and stderr; the caller exits with the status sent back.  So a
+relative path, a log file, an error message and the exit status are the same either way.
+
+One zygote serves one identity: the socket's name is a hash of everything a process's rights and
+view of the world come from (uid, gids, groups, capabilities, seccomp, LSM label, namespaces, the
+interpreter and this package's path); it lives in a directory only its user can enter
+(``/run/unionfs/zygote`` as root, else ``$XDG_RUNTIME_DIR/unionfs/zygote``; ``$UNIONFS_ZYGOTE_DIR``
+overrides), and both ends check the other's uid (SO_PEERCRED).  It is started in the background by
+the first mount that found none, and exits after ``$UNIONFS_ZYGOTE_IDLE`` seconds (default 600)
+without a request, or when a source file of unionfs changed since it started.
+``UNIONFS_ZYGOTE=0`` turns it off: every command runs in its own process, as before.
+
+The client half (:func:`run`, :func:`start`) imports only what Python has loaded at start-up.
+"""
+from __future__ import annotations
+
+import _socket   # the client half: socket.py would import selectors and enum (5 ms)
+import marshal
+import os
+import stat
+import struct
+import sys
+
+ENV_OFF = "UNIONFS_ZYGOTE"
+ENV_DIR = "UNIONFS_ZYGOTE_DIR"
+ENV_IDLE = "UNIONFS_ZYGOTE_IDLE"
+IDLE = 600.0
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_STATUS_FIELDS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:", b"CapAmb:",
+                  b"NoNewPrivs:", b"Seccomp:", b"Seccomp_filters:")
+_NAMESPACES = ("mnt", "pid", "pid_for_children", "user", "net", "ipc", "uts", "cgroup", "time")
+_ACCEPTED = b"A"
+_TAKE_TIMEOUT = 10.0
+_MAX_REQUEST = 16 << 20
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_OFF, "1").lower() not in ("0", "off", "no", "false")
+
+
+def identity() -> bytes:
+    """What makes two processes alike for a mount: same rights, same view, same code."""
+    parts = [sys.executable.encode(), PACKAGE.encode()]
+    with open("/proc/self/status", "rb") as f:
+        parts += [line.strip() for line in f if line.startswith(_STATUS_FIELDS)]
+    for ns in _NAMESPACES:
+        try:
+            parts.append(os.readlink(f"/proc/self/ns/{ns}").encode())
+        except OSError:
+            parts.append(b"-")
+    try:
+        with open("/proc/self/attr/current", "rb") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append(b"-")
+    return b"\n".join(parts)
+
+
+def directory() -> str | None:
+    """Where the sockets live; None for a user without a runtime directory of their own (a shared
+    /tmp would let others swap the directory under us)."""
+    if os.environ.get(ENV_DIR):
+        return os.environ[ENV_DIR]
+    if os.geteuid() == 0:
+        return "/run/unionfs/zygote"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return runtime + "/unionfs/zygote" if runtime else None
+
+
+def _private_dir(create: bool) -> str | None:
+    """The zygote directory if it is ours and closed to everybody else (made so with ``create``)."""
+    d = directory()
+    if d is None:
+        return None
+    if create:
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        except OSError:
+            return None
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return None
+    if not (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0):
+        return None
+    return d
+
+
+def _base(ident: bytes) -> str:
+    """A name for ``ident`` (both ends compare the identity itself: a checksum is enough, and cheap)."""
+    import binascii
+    return "".join(f"{binascii.crc32(ident, seed):08x}" for seed in (0, 0x9E3779B9, 0x7F4A7C15))
+
+
+def _peer(sock) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end."""
+    return struct.unpack("3i", sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i")))
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+def run(argv: list[str]) -> int | None:
+    """Run ``unionfs ARGV`` in the warm daemon; its exit status, or None when no zygote took it
+    (none running, a stale one, a stdio fd closed): then nothing was done and the caller runs it."""
+    d = _private_dir(create=False)
+    if d is None:
+        return None
+    ident = identity()
+    std = [0, 1, 2]
+    try:
+        for fd in std:
+            os.fstat(fd)
+    except OSError:
+        return None   # a closed stdio fd cannot be passed on
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    cwd = -1
+    try:
+        try:
+            s.connect(f"{d}/{_base(ident)}.sock")
+        except OSError:
+            return None
+        if _peer(s)[1] != os.geteuid():
+            return None
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = marshal.dumps((ident, argv, dict(os.environ), umask))
+        try:
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            s.sendmsg([struct.pack("I", len(request))],
+                      [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("4i", cwd, *std))])
+            s.sendall(request)
+            s.shutdown(_socket.SHUT_WR)
+        except OSError:
+            return None
+        reply = b""
+        s.settimeout(_TAKE_TIMEOUT)   # a wedged (stopped, swapped-out) zygote must not hang the caller
+        while not reply.endswith(b"\n"):
+            try:
+                chunk = s.recv(64)
+            except TimeoutError:
+                if not reply:
+                    return None   # not taken: the worker, if it ever comes, finds us gone and does nothing
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            if not reply:
+                s.settimeout(None)   # taken: as long as the command takes
+            reply += chunk
+        if not reply.startswith(_ACCEPTED):
+            return None   # refused (stale, another identity) or gone before taking it: nothing was done
+        status = reply[1:].strip()
+        if not status.lstrip(b"-").isdigit():
+            sys.stderr.write("unionfs: the warm daemon's worker ended without an exit status\n")
+            return 1
+        return int(status)
+    finally:
+        if cwd >= 0:
+            os.close(cwd)
+        s.close()
+
+
+def start() -> None:
+    """Start a zygote for this identity in the background (it exits at once if one already runs)."""
+    d = _private_dir(create=True)
+    if d is None:
+        return
+    from .background import spawn
+    path = f"{d}/{_base(identity())}.sock"
+    env = dict(os.environ)
+    root = os.path.dirname(PACKAGE)
+    env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+
+    def body(tell) -> None:
+        tell("ok")
+        os.execve(sys.executable, [sys.executable, "-m", "unionfs.zygote", path], env)
+    spawn(body, chdir="/")
+
+
+# --- the zygote -----------------------------------------------------------------------------------
+
+def _preload() -> None:
+    """What a mount and an umount import, loaded once (no threads started: we fork)."""
+    import pyfuse3  # noqa: F401
+    import trio  # noqa: F401
+
+    from . import cli  # noqa: F401
+    from .container import commands  # noqa: F401
+    from .fs import mount, upper, writable  # noqa: F401
+    from .fuse import daemon, operations  # noqa: F401
+    cli.parser()   # built once (cached), with the parsers' own imports
+    cli.mount_program_parser()
+
+
+def _sources() -> dict[str, int]:
+    out = {}
+    for m in list(sys.modules.values()):
+        f = getattr(m, "__file__", None)
+        if f and f.startswith(PACKAGE):
+            try:
+                out[f] = os.stat(f).st_mtime_ns
+            except OSError:
+                out[f] = -1
+    return out
+
+
+def _receive(conn) -> tuple[bytes, list[int]]:
+    import socket
+    head, fds, _, _ = socket.recv_fds(conn, 4, 4)
+    if len(head) != 4 or len(fds) != 4:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a bad request")
+    (size,) = struct.unpack("I", head)
+    if size > _MAX_REQUEST:
+        raise ValueError("a request too big")
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ValueError("a short request")
+        data += chunk
+    return bytes(data), fds
+
+
+def _join_cgroups(pid: int) -> None:
+    """Into the caller's cgroups (v2 and each v1 hierarchy), as a process it started would be."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            theirs = f.read().splitlines()
+        with open("/proc/self/cgroup") as f:
+            ours = set(f.read().splitlines())
+    except OSError:
+        return
+    for line in theirs:
+        if line in ours:
+            continue
+        _, controllers, path = line.split(":", 2)
+        base = "/sys/fs/cgroup" if not controllers else "/sys/fs/cgroup/" + controllers.removeprefix("name=")
+        try:
+            with open(f"{base}{path}/cgroup.procs", "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+
+
+def _copy_limits(pid: int) -> None:
+    import resource
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            r = getattr(resource, name)
+            try:
+                limits = resource.prlimit(pid, r)
+                if resource.getrlimit(r) != limits:
+                    resource.setrlimit(r, limits)
+            except (OSError, ValueError):
+                pass
+
+
+def _work(conn, peer_pid: int, ident: bytes) -> None:
+    """In the fork: become the caller (cwd, stdio, environment, umask, cgroups, limits), run its command."""
+    import signal
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        request, fds = _receive(conn)
+        their_ident, argv, env, umask = marshal.loads(request)
+    except (OSError, ValueError, EOFError, TypeError):
+        return
+    if their_ident != ident:
+        return
+    conn.sendall(_ACCEPTED)   # the caller gone (timed out): EPIPE, and nothing is done
+    cwd, *std = fds
+    os.fchdir(cwd)
+    os.close(cwd)
+    for fd, target in zip(std, (0, 1, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.umask(umask)
+    _join_cgroups(peer_pid)
+    _copy_limits(peer_pid)
+    sys.argv = ["unionfs", *argv]
+    from .cli import main
+    code: int = 1
+    try:
+        code = main(argv)
+    except SystemExit as e:   # argparse: usage errors (2) and --help (0)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    conn.sendall(f"{code}\n".encode())
+
+
+def serve(path: str) -> int:
+    """The zygote's life: hold the lock, listen, fork a worker per request, leave when idle or stale."""
+    import fcntl
+    import signal
+    import socket
+    base = path.removesuffix(".sock")
+    lock = os.open(base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0   # one runs already
+    ident = identity()
+    if f"{os.path.dirname(path)}/{_base(ident)}.sock" != path:
+        return 0   # not started by a process like us
+    _preload()
+    sources = _sources()
+    import gc
+    gc.freeze()   # what is loaded now stays out of the forks' collections: fewer copy-on-write pages
+    idle = float(os.environ.get(ENV_IDLE) or IDLE)
+
+    def reap(*_) -> None:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+    signal.signal(signal.SIGCHLD, reap)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # leave no socket behind
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with_lock_gone = False
+        with open(base + ".pid", "w") as f:   # before the socket: whoever reaches it finds our pid
+            f.write(f"{os.getpid()}\n")
+        if os.path.lexists(path):
+            os.unlink(path)   # a dead zygote's: we hold the lock
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(64)
+        listener.settimeout(idle)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                break
+            conn.settimeout(None)
+            peer_pid, uid, _gid = _peer(conn)
+            if uid != os.geteuid():
+                conn.close()
+                continue
+            if _sources() != sources:   # unionfs changed under us: let the caller run the new code
+                with_lock_gone = True
+                for p in (path, base + ".pid"):
+                    os.unlink(p)
+                os.close(lock)
+                conn.close()
+                break
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    listener.close()
+                    os.close(lock)
+                    _work(conn, peer_pid, ident)
+                finally:
+                    os._exit(0)
+            conn.close()
+    finally:
+        if not with_lock_gone:
+            for p in (path, base + ".pid"):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1]))
