@@ -52,6 +52,7 @@ class Xattr(enum.Enum):
     ORIGIN = "origin"
     IMPURE = "impure"
     NLINK = "nlink"
+    METACOPY = "metacopy"  # a regular file whose data is still the lower one's (metacopy=on)
     IMPLIED = "unionfs.implied"  # ours: a directory an image layer only implies
 
 
@@ -68,6 +69,11 @@ ESCAPE = "overlay."
 OPAQUE_NAMES = (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque", FUSE_OVERLAYFS_PREFIX + "opaque")
 XWHITEOUT_NAMES = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
 REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
+METACOPY_NAMES = (TRUSTED_PREFIX + "metacopy", USER_PREFIX + "metacopy")
+# What kernel 6.x writes as overlay.metacopy when fs-verity is off: an empty value.  With a
+# verity digest it is ``struct ovl_metacopy`` (version 0, len, flags, digest algo, digest), which
+# we read as a mark too and never write.
+METACOPY_VALUE = b""
 
 
 IMPLIED_NAMES = (TRUSTED_PREFIX + Xattr.IMPLIED.value, USER_PREFIX + Xattr.IMPLIED.value)
@@ -107,6 +113,17 @@ def dir_kind_from_xattrs(values: dict[str, bytes]) -> DirKind:
 def is_implied(xattr_names: list[str]) -> bool:
     """Is this layer directory only implied by its layer's tar (from the names of its xattrs)?"""
     return any(n in IMPLIED_NAMES for n in xattr_names)
+
+
+def may_be_metacopy(st: os.stat_result) -> bool:
+    """Only regular files with data can be metacopy files (an empty one has no data to find)."""
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0
+
+
+def is_metacopy_at(dirfd: int, name: bytes | None) -> bool:
+    """Does this regular file carry ``overlay.metacopy`` (either namespace), as ``ovl_check_metacopy_xattr``?"""
+    from . import sys as ovl
+    return any(ovl.getxattr_or_none(dirfd, name, x) is not None for x in METACOPY_NAMES)
 
 
 def is_chardev_whiteout(st: os.stat_result) -> bool:

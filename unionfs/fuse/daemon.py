@@ -76,6 +76,7 @@ class MountConfig:
     acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
+    metacopy: bool = False        # metacopy=on: chmod, chown, utimes, xattrs copy no data (fs/metacopy.py)
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
     background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
@@ -136,7 +137,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
                  options: list[str], foreground: bool, log_file: str | None = None) -> MountConfig:
     opts = split_options(options)
     fuse: set[str] = {"default_permissions"}
-    fsync, acl, xattrs, static_nlink = True, True, True, False
+    fsync, acl, xattrs, static_nlink, meta = True, True, True, False, False
     ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
@@ -169,6 +170,10 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             xattrs = not _flag(k, v)
         elif k == "static_nlink" and v is None:
             static_nlink = True
+        elif k == "metacopy" and v in ("on", "off"):
+            meta = v == "on"
+        elif k == "metacopy":
+            raise UsageError(f"metacopy={v or ''}: give metacopy=on or metacopy=off")
         elif k == "xattr_permissions":
             if _flag(k, v):
                 raise UsageError(f"xattr_permissions={v}: owners and modes in xattrs are not supported "
@@ -208,7 +213,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
                        debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
-                       static_nlink=static_nlink)
+                       static_nlink=static_nlink, metacopy=meta)
 
 
 # --- running -----------------------------------------------------------------
@@ -372,7 +377,7 @@ def mount(cfg: MountConfig) -> int:
                              "user (mode 0666, as udev sets it on Debian)")
         if not (os.access("/usr/bin/fusermount3", os.X_OK) or shutil.which("fusermount3")):
             raise UsageError("no fusermount3: an unprivileged mount needs it (Debian package fuse3)")
-    union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint)
+    union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint, cfg.metacopy)
     union.fill = cfg.fill
     if cfg.foreground:
         _setup_logging(cfg)

@@ -1,0 +1,119 @@
+"""Metadata-only copy-up, as overlayfs's ``metacopy=on`` (``Documentation/filesystems/overlayfs.rst``,
+"Metadata only copy up"; ``fs/overlayfs/copy_up.c``).
+
+A chmod, chown, utimes or xattr change of a lower regular file copies no data: the upper inode is
+built (in the work dir, renamed into place, as any copy-up) with the lower file's owner, mode,
+times, xattrs and size, but no data blocks (sparse), and carries ``overlay.metacopy`` (empty: what
+kernel 6.x writes without fs-verity) and ``overlay.origin``.  Where the data is not at the same path
+below (the file was renamed or linked elsewhere, or its lower instance was itself a metacopy file
+with a redirect), the upper inode carries ``overlay.redirect``, absolute, to the lower data, as
+``ovl_set_redirect`` writes it.  Lookup (:mod:`lookup`) follows such a file down to its data exactly
+as ``ovl_lookup`` does, in the upper layer and in lower layers the kernel wrote; the node's layers
+are then ``(attributes, data)``.
+
+The first open for write, or a truncate, copies the data up (:func:`copy_data_up`): into the upper
+inode in place, as ``ovl_copy_up_meta_inode_data`` does, so that every hard link of it sees the
+data; ``overlay.metacopy`` goes only once the data is complete (and on disk, unless the mount is
+volatile), so a crash at any moment leaves either a metacopy file whose lower data still shows, or
+the whole copy.
+
+Not metadata-only (the data is copied as before): lower hard links (they go through the index),
+empty files (no data to share), opens with ``O_TRUNC``.  No FUSE here; the writable union decides
+when (:mod:`writable`), the copy-up builds the entry (:mod:`copyup`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from . import formats
+from . import sys as ovl
+from .inodes import Node
+
+if TYPE_CHECKING:
+    from .upper import Upper
+    from .writable import WritableUnion
+
+log = logging.getLogger("unionfs.metacopy")
+
+
+def wanted(st: os.stat_result, index: bytes | None, truncate: bool) -> bool:
+    """May this copy-up leave the data below? Only a single-link regular file with data."""
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0 and index is None and not truncate
+
+
+def data_where(node: Node) -> tuple[int, bytes | None]:
+    """The layer holding ``node``'s data now, and its path there when that is not the node's
+    own name (b"/path" from the layer's root, or another name in the parent)."""
+    where = node.paths[-1] if node.paths is not None else None
+    return node.layers[-1], where
+
+
+def mark(up: "Upper", fd: int, name: bytes, node: Node) -> None:
+    """Mark the upper inode being built for ``node`` as metadata only, with the way to its data."""
+    _, where = data_where(node)
+    if where is not None:
+        ovl.setxattr_at(fd, name, up.redirect_xattr, where)
+    ovl.setxattr_at(fd, name, up.metacopy_xattr, formats.METACOPY_VALUE)
+
+
+def copied_up(node: Node, data: tuple[int, bytes | None]) -> None:
+    """``node`` now has its attributes in the upper layer and its data still at ``data``."""
+    layer, where = data
+    node.layers = (0, layer)
+    node.paths = None if where is None else (None, where)
+
+
+def pin_data(w: "WritableUnion", node: Node) -> None:
+    """Before a metacopy file gets a name elsewhere (rename, link): an absolute redirect to its data,
+    as overlayfs sets one (``ovl_set_redirect``), so every name of the inode finds it."""
+    layer, where = data_where(node)
+    if where is not None and where[:1] == b"/":
+        return
+    assert node.parent is not None
+    base = w.layer_path(node.parent, layer)
+    name = where if where is not None else node.name
+    path = b"/" + (base + b"/" + name if base else name)
+    fd, real = w.locate(node)
+    ovl.setxattr_at(fd, real, w.upper.redirect_xattr, path)
+    node.paths = (None, path)
+
+
+def copy_data_up(w: "WritableUnion", node: Node, keep_data: bool = True) -> None:
+    """The first write (or truncate) of a metacopy file: its data into the upper inode, then the
+    mark goes.  ``keep_data`` False: the data would be truncated away, copy none."""
+    fd, name = w.locate(node)
+    assert name is not None
+    dfd, dname = w.locate_data(node)
+    assert dname is not None
+    st = ovl.lstat_at(fd, name)
+    caps = ovl.getxattr_or_none(fd, name, "security.capability")  # writing data drops it
+    dst = ovl.open_at(fd, name, os.O_WRONLY)
+    try:
+        if keep_data:
+            src = ovl.open_at(dfd, dname, os.O_RDONLY, noatime=True)
+            try:
+                if w.fill is not None:   # a lazy layer's content first (union.Fill)
+                    w.fill(src, 0, st.st_size)
+                ovl.copy_file_range_all(src, dst, st.st_size)
+            finally:
+                os.close(src)
+        else:
+            ovl.ftruncate(dst, 0)
+        if w.upper.fsync:
+            ovl.fsync(dst)
+        ovl.futimens(dst, (st.st_atime_ns, st.st_mtime_ns))  # copying is not a change the user made
+    finally:
+        os.close(dst)
+    if caps is not None and ovl.getxattr_or_none(fd, name, "security.capability") is None:
+        ovl.setxattr_at(fd, name, "security.capability", caps)
+    for x in formats.METACOPY_NAMES:   # last: from now on the upper inode has the data
+        if ovl.getxattr_or_none(fd, name, x) is not None:
+            ovl.removexattr_at(fd, name, x)
+    log.debug("metacopy data up %r", node)
+    node.layers = (0,)
+    node.paths = None
+    w.changed.add(node.ino)
+    w.reopen_readers(node)
