@@ -204,7 +204,7 @@ def test_stacked_rounds_with_metacopy(tmp_path, union_mount, seed):
         with overlay_mount(ko2, ours, None, None, "metacopy=on,redirect_dir=follow"):
             over_ours = snapshot(ko2, skip_unstatable=True)
         diff = _cross_diff(over_ours, want_tree)
-        assert diff == [], f"kernel over our layers, round {rnd}:\n" + "\n".join(diff)
+        assert diff == [], f"kernel over our layers, round {rnd}:\n" + "\n".join(diff + [l for l in log if "n2" in l] + [str((p, os.listxattr(p), os.path.getsize(p))) for d in ours[:-2] for p in [os.path.join(d, "n2")] if os.path.lexists(p)])
         m = union_mount(theirs)
         diff = _cross_diff(snapshot(m.mnt), want_tree)
         assert diff == [], f"unionfs over the kernel's layers, round {rnd}:\n" + "\n".join(diff)

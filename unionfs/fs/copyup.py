@@ -236,7 +236,7 @@ class CopyUp:
             copy_xattrs(c.lower_fd, c.lower_name, up.work_fd, c.temp)
             _set_owner_mode_times(up.work_fd, c.temp, st)
             if c.meta:
-                metacopy.mark(up, up.work_fd, c.temp, c.node)
+                metacopy.mark(up, up.work_fd, c.temp)
             if c.index is not None:
                 fh = OverlayFh.from_index_name(c.index)
                 if fh is not None:

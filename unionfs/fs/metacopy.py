@@ -51,11 +51,10 @@ def data_where(node: Node) -> tuple[int, bytes | None]:
     return node.layers[-1], where
 
 
-def mark(up: "Upper", fd: int, name: bytes, node: Node) -> None:
-    """Mark the upper inode being built for ``node`` as metadata only, with the way to its data."""
-    _, where = data_where(node)
-    if where is not None:
-        ovl.setxattr_at(fd, name, up.redirect_xattr, where)
+def mark(up: "Upper", fd: int, name: bytes) -> None:
+    """Mark the upper inode being built as metadata only.  No redirect: it has the path of the
+    lower instance it was copied from, which a lookup meets next (and that one's own redirect, if it
+    is a metacopy file too, leads on), as the kernel's copy-up does."""
     ovl.setxattr_at(fd, name, up.metacopy_xattr, formats.METACOPY_VALUE)
 
 
@@ -67,18 +66,20 @@ def copied_up(node: Node, data: tuple[int, bytes | None]) -> None:
 
 
 def pin_data(w: "WritableUnion", node: Node) -> None:
-    """Before a metacopy file gets a name elsewhere (rename, link): an absolute redirect to its data,
-    as overlayfs sets one (``ovl_set_redirect``), so every name of the inode finds it."""
-    layer, where = data_where(node)
-    if where is not None and where[:1] == b"/":
-        return
+    """Before a metacopy file gets a name elsewhere (rename, link): an absolute redirect to where
+    lower layers have it (the path it was copied up from), as overlayfs sets one
+    (``ovl_set_redirect``), so every name of the inode finds its data; and this mount's own note of
+    the data's place, from the layer's root."""
     assert node.parent is not None
-    base = w.layer_path(node.parent, layer)
-    name = where if where is not None else node.name
-    path = b"/" + (base + b"/" + name if base else name)
+    layer, where = data_where(node)
+    if where is None or where[:1] != b"/":
+        base = w.layer_path(node.parent, layer)
+        name = where if where is not None else node.name
+        node.paths = (None, b"/" + (base + b"/" + name if base else name))
+    path = node.redirect if node.redirect is not None else w.lower_path(node)
     fd, real = w.locate(node)
-    ovl.setxattr_at(fd, real, w.upper.redirect_xattr, path)
-    node.paths = (None, path)
+    ovl.setxattr_at(fd, real, w.upper.redirect_xattr, b"/" + path)
+    node.redirect = path
 
 
 def copy_data_up(w: "WritableUnion", node: Node, keep_data: bool = True) -> None:
