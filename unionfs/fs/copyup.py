@@ -94,6 +94,16 @@ class CopyUp:
         self.up = upper
         self.reopen = reopen
 
+    def copy_data(self, src_dirfd: int, src_name: bytes, dst: int, size: int) -> None:
+        """The data of a lower file into ``dst`` (a copy-up, or a metacopy file's first write)."""
+        src = ovl.open_at(src_dirfd, src_name, os.O_RDONLY, noatime=True)
+        try:
+            if self.u.fill is not None:   # a lazy layer's content first (union.Fill)
+                self.u.fill(src, 0, size)
+            ovl.copy_file_range_all(src, dst, size)
+        finally:
+            os.close(src)
+
     def dir_chain(self, node: Node) -> None:
         """Make sure directory ``node`` and all its ancestors exist in the upper layer."""
         chain: list[Node] = []
@@ -217,14 +227,7 @@ class CopyUp:
                     if c.meta:
                         ovl.ftruncate(dst, st.st_size)  # sparse, the lower size, as the kernel's
                     elif not c.truncate and st.st_size:
-                        data_fd, data_name = c.data or (c.lower_fd, c.lower_name)
-                        src = ovl.open_at(data_fd, data_name, os.O_RDONLY)
-                        try:
-                            if u.fill is not None:   # a lazy layer's content first (union.Fill)
-                                u.fill(src, 0, st.st_size)
-                            ovl.copy_file_range_all(src, dst, st.st_size)
-                        finally:
-                            os.close(src)
+                        self.copy_data(*(c.data or (c.lower_fd, c.lower_name)), dst, st.st_size)
                     if up.fsync:
                         ovl.fsync(dst)
                 finally:

@@ -4,12 +4,13 @@
 A chmod, chown, utimes or xattr change of a lower regular file copies no data: the upper inode is
 built (in the work dir, renamed into place, as any copy-up) with the lower file's owner, mode,
 times, xattrs and size, but no data blocks (sparse), and carries ``overlay.metacopy`` (empty: what
-kernel 6.x writes without fs-verity) and ``overlay.origin``.  Where the data is not at the same path
-below (the file was renamed or linked elsewhere, or its lower instance was itself a metacopy file
-with a redirect), the upper inode carries ``overlay.redirect``, absolute, to the lower data, as
-``ovl_set_redirect`` writes it.  Lookup (:mod:`lookup`) follows such a file down to its data exactly
-as ``ovl_lookup`` does, in the upper layer and in lower layers the kernel wrote; the node's layers
-are then ``(attributes, data)``.
+kernel 6.x writes without fs-verity) and ``overlay.origin``.  It has the path of the lower instance
+it was copied from, so it needs no redirect: a lookup meets that instance next (and, if it is a
+metacopy file too, follows its redirect on).  A rename or a link of a metacopy file sets an
+absolute ``overlay.redirect`` to that lower path, as ``ovl_set_redirect`` does (xattrs are the
+inode's, so every name of it finds the data).  Lookup (:mod:`lookup`) follows such files down to
+their data exactly as ``ovl_lookup`` does, in the upper layer and in lower layers the kernel wrote;
+the node's layers are then ``(attributes, data)``.
 
 The first open for write, or a truncate, copies the data up (:func:`copy_data_up`): into the upper
 inode in place, as ``ovl_copy_up_meta_inode_data`` does, so that every hard link of it sees the
@@ -26,17 +27,29 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import formats
 from . import sys as ovl
 from .inodes import Node
-
-if TYPE_CHECKING:
-    from .upper import Upper
-    from .writable import WritableUnion
+from .upper import Upper
 
 log = logging.getLogger("unionfs.metacopy")
+
+
+class WritableUnion(Protocol):
+    """What this module uses of :class:`~unionfs.fs.writable.WritableUnion` (which imports it)."""
+
+    upper: Upper
+    changed: set[int]
+
+    @property
+    def copy_up(self): ...
+    def locate(self, node: Node) -> tuple[int, bytes | None]: ...
+    def locate_data(self, node: Node) -> tuple[int, bytes | None]: ...
+    def layer_path(self, node: Node, index: int) -> bytes: ...
+    def lower_path(self, node: Node) -> bytes: ...
+    def reopen_readers(self, node: Node) -> None: ...
 
 
 def wanted(st: os.stat_result, index: bytes | None, truncate: bool) -> bool:
@@ -51,7 +64,7 @@ def data_where(node: Node) -> tuple[int, bytes | None]:
     return node.layers[-1], where
 
 
-def mark(up: "Upper", fd: int, name: bytes) -> None:
+def mark(up: Upper, fd: int, name: bytes) -> None:
     """Mark the upper inode being built as metadata only.  No redirect: it has the path of the
     lower instance it was copied from, which a lookup meets next (and that one's own redirect, if it
     is a metacopy file too, leads on), as the kernel's copy-up does."""
@@ -65,7 +78,7 @@ def copied_up(node: Node, data: tuple[int, bytes | None]) -> None:
     node.paths = None if where is None else (None, where)
 
 
-def pin_data(w: "WritableUnion", node: Node) -> None:
+def pin_data(w: WritableUnion, node: Node) -> None:
     """Before a metacopy file gets a name elsewhere (rename, link): an absolute redirect to where
     lower layers have it (the path it was copied up from), as overlayfs sets one
     (``ovl_set_redirect``), so every name of the inode finds its data; and this mount's own note of
@@ -82,7 +95,7 @@ def pin_data(w: "WritableUnion", node: Node) -> None:
     node.redirect = path
 
 
-def copy_data_up(w: "WritableUnion", node: Node, keep_data: bool = True) -> None:
+def copy_data_up(w: WritableUnion, node: Node, keep_data: bool = True) -> None:
     """The first write (or truncate) of a metacopy file: its data into the upper inode, then the
     mark goes.  ``keep_data`` False: the data would be truncated away, copy none."""
     fd, name = w.locate(node)
@@ -94,13 +107,7 @@ def copy_data_up(w: "WritableUnion", node: Node, keep_data: bool = True) -> None
     dst = ovl.open_at(fd, name, os.O_WRONLY)
     try:
         if keep_data:
-            src = ovl.open_at(dfd, dname, os.O_RDONLY, noatime=True)
-            try:
-                if w.fill is not None:   # a lazy layer's content first (union.Fill)
-                    w.fill(src, 0, st.st_size)
-                ovl.copy_file_range_all(src, dst, st.st_size)
-            finally:
-                os.close(src)
+            w.copy_up.copy_data(dfd, dname, dst, st.st_size)
         else:
             ovl.ftruncate(dst, 0)
         if w.upper.fsync:
