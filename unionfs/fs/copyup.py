@@ -224,11 +224,11 @@ class CopyUp:
             if stat.S_ISREG(mode):
                 dst = ovl.open_at(up.work_fd, c.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    if c.meta:
-                        ovl.ftruncate(dst, st.st_size)  # sparse, the lower size, as the kernel's
+                    if c.meta:  # sparse, the lower size, as the kernel's; no data to wait for
+                        ovl.ftruncate(dst, st.st_size)
                     elif not c.truncate and st.st_size:
                         self.copy_data(*(c.data or (c.lower_fd, c.lower_name)), dst, st.st_size)
-                    if up.fsync:
+                    if up.fsync and not c.meta:
                         ovl.fsync(dst)
                 finally:
                     os.close(dst)
