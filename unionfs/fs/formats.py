@@ -69,7 +69,8 @@ ESCAPE = "overlay."
 OPAQUE_NAMES = (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque", FUSE_OVERLAYFS_PREFIX + "opaque")
 XWHITEOUT_NAMES = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
 REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
-METACOPY_NAMES = (TRUSTED_PREFIX + "metacopy", USER_PREFIX + "metacopy")
+# Only trusted.: the kernel refuses metacopy with userxattr, and so do we (one getxattr per lookup).
+METACOPY_NAMES = (TRUSTED_PREFIX + "metacopy",)
 # What kernel 6.x writes as overlay.metacopy when fs-verity is off: an empty value.  With a
 # verity digest it is ``struct ovl_metacopy`` (version 0, len, flags, digest algo, digest), which
 # we read as a mark too and never write.
@@ -121,7 +122,7 @@ def may_be_metacopy(st: os.stat_result) -> bool:
 
 
 def is_metacopy_at(dirfd: int, name: bytes | None) -> bool:
-    """Does this regular file carry ``overlay.metacopy`` (either namespace), as ``ovl_check_metacopy_xattr``?"""
+    """Does this regular file carry ``trusted.overlay.metacopy``, as ``ovl_check_metacopy_xattr`` asks?"""
     from . import sys as ovl
     return any(ovl.getxattr_or_none(dirfd, name, x) is not None for x in METACOPY_NAMES)
 
