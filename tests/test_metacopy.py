@@ -214,3 +214,17 @@ def test_commit_of_a_metacopy_upper_carries_the_lower_data(tmp_path):
     assert (out / "d/g2").read_bytes() == b"g data"
     with tarfile.open(tmp_path / "layer.tar") as t:
         assert "d/.wh.g" not in t.getnames() and ".wh.g" in t.getnames()
+
+
+def test_metacopy_refused_rootless(tmp_path):
+    """Rootless, metacopy=on is refused in one line (its marks are trusted.* xattrs; the kernel
+    refuses metacopy with userxattr too), and nothing is mounted or written."""
+    from rootless_env import rootless_user, user_dir
+    with rootless_user() as user:
+        base = user_dir(user, user.runtime.parent, tmp_path.name)
+        lower, up, wk, mnt = (user_dir(user, base, n) for n in ("l", "u", "w", "mnt"))
+        r = user.unionfs("mount", "-o", f"lowerdir={lower},upperdir={up},workdir={wk},metacopy=on", str(mnt),
+                         check=False)
+        err = r.stderr.decode().strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and "metacopy" in err, err
+        assert not os.path.ismount(mnt) and os.listdir(wk) == [] and os.listdir(up) == []
