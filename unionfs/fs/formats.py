@@ -124,7 +124,9 @@ def may_be_metacopy(st: os.stat_result) -> bool:
 def is_metacopy_at(dirfd: int, name: bytes | None) -> bool:
     """Does this regular file carry ``trusted.overlay.metacopy``, as ``ovl_check_metacopy_xattr`` asks?"""
     from . import sys as ovl
-    return any(ovl.getxattr_or_none(dirfd, name, x) is not None for x in METACOPY_NAMES)
+    if name is None:
+        return any(ovl.getxattr_or_none(dirfd, None, x) is not None for x in METACOPY_NAMES)
+    return any(ovl.has_xattr_at(dirfd, name, x) for x in METACOPY_NAMES)
 
 
 def is_chardev_whiteout(st: os.stat_result) -> bool:
