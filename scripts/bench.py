@@ -201,20 +201,27 @@ def _foreground(argv: list[str], mnt: Path, log: Path | None) -> subprocess.Pope
     return proc
 
 
-def _kernel_overlay(lowerdir: str, up: Path, work: Path, mnt: Path) -> None:
+def _kernel_overlay(lowerdir: str, up: Path, work: Path, mnt: Path, extra: str = "") -> None:
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lowerdir},upperdir={up},workdir={work},index=on,redirect_dir=on",
+                    f"lowerdir={lowerdir},upperdir={up},workdir={work},index=on,redirect_dir=on{extra}",
                     str(mnt)], check=True)
 
 
 class Kernel(FS):
     name = "overlay"
     fuse = False
+    extra = ""
 
     def mount(self, debug_log: Path | None = None) -> Mounted:
         up, work, mnt = self.fresh()
-        _kernel_overlay(self.lowerdir(), up, work, mnt)
+        _kernel_overlay(self.lowerdir(), up, work, mnt, self.extra)
         return Mounted(self.name, mnt)
+
+
+class KernelMetacopy(Kernel):
+    """Kernel overlayfs with metacopy=on: chmod/chown/utimes/xattrs of lower files copy no data."""
+    name = "overlay-metacopy"
+    extra = ",metacopy=on"
 
 
 class FuseOverlayfs(FS):
@@ -236,15 +243,18 @@ class Unionfs(FS):
     """``unionfs -o lowerdir=... MNT`` as podman calls it (``style="mount"``: ``unionfs mount --lower``)."""
     name = "unionfs"
     style = "o"
+    extra = ""   # more -o options
 
     def mount(self, debug_log: Path | None = None) -> Mounted:
         up, work, mnt = self.fresh()
         if self.style == "o":
-            argv = [UNIONFS, "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}", str(mnt)]
+            argv = [UNIONFS, "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}{self.extra}", str(mnt)]
         else:
             argv = [UNIONFS, "mount", "--lower", self.lowerdir(), "--upper", str(up), "--work", str(work), str(mnt)]
+            if self.extra:
+                argv[2:2] = ["-o", self.extra.lstrip(",")]
         if debug_log:   # libfuse's debug output: one line per request, its opcode named
-            argv = [UNIONFS, "mount", "-f", "-o", "debug", "--lower", self.lowerdir(), "--upper", str(up),
+            argv = [UNIONFS, "mount", "-f", "-o", "debug" + self.extra, "--lower", self.lowerdir(), "--upper", str(up),
                     "--work", str(work), str(mnt)]
             proc = _foreground(argv, mnt, debug_log)
             return Mounted(self.name, mnt, proc.pid, proc)
@@ -258,6 +268,12 @@ class Unionfs(FS):
         else:
             subprocess.run([UNIONFS, "umount", str(m.mnt)], check=True, capture_output=True)
             _wait_gone(m)
+
+
+class UnionfsMetacopy(Unionfs):
+    """unionfs with -o metacopy=on (fs/metacopy.py)."""
+    name = "unionfs-metacopy"
+    extra = ",metacopy=on"
 
 
 class Floor(FS):
@@ -340,6 +356,10 @@ def _chmods(mnt: Path, p: dict) -> None:
                 os.chmod(path, 0o600)
 
 
+def _chmod_blob(mnt: Path, p: dict) -> None:
+    os.chmod(mnt / "blob", 0o600)   # a copy-up of the whole big file, or (metacopy) of its metadata only
+
+
 def _copy_up(mnt: Path, p: dict) -> None:
     with open(mnt / "blob", "ab") as f:
         f.write(b"!")
@@ -395,6 +415,7 @@ WORKLOADS = [
         f"dd if=/dev/zero of=newblob bs=1M count={p['blob'] >> 20} conv=fsync status=none", m)),
     Workload("copy-up big file", _copy_up),
     Workload("chmod lower files", _chmods),
+    Workload("chmod big lower file", _chmod_blob),
     Workload("rm -rf lower subtree", lambda m, p: sh("rm -rf rmme", m)),
     Workload("untar into mount", lambda m, p: sh(f"mkdir untar && tar -C untar -xf {p['stack']}/untar.tar", m)),
     Workload("readers' worst wait in copy-up", _readers_during_copy_up),
@@ -549,8 +570,9 @@ def main() -> int:
     ap.add_argument("--cold-start", action=argparse.BooleanOptionalAction, default=None,
                     help="the cold start from a registry rows (scripts/bench_lazy.py: run --lazy against pull + run "
                          "and podman run, through a 4 MB/s loopback link; default: with --tools)")
-    ap.add_argument("--fs", action="append", choices=["overlay", "fuse-overlayfs", "floor", "unionfs"],
-                    help="filesystems to run (default all)")
+    ap.add_argument("--fs", action="append", choices=["overlay", "overlay-metacopy", "fuse-overlayfs", "floor",
+                                                       "unionfs", "unionfs-metacopy"],
+                    help="filesystems to run (default: all but the -metacopy ones)")
     ap.add_argument("--cache", default="/var/tmp/unionfs-bench", help="where the layer stack is built once")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = ap.parse_args()
@@ -568,7 +590,8 @@ def main() -> int:
         args.tools = size != "tiny"
     classes = [Kernel, FuseOverlayfs, Floor, Unionfs]
     if args.fs:
-        classes = [c for c in classes if c.name in args.fs]
+        classes = [c for c in (Kernel, KernelMetacopy, FuseOverlayfs, Floor, Unionfs, UnionfsMetacopy)
+                   if c.name in args.fs]
     if FuseOverlayfs in classes and not shutil.which("fuse-overlayfs"):
         classes.remove(FuseOverlayfs)
     systems = [c(stack, scratch) for c in classes]

@@ -51,6 +51,7 @@ class Scenario:
     name: str
     build: Callable[[Path], None]              # fills the lower layer
     steps: list[tuple[str, Callable[[Path], None]]] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)   # unionfs -o options
 
 
 def _lower_tree(lower: Path) -> None:
@@ -112,6 +113,13 @@ SCENARIOS = [
         ("unlink h2 (a name only in the lower layer)", lambda m: os.unlink(m / "h2")),
         ("rename g over h3 (the last name)", lambda m: os.rename(m / "g", m / "h3")),
     ]),
+    Scenario("metacopy", _big, [
+        ("chmod the 24 MiB lower file (metadata only)", lambda m: os.chmod(m / "big", 0o600)),
+        ("rename it (a redirect to its data)", lambda m: os.rename(m / "big", m / "d/big2")),
+        ("append (its data copied up in place)", lambda m: _append(m / "d/big2", b"!")),
+        ("chmod another", lambda m: os.chmod(m / "g", 0o640)),
+        ("truncate that one (its data up, cut)", lambda m: os.truncate(m / "g", 1)),
+    ], options=["metacopy=on"]),
     Scenario("large-copy-up", _big, [
         ("append to a 24 MiB lower file", lambda m: _append(m / "big", b"!")),
         ("truncate it", lambda m: os.truncate(m / "big", 1000)),
@@ -158,8 +166,8 @@ class Runner:
         self.mounts += 1
         log = self.base / "log"
         if spec is None:
-            return UnionMount(self.mnt, [self.lower], self.upper, self.work, log=log).start()
-        m = InjectedMount(self.mnt, [self.lower], self.upper, self.work, log=log, spec=spec)
+            return UnionMount(self.mnt, [self.lower], self.upper, self.work, self.sc.options, log=log).start()
+        m = InjectedMount(self.mnt, [self.lower], self.upper, self.work, self.sc.options, log=log, spec=spec)
         return m.start()
 
     def reference(self) -> None:

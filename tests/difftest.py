@@ -178,8 +178,10 @@ class Generator:
     earlier move took it from.
     """
 
-    def __init__(self, seed: int, initial: list[str], dir_moves: float = 0.0, without: tuple[str, ...] = ()) -> None:
+    def __init__(self, seed: int, initial: list[str], dir_moves: float = 0.0, without: tuple[str, ...] = (),
+                 more: tuple[str, ...] = ()) -> None:
         self.rng = random.Random(seed)
+        self.more = list(more)  # extra draws of these operations (metacopy: the metadata changes)
         self.dir_moves = dir_moves
         self.without = without
         self.moved: list[tuple[str, str]] = []  # (new, old) of earlier directory moves
@@ -228,7 +230,7 @@ class Generator:
                        "rmdir", "unlink", "unlink", "rename", "rename", "rename", "rename_noreplace",
                        "rename_exchange", "symlink", "link", "link", "mkfifo", "chmod", "chown", "utime",
                        "setxattr", "removexattr", "getxattrs", "lstat", "lstat", "listdir", "listdir",
-                       "open_unlink_write"])
+                       "open_unlink_write"] + self.more)
         while op in self.without:
             op = r.choice(["read", "lstat", "listdir", "rename", "unlink", "mkdir", "write_new"])
         p = self._path()

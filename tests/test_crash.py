@@ -16,7 +16,7 @@ from helpers import is_mounted
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 
-@pytest.mark.parametrize("name", ["rename-dirs", "whiteouts", "opaque", "large-copy-up"])
+@pytest.mark.parametrize("name", ["rename-dirs", "whiteouts", "opaque", "large-copy-up", "metacopy"])
 def test_kill_at_chosen_points_is_all_or_nothing(tmp_path, name):
     r = Runner(BY_NAME[name], tmp_path / name)
     r.reference()

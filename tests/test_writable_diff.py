@@ -114,17 +114,24 @@ def test_stacked_rounds_match_kernel(tmp_path, union_mount, seed):
     # No hard links: which names of a hard-linked inode reach the upper dir differs (the kernel copies
     # up the name a file was opened by; FUSE opens the inode), and the next round sees it.
     gen = Generator(seed, build_lower(top, bottom, hardlinks=False), dir_moves=0.25, without=("link",))
-    ours, theirs = [top, bottom], [top, bottom]
+    stacked_rounds(tmp_path, union_mount, gen, [top, bottom], ROUNDS, ROUND_STEPS)
+
+
+def stacked_rounds(tmp_path, union_mount, gen: Generator, start: list, rounds: int, steps: int,
+                   ko_opts: str = KO_OPTS, options: list[str] | None = None, ro_opts: str = "") -> None:
+    """``rounds`` rounds of ``steps`` operations of ``gen`` over the lower layers ``start``; kernel
+    overlayfs mounted with ``ko_opts`` (``ro_opts`` over lower layers alone), unionfs with ``options``."""
+    ours, theirs = list(start), list(start)
     log: list[str] = []
-    for rnd in range(ROUNDS):
+    for rnd in range(rounds):
         up_k, wk_k, up_u, wk_u, ko, ko2 = mkdirs(
             tmp_path, *(f"{n}{rnd}" for n in ("up_k", "wk_k", "up_u", "wk_u", "ko", "ko2")))
-        with overlay_mount(ko, theirs, up_k, wk_k, KO_OPTS):
-            m = union_mount(ours, up_u, wk_u)
+        with overlay_mount(ko, theirs, up_k, wk_k, ko_opts):
+            m = union_mount(ours, up_u, wk_u, options=options)
             want_tree = snapshot(ko, skip_unstatable=True)
             diff = diff_snapshots(snapshot(m.mnt), want_tree)
             assert diff == [], f"round {rnd} before any change:\n" + "\n".join(diff + log[-60:])
-            _run_steps(gen, ROUND_STEPS, ko, m.mnt, log, f"{rnd}.")
+            _run_steps(gen, steps, ko, m.mnt, log, f"{rnd}.")
             want_tree = snapshot(ko, skip_unstatable=True)
             diff = diff_snapshots(snapshot(m.mnt), want_tree)
             assert diff == [], f"round {rnd}:\n" + "\n".join(diff + log[-60:])
@@ -134,7 +141,7 @@ def test_stacked_rounds_match_kernel(tmp_path, union_mount, seed):
         ours, theirs = [up_u, *ours], [up_k, *theirs]
         shutil.rmtree(wk_u)
         shutil.rmtree(wk_k)
-        with overlay_mount(ko2, ours, None, None, ""):
+        with overlay_mount(ko2, ours, None, None, ro_opts):
             over_ours = snapshot(ko2, skip_unstatable=True)
         diff = _cross_diff(over_ours, want_tree)
         assert diff == [], f"kernel over our layers, round {rnd}:\n" + "\n".join(diff)

@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass
 from typing import Callable
 
-from . import formats
+from . import formats, metacopy
 from . import sys as ovl
 from .formats import OverlayFh
 from .inodes import Node
@@ -51,6 +51,8 @@ class CopyUpCtx:
     truncate: bool         # opened with O_TRUNC: the data would be thrown away, copy none
     index: bytes | None    # a lower hard link: the name of its index entry
     origin: OverlayFh | None = None  # what overlay.origin will say (dirs and single-link files)
+    data: tuple[int, bytes] | None = None  # where the data is read from (a lower metacopy file's is below)
+    meta: bool = False     # metadata only: the data stays below (metacopy=on, :mod:`metacopy`)
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
@@ -93,6 +95,16 @@ class CopyUp:
         self.up = upper
         self.reopen = reopen
 
+    def copy_data(self, src_dirfd: int, src_name: bytes, dst: int, size: int) -> None:
+        """The data of a lower file into ``dst`` (a copy-up, or a metacopy file's first write)."""
+        src = ovl.open_at(src_dirfd, src_name, os.O_RDONLY, noatime=True)
+        try:
+            if self.u.fill is not None:   # a lazy layer's content first (union.Fill)
+                self.u.fill(src, 0, size)
+            ovl.copy_file_range_all(src, dst, size)
+        finally:
+            os.close(src)
+
     def dir_chain(self, node: Node) -> None:
         """Make sure directory ``node`` and all its ancestors exist in the upper layer."""
         chain: list[Node] = []
@@ -103,15 +115,16 @@ class CopyUp:
         for d in reversed(chain):
             self.one(d)
 
-    def __call__(self, node: Node, truncate: bool = False) -> None:
-        """Copy ``node`` up (with its parents) unless it is already in the upper layer."""
+    def __call__(self, node: Node, truncate: bool = False, meta: bool = False) -> None:
+        """Copy ``node`` up (with its parents) unless it is already in the upper layer; ``meta``:
+        a regular file's metadata only, where :func:`metacopy.wanted` allows it."""
         if in_upper(node):
             return
         if node.parent is not None:
             self.dir_chain(node.parent)
-        self.one(node, truncate)
+        self.one(node, truncate, meta)
 
-    def one(self, node: Node, truncate: bool = False) -> None:
+    def one(self, node: Node, truncate: bool = False, meta: bool = False) -> None:
         u, up = self.u, self.up
         lower = node.attr_layer if node.attr_layer is not None else node.top  # a dir's real attributes
         lower_fd, lower_name = u.locate_in(node, lower)
@@ -122,6 +135,9 @@ class CopyUp:
         pstat = ovl.fstat(upper_parent_fd)
         index = up.lower_index_name(lower, lower_fd, lower_name, st) if up.indexable(st) else None
         ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, up.temp_name(), truncate, index)
+        if stat.S_ISREG(st.st_mode):
+            ctx.data = u.locate_data(node)  # type: ignore[assignment]
+            ctx.meta = meta and metacopy.wanted(st, index, truncate)
         log.debug("copy up %r", node)
         if index is not None and up.index_stat(index) is not None:
             self._link_up(ctx)
@@ -146,7 +162,13 @@ class CopyUp:
             if node.paths is not None:
                 node.paths = (None,) + node.paths
         else:
+            # The data stays below: ours (meta), or an index entry kernel overlayfs made metadata only.
+            below = ctx.meta or (index is not None and formats.is_metacopy_at(up.index_fd, index))
+            data = metacopy.data_where(node)
             node.layers = (0,)
+            node.paths = None
+            if below:
+                metacopy.copied_up(node, data)
             node.indexed = index is not None
             if index is not None:
                 up.remember_index(node.ino, index)
@@ -203,15 +225,11 @@ class CopyUp:
             if stat.S_ISREG(mode):
                 dst = ovl.open_at(up.work_fd, c.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    if not c.truncate and st.st_size:
-                        src = ovl.open_at(c.lower_fd, c.lower_name, os.O_RDONLY)
-                        try:
-                            if u.fill is not None:   # a lazy layer's content first (union.Fill)
-                                u.fill(src, 0, st.st_size)
-                            ovl.copy_file_range_all(src, dst, st.st_size)
-                        finally:
-                            os.close(src)
-                    if up.fsync:
+                    if c.meta:  # sparse, the lower size, as the kernel's; no data to wait for
+                        ovl.ftruncate(dst, st.st_size)
+                    elif not c.truncate and st.st_size:
+                        self.copy_data(*(c.data or (c.lower_fd, c.lower_name)), dst, st.st_size)
+                    if up.fsync and not c.meta:
                         ovl.fsync(dst)
                 finally:
                     os.close(dst)
@@ -221,6 +239,8 @@ class CopyUp:
                 ovl.mknod_at(up.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             copy_xattrs(c.lower_fd, c.lower_name, up.work_fd, c.temp)
             _set_owner_mode_times(up.work_fd, c.temp, st)
+            if c.meta:
+                metacopy.mark(up, up.work_fd, c.temp)
             if c.index is not None:
                 fh = OverlayFh.from_index_name(c.index)
                 if fh is not None:

@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 
-from . import formats
+from . import formats, metacopy
 from . import sys as ovl
 from .inodes import Node
 
@@ -175,7 +175,9 @@ class DirOps:
             raise OSError(errno.EPERM, "hard link to a directory")
         self._check_new(parent, name)
         self.dirty_dirs.add(parent.ino)
-        self.copy_up(node)  # a lower hard link goes through the index
+        self.copy_up(node, meta=self.metacopy_on)  # a lower hard link goes through the index
+        if self.is_metacopy(node):
+            metacopy.pin_data(self, node)  # the new name must find the data too
         self.copy_up.dir_chain(parent)
         pfd = self.stack.dir_fd(0, parent)
         sfd, sname = self.locate(node)
@@ -343,7 +345,9 @@ class DirOps:
     def _prepare_move(self, node: Node, new_parent: Node) -> None:
         """Copy up what moves; a directory with lower parts records where it came from."""
         if not node.is_dir:
-            self.copy_up(node)
+            self.copy_up(node, meta=self.metacopy_on)
+            if self.is_metacopy(node):
+                metacopy.pin_data(self, node)  # the data stays at the old path
             return
         has_lower = any(not self.stack.is_upper(i) for i in node.layers)
         if has_lower:

@@ -52,6 +52,7 @@ class Xattr(enum.Enum):
     ORIGIN = "origin"
     IMPURE = "impure"
     NLINK = "nlink"
+    METACOPY = "metacopy"  # a regular file whose data is still the lower one's (metacopy=on)
     IMPLIED = "unionfs.implied"  # ours: a directory an image layer only implies
 
 
@@ -77,6 +78,12 @@ ESCAPE = "overlay."
 OPAQUE_NAMES = (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque", FUSE_OVERLAYFS_PREFIX + "opaque")
 XWHITEOUT_NAMES = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
 REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
+# Only trusted.: the kernel refuses metacopy with userxattr, and so do we (one getxattr per lookup).
+METACOPY_NAMES = (TRUSTED_PREFIX + "metacopy",)
+# What kernel 6.x writes as overlay.metacopy when fs-verity is off: an empty value.  With a
+# verity digest it is ``struct ovl_metacopy`` (version 0, len, flags, digest algo, digest), which
+# we read as a mark too and never write.
+METACOPY_VALUE = b""
 
 
 IMPLIED_NAMES = (TRUSTED_PREFIX + Xattr.IMPLIED.value, USER_PREFIX + Xattr.IMPLIED.value)
@@ -116,6 +123,19 @@ def dir_kind_from_xattrs(values: dict[str, bytes]) -> DirKind:
 def is_implied(xattr_names: list[str]) -> bool:
     """Is this layer directory only implied by its layer's tar (from the names of its xattrs)?"""
     return any(n in IMPLIED_NAMES for n in xattr_names)
+
+
+def may_be_metacopy(st: os.stat_result) -> bool:
+    """Only regular files with data can be metacopy files (an empty one has no data to find)."""
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0
+
+
+def is_metacopy_at(dirfd: int, name: bytes | None) -> bool:
+    """Does this regular file carry ``trusted.overlay.metacopy``, as ``ovl_check_metacopy_xattr`` asks?"""
+    from . import sys as ovl
+    if name is None:
+        return any(ovl.getxattr_or_none(dirfd, None, x) is not None for x in METACOPY_NAMES)
+    return any(ovl.has_xattr_at(dirfd, name, x) for x in METACOPY_NAMES)
 
 
 def is_chardev_whiteout(st: os.stat_result) -> bool:

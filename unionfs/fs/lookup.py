@@ -30,6 +30,8 @@ class _Lookup:
     is_dir: bool = False          # the topmost instance is a directory
     stop: bool = False            # nothing below counts
     redirect: bytes | None = None  # the last redirect read, as stored (None: ``name`` is still ``first``)
+    metacopy: bool = False        # the topmost instance is a metacopy file: its data is further down
+    data: bool = False            # ... and a layer below had the data
 
     def __post_init__(self) -> None:
         self.name = self.first
@@ -147,6 +149,10 @@ class Lookup:
                 i = 0
         if not found:
             return None
+        if d.metacopy:
+            if not d.data:  # as overlayfs: "metacopy with no lower data found"
+                raise OSError(errno.EIO, "metacopy file without its lower data")
+            found = [found[0], found[-1]]  # where the attributes are, and where the data is
         top = found[0][2]
         origin = next((st for index, _, st in found if not self.stack.is_upper(index)), None)
         ino, indexed = self._identify(top, top_at, origin, meta)
@@ -235,10 +241,20 @@ class Lookup:
             d.stop = True
             return None
         if not stat.S_ISDIR(st.st_mode):
-            if d.is_dir or not last:
-                d.stop = True  # a non-directory below a directory is hidden
+            if d.is_dir or not last or (d.metacopy and not stat.S_ISREG(st.st_mode)):
+                d.stop = True  # a non-directory below a directory is hidden, data must be a file
                 return None
+            if not bottom and formats.may_be_metacopy(st) and formats.is_metacopy_at(pfd, name):
+                # As ovl_lookup with metacopy: the data is below, at the same path or the redirect.
+                d.metacopy = True
+                target = self._read_redirect(pfd, name)
+                if target is not None:
+                    _check_redirect(target)
+                    d.name = target if target[:1] == b"/" else d.name[:prelen] + target
+                    d.redirect = target
+                return st, None, False
             d.stop = True
+            d.data = d.metacopy
             return st, None, False
         if last:
             d.is_dir = True
@@ -319,7 +335,7 @@ class Lookup:
 
     def locate_in(self, node: Node, index: int) -> tuple[int, bytes]:
         """Where ``node`` is in layer ``index``: (fd of the directory holding it, its name there)."""
-        where = node.where(index) if node.is_dir else node.name
+        where = node.where(index)  # a metacopy file's data may be elsewhere too
         if where[:1] == b"/":
             head, _, tail = where[1:].rpartition(b"/")
             return self.stack.path_fd(index, head), tail

@@ -15,9 +15,13 @@ from .union import Union
 
 
 def open_union(lower: list[str], upper: str | None = None, work: str | None = None, fsync: bool = True,
-               mountpoint: str | None = None) -> Union:
+               mountpoint: str | None = None, metacopy: bool = False) -> Union:
     """The union of ``lower`` (topmost first) and, with ``upper``, its writable layer; bad paths and
-    an upper dir in use raise UsageError and leave nothing open."""
+    an upper dir in use raise UsageError and leave nothing open.  ``metacopy``: as overlayfs's
+    ``metacopy=on``; refused without root, as the kernel refuses it with ``userxattr``."""
+    if metacopy and upper is not None and os.geteuid() != 0:
+        raise UsageError("metacopy=on needs root: its marks are trusted.overlay.* xattrs "
+                         "(kernel overlayfs refuses metacopy with userxattr too)")
     try:
         stack = LayerStack.open(lower, upper)
     except LayerError as e:
@@ -35,4 +39,4 @@ def open_union(lower: list[str], upper: str | None = None, work: str | None = No
     except BaseException:
         stack.close()
         raise
-    return WritableUnion(stack, lock, fsync=fsync)
+    return WritableUnion(stack, lock, fsync=fsync, metacopy=metacopy)

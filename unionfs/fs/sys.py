@@ -165,6 +165,46 @@ def getxattr_at(dirfd: int, name: bytes | None, attr: str) -> bytes:
     return _xattr.getxattr(_xpath(dirfd, name), attr, symlink=True)
 
 
+_SYS_getxattrat = 464  # Linux 6.13, the same number on every architecture
+_AT_SYMLINK_NOFOLLOW = 0x100
+_NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
+
+
+class _XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+_getxattrat = [True]   # off once the kernel says ENOSYS
+_xargs = _XattrArgs(0, 0, 0)   # size 0: the value's size only, nothing copied
+_XARGS_SIZE = ctypes.c_size_t(ctypes.sizeof(_XattrArgs))
+
+
+def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
+    """Does ``name`` in ``dirfd`` carry ``attr``?  Asked on every lookup of a layer file, so one
+    getxattrat(2), fd-relative (0.4-1.6 µs here), where the kernel has it; else one lgetxattr(2)
+    through /proc/self/fd (4-5 µs)."""
+    _check_name(name)
+    if _getxattrat[0]:
+        # Every argument as wide as its type: a variadic call passes bare ints as 32 bits.
+        r = _libc.syscall(ctypes.c_long(_SYS_getxattrat), ctypes.c_int(dirfd), name,
+                          ctypes.c_uint(_AT_SYMLINK_NOFOLLOW), attr.encode(), ctypes.byref(_xargs), _XARGS_SIZE)
+        if r >= 0:
+            return True
+        err = ctypes.get_errno()
+        if err in _NO_XATTR:
+            return False
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), name)
+        _getxattrat[0] = False
+    try:
+        os.getxattr(_xpath(dirfd, name), attr, follow_symlinks=False)
+        return True
+    except OSError as e:
+        if e.errno in _NO_XATTR:
+            return False
+        raise
+
+
 def getxattr_or_none(dirfd: int, name: bytes | None, attr: str) -> bytes | None:
     try:
         return getxattr_at(dirfd, name, attr)

@@ -165,6 +165,22 @@ class Union(Lookup):
             return self.index_fd, self.index_entry(node)
         return self.stack.parent_fd(node.top, node), node.name
 
+    def locate_data(self, node: Node) -> tuple[int, bytes | None]:
+        """Where the data of ``node`` is: a metacopy file's (``overlay.metacopy``) is in the lower
+        layer its lookup found it in (the last of its layers); anything else's is where it is."""
+        if not node.is_dir:
+            if len(node.layers) > 1:
+                return self.locate_in(node, node.layers[-1])
+            if node.indexed and not self.stack.is_upper(node.top) and formats.is_metacopy_at(
+                    self.index_fd, self.index_entry(node)):
+                return self.locate_in(node, node.top)  # kernel overlayfs indexed it metadata only
+        return self.locate(node)
+
+    @staticmethod
+    def is_metacopy(node: Node) -> bool:
+        """Does this node's data still live below its attributes (an upper metacopy file)?"""
+        return not node.is_dir and len(node.layers) > 1
+
     def real_stat(self, node: Node) -> os.stat_result:
         """stat of the topmost real instance of ``node``."""
         fd, name = self.locate(node)
@@ -177,8 +193,12 @@ class Union(Lookup):
         nlink = st.st_nlink
         if node.is_dir and len(node.layers) > 1:
             nlink = 1  # as overlayfs: a merged directory's link count is not worth counting
+        blocks = st.st_blocks
+        if self.is_metacopy(node):  # as ovl_getattr: the blocks of the data, not of the empty upper inode
+            fd, name = self.locate_data(node)
+            blocks = ovl.lstat_at(fd, name).st_blocks if name is not None else blocks
         a = Attr(node.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
-                 st.st_blksize, st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+                 st.st_blksize, blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
         if self.override is not None:
             self._apply_override(node, a, st)
         return a
@@ -278,10 +298,15 @@ class Union(Lookup):
         return OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
 
     def _open_real(self, node: Node, flags: int) -> int:
-        fd, name = self.locate(node)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            fd, name = self.locate(node)
+            lower = False
+        else:
+            fd, name = self.locate_data(node)
+            lower = fd != self.index_fd and not self.stack.is_upper(node.layers[-1])
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
         # Reading a lower file leaves its atime alone, as overlayfs (non-standard behaviour (a)).
-        lower = not node.indexed and not self.stack.is_upper(node.top)
+        assert name is not None
         return ovl.open_at(fd, name, flags, noatime=lower)
 
     def read(self, f: "OpenFile", off: int, size: int) -> bytes:

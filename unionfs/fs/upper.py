@@ -94,6 +94,7 @@ class Upper:
         self.origin_xattr = self.style.prefix + formats.Xattr.ORIGIN.value
         self.nlink_xattr = self.style.prefix + formats.Xattr.NLINK.value
         self.impure_xattr = self.style.prefix + formats.Xattr.IMPURE.value
+        self.metacopy_xattr = self.style.prefix + formats.Xattr.METACOPY.value
         self._index_names: dict[int, bytes] = {}          # merged ino -> its index entry
         self._lower_index: dict[tuple[int, int], bytes] = {}  # lower (dev, ino) -> index name
         self._layer_uuid: dict[int, bytes] = {}

@@ -32,7 +32,7 @@ import logging
 import os
 import stat
 
-from . import formats
+from . import formats, metacopy
 from . import sys as ovl
 from .copyup import CopyUp
 from .dirops import DirOps
@@ -50,10 +50,11 @@ class WritableUnion(DirOps, Union):
     new entries, removal and rename are :class:`DirOps`'."""
 
     def __init__(self, stack: LayerStack, lock: UpperLock, style: formats.Style | None = None,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, metacopy: bool = False) -> None:
         super().__init__(stack)
         self.readonly = False
         self.upper = Upper(stack, lock, self.inodes, style, fsync)
+        self.metacopy_on = metacopy  # chmod, chown, utimes, xattrs of a lower file copy no data (:mod:`metacopy`)
         self.index_fd = self.upper.index_fd  # Union.locate reads indexed files there
         self._aliases: dict[int, list[tuple[Node, bytes]]] = {}  # names of upper-only hard links
         self._euid, self._egid = os.geteuid(), os.getegid()
@@ -208,6 +209,8 @@ class WritableUnion(DirOps, Union):
         if write or flags & os.O_TRUNC:
             was_upper = self.in_upper(node)
             self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
+            if self.is_metacopy(node):
+                metacopy.copy_data_up(self, node, keep_data=not flags & os.O_TRUNC)
             fd = self._open_real(node, os.O_RDWR if write else os.O_RDONLY)
             if flags & os.O_TRUNC and (was_upper or node.indexed):
                 # A copy-up that linked an indexed inode copied its data.  O_RDONLY|O_TRUNC
@@ -266,10 +269,12 @@ class WritableUnion(DirOps, Union):
                 ovl.ftruncate(f.fd, size)
             else:
                 self.copy_up(node, truncate=size == 0)
+                if self.is_metacopy(node):
+                    metacopy.copy_data_up(self, node, keep_data=size != 0)
                 self._truncate_real(node, None, size)
         if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
             return
-        self.copy_up(node)
+        self.copy_up(node, meta=self.metacopy_on)
         fd, name = self.locate(node)
         if self.override is not None and (uid is not None or gid is not None or mode is not None):
             self._record_override(node, fd, name, uid, gid, mode)
@@ -312,7 +317,7 @@ class WritableUnion(DirOps, Union):
 
     def setxattr(self, node: Node, name: str, value: bytes) -> None:
         stored = self._stored_xattr(name, errno.EPERM)
-        self.copy_up(node)
+        self.copy_up(node, meta=self.metacopy_on)
         fd, real = self.locate(node)
         ovl.setxattr_at(fd, real, stored, value)
 
@@ -320,7 +325,7 @@ class WritableUnion(DirOps, Union):
         stored = self._stored_xattr(name)
         if not self.in_upper(node):
             self.getxattr(node, name)  # ENODATA without a needless copy-up
-        self.copy_up(node)
+        self.copy_up(node, meta=self.metacopy_on)
         fd, real = self.locate(node)
         ovl.removexattr_at(fd, real, stored)
 

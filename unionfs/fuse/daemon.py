@@ -77,6 +77,7 @@ class MountConfig:
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
     override: str | None = None   # xattr_permissions=1|2: the xattr recording owners, modes and types
+    metacopy: bool = False        # metacopy=on: chmod, chown, utimes, xattrs copy no data (fs/metacopy.py)
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
     background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
@@ -150,7 +151,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
                  options: list[str], foreground: bool, log_file: str | None = None) -> MountConfig:
     opts = split_options(options)
     fuse: set[str] = {"default_permissions"}
-    fsync, acl, xattrs, static_nlink = True, True, True, False
+    fsync, acl, xattrs, static_nlink, meta = True, True, True, False, False
     override: str | None = None
     ids: dict[str, object] = {}
     for k, v in opts.items():
@@ -184,6 +185,10 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             xattrs = not _flag(k, v)
         elif k == "static_nlink" and v is None:
             static_nlink = True
+        elif k == "metacopy" and v in ("on", "off"):
+            meta = v == "on"
+        elif k == "metacopy":
+            raise UsageError(f"metacopy={v or ''}: give metacopy=on or metacopy=off")
         elif k == "xattr_permissions":
             if v not in (None, "0", "1", "2"):
                 raise UsageError(f"xattr_permissions={v}: want 0, 1 (security.fuseoverlayfs.override_stat) "
@@ -233,7 +238,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
                        debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
-                       static_nlink=static_nlink, override=override)
+                       static_nlink=static_nlink, override=override, metacopy=meta)
 
 
 # --- running -----------------------------------------------------------------
@@ -422,7 +427,7 @@ def mount(cfg: MountConfig) -> int:
         if not (os.access("/usr/bin/fusermount3", os.X_OK) or shutil.which("fusermount3")):
             raise UsageError("no fusermount3: an unprivileged mount needs it (Debian package fuse3)")
     from ..fs.mount import open_union   # the union modules: not needed to parse options or unmount
-    union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint)
+    union = open_union(cfg.lower, cfg.upper, cfg.work, cfg.fsync, cfg.mountpoint, cfg.metacopy)
     union.fill = cfg.fill
     union.override = cfg.override
     if cfg.foreground:
