@@ -12,6 +12,13 @@ A node stays in the table while the kernel holds lookups on it or while one of
 its children is in the table (a child's path goes through its parent), which is
 how the kernel's own dentry tree pins parents.
 
+The kernel keeps every entry it was told about (a ``find`` over a million files
+leaves a million lookups) until memory pressure makes it forget them, so with
+``max_nodes`` the table also picks *old* nodes for the kernel to forget
+(:meth:`InodeTable.overflow`): the adapter invalidates their names, the kernel
+drops its dentries and sends FORGET, and the nodes go.  Only nodes the caller
+says may be re-resolved at will (lower-only non-directories) are picked.
+
 It must not make syscalls or know the overlay rules: it is given real (dev, ino) pairs.
 """
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+from collections import deque
+from typing import Callable
 
 log = logging.getLogger("unionfs.inodes")
 
@@ -89,10 +98,17 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, devs: list[int]) -> None:
+    def __init__(self, devs: list[int], max_nodes: int | None = None) -> None:
         # devs: the distinct st_dev of the layers, topmost first; index 0 keeps raw inode numbers.
         self._dev_index = {d: i for i, d in enumerate(devs)}
         self._nodes: dict[int, Node] = {}
+        # Shedding (see the module docstring): non-directories' numbers in the order they
+        # entered (numbers, not nodes: a forgotten node must not stay alive here), and the
+        # numbers of nodes given to the kernel to forget that it has not forgotten yet.
+        self.max_nodes = max_nodes
+        self._order: deque[int] = deque()
+        self._asked: set[int] = set()
+        self.peak = 0
         self._fallback: dict[tuple[int, int], int] = {}
         # FUSE generation numbers of inode numbers given to a second object (0 when absent).
         self.generations: dict[int, int] = {}
@@ -147,7 +163,34 @@ class InodeTable:
         self._nodes[node.ino] = node
         if node.parent is not None:
             node.parent.children += 1
+        if self.max_nodes is not None and not stat.S_ISDIR(node.mode):
+            order = self._order
+            order.append(node.ino)
+            if len(order) > 2 * len(self._nodes) + 1024:   # numbers of nodes forgotten since pile up
+                self._order = deque(ino for ino in order if ino in self._nodes)
+        if len(self._nodes) > self.peak:
+            self.peak = len(self._nodes)
         return node
+
+    def overflow(self, sheddable: Callable[[Node], bool]) -> list[Node]:
+        """Old nodes for the kernel to forget, when the table is over ``max_nodes``; else [].
+
+        Asks for a tenth of ``max_nodes`` more than the excess at once, so that shedding
+        comes in batches.  A node is picked once: if the kernel keeps it (it is open), it stays.
+        """
+        limit = self.max_nodes
+        if limit is None or len(self._nodes) - len(self._asked) <= limit:
+            return []
+        want = len(self._nodes) - len(self._asked) - limit + limit // 10
+        order, nodes, asked = self._order, self._nodes, self._asked
+        out: list[Node] = []
+        while order and len(out) < want:
+            node = nodes.get(order.popleft())
+            if (node is not None and node.lookups and not node.children and node.parent is not None
+                    and node.ino not in asked and not stat.S_ISDIR(node.mode) and sheddable(node)):
+                asked.add(node.ino)
+                out.append(node)
+        return out
 
     def _reparent(self, node: Node, parent: Node | None, name: bytes) -> None:
         if node.parent is not None:
@@ -190,6 +233,8 @@ class InodeTable:
             if self._nodes.get(node.ino) is not node:
                 return
             del self._nodes[node.ino]
+            if self._asked:
+                self._asked.discard(node.ino)
             parent = node.parent
             if parent is None:
                 return

@@ -350,10 +350,12 @@ def _serve(cfg: MountConfig, union, ready) -> None:
         trio.run(main)
     except BaseException:
         log.exception("FUSE loop failed")
+        ops.close()
         pyfuse3.close(unmount=False)
         raise
     else:
         # After an unmount the session is already gone; after a signal, unmount ourselves.
+        ops.close()
         pyfuse3.close(unmount=terminated)
         log.info("unmounted %s", cfg.mountpoint)
     finally:
