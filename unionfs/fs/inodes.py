@@ -14,10 +14,11 @@ how the kernel's own dentry tree pins parents.
 
 The kernel keeps every entry it was told about (a ``find`` over a million files
 leaves a million lookups) until memory pressure makes it forget them, so with
-``max_nodes`` the table also picks *old* nodes for the kernel to forget
+``max_nodes`` the table also picks *old* directories for the kernel to forget
 (:meth:`InodeTable.overflow`): the adapter invalidates their names, the kernel
-drops its dentries and sends FORGET, and the nodes go.  Only nodes the caller
-says may be re-resolved at will (lower-only non-directories) are picked.
+drops the unused dentries of each subtree and sends FORGET, and the nodes go.
+Only directories the caller says may be re-resolved at will (lower-only ones)
+are picked.
 
 It must not make syscalls or know the overlay rules: it is given real (dev, ino) pairs.
 """
@@ -102,12 +103,14 @@ class InodeTable:
         # devs: the distinct st_dev of the layers, topmost first; index 0 keeps raw inode numbers.
         self._dev_index = {d: i for i, d in enumerate(devs)}
         self._nodes: dict[int, Node] = {}
-        # Shedding (see the module docstring): non-directories' numbers in the order they
-        # entered (numbers, not nodes: a forgotten node must not stay alive here), and the
-        # numbers of nodes given to the kernel to forget that it has not forgotten yet.
+        # Shedding (see the module docstring): directories' numbers in the order they entered
+        # (numbers, not nodes: a forgotten node must not stay alive here), about how many of
+        # them are in the table, and how many nodes the kernel was asked to forget and has not yet.
         self.max_nodes = max_nodes
         self._order: deque[int] = deque()
-        self._asked: set[int] = set()
+        self._dirs = 0
+        self._pending = 0
+        self._idle_until = 0
         self.peak = 0
         self._fallback: dict[tuple[int, int], int] = {}
         # FUSE generation numbers of inode numbers given to a second object (0 when absent).
@@ -163,33 +166,46 @@ class InodeTable:
         self._nodes[node.ino] = node
         if node.parent is not None:
             node.parent.children += 1
-        if self.max_nodes is not None and not stat.S_ISDIR(node.mode):
+        if self.max_nodes is not None and stat.S_ISDIR(node.mode):
             order = self._order
             order.append(node.ino)
-            if len(order) > 2 * len(self._nodes) + 1024:   # numbers of nodes forgotten since pile up
-                self._order = deque(ino for ino in order if ino in self._nodes)
+            if len(order) > 2 * self._dirs + 1024:   # numbers of directories forgotten since pile up
+                self._order = order = deque(ino for ino in order if ino in self._nodes)
+                self._dirs = len(order)
+            self._dirs += 1
         if len(self._nodes) > self.peak:
             self.peak = len(self._nodes)
         return node
 
     def overflow(self, sheddable: Callable[[Node], bool]) -> list[Node]:
-        """Old nodes for the kernel to forget, when the table is over ``max_nodes``; else [].
+        """Old directories for the kernel to forget, when the table is over ``max_nodes``; else [].
 
-        Asks for a tenth of ``max_nodes`` more than the excess at once, so that shedding
-        comes in batches.  A node is picked once: if the kernel keeps it (it is open), it stays.
+        A directory, not its files: one invalidation makes the kernel drop the directory's
+        whole unused subtree, and a FORGET (batched) comes back for each node of it.  Until
+        those arrive, the nodes of the subtrees asked for count as gone (``_pending``); a
+        directory the kernel keeps (someone's cwd) may be asked again later.
         """
         limit = self.max_nodes
-        if limit is None or len(self._nodes) - len(self._asked) <= limit:
+        if limit is None or len(self._nodes) - self._pending <= max(limit, self._idle_until):
             return []
-        want = len(self._nodes) - len(self._asked) - limit + limit // 10
-        order, nodes, asked = self._order, self._nodes, self._asked
+        want = len(self._nodes) - self._pending - limit + limit // 10
+        order, nodes = self._order, self._nodes
         out: list[Node] = []
-        while order and len(out) < want:
-            node = nodes.get(order.popleft())
-            if (node is not None and node.lookups and not node.children and node.parent is not None
-                    and node.ino not in asked and not stat.S_ISDIR(node.mode) and sheddable(node)):
-                asked.add(node.ino)
+        got = 0
+        for _ in range(len(order)):
+            if got >= want:
+                break
+            ino = order.popleft()
+            node = nodes.get(ino)
+            if node is None:
+                continue
+            order.append(ino)   # it may be asked again if the kernel keeps it
+            if node.children and node.parent is not None and node.lookups and sheddable(node):
                 out.append(node)
+                got += node.children + 1
+        self._pending = min(self._pending + got, limit // 2)
+        # Nothing to shed (all of it upper, or in use): look again only once the table has grown.
+        self._idle_until = 0 if out else len(self._nodes) + limit // 10
         return out
 
     def _reparent(self, node: Node, parent: Node | None, name: bytes) -> None:
@@ -233,8 +249,10 @@ class InodeTable:
             if self._nodes.get(node.ino) is not node:
                 return
             del self._nodes[node.ino]
-            if self._asked:
-                self._asked.discard(node.ino)
+            if self._pending:
+                self._pending -= 1
+            if self.max_nodes is not None and stat.S_ISDIR(node.mode):
+                self._dirs -= 1
             parent = node.parent
             if parent is None:
                 return

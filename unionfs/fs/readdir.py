@@ -27,12 +27,12 @@ from . import sys as ovl
 from .inodes import Node
 from .layers import LayerStack
 
-MAX_BYTES = 24 << 20
+MAX_BYTES = 20 << 20
 # What the cache holds, in bytes, beyond each name's own bytes object: per name its list slots
 # (name, mask, cached); per ready reply, the (node, entry) tuple, the EntryAttributes and the node
 # it keeps alive.  Measured with tracemalloc on CPython 3.11 (README, "Memory").
 NAME_BYTES = 33 + 3 * 8
-REPLY_BYTES = 64 + 200 + 100
+REPLY_BYTES = 64 + 200 + 168
 
 
 @dataclass(slots=True)

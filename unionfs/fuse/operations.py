@@ -29,9 +29,9 @@ from ..fs.union import Attr, OpenFile, Union
 
 log = logging.getLogger("unionfs.ops")
 
-# Nodes kept for the kernel before it is asked to forget old lower-only ones: about 220 bytes
-# each, so ~55 MB (README, "Memory").
-MAX_INODES = 250_000
+# Nodes kept for the kernel before it is asked to forget old lower-only ones: about 240 bytes
+# each, so ~50 MB (README, "Memory").
+MAX_INODES = 200_000
 
 
 def _guard(fn):
