@@ -76,6 +76,7 @@ class MountConfig:
     acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
+    max_inodes: int | None = None  # max_inodes=N: the inode budget (None: the adapter's default)
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
     background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
@@ -137,6 +138,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
     opts = split_options(options)
     fuse: set[str] = {"default_permissions"}
     fsync, acl, xattrs, static_nlink = True, True, True, False
+    max_inodes: int | None = None
     ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
@@ -169,6 +171,8 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             xattrs = not _flag(k, v)
         elif k == "static_nlink" and v is None:
             static_nlink = True
+        elif k == "max_inodes":
+            max_inodes = _number(k, v)
         elif k == "xattr_permissions":
             if _flag(k, v):
                 raise UsageError(f"xattr_permissions={v}: owners and modes in xattrs are not supported "
@@ -208,7 +212,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
                        debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
-                       static_nlink=static_nlink)
+                       static_nlink=static_nlink, max_inodes=max_inodes)
 
 
 # --- running -----------------------------------------------------------------
@@ -315,7 +319,8 @@ def _serve(cfg: MountConfig, union, ready) -> None:
 
     real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting (see below)
     ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint), idmap=cfg.idmap,
-                     acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink)
+                     acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink,
+                     **({"max_inodes": cfg.max_inodes} if cfg.max_inodes is not None else {}))
     os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
     try:
