@@ -301,10 +301,13 @@ class Operations(pyfuse3.Operations):
                 i = off - 2
                 hit = cached[i]
                 if hit is not None:
-                    child, entry = hit
-                    child = remember(child)
-                    if child is not hit[0] or not immutable(child):
-                        hit = None
+                    if hit[0].parent is not node:
+                        hit = None   # kept from before the directory was forgotten and looked up again
+                    else:
+                        child, entry = hit
+                        child = remember(child)
+                        if child is not hit[0] or not immutable(child):
+                            hit = None
                 if hit is None:
                     name = names[i]
                     try:
