@@ -37,6 +37,38 @@ _XINO_SHIFT = 56
 _FALLBACK_BASE = 1 << 63
 
 
+class _Rare:
+    """The fields of a node that most nodes leave at their defaults, kept apart (see :class:`Node`)."""
+
+    __slots__ = ("xwh", "redirect", "indexed", "unlinked", "attr_layer", "paths")
+
+    def __init__(self) -> None:
+        self.xwh: tuple[int, ...] = ()
+        self.redirect: bytes | None = None
+        self.indexed = False
+        self.unlinked = False
+        self.attr_layer: int | None = None
+        self.paths: tuple[bytes | None, ...] | None = None
+
+
+def _rare(field: str, default):
+    """A property of Node kept in its ``_rare`` record, made only when a value is not ``default``."""
+
+    def get(self):
+        r = self._rare
+        return default if r is None else getattr(r, field)
+
+    def set(self, value) -> None:
+        r = self._rare
+        if r is None:
+            if value == default:
+                return
+            r = self._rare = _Rare()
+        setattr(r, field, value)
+
+    return property(get, set)
+
+
 class Node:
     """One object of the merged view.
 
@@ -44,10 +76,13 @@ class Node:
     directory every layer it merges (stopping at an opaque one), for anything
     else the one layer it comes from.  ``parent``/``name`` give its path, which
     is the same in every layer (for a hard link: one of its names).
+
+    A million of these may live at once (one per entry the kernel holds), so the fields most
+    nodes leave at their defaults live in a separate record made on the first other value:
+    96 bytes a node instead of 136.
     """
 
-    __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "indexed",
-                 "unlinked", "attr_layer", "paths")
+    __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "_rare")
 
     def __init__(self, ino: int, parent: "Node | None", name: bytes, layers: tuple[int, ...], mode: int,
                  xwh: tuple[int, ...] = (), redirect: bytes | None = None) -> None:
@@ -58,16 +93,21 @@ class Node:
         self.mode = mode
         self.lookups = 0
         self.children = 0
-        self.xwh = xwh          # layers in which this dir may hold xattr whiteouts
-        self.redirect = redirect  # the upper dir's redirect, absolute, no leading slash (overlayfs's oi->redirect)
-        self.indexed = False      # a hard-linked lower file copied up: its data lives in the index
-        self.unlinked = False     # removed while open: attributes come from an open fd
-        self.attr_layer: int | None = None  # a dir only implied by its top layers: the layer of its attributes
-        # Where a directory is in each of its layers, parallel to ``layers``, when that is not
-        # ``name`` in the parent's directory of the same layer: a name there (a relative redirect)
-        # or b"/path" from the layer's root (an absolute redirect, or pinned by a rename).
-        # None (for the whole tuple or one layer): ``name``.
-        self.paths: tuple[bytes | None, ...] | None = None
+        self._rare: _Rare | None = None
+        if xwh or redirect is not None:
+            self.xwh = xwh
+            self.redirect = redirect
+
+    xwh = _rare("xwh", ())              # layers in which this dir may hold xattr whiteouts
+    redirect = _rare("redirect", None)  # the upper dir's redirect, absolute, no leading slash (oi->redirect)
+    indexed = _rare("indexed", False)   # a hard-linked lower file copied up: its data lives in the index
+    unlinked = _rare("unlinked", False)  # removed while open: attributes come from an open fd
+    attr_layer = _rare("attr_layer", None)  # a dir only implied by its top layers: the layer of its attributes
+    # Where a directory is in each of its layers, parallel to ``layers``, when that is not
+    # ``name`` in the parent's directory of the same layer: a name there (a relative redirect)
+    # or b"/path" from the layer's root (an absolute redirect, or pinned by a rename).
+    # None (for the whole tuple or one layer): ``name``.
+    paths = _rare("paths", None)
 
     @property
     def is_dir(self) -> bool:

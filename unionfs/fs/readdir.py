@@ -32,7 +32,7 @@ MAX_BYTES = 20 << 20
 # (name, mask, cached); per ready reply, the (node, entry) tuple, the EntryAttributes and the node
 # it keeps alive.  Measured with tracemalloc on CPython 3.11 (README, "Memory").
 NAME_BYTES = 33 + 3 * 8
-REPLY_BYTES = 64 + 200 + 168
+REPLY_BYTES = 64 + 200 + 128
 
 
 @dataclass(slots=True)

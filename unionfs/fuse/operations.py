@@ -29,8 +29,8 @@ from ..fs.union import Attr, OpenFile, Union
 
 log = logging.getLogger("unionfs.ops")
 
-# Nodes kept for the kernel before it is asked to forget old lower-only ones: about 240 bytes
-# each, so ~50 MB (README, "Memory").
+# Nodes kept for the kernel before it is asked to forget old lower-only ones: about 200 bytes
+# each, so ~40 MB (README, "Memory").
 MAX_INODES = 200_000
 
 
