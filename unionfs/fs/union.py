@@ -115,9 +115,12 @@ class Union(Lookup):
         """How long the kernel may keep this node's entry and attributes."""
         return LOWER_TIMEOUT if self.immutable(node) else UPPER_TIMEOUT
 
-    def negative_timeout(self) -> float:
-        """How long the kernel may remember that a name does not exist."""
-        return LOWER_TIMEOUT if self.readonly else UPPER_TIMEOUT
+    def negative_timeout(self, parent: Node) -> float:
+        """How long the kernel may remember that a name does not exist in ``parent``.
+
+        In a lower-only directory, as long as its lower entries: only a change through the
+        mount can add the name, and the kernel turns its own negative dentry positive then."""
+        return LOWER_TIMEOUT if self.immutable(parent) else UPPER_TIMEOUT
 
     def lookup(self, parent: Node, name: bytes, mask: int | None = None) -> Node:
         """Resolve and enter into the inode table; the caller counts the kernel's lookup."""

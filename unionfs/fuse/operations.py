@@ -203,10 +203,10 @@ class Operations(pyfuse3.Operations):
         if nodes:
             self.shedder.forget([(n.parent.ino, n.name) for n in nodes])
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self, parent: Node) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = self.union.negative_timeout()
+        e.entry_timeout = self.union.negative_timeout(parent)
         return e
 
     # --- lookups and attributes ---------------------------------------------------
@@ -217,7 +217,7 @@ class Operations(pyfuse3.Operations):
         try:
             node, attr = self.union.lookup_attr(parent, name)
         except FileNotFoundError:
-            return self._negative()
+            return self._negative(parent)
         entry = self._entry(node, attr)
         self.inodes.lookup(node)  # the kernel counts '.' and '..' lookups too (NFS export path)
         if self.inodes.max_nodes is not None and len(self.inodes) > self.inodes.max_nodes:
