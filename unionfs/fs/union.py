@@ -31,6 +31,10 @@ log = logging.getLogger("unionfs.union")
 # (another process on the upper dir) we did not do ourselves.
 LOWER_TIMEOUT = 86400.0
 UPPER_TIMEOUT = 1.0
+# Lower-only objects whose xattr names are kept (by inode number), to answer getxattr of a
+# name they lack without a syscall; cleared whole when full.
+XATTR_NAMES_KEPT = 100_000
+_NO_NAMES: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -79,6 +83,7 @@ class Union(Lookup):
         self.dirty_dirs: set[int] = set()
         self._tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._modes: dict[int, int] = {}
+        self._xattr_names: dict[int, frozenset[str]] = {}
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
         self.root.attr_layer = next((ly.index for ly in self.stack.layers
@@ -206,7 +211,20 @@ class Union(Lookup):
 
     def getxattr(self, node: Node, name: str) -> bytes:
         stored = self._stored_xattr(name)
+        immutable = self.immutable(node)
+        names = self._xattr_names.get(node.ino) if immutable else None
+        if names is not None and stored not in names:
+            raise OSError(errno.ENODATA, "no such attribute")
         fd, real = self.locate(node)
+        if immutable and names is None:
+            # `ls -l` asks each entry for security.selinux and the ACLs, which nearly no file has:
+            # one listxattr answers every later question about a lower-only object.
+            if len(self._xattr_names) >= XATTR_NAMES_KEPT:
+                self._xattr_names.clear()
+            names = frozenset(ovl.listxattr_at(fd, real)) or _NO_NAMES
+            self._xattr_names[node.ino] = names
+            if stored not in names:
+                raise OSError(errno.ENODATA, "no such attribute")
         return ovl.getxattr_at(fd, real, stored)
 
     @staticmethod
