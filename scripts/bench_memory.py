@@ -93,6 +93,24 @@ def measure(fs: bench.FS, walks: int) -> dict:
         fs.umount(m)
 
 
+def run(cache: Path, entries: int, walks: int, names: list[str]) -> dict[str, dict]:
+    """{daemon: row} for each of ``names`` that is installed, one after the other."""
+    stack = build_million(cache, entries)
+    scratch = cache / "scratch-memory"
+    scratch.mkdir(parents=True, exist_ok=True)
+    classes = {c.name: c for c in (bench.FuseOverlayfs, bench.Floor, bench.Unionfs)}
+    rows = {}
+    for name in names:
+        if name == "fuse-overlayfs" and not shutil.which("fuse-overlayfs"):
+            continue
+        rows[name] = r = measure(_Stack(classes[name], stack, scratch), walks)
+        print(f"{name:16} entries={r['entries']} peak_rss={r['peak_rss_kb'] / 1024:.1f} MiB "
+              f"start={r['rss_start_kb'] / 1024:.1f} MiB after walks (MiB)="
+              f"{[round(x / 1024, 1) for x in r['rss_after_walk_kb']]} "
+              f"B/entry={r.get('bytes_per_entry')} walk s={r['walks_s']}", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, default=1_000_000)
@@ -104,22 +122,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_memory: run as root (it mounts filesystems)", file=sys.stderr)
         return 2
-    cache = Path(args.cache)
-    stack = build_million(cache, args.entries)
-    scratch = cache / "scratch-memory"
-    scratch.mkdir(parents=True, exist_ok=True)
-    classes = {c.name: c for c in (bench.FuseOverlayfs, bench.Floor, bench.Unionfs)}
-    names = args.fs or ["unionfs", "fuse-overlayfs"]
-    if "fuse-overlayfs" in names and not shutil.which("fuse-overlayfs"):
-        names.remove("fuse-overlayfs")
-    rows = {}
-    for name in names:
-        rows[name] = measure(_Stack(classes[name], stack, scratch), args.walks)
-        r = rows[name]
-        print(f"{name:16} entries={r['entries']} peak_rss={r['peak_rss_kb'] / 1024:.1f} MiB "
-              f"start={r['rss_start_kb'] / 1024:.1f} MiB after walks (MiB)="
-              f"{[round(x / 1024, 1) for x in r['rss_after_walk_kb']]} "
-              f"B/entry={r.get('bytes_per_entry')} walk s={r['walks_s']}", flush=True)
+    rows = run(Path(args.cache), args.entries, args.walks, args.fs or ["unionfs", "fuse-overlayfs"])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
