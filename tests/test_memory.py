@@ -82,3 +82,20 @@ def test_forget_empties_the_table(tmp_path, union_mount):
     assert most >= seen
     assert end < 50, f"{end} nodes left after the kernel forgot its inodes"
     assert given == 0   # under the budget nothing is shed
+
+
+def test_bench_memory_runs(tmp_path):
+    """scripts/bench_memory.py keeps running (small: 8,000 entries, two walks); no figure is judged."""
+    import json
+    import shutil
+    import sys
+    out = tmp_path / "memory.json"
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(repo / "scripts/bench_memory.py"), "--entries", "8000", "--walks", "2",
+                        "--cache", str(tmp_path / "cache"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=repo)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"unionfs"} | ({"fuse-overlayfs"} if shutil.which("fuse-overlayfs") else set())
+    for row in rows.values():
+        assert row["entries"] > 8000 and len(row["rss_after_walk_kb"]) == 2 and row["peak_rss_kb"] > 0
