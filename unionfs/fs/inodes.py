@@ -209,10 +209,10 @@ class InodeTable:
         if self.max_nodes is not None and stat.S_ISDIR(node.mode):
             order = self._order
             order.append(node.ino)
+            self._dirs += 1
             if len(order) > 2 * self._dirs + 1024:   # numbers of directories forgotten since pile up
                 self._order = order = deque(ino for ino in order if ino in self._nodes)
                 self._dirs = len(order)
-            self._dirs += 1
         if len(self._nodes) > self.peak:
             self.peak = len(self._nodes)
         return node
