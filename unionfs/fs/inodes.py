@@ -211,7 +211,7 @@ class InodeTable:
             order.append(node.ino)
             self._dirs += 1
             if len(order) > 2 * self._dirs + 1024:   # numbers of directories forgotten since pile up
-                self._order = order = deque(ino for ino in order if ino in self._nodes)
+                self._order = order = deque(dict.fromkeys(ino for ino in order if ino in self._nodes))
                 self._dirs = len(order)
         if len(self._nodes) > self.peak:
             self.peak = len(self._nodes)
