@@ -20,6 +20,14 @@ def _lower(tmp_path):
     return low
 
 
+def _stack(tmp_path):
+    """The lower layer, and an empty upper and work dir."""
+    up, work = tmp_path / "up", tmp_path / "work"
+    up.mkdir()
+    work.mkdir()
+    return _lower(tmp_path), up, work
+
+
 def _users(root):
     return {n: {k: v for k, v in user_xattrs(str(root / "dir" / n)).items() if k.startswith("user.")}
             for n in ("tagged", "plain", "")}
@@ -32,10 +40,7 @@ def _missing(path, name):
 
 
 def test_xattr_names_of_lower_objects_then_changed_through_the_mount(tmp_path, union_mount):
-    low = _lower(tmp_path)
-    up, work = tmp_path / "up", tmp_path / "work"
-    up.mkdir()
-    work.mkdir()
+    low, up, work = _stack(tmp_path)
     m = union_mount([low], up, work)
     tagged, plain, d = m.mnt / "dir" / "tagged", m.mnt / "dir" / "plain", m.mnt / "dir"
     for _ in range(2):   # the second round is answered from the kept names
@@ -63,10 +68,7 @@ def test_xattr_names_of_lower_objects_then_changed_through_the_mount(tmp_path, u
 
 
 def test_a_name_missing_from_a_lower_only_dir_appears_when_made_through_the_mount(tmp_path, union_mount):
-    low = _lower(tmp_path)
-    up, work = tmp_path / "up", tmp_path / "work"
-    up.mkdir()
-    work.mkdir()
+    low, up, work = _stack(tmp_path)
     m = union_mount([low], up, work)
     d = m.mnt / "dir"
     for name in ("new", "dir2", "moved", "hard", "sym"):
