@@ -101,6 +101,7 @@ def test_foreground_sigterm_unmounts(stack, tmp_path):
     ("bare-upperdir", "upperdir needs a directory"),
     ("empty-workdir", "workdir needs a directory"),
     ("empty-lowerdir", "lowerdir needs directories"),
+    ("bad-max-inodes", "max_inodes needs a number"),
 ])
 def test_usage_errors_are_one_line(stack, tmp_path, case, message):
     top, bottom, mnt = stack
@@ -118,6 +119,7 @@ def test_usage_errors_are_one_line(stack, tmp_path, case, message):
         "bare-upperdir": ["-o", f"lowerdir={bottom},upperdir", str(mnt)],
         "empty-workdir": ["-o", f"lowerdir={bottom},upperdir={top},workdir=", str(mnt)],
         "empty-lowerdir": ["-o", "lowerdir=", str(mnt)],
+        "bad-max-inodes": ["-o", f"lowerdir={bottom},max_inodes=lots", str(mnt)],
     }[case]
     r = run("mount", *args)
     assert r.returncode == 2

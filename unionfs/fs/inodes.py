@@ -12,6 +12,14 @@ A node stays in the table while the kernel holds lookups on it or while one of
 its children is in the table (a child's path goes through its parent), which is
 how the kernel's own dentry tree pins parents.
 
+The kernel keeps every entry it was told about (a ``find`` over a million files
+leaves a million lookups) until memory pressure makes it forget them, so with
+``max_nodes`` the table also picks *old* directories for the kernel to forget
+(:meth:`InodeTable.overflow`): the adapter invalidates their names, the kernel
+drops the unused dentries of each subtree and sends FORGET, and the nodes go.
+Only directories the caller says may be re-resolved at will (lower-only ones)
+are picked.
+
 It must not make syscalls or know the overlay rules: it is given real (dev, ino) pairs.
 """
 from __future__ import annotations
@@ -19,12 +27,46 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+from collections import deque
+from typing import Callable
 
 log = logging.getLogger("unionfs.inodes")
 
 ROOT_INO = 1
 _XINO_SHIFT = 56
 _FALLBACK_BASE = 1 << 63
+
+
+class _Rare:
+    """The fields of a node that most nodes leave at their defaults, kept apart (see :class:`Node`)."""
+
+    __slots__ = ("xwh", "redirect", "indexed", "unlinked", "attr_layer", "paths")
+
+    def __init__(self) -> None:
+        self.xwh: tuple[int, ...] = ()
+        self.redirect: bytes | None = None
+        self.indexed = False
+        self.unlinked = False
+        self.attr_layer: int | None = None
+        self.paths: tuple[bytes | None, ...] | None = None
+
+
+def _rare(field: str, default):
+    """A property of Node kept in its ``_rare`` record, made only when a value is not ``default``."""
+
+    def get(self):
+        r = self._rare
+        return default if r is None else getattr(r, field)
+
+    def set(self, value) -> None:
+        r = self._rare
+        if r is None:
+            if value == default:
+                return
+            r = self._rare = _Rare()
+        setattr(r, field, value)
+
+    return property(get, set)
 
 
 class Node:
@@ -34,10 +76,13 @@ class Node:
     directory every layer it merges (stopping at an opaque one), for anything
     else the one layer it comes from.  ``parent``/``name`` give its path, which
     is the same in every layer (for a hard link: one of its names).
+
+    A million of these may live at once (one per entry the kernel holds), so the fields most
+    nodes leave at their defaults live in a separate record made on the first other value:
+    96 bytes a node instead of 136.
     """
 
-    __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "xwh", "redirect", "indexed",
-                 "unlinked", "attr_layer", "paths")
+    __slots__ = ("ino", "parent", "name", "layers", "mode", "lookups", "children", "_rare")
 
     def __init__(self, ino: int, parent: "Node | None", name: bytes, layers: tuple[int, ...], mode: int,
                  xwh: tuple[int, ...] = (), redirect: bytes | None = None) -> None:
@@ -48,16 +93,21 @@ class Node:
         self.mode = mode
         self.lookups = 0
         self.children = 0
-        self.xwh = xwh          # layers in which this dir may hold xattr whiteouts
-        self.redirect = redirect  # the upper dir's redirect, absolute, no leading slash (overlayfs's oi->redirect)
-        self.indexed = False      # a hard-linked lower file copied up: its data lives in the index
-        self.unlinked = False     # removed while open: attributes come from an open fd
-        self.attr_layer: int | None = None  # a dir only implied by its top layers: the layer of its attributes
-        # Where a directory is in each of its layers, parallel to ``layers``, when that is not
-        # ``name`` in the parent's directory of the same layer: a name there (a relative redirect)
-        # or b"/path" from the layer's root (an absolute redirect, or pinned by a rename).
-        # None (for the whole tuple or one layer): ``name``.
-        self.paths: tuple[bytes | None, ...] | None = None
+        self._rare: _Rare | None = None
+        if xwh or redirect is not None:
+            self.xwh = xwh
+            self.redirect = redirect
+
+    xwh = _rare("xwh", ())              # layers in which this dir may hold xattr whiteouts
+    redirect = _rare("redirect", None)  # the upper dir's redirect, absolute, no leading slash (oi->redirect)
+    indexed = _rare("indexed", False)   # a hard-linked lower file copied up: its data lives in the index
+    unlinked = _rare("unlinked", False)  # removed while open: attributes come from an open fd
+    attr_layer = _rare("attr_layer", None)  # a dir only implied by its top layers: the layer of its attributes
+    # Where a directory is in each of its layers, parallel to ``layers``, when that is not
+    # ``name`` in the parent's directory of the same layer: a name there (a relative redirect)
+    # or b"/path" from the layer's root (an absolute redirect, or pinned by a rename).
+    # None (for the whole tuple or one layer): ``name``.
+    paths = _rare("paths", None)
 
     @property
     def is_dir(self) -> bool:
@@ -89,10 +139,19 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, devs: list[int]) -> None:
+    def __init__(self, devs: list[int], max_nodes: int | None = None) -> None:
         # devs: the distinct st_dev of the layers, topmost first; index 0 keeps raw inode numbers.
         self._dev_index = {d: i for i, d in enumerate(devs)}
         self._nodes: dict[int, Node] = {}
+        # Shedding (see the module docstring): directories' numbers in the order they entered
+        # (numbers, not nodes: a forgotten node must not stay alive here), about how many of
+        # them are in the table, and how many nodes the kernel was asked to forget and has not yet.
+        self.max_nodes = max_nodes
+        self._order: deque[int] = deque()
+        self._dirs = 0
+        self._pending = 0
+        self._idle_until = 0
+        self.peak = 0
         self._fallback: dict[tuple[int, int], int] = {}
         # FUSE generation numbers of inode numbers given to a second object (0 when absent).
         self.generations: dict[int, int] = {}
@@ -147,7 +206,47 @@ class InodeTable:
         self._nodes[node.ino] = node
         if node.parent is not None:
             node.parent.children += 1
+        if self.max_nodes is not None and stat.S_ISDIR(node.mode):
+            order = self._order
+            order.append(node.ino)
+            self._dirs += 1
+            if len(order) > 2 * self._dirs + 1024:   # numbers of directories forgotten since pile up
+                self._order = order = deque(dict.fromkeys(ino for ino in order if ino in self._nodes))
+                self._dirs = len(order)
+        if len(self._nodes) > self.peak:
+            self.peak = len(self._nodes)
         return node
+
+    def overflow(self, sheddable: Callable[[Node], bool]) -> list[Node]:
+        """Old directories for the kernel to forget, when the table is over ``max_nodes``; else [].
+
+        A directory, not its files: one invalidation makes the kernel drop the directory's
+        whole unused subtree, and a FORGET (batched) comes back for each node of it.  Until
+        those arrive, the nodes of the subtrees asked for count as gone (``_pending``); a
+        directory the kernel keeps (someone's cwd) may be asked again later.
+        """
+        limit = self.max_nodes
+        if limit is None or len(self._nodes) - self._pending <= max(limit, self._idle_until):
+            return []
+        want = len(self._nodes) - self._pending - limit + limit // 10
+        order, nodes = self._order, self._nodes
+        out: list[Node] = []
+        got = 0
+        for _ in range(len(order)):
+            if got >= want:
+                break
+            ino = order.popleft()
+            node = nodes.get(ino)
+            if node is None:
+                continue
+            order.append(ino)   # it may be asked again if the kernel keeps it
+            if node.children and node.parent is not None and node.lookups and sheddable(node):
+                out.append(node)
+                got += node.children + 1
+        self._pending = min(self._pending + got, limit // 2)
+        # Nothing to shed (all of it upper, or in use): look again only once the table has grown.
+        self._idle_until = 0 if out else len(self._nodes) + limit // 10
+        return out
 
     def _reparent(self, node: Node, parent: Node | None, name: bytes) -> None:
         if node.parent is not None:
@@ -190,6 +289,10 @@ class InodeTable:
             if self._nodes.get(node.ino) is not node:
                 return
             del self._nodes[node.ino]
+            if self._pending:
+                self._pending -= 1
+            if self.max_nodes is not None and stat.S_ISDIR(node.mode):
+                self._dirs -= 1
             parent = node.parent
             if parent is None:
                 return

@@ -10,8 +10,9 @@ warm walk comes back to us.  We keep each directory's merged listing, and for
 each entry that can never change under us (it lives only in lower layers) its
 node and ready-made reply.  Everything else is resolved afresh when served.  A
 listing is dropped whenever its directory changes through the mount (the union
-reports such directories), and the whole cache is bounded by a number of
-entries, least recently used listings going first.
+reports such directories), and the whole cache is bounded in bytes (an
+estimate of what its names, masks and ready replies hold), least recently used
+listings going first; the newest listing stays whatever its size.
 """
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ from . import sys as ovl
 from .inodes import Node
 from .layers import LayerStack
 
-MAX_ENTRIES = 200_000
+MAX_BYTES = 20 << 20
+# What the cache holds, in bytes, beyond each name's own bytes object: per name its list slots
+# (name, mask, cached); per ready reply, the (node, entry) tuple, the EntryAttributes and the node
+# it keeps alive.  Measured with tracemalloc on CPython 3.11 (README, "Memory").
+NAME_BYTES = 33 + 3 * 8
+REPLY_BYTES = 64 + 200 + 128
 
 
 @dataclass(slots=True)
@@ -36,6 +42,7 @@ class Listing:
     masks: list[int]
     # per name: (node, entry attributes) once resolved, when immutable; None otherwise
     cached: list = field(default_factory=list)
+    size: int = 0   # bytes accounted to this listing (see NAME_BYTES, REPLY_BYTES)
 
     def __post_init__(self) -> None:
         if not self.cached:
@@ -43,10 +50,11 @@ class Listing:
 
 
 class DirCache:
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
         self._listings: "OrderedDict[int, Listing]" = OrderedDict()
         self._entries = 0
+        self.bytes = 0
 
     def current(self, ino: int, listing: Listing) -> bool:
         """Is ``listing`` still what the directory holds (nothing changed it since)?"""
@@ -70,17 +78,34 @@ class DirCache:
     def put(self, node: Node, names: list[bytes], masks: list[int]) -> Listing:
         self.drop(node.ino)
         listing = Listing(names, masks)
+        listing.size = sum(map(len, names)) + NAME_BYTES * len(names)
         self._listings[node.ino] = listing
         self._entries += len(names)
-        while self._entries > self.max_entries and len(self._listings) > 1:
+        self.bytes += listing.size
+        self._trim()
+        return listing
+
+    def keep(self, ino: int, listing: Listing, i: int, reply: tuple) -> None:
+        """Keep the ready reply of entry ``i`` of directory ``ino``'s ``listing``; it counts towards
+        the bound while the listing is in the cache (one no longer there lives as long as its handles)."""
+        if listing.cached[i] is None and self._listings.get(ino) is listing:
+            listing.size += REPLY_BYTES
+            self.bytes += REPLY_BYTES
+            if self.bytes > self.max_bytes:
+                self._trim()
+        listing.cached[i] = reply
+
+    def _trim(self) -> None:
+        while self.bytes > self.max_bytes and len(self._listings) > 1:
             _, old = self._listings.popitem(last=False)
             self._entries -= len(old.names)
-        return listing
+            self.bytes -= old.size
 
     def drop(self, ino: int) -> None:
         old = self._listings.pop(ino, None)
         if old is not None:
             self._entries -= len(old.names)
+            self.bytes -= old.size
 
     def __len__(self) -> int:
         return self._entries

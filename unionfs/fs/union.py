@@ -31,6 +31,10 @@ log = logging.getLogger("unionfs.union")
 # (another process on the upper dir) we did not do ourselves.
 LOWER_TIMEOUT = 86400.0
 UPPER_TIMEOUT = 1.0
+# Lower-only objects whose xattr names are kept (by inode number), to answer getxattr of a
+# name they lack without a syscall; cleared whole when full.
+XATTR_NAMES_KEPT = 100_000
+_NO_NAMES: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class Union(Lookup):
         self.dirty_dirs: set[int] = set()
         self._tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._modes: dict[int, int] = {}
+        self._xattr_names: dict[int, frozenset[str]] = {}
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
         self.root.attr_layer = next((ly.index for ly in self.stack.layers
@@ -125,9 +130,12 @@ class Union(Lookup):
         """How long the kernel may keep this node's entry and attributes."""
         return LOWER_TIMEOUT if self.immutable(node) else UPPER_TIMEOUT
 
-    def negative_timeout(self) -> float:
-        """How long the kernel may remember that a name does not exist."""
-        return LOWER_TIMEOUT if self.readonly else UPPER_TIMEOUT
+    def negative_timeout(self, parent: Node) -> float:
+        """How long the kernel may remember that a name does not exist in ``parent``.
+
+        In a lower-only directory, as long as its lower entries: only a change through the
+        mount can add the name, and the kernel turns its own negative dentry positive then."""
+        return LOWER_TIMEOUT if self.immutable(parent) else UPPER_TIMEOUT
 
     def lookup(self, parent: Node, name: bytes, mask: int | None = None) -> Node:
         """Resolve and enter into the inode table; the caller counts the kernel's lookup."""
@@ -266,7 +274,20 @@ class Union(Lookup):
 
     def getxattr(self, node: Node, name: str) -> bytes:
         stored = self._stored_xattr(name)
+        immutable = self.immutable(node)
+        names = self._xattr_names.get(node.ino) if immutable else None
+        if names is not None and stored not in names:
+            raise OSError(errno.ENODATA, "no such attribute")
         fd, real = self.locate(node)
+        if immutable and names is None:
+            # `ls -l` asks each entry for security.selinux and the ACLs, which nearly no file has:
+            # one listxattr answers every later question about a lower-only object.
+            if len(self._xattr_names) >= XATTR_NAMES_KEPT:
+                self._xattr_names.clear()
+            names = frozenset(ovl.listxattr_at(fd, real)) or _NO_NAMES
+            self._xattr_names[node.ino] = names
+            if stored not in names:
+                raise OSError(errno.ENODATA, "no such attribute")
         return ovl.getxattr_at(fd, real, stored)
 
     @staticmethod

@@ -78,6 +78,7 @@ class MountConfig:
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
     override: str | None = None   # xattr_permissions=1|2: the xattr recording owners, modes and types
     metacopy: bool = False        # metacopy=on: chmod, chown, utimes, xattrs copy no data (fs/metacopy.py)
+    max_inodes: int | None = None  # max_inodes=N: the inode budget (None: the adapter's default)
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
     background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
@@ -153,6 +154,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
     fuse: set[str] = {"default_permissions"}
     fsync, acl, xattrs, static_nlink, meta = True, True, True, False, False
     override: str | None = None
+    max_inodes: int | None = None
     ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
@@ -189,6 +191,8 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             meta = v == "on"
         elif k == "metacopy":
             raise UsageError(f"metacopy={v or ''}: give metacopy=on or metacopy=off")
+        elif k == "max_inodes":
+            max_inodes = _number(k, v)
         elif k == "xattr_permissions":
             if v not in (None, "0", "1", "2"):
                 raise UsageError(f"xattr_permissions={v}: want 0, 1 (security.fuseoverlayfs.override_stat) "
@@ -238,7 +242,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
                        debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
-                       static_nlink=static_nlink, override=override, metacopy=meta)
+                       static_nlink=static_nlink, override=override, metacopy=meta, max_inodes=max_inodes)
 
 
 # --- running -----------------------------------------------------------------
@@ -369,7 +373,8 @@ def _serve(cfg: MountConfig, union, ready) -> None:
     real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting (see below)
     ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint), idmap=cfg.idmap,
                      acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink,
-                     fakeroot="default_permissions" not in cfg.fuse_options)
+                     fakeroot="default_permissions" not in cfg.fuse_options,
+                     **({"max_inodes": cfg.max_inodes} if cfg.max_inodes is not None else {}))
     os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
     try:
@@ -404,10 +409,12 @@ def _serve(cfg: MountConfig, union, ready) -> None:
         trio.run(main)
     except BaseException:
         log.exception("FUSE loop failed")
+        ops.close()
         pyfuse3.close(unmount=False)
         raise
     else:
         # After an unmount the session is already gone; after a signal, unmount ourselves.
+        ops.close()
         pyfuse3.close(unmount=terminated)
         log.info("unmounted %s", cfg.mountpoint)
     finally:

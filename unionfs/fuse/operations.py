@@ -12,7 +12,9 @@ import errno
 import functools
 import logging
 import os
+import queue
 import stat
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +28,10 @@ from ..fs.inodes import ROOT_INO, Node
 from ..fs.union import Attr, OpenFile, Union
 
 log = logging.getLogger("unionfs.ops")
+
+# Nodes kept for the kernel before it is asked to forget old lower-only ones: about 200 bytes
+# each, so ~40 MB (README, "Memory").
+MAX_INODES = 200_000
 
 
 def _guard(fn):
@@ -69,6 +75,49 @@ class Handles:
         return fh
 
 
+class Shedder:
+    """Tells the kernel to forget names, from a thread of its own.
+
+    An invalidation waits for the kernel to lock the directory, which a request we have not
+    answered yet may hold: from the trio thread that could deadlock, so a worker sends them
+    (pyfuse3's ``invalidate_entry_async`` does the same, but logs every ENOENT, has no way
+    to stop before the session goes, and takes one queue item per name).
+    """
+
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue[list[tuple[int, bytes]] | None]" = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.sent = 0
+
+    def forget(self, names: list[tuple[int, bytes]]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="shed", daemon=True)
+            self._thread.start()
+        self._queue.put(names)
+
+    def _run(self) -> None:
+        invalidate = pyfuse3.invalidate_entry
+        while (batch := self._queue.get()) is not None:
+            for parent, name in batch:
+                try:
+                    invalidate(parent, name)
+                except OSError:
+                    pass   # the kernel forgot it already (ENOENT), or the mount is going
+                self.sent += 1
+
+    def close(self) -> None:
+        """Stop before the FUSE session is destroyed (names still queued are dropped)."""
+        if self._thread is not None:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -77,7 +126,8 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, union: Union, after_init: Callable[[], None] | None = None, idmap: IdMap = IdMap(),
-                 acl: bool = True, xattrs: bool = True, static_nlink: bool = False, fakeroot: bool = False) -> None:
+                 acl: bool = True, xattrs: bool = True, static_nlink: bool = False, fakeroot: bool = False,
+                 max_inodes: int | None = MAX_INODES) -> None:
         super().__init__()
         # A user's mount with recorded owners (xattr_permissions): the mounting user, the only caller,
         # is root of it: creates root's files and may change every one (the kernel checks nothing).
@@ -93,6 +143,14 @@ class Operations(pyfuse3.Operations):
         self.handles = Handles()
         self.listings = DirCache()
         self.after_init = after_init
+        self.inodes.max_nodes = max_inodes
+        self.shedder = Shedder()
+
+    def close(self) -> None:
+        """After the FUSE loop ended, before the session goes."""
+        self.shedder.close()
+        log.info("inode table: %d nodes at the end, %d at most; %d names given back to the kernel",
+                 len(self.inodes), self.inodes.peak, self.shedder.sent)
 
     def init(self) -> None:
         # Runs inside the INIT request, before its reply: the kernel applies the reply's settings
@@ -147,10 +205,16 @@ class Operations(pyfuse3.Operations):
         if not self.xattrs:   # noxattrs: ENOSYS once, then the kernel answers EOPNOTSUPP itself
             raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _shed(self) -> None:
+        """Over the inode budget: have the kernel forget old lower-only entries (FORGET frees them)."""
+        nodes = self.inodes.overflow(self.union.immutable)
+        if nodes:
+            self.shedder.forget([(n.parent.ino, n.name) for n in nodes])
+
+    def _negative(self, parent: Node) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = self.union.negative_timeout()
+        e.entry_timeout = self.union.negative_timeout(parent)
         return e
 
     # --- lookups and attributes ---------------------------------------------------
@@ -161,9 +225,11 @@ class Operations(pyfuse3.Operations):
         try:
             node, attr = self.union.lookup_attr(parent, name)
         except FileNotFoundError:
-            return self._negative()
+            return self._negative(parent)
         entry = self._entry(node, attr)
         self.inodes.lookup(node)  # the kernel counts '.' and '..' lookups too (NFS export path)
+        if self.inodes.max_nodes is not None and len(self.inodes) > self.inodes.max_nodes:
+            self._shed()
         return entry
 
     def forget(self, inode_list):
@@ -242,15 +308,19 @@ class Operations(pyfuse3.Operations):
         # The layer masks hold only while nothing changed the directory since the listing.
         masks = listing.masks if self.listings.current(node.ino, listing) else None
         remember, count, immutable = self.inodes.remember, self.inodes.lookup, self.union.immutable
+        keep = self.listings.keep
         for off in range(start_id, len(names) + 2):
             if off >= 2:
                 i = off - 2
                 hit = cached[i]
                 if hit is not None:
-                    child, entry = hit
-                    child = remember(child)
-                    if child is not hit[0] or not immutable(child):
-                        hit = None
+                    if hit[0].parent is not node:
+                        hit = None   # kept from before the directory was forgotten and looked up again
+                    else:
+                        child, entry = hit
+                        child = remember(child)
+                        if child is not hit[0] or not immutable(child):
+                            hit = None
                 if hit is None:
                     name = names[i]
                     try:
@@ -259,7 +329,7 @@ class Operations(pyfuse3.Operations):
                         continue  # gone since the snapshot
                     entry = self._entry(child, attr)
                     if immutable(child):
-                        cached[i] = (child, entry)
+                        keep(node.ino, listing, i, (child, entry))
                 if not pyfuse3.readdir_reply(token, names[i], entry, off + 1):
                     break
                 count(child)
@@ -271,6 +341,8 @@ class Operations(pyfuse3.Operations):
                 dot.st_ino, dot.st_mode = child.ino, child.mode
                 if not pyfuse3.readdir_reply(token, b"." if off == 0 else b"..", dot, off + 1):
                     break
+        if self.inodes.max_nodes is not None and len(self.inodes) > self.inodes.max_nodes:
+            self._shed()
 
     @_guard
     async def releasedir(self, fh):
