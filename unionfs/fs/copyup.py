@@ -219,7 +219,7 @@ class CopyUp:
             raise
 
     def _nondir(self, c: CopyUpCtx) -> None:
-        u, up, st = self.u, self.up, c.st
+        up, st = self.up, c.st
         mode = st.st_mode
         try:
             if stat.S_ISREG(mode):
