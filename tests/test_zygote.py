@@ -199,7 +199,7 @@ try:
     s.sendall(req)
     s.shutdown(socket.SHUT_WR)
     print("accepted" if s.recv(16) else "refused")
-except ConnectionResetError:   # closed with our request unread
+except (ConnectionResetError, BrokenPipeError):   # closed before or with our request unread
     print("refused")
 """
     as_root = subprocess.run(["python3", "-c", probe], capture_output=True, text=True, timeout=30, cwd="/")
