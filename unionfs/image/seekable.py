@@ -139,7 +139,7 @@ def build(path: str, digest: str, diff_id: str, what: str, spacing: int = SPACIN
                 g.export_index(fileobj=out)
             finally:
                 g.close()
-            ckpt, frames = gzip.compress(out.getvalue(), 6), []
+            ckpt, frames = gzip.compress(out.getvalue(), 6, mtime=0), []
         elif kind == "zstd":
             ckpt, frames = b"", _zstd_frames(path, spacing, what)
             if len(frames) < 2:

@@ -1,0 +1,241 @@
+"""Lazy mounts of ordinary gzip and zstd layers through an index (``unionfs index --push``): an image umoci
+built (whiteouts, opaque dirs, hard links, xattrs) pushed by skopeo as plain gzip, and a zstd layer of many
+frames made by the zstd tool; the index found through the tag-schema fallback of Debian's docker-registry;
+the lazy mount equals the whole pull; one small file costs a fraction of the image; a corrupted span fails
+that read alone; an index of another image is refused; skopeo still copies the image as before."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import httpx
+import pytest
+
+from helpers import diff_snapshots, is_mounted, snapshot
+from registry_server import Registry, have_registry
+from test_image_interop import _w, umoci_image  # noqa: F401  (the module-scoped fixture)
+from test_registry_interop import registry_rootfs, sh
+from test_registry_pull_push import ok, one_line_error, run
+
+pytestmark = pytest.mark.skipif(not (have_registry() and shutil.which("umoci") and shutil.which("skopeo")),
+                                reason="docker-registry, umoci and skopeo are needed (scripts/setup --test)")
+
+BIG = 3 << 20
+
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory, umoci_image):  # noqa: F811
+    """umoci's four-layer image plus a fifth layer of two incompressible 3 MiB files and a small one."""
+    layout, rootfs, _, _ = umoci_image
+    base = tmp_path_factory.mktemp("bigimg")
+    lay, bundle = base / "oci", base / "bundle"
+    shutil.copytree(layout, lay)
+    sh("umoci", "unpack", "--image", f"{lay}:app", str(bundle))
+    r = bundle / "rootfs"
+    _w(r, "opt/big1", os.urandom(BIG))
+    _w(r, "opt/big2", os.urandom(BIG))
+    _w(r, "opt/small.txt", b"small and cheap\n")
+    sh("umoci", "repack", "--refresh-bundle", "--image", f"{lay}:app", str(bundle))
+    return lay, r
+
+
+def mounted(tmp_path, store, name, *opts):
+    mnt = tmp_path / f"mnt-{store.name}"
+    mnt.mkdir(exist_ok=True)
+    ok(run(tmp_path, "--root", str(store), "mount", *opts, name, str(mnt)))
+    try:
+        return snapshot(mnt, with_times=True)
+    finally:
+        ok(run(tmp_path, "umount", str(mnt)))
+        assert not is_mounted(mnt)
+
+
+def lazy_dirs(store):
+    return [p for p in (store / "layers").iterdir() if (p / "lazy.index").exists()]
+
+
+def local(store) -> dict[str, tuple[int, int]]:
+    from unionfs.registry.indexed import local_bytes
+    return {json.loads((p / "lazy.json").read_text())["digest"]: local_bytes(str(p)) for p in lazy_dirs(store)}
+
+
+def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
+    layout, rootfs = big_image
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/idx/app:1"
+        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:app", f"docker://{ref}")
+        manifest = sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").encode()
+        mdigest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        layers = json.loads(manifest)["layers"]
+        assert len(layers) == 5 and all(ly["mediaType"].endswith("+gzip") for ly in layers)
+
+        # with no index, --lazy pulls plain gzip layers whole
+        plain = tmp_path / "plain"
+        r = ok(run(tmp_path, "--root", str(plain), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        assert "0 lazy, 5 pulled whole" in r.stderr, r.stderr
+
+        r = ok(run(tmp_path, "index", "--push", "--spacing", "262144", "--span", "65536", ref, "--insecure"))
+        art = r.stdout.strip()
+        assert art.startswith("sha256:") and "fallback tag" in r.stderr, r.stderr
+        # the fallback tag names an OCI index listing the artifact, which refers to the image's manifest
+        listing = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false",
+                                f"docker://{reg.host}/idx/app:{mdigest.replace(':', '-')}"))
+        assert [(d["digest"], d["artifactType"]) for d in listing["manifests"]] == \
+            [(art, "application/vnd.unionfs.lazy.index.v1+json")]
+        with httpx.Client() as http:
+            got = http.get(f"http://{reg.host}/v2/idx/app/manifests/{art}",
+                           headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+        assert got["subject"]["digest"] == mdigest and len(got["layers"]) == 5
+        # pushed again: the same artifact, listed once
+        assert ok(run(tmp_path, "index", "--push", "--spacing", "262144", "--span", "65536", ref,
+                      "--insecure")).stdout.strip() == art
+
+        # outside tools still take the image as before
+        again = registry_rootfs(ref, tmp_path)
+        assert not diff_snapshots(snapshot(rootfs), again), "\n".join(diff_snapshots(snapshot(rootfs), again))
+
+        whole = tmp_path / "whole"
+        ok(run(tmp_path, "--root", str(whole), "pull", ref, "--insecure"))
+        expected = mounted(tmp_path, whole, ref)
+
+        lazy = tmp_path / "lazy"
+        r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        assert "5 lazy, 0 pulled whole" in r.stderr, r.stderr
+        assert all(have == 0 for have, _ in local(lazy).values())
+        got = mounted(tmp_path, lazy, ref, "--no-fill")
+        assert not diff_snapshots(expected, got), "\n".join(diff_snapshots(expected, got))
+        assert "bytes local (" in ok(run(tmp_path, "--root", str(lazy), "images")).stdout
+
+        # one small file: a fraction of the image is fetched
+        fresh = tmp_path / "fresh"
+        ok(run(tmp_path, "--root", str(fresh), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        log_file = tmp_path / "daemon.log"
+        ok(run(tmp_path, "--root", str(fresh), "mount", "--no-fill", ref, str(mnt), "--log", str(log_file)))
+        try:
+            assert (mnt / "opt/small.txt").read_bytes() == b"small and cheap\n"
+            have = sum(h for h, _ in local(fresh).values())
+            total = sum(ly["size"] for ly in layers)
+            assert have <= total // 8, (have, total)
+
+            # a span changed under us: that read fails alone, the retry after the repair succeeds
+            big = layers[-1]["digest"]
+            blob = reg.blob_file(big)
+            original = blob.read_bytes()
+            bad = bytearray(original)
+            at = len(original) - 200_000   # in big2's data
+            bad[at] ^= 0xFF
+            blob.write_bytes(bytes(bad))
+            with pytest.raises(OSError) as e:
+                (mnt / "opt/big2").read_bytes()
+            assert e.value.errno == 5
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
+            assert big in log_file.read_text()
+            blob.write_bytes(original)
+            assert (mnt / "opt/big2").read_bytes() == (rootfs / "opt/big2").read_bytes()
+        finally:
+            ok(run(tmp_path, "umount", str(mnt)))
+
+
+def test_background_fill_makes_an_indexed_layer_ordinary(tmp_path, big_image):
+    layout, rootfs = big_image
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/idx/app:1"
+        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:app", f"docker://{ref}")
+        ok(run(tmp_path, "index", "--push", "--spacing", "262144", ref, "--insecure"))
+        lazy = tmp_path / "lazy"
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", ref, "--insecure"))   # small layers whole
+        dirs = lazy_dirs(lazy)
+        assert len(dirs) == 1
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        ok(run(tmp_path, "--root", str(lazy), "mount", ref, str(mnt), "--log", str(tmp_path / "d.log")))
+        try:
+            import time
+            deadline = time.monotonic() + 120   # a bound on waiting, not a measurement
+            while (dirs[0] / "lazy.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (dirs[0] / "lazy.done").exists(), (tmp_path / "d.log").read_text()
+            reg.stop()
+            got = snapshot(mnt)
+        finally:
+            ok(run(tmp_path, "umount", str(mnt)))
+        assert not diff_snapshots(snapshot(rootfs), got), "\n".join(diff_snapshots(snapshot(rootfs), got))
+
+
+def test_an_index_of_another_image_is_refused(tmp_path, big_image, umoci_image):  # noqa: F811
+    layout, _ = big_image
+    small_layout = umoci_image[0]
+    with Registry(tmp_path / "reg") as reg:
+        a, b = f"{reg.host}/idx/app:a", f"{reg.host}/idx/app:b"
+        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:app", f"docker://{a}")
+        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{small_layout}:app", f"docker://{b}")
+        ok(run(tmp_path, "index", "--push", a, "--insecure"))
+        digest = {}
+        for ref in (a, b):
+            raw = sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").encode()
+            digest[ref] = "sha256:" + hashlib.sha256(raw).hexdigest()
+        with httpx.Client() as http:   # a's referrer list put under b's fallback tag
+            url = f"http://{reg.host}/v2/idx/app/manifests/"
+            listing = http.get(url + digest[a].replace(":", "-"),
+                               headers={"Accept": "application/vnd.oci.image.index.v1+json"}).content
+            put = http.put(url + digest[b].replace(":", "-"), content=listing,
+                           headers={"Content-Type": "application/vnd.oci.image.index.v1+json"})
+            assert put.status_code == 201, put.text
+        lazy = tmp_path / "lazy"
+        one_line_error(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", b, "--insecure"),
+                       "refers to", digest[a], digest[b])
+        assert not (lazy / "images").exists() or not list((lazy / "images").iterdir())
+
+
+@pytest.mark.skipif(not shutil.which("zstd"), reason="the zstd tool is needed")
+def test_zstd_layers_in_frames_are_indexed_and_one_frame_is_pulled_whole(tmp_path, big_image):
+    """A zstd layer of many frames (the zstd tool, one frame per 256 KiB of tar) is served lazily; a layer of
+    one zstd frame (skopeo --dest-compress-format zstd) cannot be entered in the middle and is pulled whole."""
+    layout, rootfs = big_image
+    lay = tmp_path / "oci"
+    shutil.copytree(layout, lay)
+    index = json.loads((lay / "index.json").read_text())
+    mdesc = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "app")
+    blobs = lay / "blobs/sha256"
+    manifest = json.loads((blobs / mdesc["digest"][7:]).read_text())
+    last = manifest["layers"][-1]
+    tar = tmp_path / "layer.tar"
+    tar.write_bytes(subprocess.run(["gzip", "-dc", str(blobs / last["digest"][7:])], capture_output=True,
+                                   check=True).stdout)
+    pieces = tmp_path / "pieces"
+    pieces.mkdir()
+    sh("split", "-b", "262144", "-d", "-a", "4", str(tar), str(pieces / "p"))
+    frames = b"".join(subprocess.run(["zstd", "-q", "-c", str(p)], capture_output=True, check=True).stdout
+                      for p in sorted(pieces.iterdir()))
+    digest = hashlib.sha256(frames).hexdigest()
+    (blobs / digest).write_bytes(frames)
+    last.update(mediaType="application/vnd.oci.image.layer.v1.tar+zstd", digest="sha256:" + digest, size=len(frames))
+    data = json.dumps(manifest).encode()
+    mdesc.update(digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data))
+    (blobs / mdesc["digest"][7:]).write_bytes(data)
+    (lay / "index.json").write_text(json.dumps(index))
+    with Registry(tmp_path / "reg") as reg:
+        ref, one = f"{reg.host}/idx/zst:1", f"{reg.host}/idx/zst:one"
+        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{lay}:app", f"docker://{ref}")
+        r = ok(run(tmp_path, "index", "--push", "--spacing", "262144", "--span", "65536", ref, "--insecure"))
+        assert "zstd" in r.stderr, r.stderr
+        lazy = tmp_path / "lazy"
+        r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", ref, "--insecure"))
+        assert "1 lazy, 4 pulled whole" in r.stderr, r.stderr
+        whole = tmp_path / "whole"
+        ok(run(tmp_path, "--root", str(whole), "pull", ref, "--insecure"))
+        expected = mounted(tmp_path, whole, ref)
+        assert mounted(tmp_path, lazy, ref, "--no-fill") == expected
+
+        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress-format", "zstd",
+           f"oci:{layout}:app", f"docker://{one}")
+        r = run(tmp_path, "index", "--push", one, "--insecure")
+        one_line_error(r, "no layer can be indexed")
+        assert "one frame" in r.stderr, r.stderr
+        r = ok(run(tmp_path, "--root", str(tmp_path / "one"), "pull", "--lazy", one, "--insecure"))
+        assert "0 lazy, 5 pulled whole" in r.stderr, r.stderr
