@@ -232,8 +232,9 @@ def test_zstd_layers_in_frames_are_indexed_and_one_frame_is_pulled_whole(tmp_pat
         expected = mounted(tmp_path, whole, ref)
         assert mounted(tmp_path, lazy, ref, "--no-fill") == expected
 
-        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress-format", "zstd",
-           f"oci:{layout}:app", f"docker://{one}")
+        # through a layout, as skopeo would otherwise reuse the gzip blobs the registry already has
+        sh("skopeo", "copy", "-q", "--dest-compress-format", "zstd", f"oci:{layout}:app", f"oci:{tmp_path / 'z1'}:app")
+        sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{tmp_path / 'z1'}:app", f"docker://{one}")
         r = run(tmp_path, "index", "--push", one, "--insecure")
         one_line_error(r, "no layer can be indexed")
         assert "one frame" in r.stderr, r.stderr
