@@ -105,6 +105,8 @@ def host_files_layer(mib: int) -> bytes:
     buf = io.BytesIO()
     budget = mib << 20
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        if os.path.isfile("/etc/os-release"):   # what `--cmd 'cat /etc/os-release'` reads
+            tf.add(os.path.realpath("/etc/os-release"), arcname="etc/os-release")
         for dirpath, dirnames, filenames in os.walk("/usr/lib/x86_64-linux-gnu"):
             dirnames.sort()
             for name in sorted(filenames):
@@ -143,6 +145,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=4.0, help="MB/s of the link (default 4)")
     ap.add_argument("--mib", type=int, default=100, help="MiB of host files in the big layer (default 100)")
+    ap.add_argument("--cmd", default="echo started; ls / > /dev/null", help="the workload (sh -c CMD)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lazy-"))
@@ -157,10 +160,11 @@ def main() -> int:
         with Registry(work / "reg") as reg:
             u(src, "push", "bench/app:1", f"{reg.host}/bench/app:gz", "--insecure")
             u(src, "push", "bench/app:esgz", f"{reg.host}/bench/app:esgz", "--insecure")
+            u(src, "index", "--push", f"{reg.host}/bench/app:gz", "--insecure")   # once, by the publisher
             link = Link(args.rate * 1e6)
             proxy = ThrottledProxy(reg.port, link)
             try:
-                workload = ["sh", "-c", "echo started; ls / > /dev/null"]
+                workload = ["sh", "-c", args.cmd]
                 for name, tag in (("pull+run gzip", "gz"), ("pull+run eStargz", "esgz")):
                     store = work / f"s-{tag}"
                     sent, t0 = link.sent, time.monotonic()
@@ -170,12 +174,13 @@ def main() -> int:
                                                        f"{proxy.host}/bench/app:{tag}", *workload])
                     rows[name] = {"first_output_s": t_pull + first, "total_s": t_pull + total,
                                   "bytes": link.sent - sent, "line": line}
-                store = work / "s-lazy"
-                sent = link.sent
-                first, total, line = first_output([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0",
-                                                   "--lazy", "--insecure", f"{proxy.host}/bench/app:esgz", *workload])
-                rows["run --lazy eStargz"] = {"first_output_s": first, "total_s": total,
-                                              "bytes": link.sent - sent, "line": line}
+                for name, tag in (("run --lazy eStargz", "esgz"), ("run --lazy gzip+index", "gz")):
+                    store = work / f"s-lazy-{tag}"
+                    sent = link.sent
+                    first, total, line = first_output([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0",
+                                                       "--lazy", "--insecure", f"{proxy.host}/bench/app:{tag}",
+                                                       *workload])
+                    rows[name] = {"first_output_s": first, "total_s": total, "bytes": link.sent - sent, "line": line}
                 if shutil.which("podman"):
                     pr = work / "podman"
                     sent, t0 = link.sent, time.monotonic()

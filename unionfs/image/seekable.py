@@ -182,6 +182,11 @@ def _member_doc(m: Member) -> dict:
     return doc
 
 
+def same_member(ti: tarfile.TarInfo, m: Member) -> bool:
+    """Whether a member read from the blob is the one the index describes (header and offset)."""
+    return _member_doc(Member(ti, ti.offset_data)) == _member_doc(m)
+
+
 def encode(ix: LayerIndex) -> bytes:
     doc = {"version": VERSION, "layer": ix.layer, "diff_id": ix.diff_id, "compression": ix.compression,
            "blob_size": ix.blob_size, "size": ix.size, "spans": [list(s) for s in ix.spans],

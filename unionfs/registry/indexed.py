@@ -363,6 +363,8 @@ class IndexedFill:
                 self._fill_layer(layer)
             except OSError:
                 log.warning("lazy layer %s: background fill stopped; the next mount continues", layer.digest)
+            except ImageError as e:
+                log.error("%s", e)
             except Exception:
                 log.exception("lazy layer %s: background fill failed", layer.digest)
 
@@ -382,7 +384,11 @@ class IndexedFill:
             stream = gzip.GzipFile(fileobj=raw) if layer.ix.compression == "gzip" else \
                 zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
             with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-                for ti in tar:
+                n = -1
+                for n, ti in enumerate(tar):   # the file table is the blob's, header by header
+                    if n >= len(layer.ix.members) or not seekable.same_member(ti, layer.ix.members[n]):
+                        raise ImageError(f"lazy layer {layer.digest}: the index does not describe the blob "
+                                         f"(member {n}, {ti.name!r}): the layer stays lazy")
                     f = by_offset.get(ti.offset_data)
                     if f is None:
                         continue
@@ -394,6 +400,9 @@ class IndexedFill:
                             if ti.offset_data + k * CHUNK not in layer.filled:
                                 self._write(f, data, k * CHUNK)
                                 layer.filled.add(ti.offset_data + k * CHUNK)
+        if n + 1 != len(layer.ix.members):
+            raise ImageError(f"lazy layer {layer.digest}: the index lists {len(layer.ix.members)} members, "
+                             f"the blob {n + 1}: the layer stays lazy")
         with self.store.locked():
             os.link(blob, blob + ".keep")
             self.store.put_blob_file(layer.digest, blob + ".keep")
