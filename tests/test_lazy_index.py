@@ -53,6 +53,10 @@ def mounted(tmp_path, store, name, *opts):
         assert not is_mounted(mnt)
 
 
+def _blob_gets(reg: Registry) -> list[str]:
+    return [x for x in reg.access_log() if x.startswith("GET ") and "/blobs/" in x]
+
+
 def lazy_dirs(store):
     return [p for p in (store / "layers").iterdir() if (p / "lazy.index").exists()]
 
@@ -99,7 +103,13 @@ def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
 
         whole = tmp_path / "whole"
         ok(run(tmp_path, "--root", str(whole), "pull", ref, "--insecure"))
+        gets = len(_blob_gets(reg))
         expected = mounted(tmp_path, whole, ref)
+        # the image as stored (pulled whole) is indexed from the store's blobs: the same index
+        r = ok(run(tmp_path, "--root", str(whole), "index", "--push", "--spacing", "262144", "--span", "65536", ref,
+                   "--insecure"))
+        assert r.stdout.strip() == art
+        assert len(_blob_gets(reg)) == gets, "indexed from the store, not the registry"
 
         lazy = tmp_path / "lazy"
         r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))

@@ -88,19 +88,30 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .indexed import index_image, push_index
-    ref = Reference.parse(args.reference, allow_digest=True)
+    from .indexed import index_image, index_stored, push_index
     for name in ("spacing", "span"):
         if getattr(args, name) <= 0:
             raise ImageError(f"--{name} {getattr(args, name)}: must be positive")
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     store = Store(getattr(args, "root", None))
+    stored = False
+    if store.exists():
+        try:
+            image = store.image(store.resolve(args.reference))
+            # an image in the store with its blobs (not pulled lazily): indexed there, pushed to its name's registry
+            stored = all(store.has_blob(ly.digest) for ly in image.layers)
+        except ImageError:
+            pass
+    ref = Reference.parse(args.reference, allow_digest=True)
     with _client(args, ref.registry, ref.path, ("pull", "push") if args.push else ("pull",)) as client:
-        r, layers = index_image(store, ref, client, args.platform, args.spacing, args.span, log=say)
+        if stored:
+            subject, layers = index_stored(store, args.reference, args.spacing, args.span, log=say)
+        else:
+            subject, layers = index_image(store, ref, client, args.platform, args.spacing, args.span, log=say)
         n = sum(x.index is not None for x in layers)
         if args.push:
-            digest, api = push_index(client, r, layers)
-            how = "the referrers API" if api else f"the fallback tag {r.manifest_digest.replace(':', '-', 1)}"
+            digest, api = push_index(client, subject, layers)
+            how = "the referrers API" if api else f"the fallback tag {subject.digest.replace(':', '-', 1)}"
             say(f"index of {n} of {len(layers)} layers pushed as {digest}, found through {how}")
             print(digest)
         else:
@@ -174,8 +185,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     _connection(p)
     p.set_defaults(func=_cmd_push)
 
-    p = sub.add_parser("index", help="index a registry image's gzip/zstd layers for lazy mounts", parents=[common],
-                       description="Index each gzip or multi-frame zstd layer of REFERENCE (decompressor "
+    p = sub.add_parser("index", help="index an image's gzip/zstd layers for lazy mounts", parents=[common],
+                       description="Index each gzip or multi-frame zstd layer of REFERENCE, an image in the "
+                                   "store or else in its registry (decompressor "
                                    "checkpoints, sha256 of each span, the file table); --push puts the index "
                                    "beside the image as an artifact referring to it, for pull/mount/run --lazy.")
     p.add_argument("reference", metavar="REFERENCE")

@@ -36,7 +36,7 @@ from ..image import seekable
 from ..image.compression import check_blob
 from ..image.extract import _ns
 from ..image.lazy_layer import materialize_members
-from ..image.model import ImageError, Layer, Reference
+from ..image.model import MEDIA_OCI_MANIFEST, ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
 from .lazy_blob import BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, get_range, pwrite_all, pwrite_file
@@ -65,17 +65,50 @@ class Indexed:
     why_not: str = ""             # when the layer cannot be indexed (one zstd frame, ...)
 
 
+@dataclass(frozen=True)
+class Subject:
+    """The image manifest an index refers to."""
+    media: str
+    digest: str
+    size: int
+
+    def descriptor(self) -> dict:
+        return {"mediaType": self.media, "digest": self.digest, "size": self.size}
+
+
 def index_image(store: Store, ref: Reference, client: Client, platform: str | None = None,
-                spacing: int = seekable.SPACING, span: int = seekable.SPAN, log=None) -> tuple[RemoteImage, list[Indexed]]:
-    """The index of every layer of ``ref``: blobs the store keeps are read there, others downloaded
-    (into the store's downloads, verified, as by ``pull``)."""
+                spacing: int = seekable.SPACING, span: int = seekable.SPAN, log=None) -> tuple[Subject, list[Indexed]]:
+    """The index of every layer of ``ref`` in its registry: blobs the store keeps are read there,
+    others downloaded (into the store's downloads, verified, as by ``pull``)."""
     r = fetch_image(client, ref, platform)
     store.ensure()
+    return Subject(r.media, r.manifest_digest, len(r.manifest)), \
+        index_layers(store, r.layers, str(ref), spacing, span, log, client)
+
+
+def index_stored(store: Store, name: str, spacing: int = seekable.SPACING, span: int = seekable.SPAN,
+                 log=None) -> tuple[Subject, list[Indexed]]:
+    """The index of every layer of an image in the store, from the blobs it keeps."""
+    image = store.image(store.resolve(name))
+    manifest = store.blob(image.manifest_digest)
+    try:
+        media = json.loads(manifest).get("mediaType") or MEDIA_OCI_MANIFEST
+    except (ValueError, AttributeError):
+        media = MEDIA_OCI_MANIFEST
+    return Subject(media, image.manifest_digest, len(manifest)), \
+        index_layers(store, list(image.layers), name, spacing, span, log, None)
+
+
+def index_layers(store: Store, layers: list[Layer], where: str, spacing: int, span: int, log,
+                 client: Client | None) -> list[Indexed]:
     out = []
-    for ly in dict.fromkeys(r.layers):
-        what = f"{ref}: layer {ly.digest}"
+    for ly in dict.fromkeys(layers):
+        what = f"{where}: layer {ly.digest}"
         path = store.blob_path(ly.digest)
         if not os.path.exists(path):
+            if client is None:
+                raise ImageError(f"{what}: the store keeps no blob of it (a lazy or an old layer): "
+                                 "index the image in its registry")
             fetch_to_downloads(store, client, ly.digest, ly.size)
             path = download_path(store, ly.digest)
         try:
@@ -89,17 +122,21 @@ def index_image(store: Store, ref: Reference, client: Client, platform: str | No
                 f"{len(x.index.gzip_index) if x.index.compression == 'gzip' else len(x.index.frames)} "
                 f"{'bytes of checkpoints' if x.index.compression == 'gzip' else 'checkpoint frames'}, "
                 f"{len(x.index.spans)} spans"))
-    return r, out
+    return out
 
 
-def push_index(client: Client, r: RemoteImage, indexed: list[Indexed]) -> tuple[str, bool]:
+def push_index(client: Client, subject: Subject, indexed: list[Indexed]) -> tuple[str, bool]:
     """The indexes as one artifact referring to the image manifest; (its digest, referrers API used)."""
     blobs = [Blob(seekable.LAYER_MEDIA_TYPE, seekable.encode(x.index), {seekable.LAYER_ANNOTATION: x.layer.digest})
              for x in indexed if x.index is not None]
     if not blobs:
         raise ImageError(f"{client.where}: no layer can be indexed (gzip, or zstd in several frames)")
-    subject = {"mediaType": r.media, "digest": r.manifest_digest, "size": len(r.manifest)}
-    return push_artifact(client, subject, seekable.ARTIFACT_TYPE, blobs)
+    try:
+        client.get_manifest(subject.digest)
+    except RegistryError as e:
+        raise RegistryError(f"{client.where}: the image manifest {subject.digest} is not there (push the image "
+                            f"first): {e}") from None
+    return push_artifact(client, subject.descriptor(), seekable.ARTIFACT_TYPE, blobs)
 
 
 def find_indexes(client: Client, r: RemoteImage, where: str) -> dict[str, tuple[seekable.LayerIndex, bytes]]:
