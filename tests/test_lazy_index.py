@@ -147,6 +147,13 @@ def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
             assert big in log_file.read_text()
             blob.write_bytes(original)
             assert (mnt / "opt/big2").read_bytes() == (rootfs / "opt/big2").read_bytes()
+            reg.stop()   # gone: what is local still reads, the rest fails alone, until it is back
+            assert (mnt / "opt/big2").read_bytes() == (rootfs / "opt/big2").read_bytes()
+            with pytest.raises(OSError) as e:
+                (mnt / "opt/big1").read_bytes()
+            assert e.value.errno == 5
+            reg.start()
+            assert (mnt / "opt/big1").read_bytes() == (rootfs / "opt/big1").read_bytes()
         finally:
             ok(run(tmp_path, "umount", str(mnt)))
 
@@ -250,3 +257,21 @@ def test_zstd_layers_in_frames_are_indexed_and_one_frame_is_pulled_whole(tmp_pat
         assert "one frame" in r.stderr, r.stderr
         r = ok(run(tmp_path, "--root", str(tmp_path / "one"), "pull", "--lazy", one, "--insecure"))
         assert "0 lazy, 5 pulled whole" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/busybox") or not (shutil.which("crun") or shutil.which("runc")),
+                    reason="busybox-static and crun or runc are needed")
+def test_run_lazy_through_an_index(tmp_path):
+    """run --lazy REF of a plain gzip image with a pushed index: the container reads its shell lazily."""
+    from container_images import busybox_image
+    lazy = tmp_path / "lazy"
+    busybox_image(tmp_path / "bb.tar", "bb:1")
+    with Registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/idx/bb:1"
+        sh("skopeo", "copy", "-q", "--dest-compress", "--dest-tls-verify=false", f"docker-archive:{tmp_path / 'bb.tar'}",
+           f"docker://{ref}")   # gzip'd by skopeo
+        ok(run(tmp_path, "index", "--push", "--spacing", "262144", ref, "--insecure"))
+        r = ok(run(tmp_path, "--root", str(lazy), "run", "--rm", "--user", "0", "--lazy", "--whole-below", "0",
+                   "--insecure", ref, "sh", "-c", "echo started; head -1 /etc/passwd"))
+        assert r.stdout.splitlines()[0] == "started" and r.stdout.splitlines()[1].startswith("root:x:0:0:"), r.stdout
+        assert "1 lazy, 0 pulled whole" in r.stderr, r.stderr
