@@ -208,6 +208,35 @@ def test_an_index_of_another_image_is_refused(tmp_path, big_image, umoci_image):
                        "refers to", digest[a], digest[b])
         assert not (lazy / "images").exists() or not list((lazy / "images").iterdir())
 
+        # an index of a's own layers whose file table lies (a mode): a read of that file checks its header
+        # in the blob and fails with EIO (the tree shows the lie until then: README "Lazy images")
+        from unionfs.image import seekable
+        from unionfs.registry.client import Client
+        from unionfs.registry.referrers import Blob, find_artifact, push_artifact
+        with Client(reg.host, "idx/app", actions=("pull", "push"), insecure=True) as client:
+            _, art = find_artifact(client, digest[a], seekable.ARTIFACT_TYPE)
+            blobs = []
+            for d in art["layers"]:
+                ix = seekable.decode(client.get_small_blob(d["digest"]), "t")
+                for m in ix.members:
+                    if m.info.name == "opt/small.txt":
+                        m.info.mode = 0o4755
+                blobs.append(Blob(d["mediaType"], seekable.encode(ix), d["annotations"]))
+            push_artifact(client, art["subject"], seekable.ARTIFACT_TYPE, blobs)
+        ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", a, "--insecure"))
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        log_file = tmp_path / "d.log"
+        ok(run(tmp_path, "--root", str(lazy), "mount", "--no-fill", a, str(mnt), "--log", str(log_file)))
+        try:
+            with pytest.raises(OSError) as e:
+                (mnt / "opt/small.txt").read_bytes()
+            assert e.value.errno == 5
+            assert "does not describe" in log_file.read_text()
+            assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
+        finally:
+            ok(run(tmp_path, "umount", str(mnt)))
+
 
 @pytest.mark.skipif(not shutil.which("zstd"), reason="the zstd tool is needed")
 def test_zstd_layers_in_frames_are_indexed_and_one_frame_is_pulled_whole(tmp_path, big_image):

@@ -64,6 +64,7 @@ class Member:
     """One tar member: its header, and where its data starts in the uncompressed stream."""
     info: tarfile.TarInfo
     data_offset: int
+    header_offset: int         # its first header block (PAX or GNU long-name headers included)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _members(stream: BinaryIO, what: str) -> list[Member]:
             for ti in tar:
                 if ti.issparse():
                     raise NotIndexable(f"{what}: {ti.name!r} is a GNU sparse member")
-                out.append(Member(ti, ti.offset_data))
+                out.append(Member(ti, ti.offset_data, ti.offset))
     except tarfile.TarError as e:
         raise ImageError(f"{what}: not a tar archive ({e})") from None
     return out
@@ -177,14 +178,31 @@ def _member_doc(m: Member) -> dict:
     doc = {k: getattr(ti, k) for k in _MEMBER_FIELDS}
     doc["type"] = ti.type.decode("latin-1")
     doc["offset"] = m.data_offset
+    doc["header"] = m.header_offset
     if ti.pax_headers:
         doc["pax"] = dict(ti.pax_headers)
     return doc
 
 
 def same_member(ti: tarfile.TarInfo, m: Member) -> bool:
-    """Whether a member read from the blob is the one the index describes (header and offset)."""
-    return _member_doc(Member(ti, ti.offset_data)) == _member_doc(m)
+    """Whether a member read from the blob is the one the index describes (header and offsets)."""
+    return _member_doc(Member(ti, ti.offset_data, ti.offset)) == _member_doc(m)
+
+
+def header_matches(head: bytes, m: Member) -> bool:
+    """Whether the uncompressed bytes from ``m.header_offset`` to its data are the header the index
+    describes (a read checks the file table so for the files it fills, before the background fill
+    checks every member)."""
+    if m.data_offset - m.header_offset != len(head):
+        return False
+    try:
+        with tarfile.open(fileobj=io.BytesIO(head + bytes(1024)), mode="r:") as t:
+            ti = t.next()
+    except tarfile.TarError:
+        return False
+    if ti is None or ti.offset_data != len(head):
+        return False
+    return _member_doc(Member(ti, m.data_offset, m.header_offset)) == _member_doc(m)
 
 
 def encode(ix: LayerIndex) -> bytes:
@@ -228,7 +246,10 @@ def _member(doc, what: str) -> Member:
     if not isinstance(pax, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in pax.items()):
         raise ImageError(f"{what}: member pax records are not strings")
     ti.pax_headers = pax
-    return Member(ti, _count(doc, "offset", what))
+    data, head = _count(doc, "offset", what), _count(doc, "header", what)
+    if not head < data or data - head > 1 << 20:
+        raise ImageError(f"{what}: member {ti.name!r}: its header is not before its data")
+    return Member(ti, data, head)
 
 
 def decode(blob: bytes, what: str) -> LayerIndex:

@@ -291,6 +291,7 @@ class _File:
     member: seekable.Member
     path: bytes
     wfd: int = -1
+    checked: bool = False        # its header read from the blob matched the index
 
 
 class IndexedFill:
@@ -357,6 +358,11 @@ class IndexedFill:
         if layer.reader is None:
             layer.reader = seekable.Reader(layer.ix, layer.blob_bytes)
         try:
+            if f.checked is False:   # the file's own header in the blob first: the index's word is checked
+                head = layer.reader.read(m.header_offset, m.data_offset - m.header_offset)
+                if not seekable.header_matches(head, m):
+                    raise ImageError("the index does not describe the blob's header of this file")
+                f.checked = True
             data = layer.reader.read(at, n)
         except OSError as e:
             if e.errno == errno.EIO:
