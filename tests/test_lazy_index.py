@@ -14,8 +14,9 @@ import subprocess
 import httpx
 import pytest
 
-from helpers import diff_snapshots, is_mounted, snapshot
+from helpers import diff_snapshots, snapshot
 from registry_server import Registry, have_registry
+from test_estargz import mounted
 from test_image_interop import _w, umoci_image  # noqa: F401  (the module-scoped fixture)
 from test_registry_interop import registry_rootfs, sh
 from test_registry_pull_push import ok, one_line_error, run
@@ -40,17 +41,6 @@ def big_image(tmp_path_factory, umoci_image):  # noqa: F811
     _w(r, "opt/small.txt", b"small and cheap\n")
     sh("umoci", "repack", "--refresh-bundle", "--image", f"{lay}:app", str(bundle))
     return lay, r
-
-
-def mounted(tmp_path, store, name, *opts):
-    mnt = tmp_path / f"mnt-{store.name}"
-    mnt.mkdir(exist_ok=True)
-    ok(run(tmp_path, "--root", str(store), "mount", *opts, name, str(mnt)))
-    try:
-        return snapshot(mnt, with_times=True)
-    finally:
-        ok(run(tmp_path, "umount", str(mnt)))
-        assert not is_mounted(mnt)
 
 
 def _blob_gets(reg: Registry) -> list[str]:

@@ -35,7 +35,7 @@ from typing import BinaryIO, Callable
 import indexed_gzip
 import zstandard
 
-from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, detect
+from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed, detect
 from .model import ImageError
 
 ARTIFACT_TYPE = "application/vnd.unionfs.lazy.index.v1+json"        # the referrer manifest's artifactType
@@ -48,11 +48,6 @@ MAX_INDEX = 64 << 20     # an index blob (uncompressed) bigger than this is refu
 _READBUF = 64 << 10      # indexed_gzip reads compressed data in pieces of this size
 _MEMBER_FIELDS = ("name", "type", "size", "mode", "uid", "gid", "uname", "gname", "mtime", "linkname",
                   "devmajor", "devminor")
-
-
-def _zstd_skippable(head: bytes) -> bool:
-    """A zstd skippable frame first (pzstd's and zstd:chunked's blobs start so)."""
-    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
 
 
 class NotIndexable(ImageError):
@@ -129,8 +124,7 @@ def _zstd_frames(path: str, spacing: int, what: str) -> list[tuple[int, int]]:
 def build(path: str, digest: str, diff_id: str, what: str, spacing: int = SPACING, span: int = SPAN) -> LayerIndex:
     """The index of the layer blob at ``path``, checked against its digest and diff_id as it is read."""
     with open(path, "rb") as f:
-        head = f.read(6)
-    kind = "zstd" if _zstd_skippable(head) else detect(head)
+        kind = detect(f.read(6))
     try:
         if kind == "gzip":
             g = indexed_gzip.IndexedGzipFile(path, spacing=spacing, readbuf_size=_READBUF)
@@ -156,11 +150,8 @@ def build(path: str, digest: str, diff_id: str, what: str, spacing: int = SPACIN
         if raw.digest != digest:
             raise ImageError(f"{what}: does not match its digest (expected {digest}, got {raw.digest})")
         with open(path, "rb") as f:
-            if kind == "gzip":
-                stream: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb")
-            else:
-                stream = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)  # type: ignore
-            tar = HashingReader(stream)
+            _, stream = decompressed(HashingReader(f))
+            tar = HashingReader(stream)  # type: ignore[arg-type]
             members = _members(tar, what)  # type: ignore[arg-type]
             tar.drain()
     except DECOMPRESS_ERRORS as e:

@@ -39,7 +39,7 @@ from ..image.lazy_layer import materialize_members
 from ..image.model import MEDIA_OCI_MANIFEST, ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
-from .lazy_blob import BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, get_range, pwrite_all, pwrite_file
+from .lazy_blob import BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, client_for, get_range, pwrite_all, pwrite_file
 from .pull import RemoteImage, download_path, fetch_image, fetch_to_downloads
 from .referrers import Blob, find_artifact, push_artifact
 
@@ -251,8 +251,7 @@ class _Layer:
 
     def connect(self) -> Client:
         if self.client is None:
-            s = self.source
-            self.client = Client(s["registry"], s["repository"], insecure=s["insecure"], ca_file=s["ca_file"]).connect()
+            self.client = client_for(self.source)
         return self.client
 
     def get_span(self, i: int) -> None:

@@ -12,6 +12,12 @@ DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an o
 IDLE = 1.0                    # seconds without a fetching read before the background fill goes on
 
 
+def client_for(source: dict) -> Client:
+    """A connected client for the registry a lazy layer came from (``lazy.json``)."""
+    return Client(source["registry"], source["repository"], insecure=source["insecure"],
+                  ca_file=source["ca_file"]).connect()
+
+
 def get_range(client: Client, digest: str, start: int, end: int) -> bytes:
     """Bytes ``start..end-1`` of a blob, by one range request (a 200 for the whole blob is refused)."""
     what = f"{client.where}: blob {digest} bytes {start}-{end - 1}"
