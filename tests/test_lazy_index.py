@@ -294,3 +294,57 @@ def test_run_lazy_through_an_index(tmp_path):
                    "--insecure", ref, "sh", "-c", "echo started; head -1 /etc/passwd"))
         assert r.stdout.splitlines()[0] == "started" and r.stdout.splitlines()[1].startswith("root:x:0:0:"), r.stdout
         assert "1 lazy, 0 pulled whole" in r.stderr, r.stderr
+
+
+def test_index_format_both_ways_and_hostile_indexes_refused(tmp_path):
+    """An index of a layer GNU tar and gzip made reads back as it was written; an index whose fields lie about
+    the blob (checkpoints, spans, headers) is refused with one line before any C parser sees it."""
+    import base64
+    import gzip
+    import struct
+    from unionfs.image import seekable
+    from unionfs.image.model import ImageError
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d/big").write_bytes(os.urandom(300_000))
+    (src / "d/small").write_text("hi\n")
+    os.link(src / "d/small", src / "d/hard")
+    os.setxattr(src / "d/small", "user.k", b"v")
+    sh("tar", "--xattrs", "--format=pax", "-C", str(src), "-cf", str(tmp_path / "l.tar"), "d")
+    plain = (tmp_path / "l.tar").read_bytes()
+    sh("gzip", "-k", str(tmp_path / "l.tar"))
+    blob = (tmp_path / "l.tar.gz").read_bytes()
+    digest, diff_id = ("sha256:" + hashlib.sha256(x).hexdigest() for x in (blob, plain))
+    ix = seekable.build(str(tmp_path / "l.tar.gz"), digest, diff_id, "t", spacing=65536, span=4096)
+    assert seekable.encode(seekable.decode(seekable.encode(ix), "t")) == seekable.encode(ix)
+    small = next(m for m in ix.members if m.info.name == "d/small")
+    assert small.info.pax_headers.get("SCHILY.xattr.user.k") == "v"
+    assert plain[small.data_offset:small.data_offset + 3] == b"hi\n"
+    assert next(m for m in ix.members if m.info.name == "d/hard").info.linkname == "d/small"
+    r = seekable.Reader(ix, lambda a, b: blob[a:b])
+    big = next(m for m in ix.members if m.info.name == "d/big")
+    assert r.read(big.data_offset + 200_000, 5000) == plain[big.data_offset + 200_000:big.data_offset + 205_000]
+    with pytest.raises(ImageError, match="digest"):
+        seekable.build(str(tmp_path / "l.tar.gz"), "sha256:" + "0" * 64, diff_id, "t")
+
+    doc = json.loads(gzip.decompress(seekable.encode(ix)))
+
+    def refused(change, words):
+        d = json.loads(json.dumps(doc))
+        change(d)
+        with pytest.raises(ImageError, match=words):
+            seekable.decode(gzip.compress(json.dumps(d).encode()), "t")
+
+    def gzidx(d, at, fmt, value):
+        raw = bytearray(gzip.decompress(base64.b64decode(d["gzip_index"])))
+        struct.pack_into(fmt, raw, at, value)
+        d["gzip_index"] = base64.b64encode(gzip.compress(bytes(raw))).decode()
+
+    refused(lambda d: gzidx(d, 7, "<Q", len(blob) + 1), "not an index of this blob")
+    refused(lambda d: gzidx(d, 35 + 18 * 1 + 16, "<B", 9), "out of order or outside")
+    refused(lambda d: d["spans"].reverse(), "do not cut the blob")
+    refused(lambda d: d["members"][0].update(header=d["members"][0]["offset"]), "header is not before")
+    refused(lambda d: d.update(compression="xz"), "compression")
+    refused(lambda d: d["members"][1].update(mode=-1), "negative")
+    with pytest.raises(ImageError, match="not an index"):
+        seekable.decode(b"not gzip", "t")

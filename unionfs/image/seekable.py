@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import io
 import json
+import struct
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
@@ -243,6 +244,35 @@ def _member(doc, what: str) -> Member:
     return Member(ti, data, head)
 
 
+def _check_gzip_index(packed: bytes, blob_size: int, what: str) -> None:
+    """indexed_gzip's export (zran's GZIDX, version 0 or 1) checked before its C parser sees it:
+    its sizes, and points in order within the blob, bits 0-7, the length that many points take."""
+    try:
+        raw = gzip.decompress(packed)
+    except (OSError, EOFError) as e:
+        raise ImageError(f"{what}: the gzip checkpoints do not decompress ({e})") from None
+    head = struct.Struct("<5sBBQQIII")
+    if len(raw) < head.size:
+        raise ImageError(f"{what}: the gzip checkpoints are truncated")
+    magic, version, _, csize, _, spacing, window, npoints = head.unpack_from(raw)
+    if magic != b"GZIDX" or version > 1 or csize != blob_size or window < 32768 or spacing < window \
+            or npoints < 1:
+        raise ImageError(f"{what}: the gzip checkpoints are not an index of this blob")
+    point = struct.Struct("<QQBB" if version else "<QQB")
+    at, last, windows = head.size, -1, 0
+    for _ in range(npoints):
+        if at + point.size > len(raw):
+            raise ImageError(f"{what}: the gzip checkpoints are truncated")
+        cmp_offset, _, bits, *flag = point.unpack_from(raw, at)
+        at += point.size
+        if cmp_offset <= last or cmp_offset > blob_size or bits > 7:
+            raise ImageError(f"{what}: a gzip checkpoint is out of order or outside the blob")
+        last = cmp_offset
+        windows += 1 if (flag[0] if flag else cmp_offset > 0 or bits) else 0
+    if len(raw) - at > windows * window:
+        raise ImageError(f"{what}: the gzip checkpoints have trailing data")
+
+
 def decode(blob: bytes, what: str) -> LayerIndex:
     """An index blob, every field checked (it comes from a registry)."""
     try:
@@ -275,8 +305,11 @@ def decode(blob: bytes, what: str) -> LayerIndex:
         ckpt = base64.b64decode(_typed(doc, "gzip_index", str, what), validate=True)
     except ValueError:
         raise ImageError(f"{what}: gzip_index is not base64") from None
-    if kind == "gzip" and not ckpt or kind == "zstd" and not frames:
-        raise ImageError(f"{what}: no checkpoints")
+    if kind == "gzip":
+        _check_gzip_index(ckpt, blob_size, what)
+    elif not frames or frames[0] != [0, 0] or any(b[0] <= a[0] or b[1] < a[1] or b[0] >= blob_size
+                                                  for a, b in zip(frames, frames[1:])):
+        raise ImageError(f"{what}: the zstd checkpoints do not start at 0 and go forward within the blob")
     members = [_member(m, what) for m in _typed(doc, "members", list, what)]
     return LayerIndex(_typed(doc, "layer", str, what), _typed(doc, "diff_id", str, what), kind, blob_size,
                       _count(doc, "size", what), [(o, h) for o, h in spans], ckpt,
