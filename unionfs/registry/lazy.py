@@ -4,8 +4,9 @@ the mount daemon fills file content on first read, chunk by chunk, by HTTP range
 ``pull --lazy`` fetches the manifest and config; for each eStargz layer (the TOC digest
 annotation) the 51-byte footer and the TOC (two range requests), checks the TOC against the
 annotation's digest, and materializes the tree (:mod:`unionfs.image.lazy_layer`) as an
-ordinary store layer plus ``lazy.json`` (where the blob is) and ``lazy.toc``.  Layers without
-a TOC, and layers smaller than ``whole_below``, are pulled whole as by ``pull``.
+ordinary store layer plus ``lazy.json`` (where the blob is) and ``lazy.toc``.  Gzip and zstd
+layers with a pushed index are recorded by :mod:`.indexed`; layers with neither, and layers
+smaller than ``whole_below``, are pulled whole as by ``pull``.
 
 :class:`LazyFill` is the hook the daemon calls before each read of a lower file
 (``fs.union.Union.fill``): a read of a placeholder fetches the compressed extent of each chunk
