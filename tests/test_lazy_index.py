@@ -29,18 +29,25 @@ BIG = 3 << 20
 
 @pytest.fixture(scope="module")
 def big_image(tmp_path_factory, umoci_image):  # noqa: F811
-    """umoci's four-layer image plus a fifth layer of two incompressible 3 MiB files and a small one."""
+    """umoci's four-layer image (whiteouts, hard links, xattrs), an opaque /srv and a whiteout (umoci insert),
+    and a last layer of two incompressible 3 MiB files and a small one; (layout, its rootfs as umoci unpacks it)."""
     layout, rootfs, _, _ = umoci_image
     base = tmp_path_factory.mktemp("bigimg")
     lay, bundle = base / "oci", base / "bundle"
     shutil.copytree(layout, lay)
+    _w(base / "srv", "only", b"the opaque dir's one file\n")
+    sh("umoci", "insert", "--image", f"{lay}:app", "--opaque", str(base / "srv"), "/srv")
+    sh("umoci", "insert", "--image", f"{lay}:app", "--whiteout", "/usr/lib/libb.so")
     sh("umoci", "unpack", "--image", f"{lay}:app", str(bundle))
     r = bundle / "rootfs"
     _w(r, "opt/big1", os.urandom(BIG))
     _w(r, "opt/big2", os.urandom(BIG))
     _w(r, "opt/small.txt", b"small and cheap\n")
     sh("umoci", "repack", "--refresh-bundle", "--image", f"{lay}:app", str(bundle))
-    return lay, r
+    final = base / "final"
+    sh("umoci", "unpack", "--image", f"{lay}:app", str(final))
+    assert sorted(os.listdir(final / "rootfs/srv")) == ["only"] and not (final / "rootfs/usr/lib/libb.so").exists()
+    return lay, final / "rootfs"
 
 
 def _blob_gets(reg: Registry) -> list[str]:
@@ -64,12 +71,12 @@ def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
         manifest = sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").encode()
         mdigest = "sha256:" + hashlib.sha256(manifest).hexdigest()
         layers = json.loads(manifest)["layers"]
-        assert len(layers) == 5 and all(ly["mediaType"].endswith("+gzip") for ly in layers)
+        assert len(layers) == 7 and all(ly["mediaType"].endswith("+gzip") for ly in layers)
 
         # with no index, --lazy pulls plain gzip layers whole
         plain = tmp_path / "plain"
         r = ok(run(tmp_path, "--root", str(plain), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
-        assert "0 lazy, 5 pulled whole" in r.stderr, r.stderr
+        assert "0 lazy, 7 pulled whole" in r.stderr, r.stderr
 
         r = ok(run(tmp_path, "index", "--push", "--spacing", "262144", "--span", "65536", ref, "--insecure"))
         art = r.stdout.strip()
@@ -82,7 +89,7 @@ def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
         with httpx.Client() as http:
             got = http.get(f"http://{reg.host}/v2/idx/app/manifests/{art}",
                            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
-        assert got["subject"]["digest"] == mdigest and len(got["layers"]) == 5
+        assert got["subject"]["digest"] == mdigest and len(got["layers"]) == 7
         # pushed again: the same artifact, listed once
         assert ok(run(tmp_path, "index", "--push", "--spacing", "262144", "--span", "65536", ref,
                       "--insecure")).stdout.strip() == art
@@ -103,7 +110,7 @@ def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
 
         lazy = tmp_path / "lazy"
         r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
-        assert "5 lazy, 0 pulled whole" in r.stderr, r.stderr
+        assert "7 lazy, 0 pulled whole" in r.stderr, r.stderr
         assert all(have == 0 for have, _ in local(lazy).values())
         got = mounted(tmp_path, lazy, ref, "--no-fill")
         assert not diff_snapshots(expected, got), "\n".join(diff_snapshots(expected, got))
@@ -262,7 +269,7 @@ def test_zstd_layers_in_frames_are_indexed_and_one_frame_is_pulled_whole(tmp_pat
         assert "zstd" in r.stderr, r.stderr
         lazy = tmp_path / "lazy"
         r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", ref, "--insecure"))
-        assert "1 lazy, 4 pulled whole" in r.stderr, r.stderr
+        assert "1 lazy, 6 pulled whole" in r.stderr, r.stderr
         whole = tmp_path / "whole"
         ok(run(tmp_path, "--root", str(whole), "pull", ref, "--insecure"))
         expected = mounted(tmp_path, whole, ref)
@@ -275,7 +282,7 @@ def test_zstd_layers_in_frames_are_indexed_and_one_frame_is_pulled_whole(tmp_pat
         one_line_error(r, "no layer can be indexed")
         assert "one frame" in r.stderr, r.stderr
         r = ok(run(tmp_path, "--root", str(tmp_path / "one"), "pull", "--lazy", one, "--insecure"))
-        assert "0 lazy, 5 pulled whole" in r.stderr, r.stderr
+        assert "0 lazy, 7 pulled whole" in r.stderr, r.stderr
 
 
 @pytest.mark.skipif(not os.path.exists("/bin/busybox") or not (shutil.which("crun") or shutil.which("runc")),

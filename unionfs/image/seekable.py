@@ -37,6 +37,7 @@ import indexed_gzip
 import zstandard
 
 from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed, detect
+from .extract import open_stream
 from .model import ImageError
 
 ARTIFACT_TYPE = "application/vnd.unionfs.lazy.index.v1+json"        # the referrer manifest's artifactType
@@ -84,7 +85,7 @@ class LayerIndex:
 def _members(stream: BinaryIO, what: str) -> list[Member]:
     out = []
     try:
-        with tarfile.open(fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        with open_stream(stream) as tar:
             for ti in tar:
                 if ti.issparse():
                     raise NotIndexable(f"{what}: {ti.name!r} is a GNU sparse member")
@@ -188,7 +189,7 @@ def header_matches(head: bytes, m: Member) -> bool:
     if m.data_offset - m.header_offset != len(head):
         return False
     try:
-        with tarfile.open(fileobj=io.BytesIO(head + bytes(1024)), mode="r:") as t:
+        with open_stream(io.BytesIO(head + bytes(1024))) as t:
             ti = t.next()
     except tarfile.TarError:
         return False

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import zstandard
 from ..fs import sys as ovl
 from ..image import seekable
 from ..image.compression import check_blob
-from ..image.extract import _ns
+from ..image.extract import _ns, open_stream
 from ..image.lazy_layer import materialize_members
 from ..image.model import MEDIA_OCI_MANIFEST, ImageError, Layer, Reference
 from ..image.store import Store, now_iso
@@ -425,7 +424,7 @@ class IndexedFill:
         with open(blob, "rb") as raw:
             stream = gzip.GzipFile(fileobj=raw) if layer.ix.compression == "gzip" else \
                 zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+            with open_stream(stream) as tar:
                 n = -1
                 for n, ti in enumerate(tar):   # the file table is the blob's, header by header
                     if n >= len(layer.ix.members) or not seekable.same_member(ti, layer.ix.members[n]):
