@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from helpers import diff_snapshots, snapshot
+from podman_env import HAVE_PODMAN, Podman
 from registry_server import Registry, have_registry
 from test_estargz import mounted
 from test_image_interop import _w, umoci_image  # noqa: F401  (the module-scoped fixture)
@@ -301,6 +302,13 @@ def test_run_lazy_through_an_index(tmp_path):
                    "--insecure", ref, "sh", "-c", "echo started; head -1 /etc/passwd"))
         assert r.stdout.splitlines()[0] == "started" and r.stdout.splitlines()[1].startswith("root:x:0:0:"), r.stdout
         assert "1 lazy, 0 pulled whole" in r.stderr, r.stderr
+        if HAVE_PODMAN:   # podman pulls and runs the image as before: the index is beside it, not in it
+            pm = Podman(tmp_path / "podman")
+            try:
+                pm("pull", "-q", "--tls-verify=false", ref)
+                assert pm.sh(ref, "head -1 /etc/passwd").splitlines() == [r.stdout.splitlines()[1]]
+            finally:
+                pm.close()
 
 
 def test_index_format_both_ways_and_hostile_indexes_refused(tmp_path):
