@@ -51,8 +51,14 @@ CHUNK = 1 << 20               # a read fills the placeholder by pieces of this m
 
 
 def is_indexed(layer_dir: str) -> bool:
-    with open(os.path.join(layer_dir, LAZY_FILE)) as f:
-        return json.load(f).get("format") == "index"
+    """A lazy layer served through an index (not eStargz's TOC); also once it became whole."""
+    for name in (LAZY_FILE, DONE_FILE):   # the background fill may rename it meanwhile
+        try:
+            with open(os.path.join(layer_dir, name)) as f:
+                return json.load(f).get("format") == "index"
+        except FileNotFoundError:
+            continue
+    return False
 
 
 # --- making and finding the index -----------------------------------------------------------
