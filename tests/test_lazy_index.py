@@ -6,10 +6,14 @@ that read alone; an index of another image is refused; skopeo still copies the i
 from __future__ import annotations
 
 import hashlib
+import http.client
+import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
+import threading
 
 import httpx
 import pytest
@@ -363,3 +367,90 @@ def test_index_format_both_ways_and_hostile_indexes_refused(tmp_path):
     refused(lambda d: d["members"][1].update(mode=-1), "negative")
     with pytest.raises(ImageError, match="not an index"):
         seekable.decode(b"not gzip", "t")
+
+
+class ReferrersProxy:
+    """Distribution spec 1.1's referrers API in front of Debian's docker-registry 2.8, which has none (a mock:
+    no registry with the API can run here): a manifest PUT with a ``subject`` is answered ``OCI-Subject`` and
+    listed under ``/v2/<name>/referrers/<digest>``; everything else goes to the registry unchanged."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.listed: dict[str, list[dict]] = {}
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, status, headers, body):
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("connection", "transfer-encoding", "keep-alive", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                self.close_connection = True
+
+            def _handle(self):
+                m = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[0-9a-f]{64})(\?.*)?", self.path)
+                if m and self.command == "GET":
+                    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                       "manifests": proxy.listed.get(m.group(2), [])}).encode()
+                    return self._reply(200, [("Content-Type", "application/vnd.oci.image.index.v1+json")], body)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                up = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                up.request(self.command, self.path, body=body,
+                           headers={k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")})
+                resp = up.getresponse()
+                headers, data = resp.getheaders(), resp.read()
+                up.close()
+                if self.command == "PUT" and "/manifests/" in self.path and resp.status == 201:
+                    doc = json.loads(body)
+                    if "subject" in doc:
+                        proxy.listed.setdefault(doc["subject"]["digest"], []).append(
+                            {"mediaType": doc["mediaType"], "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+                             "size": len(body), "artifactType": doc["artifactType"]})
+                        headers = [*headers, ("OCI-Subject", doc["subject"]["digest"])]
+                self._reply(resp.status, headers, data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_referrers_api_used_where_the_registry_has_it(tmp_path, umoci_image):  # noqa: F811
+    """With the referrers API, the index is pushed and found through it, and no fallback tag is written."""
+    layout = umoci_image[0]
+    with Registry(tmp_path / "reg") as reg:
+        proxy = ReferrersProxy(reg.port)
+        try:
+            ref = f"{proxy.host}/idx/app:1"
+            sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:app", f"docker://{ref}")
+            r = ok(run(tmp_path, "index", "--push", ref, "--insecure"))
+            assert "the referrers API" in r.stderr, r.stderr
+            [(subject, listed)] = proxy.listed.items()
+            assert [d["digest"] for d in listed] == [r.stdout.strip()]
+            tags = json.loads(sh("skopeo", "list-tags", "--tls-verify=false", f"docker://{ref.rsplit(':', 1)[0]}"))
+            assert tags["Tags"] == ["1"]   # no sha256-<hex> tag
+            lazy = tmp_path / "lazy"
+            r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+            assert "4 lazy, 0 pulled whole" in r.stderr, r.stderr
+            got = mounted(tmp_path, lazy, ref, "--no-fill")
+            whole = tmp_path / "whole"
+            ok(run(tmp_path, "--root", str(whole), "pull", ref, "--insecure"))
+            assert got == mounted(tmp_path, whole, ref)
+        finally:
+            proxy.close()
