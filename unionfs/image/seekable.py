@@ -245,9 +245,10 @@ def _member(doc, what: str) -> Member:
     return Member(ti, data, head)
 
 
-def _check_gzip_index(packed: bytes, blob_size: int, what: str) -> None:
-    """indexed_gzip's export (zran's GZIDX, version 0 or 1) checked before its C parser sees it:
-    its sizes, and points in order within the blob, bits 0-7, the length that many points take."""
+def gzip_points(packed: bytes, blob_size: int, what: str) -> list[tuple[int, int]]:
+    """The (uncompressed, compressed) offsets of indexed_gzip's checkpoints (zran's GZIDX, version 0
+    or 1), checked before its C parser sees them: the sizes, points in order within the blob, bits
+    0-7, the length that many points take."""
     try:
         raw = gzip.decompress(packed)
     except (OSError, EOFError) as e:
@@ -260,18 +261,20 @@ def _check_gzip_index(packed: bytes, blob_size: int, what: str) -> None:
             or npoints < 1:
         raise ImageError(f"{what}: the gzip checkpoints are not an index of this blob")
     point = struct.Struct("<QQBB" if version else "<QQB")
-    at, last, windows = head.size, -1, 0
+    at, last, windows, points = head.size, -1, 0, []
     for _ in range(npoints):
         if at + point.size > len(raw):
             raise ImageError(f"{what}: the gzip checkpoints are truncated")
-        cmp_offset, _, bits, *flag = point.unpack_from(raw, at)
+        cmp_offset, uncmp_offset, bits, *flag = point.unpack_from(raw, at)
         at += point.size
-        if cmp_offset <= last or cmp_offset > blob_size or bits > 7:
+        if cmp_offset <= last or cmp_offset > blob_size or bits > 7 or points and uncmp_offset <= points[-1][0]:
             raise ImageError(f"{what}: a gzip checkpoint is out of order or outside the blob")
         last = cmp_offset
         windows += 1 if (flag[0] if flag else cmp_offset > 0 or bits) else 0
+        points.append((uncmp_offset, cmp_offset))
     if len(raw) - at > windows * window:
         raise ImageError(f"{what}: the gzip checkpoints have trailing data")
+    return points
 
 
 def decode(blob: bytes, what: str) -> LayerIndex:
@@ -307,7 +310,7 @@ def decode(blob: bytes, what: str) -> LayerIndex:
     except ValueError:
         raise ImageError(f"{what}: gzip_index is not base64") from None
     if kind == "gzip":
-        _check_gzip_index(ckpt, blob_size, what)
+        gzip_points(ckpt, blob_size, what)
     elif not frames or frames[0] != [0, 0] or any(b[0] <= a[0] or b[1] < a[1] or b[0] >= blob_size
                                                   for a, b in zip(frames, frames[1:])):
         raise ImageError(f"{what}: the zstd checkpoints do not start at 0 and go forward within the blob")
@@ -356,6 +359,12 @@ class Reader:
         self.ix = ix
         self.file = _BlobFile(ix.blob_size, fetch)
         self._gz: indexed_gzip.IndexedGzipFile | None = None
+
+    def points(self) -> list[tuple[int, int]]:
+        """(uncompressed, compressed) offsets where decoding can start, in order."""
+        if self.ix.compression == "gzip":
+            return gzip_points(self.ix.gzip_index, self.ix.blob_size, self.ix.layer)
+        return [(u, c) for c, u in self.ix.frames]
 
     def _gzip(self) -> indexed_gzip.IndexedGzipFile:
         if self._gz is None:
