@@ -9,9 +9,10 @@ each indexed layer as a tree of holes from the file table, as eStargz layers are
 
 :class:`IndexedFill` is the daemon's fill hook for such layers: a read of a placeholder
 decompresses the chunks (1 MiB of the file) it covers from the nearest checkpoint; the decoder
-asks for compressed bytes, which come from ``lazy-blob`` when present, else by one range request
-per missing span, checked against the span's sha256 before use (``lazy-spans`` records them,
-shared by every mount).  A span that cannot be had fails that read alone with EIO, logged once.
+asks for compressed bytes, which come from ``lazy-blob`` when present, else by range requests
+(the spans a chunk will take, estimated from the checkpoints, one request per run of missing
+spans), each span checked against its sha256 before use (``lazy-spans`` records them, shared by
+every mount).  A span that cannot be had fails that read alone with EIO, logged once.
 The background fill fetches the remaining spans between reads, checks the whole blob against its
 digest and diff_id, writes what is still a hole from it, and makes the layer an ordinary one.
 """
