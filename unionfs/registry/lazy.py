@@ -4,8 +4,9 @@ the mount daemon fills file content on first read, chunk by chunk, by HTTP range
 ``pull --lazy`` fetches the manifest and config; for each eStargz layer (the TOC digest
 annotation) the 51-byte footer and the TOC (two range requests), checks the TOC against the
 annotation's digest, and materializes the tree (:mod:`unionfs.image.lazy_layer`) as an
-ordinary store layer plus ``lazy.json`` (where the blob is) and ``lazy.toc``.  Layers without
-a TOC, and layers smaller than ``whole_below``, are pulled whole as by ``pull``.
+ordinary store layer plus ``lazy.json`` (where the blob is) and ``lazy.toc``.  Gzip and zstd
+layers with a pushed index are recorded by :mod:`.indexed`; layers with neither, and layers
+smaller than ``whole_below``, are pulled whole as by ``pull``.
 
 :class:`LazyFill` is the hook the daemon calls before each read of a lower file
 (``fs.union.Union.fill``): a read of a placeholder fetches the compressed extent of each chunk
@@ -35,16 +36,15 @@ from ..image.load import add_layer_blob
 from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
+from . import indexed
+from .lazy_blob import BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, get_range
+from .lazy_blob import pwrite_all as _pwrite_all, pwrite_file as _pwrite_file
 from .pull import download_path, fetch_image, fetch_to_downloads, record
 
 log = logging.getLogger("unionfs.registry.lazy")
 
-LAZY_FILE = "lazy.json"
 TOC_FILE = "lazy.toc"
 PRESENT_FILE = "lazy-present"
-BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
-DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an ordinary stored layer
-IDLE = 1.0                    # seconds without a fetching read before the background fill goes on
 ACCESS_FILE = "lazy-access"   # files in the order reads first fetched them: the background fill's order next time
 HEAD_MARK = -1                # in lazy-present: the blob's bytes before the first chunk are here
 WHOLE_BELOW = 2 << 20     # layers smaller than this are fetched whole at once
@@ -57,27 +57,6 @@ class LazyPulled:
     whole_layers: int
     reused_layers: int
     fetched_bytes: int
-
-
-def get_range(client: Client, digest: str, start: int, end: int) -> bytes:
-    """Bytes ``start..end-1`` of a blob, by one range request (a 200 for the whole blob is refused)."""
-    what = f"{client.where}: blob {digest} bytes {start}-{end - 1}"
-    resp = client._send("GET", f"/v2/{client.repository}/blobs/{digest}",
-                        headers={"Range": f"bytes={start}-{end - 1}"}, stream=True)
-    try:
-        if resp.status_code != 206:
-            raise client._fail(resp, what) if resp.status_code >= 400 else \
-                RegistryError(f"{what}: the registry answered {resp.status_code}, not 206 (no range requests)")
-        data = b"".join(resp.iter_bytes())
-    except RegistryError:
-        raise
-    except Exception as e:   # httpx transport errors: one line, as every registry error
-        raise RegistryError(f"{what}: {e.__class__.__name__}: {e}") from None
-    finally:
-        resp.close()
-    if len(data) != end - start:
-        raise RegistryError(f"{what}: got {len(data)} bytes")
-    return data
 
 
 def fetch_toc(client: Client, desc: dict) -> tuple[bytes, int, bytes]:
@@ -116,6 +95,9 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
     image_id, descs, layers = r.image_id, r.descs, r.layers
     store.ensure()
     lazy = whole = reused = fetched = 0
+    wanted = [ly for d, ly in zip(descs, layers)
+              if not _is_estargz(d) and ly.size >= whole_below and not store.has_layer(ly.diff_id)]
+    indexes = indexed.find_indexes(client, r, where) if wanted else {}   # gzip/zstd layers by their index
     with store.locked():
         try:
             for d, ly in zip(descs, layers):
@@ -127,6 +109,12 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
                     fetched += len(tail)
                     _add_lazy_layer(store, client, d, ly, toc, toc_at, tail, f"{where}: layer {ly.digest}")
                     say(f"{ly.digest[7:19]}: TOC fetched ({len(toc)} bytes), content on demand")
+                    lazy += 1
+                    continue
+                if ly.digest in indexes and ly.size >= whole_below:
+                    ix, data = indexes[ly.digest]
+                    indexed.add_layer(store, client, ly, ix, data, f"{where}: layer {ly.digest}")
+                    say(f"{ly.digest[7:19]}: index found ({len(ix.members)} entries), content on demand")
                     lazy += 1
                     continue
                 fetched += fetch_to_downloads(store, client, ly.digest, ly.size) or 0
@@ -500,23 +488,10 @@ class LazyFill:
         log.info("lazy layer %s: complete (%d bytes fetched by this mount)", digest, self.fetched)
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
-
-
-def _pwrite_file(path: str, data: bytes, pos: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        _pwrite_all(fd, data, pos)
-    finally:
-        os.close(fd)
-
-
 def local_bytes(layer_dir: str) -> tuple[int, int]:
     """(bytes of the layer's blob that are local, the blob's size), from what ``lazy-present`` records."""
+    if indexed.is_indexed(layer_dir):
+        return indexed.local_bytes(layer_dir)
     with open(os.path.join(layer_dir, LAZY_FILE)) as f:
         source = json.load(f)
     with open(os.path.join(layer_dir, TOC_FILE), "rb") as f:
@@ -589,13 +564,42 @@ def make_local(store: Store, names, say) -> None:
             fill.complete(say)
 
 
-def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...], image_id: str | None = None) -> LazyFill | None:
-    """The fill hook for an image's layers, or None when every layer is whole.  With ``image_id``,
-    the image's recorded prefetch list (``run --record-prefetch``) goes first, else each layer's landmark."""
+class Fills:
+    """The fill hooks of an image whose lazy layers come in both formats (eStargz, indexed): each
+    call goes to every one (a hook ignores the fds of layers it does not serve)."""
+
+    def __init__(self, *fills) -> None:
+        self.fills = fills
+
+    def pending(self, fd: int, offset: int, size: int) -> bool:
+        return any(fill.pending(fd, offset, size) for fill in self.fills)
+
+    def __call__(self, fd: int, offset: int, size: int) -> None:
+        for fill in self.fills:
+            fill(fd, offset, size)
+
+    def background(self) -> None:
+        for fill in self.fills:
+            fill.background()
+
+    def complete(self, say) -> None:
+        for fill in self.fills:
+            fill.complete(say)
+
+
+def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...],
+             image_id: str | None = None) -> LazyFill | indexed.IndexedFill | Fills | None:
+    """The fill hook for an image's layers (eStargz by TOC, gzip/zstd by index), or None when every
+    layer is whole.  With ``image_id``, the image's recorded prefetch list (``run --record-prefetch``)
+    goes first, else each layer's landmark."""
     lazy = [d for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
     if not lazy:
         return None
     paths = prefetch.load(store, image_id) if image_id else None
     shares = prefetch.by_layer(store, diff_ids, paths) if paths else {}
-    return LazyFill(store, [store.layer_dir(d) for d in lazy],
-                    {store.layer_dir(d): shares[d] for d in lazy if shares.get(d)})
+    recorded = {store.layer_dir(d): shares[d] for d in lazy if shares.get(d)}
+    by_index = [store.layer_dir(d) for d in lazy if indexed.is_indexed(store.layer_dir(d))]
+    by_toc = [store.layer_dir(d) for d in lazy if store.layer_dir(d) not in by_index]
+    fills = ([LazyFill(store, by_toc, recorded)] if by_toc else []) + \
+        ([indexed.IndexedFill(store, by_index, recorded)] if by_index else [])
+    return fills[0] if len(fills) == 1 else Fills(*fills)
