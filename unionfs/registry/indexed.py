@@ -32,14 +32,15 @@ from dataclasses import dataclass, field
 import zstandard
 
 from ..fs import sys as ovl
-from ..image import seekable
+from ..image import estargz, seekable
 from ..image.compression import check_blob
 from ..image.extract import _ns, open_stream
 from ..image.lazy_layer import materialize_members
 from ..image.model import MEDIA_OCI_MANIFEST, ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
-from .lazy_blob import BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, client_for, get_range, pwrite_all, pwrite_file
+from .lazy_blob import (ACCESS_FILE, BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, FillState, client_for, get_range,
+                        pwrite_all, pwrite_file)
 from .pull import RemoteImage, download_path, fetch_image, fetch_to_downloads
 from .referrers import Blob, find_artifact, push_artifact
 
@@ -215,24 +216,28 @@ def local_bytes(layer_dir: str) -> tuple[int, int]:
 # --- filling on read (runs in the mount daemon) ---------------------------------------------
 
 class _Marks:
-    """A set of offsets kept in a file that only grows, shared by every mount of the layer."""
+    """A set of offsets kept in a file that only grows, shared by every mount of the layer
+    (thread-safe: the fill's threads add and reload)."""
 
     def __init__(self, path: str) -> None:
         self.path, self.seen, self.size = path, set(), 0
+        self._lock = threading.Lock()
 
     def reload(self) -> None:
-        if os.path.getsize(self.path) != self.size:
-            with open(self.path, "rb") as f:
-                f.seek(self.size)
-                tail = f.read()
-            cut = tail.rfind(b"\n") + 1
-            self.seen.update(int(x) for x in tail[:cut].split())
-            self.size += cut
+        with self._lock:
+            if os.path.getsize(self.path) != self.size:
+                with open(self.path, "rb") as f:
+                    f.seek(self.size)
+                    tail = f.read()
+                cut = tail.rfind(b"\n") + 1
+                self.seen.update(int(x) for x in tail[:cut].split())
+                self.size += cut
 
     def add(self, offset: int) -> None:
-        with open(self.path, "a") as f:
-            f.write(f"{offset}\n")
-        self.seen.add(offset)
+        with self._lock:
+            with open(self.path, "a") as f:
+                f.write(f"{offset}\n")
+            self.seen.add(offset)
 
     def __contains__(self, offset: int) -> bool:
         return offset in self.seen
@@ -251,23 +256,28 @@ class _Layer:
     failed: set[tuple[int, int]] = field(default_factory=set)
     reader: seekable.Reader | None = None
     points: list[tuple[int, int]] | None = None   # (uncompressed, compressed) offsets of the checkpoints
+    decode: threading.Lock = field(default_factory=threading.Lock)   # the Reader is not thread-safe
+    demand: bool = True                           # whether the decode under way is a read's (for blob_bytes)
+    accessed: dict[str, None] = field(default_factory=dict)   # ordered: ACCESS_FILE as read and appended
+    prefetch: list[str] = field(default_factory=list)         # the image's prefetch files
 
     @property
     def digest(self) -> str:
         return self.source["digest"]
 
-    def connect(self) -> Client:
-        if self.client is None:
-            self.client = client_for(self.source)
-        return self.client
-
     def get_spans(self, i: int, j: int) -> None:
         """Spans ``i..j-1`` into lazy-blob, fetched by one range request, each checked against its
-        sha256 before any is kept; EIO if they cannot be (logged once per range)."""
+        sha256 before any is kept; EIO if they cannot be (logged once per range).  The caller
+        has claimed them (:meth:`IndexedFill._get_spans`): no lock is held meanwhile."""
         start, end = self.starts[i], self.ix.span_end(j - 1)
         try:
-            data = get_range(self.connect(), self.digest, start, end)
-            self.fill.fetched += len(data)
+            with self.fill._connecting:
+                if self.client is None:
+                    self.client = client_for(self.source)
+                client = self.client
+            data = get_range(client, self.digest, start, end)
+            with self.fill._lock:
+                self.fill.fetched += len(data)
             for k in range(i, j):
                 piece = data[self.starts[k] - start:self.ix.span_end(k) - start]
                 if hashlib.sha256(piece).hexdigest() != self.ix.spans[k][1]:
@@ -275,22 +285,22 @@ class _Layer:
                                      "index's sha256 of the span")
             pwrite_file(os.path.join(self.dir, BLOB_FILE), data, start)
         except (ImageError, OSError) as e:
-            if (start, end) not in self.failed:
+            with self.fill._lock:
+                first = (start, end) not in self.failed
                 self.failed.add((start, end))
+            if first:
                 log.error("lazy layer %s: bytes %d-%d: %s", self.digest, start, end - 1, e)
             raise OSError(errno.EIO, "lazy fetch failed") from None
         for k in range(i, j):
             self.spans.add(self.starts[k])
 
-    def prefetch(self, start: int, end: int) -> None:
-        """Before decoding bytes ``start..end-1`` of the uncompressed stream, the spans that will take,
-        as the checkpoints around them estimate it, in one range request per run of missing spans
-        (rather than one per span as the decoder asks; it asks for any the estimate missed)."""
-        if self.points is None:
-            self.points = self.reader.points() if self.reader else []
-        pts = self.points
+    def estimate(self, start: int, end: int) -> tuple[int, int]:
+        """The spans (``lo..hi-1``) decoding bytes ``start..end-1`` of the uncompressed stream will
+        take, as the checkpoints around them estimate it (fetched first, in runs, rather than one
+        per span as the decoder asks; it asks for any the estimate missed)."""
+        pts = self.points or []
         if not pts:
-            return
+            return 0, 0
         us = [u for u, _ in pts]
         first = pts[max(0, bisect.bisect_right(us, start) - 1)][1]
         j = max(0, bisect.bisect_right(us, end) - 1)
@@ -298,29 +308,25 @@ class _Layer:
         last = min(self.ix.blob_size, bc + (end - bu) * (nc - bc) // max(1, nu - bu) + 1)
         lo = bisect.bisect_right(self.starts, max(0, first - 1)) - 1
         hi = bisect.bisect_right(self.starts, max(first, last) - 1)
-        self.spans.reload()
-        k = lo
-        while k < hi:
-            if self.starts[k] in self.spans:
-                k += 1
-                continue
-            run_end = k
-            while run_end < hi and self.starts[run_end] not in self.spans:
-                run_end += 1
-            self.get_spans(k, run_end)
-            k = run_end
+        return max(lo, 0), hi
 
     def blob_bytes(self, start: int, end: int) -> bytes:
-        """Compressed bytes for the decoder: the spans they lie in, fetched if not yet local."""
-        i = bisect.bisect_right(self.starts, start) - 1
-        while i < len(self.starts) and self.starts[i] < end:
-            if self.starts[i] not in self.spans:
-                self.spans.reload()
-                if self.starts[i] not in self.spans:
-                    self.get_spans(i, i + 1)
-            i += 1
+        """Compressed bytes for the decoder (under ``decode``): the spans they lie in, fetched if not yet local."""
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        k = i
+        while k < len(self.starts) and self.starts[k] < end:
+            k += 1
+        self.fill._get_spans(self, i, k, self.demand)
+        if any(self.starts[x] not in self.spans for x in range(i, k)):   # another's fetch failed
+            raise OSError(errno.EIO, "lazy fetch failed")
         with open(os.path.join(self.dir, BLOB_FILE), "rb") as f:
             return os.pread(f.fileno(), end - start, start)
+
+    def read(self, offset: int, size: int, demand: bool) -> bytes:
+        """Bytes of the uncompressed stream, decoded from the nearest checkpoint (one decode at a time)."""
+        with self.decode:
+            self.demand = demand
+            return self.reader.read(offset, size)
 
 
 @dataclass
@@ -331,27 +337,56 @@ class _File:
     wfd: int = -1
     checked: bool = False        # its header read from the blob matched the index
 
+    @property
+    def name(self) -> str:
+        return os.fsdecode(self.path)
 
-class IndexedFill:
-    """The daemon's ``fill(fd, offset, size)`` hook for the indexed layers of one mount."""
+    def pieces(self) -> int:
+        return (self.member.info.size + CHUNK - 1) // CHUNK
 
-    def __init__(self, store: Store, layer_dirs: list[str]) -> None:
+
+def _landmark_names(ix: seekable.LayerIndex) -> list[str]:
+    """The regular files before a ``.prefetch.landmark`` in the file table (none without one), as
+    eStargz's landmark says for a TOC (an eStargz layer is gzip, and so can be indexed too)."""
+    names = [os.fsdecode(_clean(m.info.name)) for m in ix.members]
+    if estargz.PREFETCH_LANDMARK not in names:
+        return []
+    at = names.index(estargz.PREFETCH_LANDMARK)
+    return [n for n, m in zip(names[:at], ix.members) if m.info.isreg() and m.info.size]
+
+
+class IndexedFill(FillState):
+    """The daemon's ``fill(fd, offset, size)`` hook for the indexed layers of one mount.
+
+    As :class:`.lazy.LazyFill`: called on the adapter's threads, one fetch per span (a read wanting
+    spans another fetch has in flight waits for it), one decode of a piece at a time per layer, the
+    background fill standing aside while any read is fetching; the prefetch files first."""
+
+    def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
+        super().__init__()
         self.store = store
         self.layer_dirs = layer_dirs
+        self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
         self._files: dict[tuple[int, int], _File] | None = None
+        self._by_name: dict[tuple[str, str], _File] = {}
         self._layers: list[_Layer] = []
-        self._lock = threading.Lock()
-        self.last_read = time.monotonic()
-        self.fetched = 0
+        self._connecting = threading.Lock()   # a client connects to the registry: never under _lock
 
     def _index(self) -> dict[tuple[int, int], _File]:
         files: dict[tuple[int, int], _File] = {}
         for d in self.layer_dirs:
             source, ix = _load(d)
             layer = _Layer(d, source, ix, _Marks(os.path.join(d, SPANS_FILE)), _Marks(os.path.join(d, FILLED_FILE)),
-                           [o for o, _ in ix.spans], self)
+                           [o for o, _ in ix.spans], self, prefetch=self.recorded.get(d) or _landmark_names(ix))
+            layer.reader = seekable.Reader(ix, layer.blob_bytes)
+            layer.points = layer.reader.points()
             layer.spans.reload()
             layer.filled.reload()
+            try:
+                with open(os.path.join(d, ACCESS_FILE)) as a:
+                    layer.accessed.update((json.loads(x), None) for x in a if x.endswith("\n"))
+            except (FileNotFoundError, ValueError):
+                pass
             self._layers.append(layer)
             last = {}
             for m in ix.members:   # a name given twice in the layer: the last one is the file
@@ -367,43 +402,113 @@ class IndexedFill:
                     except OSError:
                         continue   # whited out within the layer
                     if st.st_size == m.info.size:
-                        files[(st.st_dev, st.st_ino)] = _File(layer, m, name)
+                        files[(st.st_dev, st.st_ino)] = f = _File(layer, m, name)
+                        self._by_name[(d, f.name)] = f
             finally:
                 os.close(root)
         return files
 
+    def _missing(self, fd: int, offset: int, size: int) -> tuple[_File | None, list[int]]:
+        """(the placeholder open as ``fd``, its pieces the range covers that are not filled), under the lock."""
+        if self._files is None:
+            self._files = self._index()
+        st = os.fstat(fd)
+        f = self._files.get((st.st_dev, st.st_ino))
+        if f is None:
+            return None, []
+        base, end = f.member.data_offset, min(offset + size, f.member.info.size)
+        todo = [k for k in range(offset // CHUNK, (end + CHUNK - 1) // CHUNK) if base + k * CHUNK not in f.layer.filled]
+        if todo:
+            f.layer.filled.reload()
+            todo = [k for k in todo if base + k * CHUNK not in f.layer.filled]
+        return f, todo
+
+    def pending(self, fd: int, offset: int, size: int) -> bool:
+        with self._lock:
+            return self._files is None or bool(self._missing(fd, offset, size)[1])
+
     def __call__(self, fd: int, offset: int, size: int) -> None:
         with self._lock:
-            if self._files is None:
-                self._files = self._index()
-            st = os.fstat(fd)
-            f = self._files.get((st.st_dev, st.st_ino))
-            if f is None:
+            f, todo = self._missing(fd, offset, size)
+            if not todo:
                 return
-            base, total = f.member.data_offset, f.member.info.size
-            end = min(offset + size, total)
-            for k in range(offset // CHUNK, (end + CHUNK - 1) // CHUNK):
-                if base + k * CHUNK not in f.layer.filled:
-                    f.layer.filled.reload()
-                    if base + k * CHUNK not in f.layer.filled:
-                        self.last_read = time.monotonic()
-                        self._fill_chunk(f, k)
+            self._demand += 1
+        try:
+            for k in todo:
+                self._piece(f, k, demand=True)
+        finally:
+            with self._lock:
+                self._demand -= 1
+                self.last_read = time.monotonic()
+        self._note_access(f.layer.accessed, f.layer.dir, f.name)
 
-    def _fill_chunk(self, f: _File, k: int) -> None:
+    def _piece(self, f: _File, k: int, demand: bool) -> None:
+        """Make piece ``k`` of the file local: decode it, or wait for the decode of it going on."""
+        at = f.member.data_offset + k * CHUNK
+        key = (f.layer.dir, -1 - at)   # beside the spans' keys (their offsets are >= 0)
+
+        def have() -> bool:
+            if at not in f.layer.filled:
+                f.layer.filled.reload()
+            return at in f.layer.filled
+        ev = self._claim(key, have, demand)
+        if ev is None:
+            return
+        try:
+            self._fill_piece(f, k, demand)
+        finally:
+            self._release(key, ev)
+
+    def _get_spans(self, layer: _Layer, lo: int, hi: int, demand: bool) -> None:
+        """Spans ``lo..hi-1`` local: those missing fetched in one request per run of them no other
+        fetch has in flight; for the others, that fetch waited for (a read whose span it failed to
+        get tries itself, for its own EIO; the background leaves it to the next read)."""
+        while True:
+            mine: list[int] = []
+            theirs: list[threading.Event] = []
+            with self._lock:
+                layer.spans.reload()
+                for k in range(lo, hi):
+                    key = (layer.dir, layer.starts[k])
+                    if layer.starts[k] in layer.spans:
+                        continue
+                    if demand:
+                        self.last_read = time.monotonic()
+                    if key in self._inflight:
+                        theirs.append(self._inflight[key])
+                    else:
+                        self._inflight[key] = threading.Event()
+                        mine.append(k)
+            try:
+                for i, j in _runs(mine):
+                    layer.get_spans(i, j)
+            finally:
+                for k in mine:
+                    key = (layer.dir, layer.starts[k])
+                    self._release(key, self._inflight[key])
+            if not theirs:
+                return
+            for ev in theirs:
+                ev.wait()
+            if not demand:
+                return
+            layer.spans.reload()
+            if all(layer.starts[k] in layer.spans for k in range(lo, hi)):
+                return
+
+    def _fill_piece(self, f: _File, k: int, demand: bool) -> None:
         layer, m = f.layer, f.member
         at = m.data_offset + k * CHUNK
         n = min(CHUNK, m.info.size - k * CHUNK)
-        if layer.reader is None:
-            layer.reader = seekable.Reader(layer.ix, layer.blob_bytes)
         try:
             if f.checked is False:   # the file's own header in the blob first: the index's word is checked
-                layer.prefetch(m.header_offset, at + n if k == 0 else m.data_offset)
-                head = layer.reader.read(m.header_offset, m.data_offset - m.header_offset)
+                self._get_spans(layer, *layer.estimate(m.header_offset, at + n if k == 0 else m.data_offset), demand)
+                head = layer.read(m.header_offset, m.data_offset - m.header_offset, demand)
                 if not seekable.header_matches(head, m):
                     raise ImageError("the index does not describe the blob's header of this file")
                 f.checked = True
-            layer.prefetch(at, at + n)
-            data = layer.reader.read(at, n)
+            self._get_spans(layer, *layer.estimate(at, at + n), demand)
+            data = layer.read(at, n, demand)
         except OSError as e:
             if e.errno == errno.EIO:
                 raise
@@ -419,12 +524,13 @@ class IndexedFill:
 
     def _write(self, f: _File, data: bytes, pos: int) -> None:
         try:
-            if f.wfd < 0:
-                root = os.open(os.path.join(f.layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
-                finally:
-                    os.close(root)
+            with self._lock:
+                if f.wfd < 0:
+                    root = os.open(os.path.join(f.layer.dir, "root"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        f.wfd = ovl.open_beneath(root, f.path, os.O_WRONLY)
+                    finally:
+                        os.close(root)
             pwrite_all(f.wfd, data, pos)
             ns = _ns(f.member.info)
             os.utime(f.wfd, ns=(ns, ns))   # writing content is no change: the times stay the layer's
@@ -435,12 +541,22 @@ class IndexedFill:
 
     # --- the background fill -------------------------------------------------------------
 
-    def background(self) -> None:
-        """Fetch every span not yet local between reads, check the whole blob against its digest and
-        diff_id, write what is still a hole from it; then the layer is an ordinary stored layer."""
+    def _ready(self) -> list[_Layer]:
         with self._lock:
             if self._files is None:
                 self._files = self._index()
+        return self._layers
+
+    def background(self) -> None:
+        """Fetch what is not yet local: first each layer's prefetch files at once, then, between reads,
+        the files earlier reads fetched (``lazy-access``) and every missing span in blob order; check
+        the whole blob against its digest and diff_id, write what is still a hole from it; then the
+        layer is an ordinary stored layer."""
+        for layer in self._ready():
+            try:
+                self._files_first(layer, layer.prefetch, 0)
+            except OSError:
+                log.warning("lazy layer %s: prefetch stopped", layer.digest)
         for layer in self._layers:
             try:
                 self._fill_layer(layer)
@@ -451,14 +567,32 @@ class IndexedFill:
             except Exception:
                 log.exception("lazy layer %s: background fill failed", layer.digest)
 
+    # complete() (FillState's): every layer, filled at once
+    def _lazy_layers(self) -> list[_Layer]:
+        return self._ready()
+
+    def _fill_whole(self, layer: _Layer) -> None:
+        self._fill_layer(layer)
+
+    def _local_bytes(self, layer_dir: str) -> tuple[int, int]:
+        return local_bytes(layer_dir)
+
+    def _files_first(self, layer: _Layer, names, idle: float) -> None:
+        for name in names:
+            f = self._by_name.get((layer.dir, name))
+            for k in range(f.pieces() if f is not None else 0):
+                self._wait_idle(idle)
+                self._piece(f, k, demand=False)
+
     def _fill_layer(self, layer: _Layer) -> None:
-        for i, start in enumerate(layer.starts):
-            while (quiet := time.monotonic() - self.last_read) < IDLE:
-                time.sleep(IDLE - quiet)
-            with self._lock:
-                layer.spans.reload()
-                if start not in layer.spans:
-                    layer.get_spans(i, i + 1)
+        self._files_first(layer, list(layer.accessed), IDLE)
+        for i in range(len(layer.starts)):
+            self._wait_idle()
+            self._get_spans(layer, i, i + 1, demand=False)
+        layer.spans.reload()
+        missing = sum(s not in layer.spans for s in layer.starts)
+        if missing:   # a fetch a read was making failed: the next mount goes on
+            raise OSError(errno.EIO, f"{missing} spans not fetched")
         blob = os.path.join(layer.dir, BLOB_FILE)
         diff_id = "sha256:" + os.path.basename(layer.dir)
         check_blob(blob, layer.digest, diff_id, f"lazy layer {layer.digest}")
@@ -478,19 +612,31 @@ class IndexedFill:
                     src = tar.extractfile(ti)
                     for k in range((ti.size + CHUNK - 1) // CHUNK):
                         data = src.read(CHUNK)
-                        with self._lock:
-                            layer.filled.reload()
-                            if ti.offset_data + k * CHUNK not in layer.filled:
-                                self._write(f, data, k * CHUNK)
-                                layer.filled.add(ti.offset_data + k * CHUNK)
+                        layer.filled.reload()
+                        if ti.offset_data + k * CHUNK not in layer.filled:   # a read may write it too: the same bytes
+                            self._write(f, data, k * CHUNK)
+                            layer.filled.add(ti.offset_data + k * CHUNK)
         if n + 1 != len(layer.ix.members):
             raise ImageError(f"lazy layer {layer.digest}: the index lists {len(layer.ix.members)} members, "
                              f"the blob {n + 1}: the layer stays lazy")
         with self.store.locked():
+            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
+                return   # another mount's fill (or a push) completed it meanwhile
             os.link(blob, blob + ".keep")
             self.store.put_blob_file(layer.digest, blob + ".keep")
             os.rename(os.path.join(layer.dir, LAZY_FILE), os.path.join(layer.dir, DONE_FILE))
         log.info("lazy layer %s: complete (%d bytes fetched by this mount)", layer.digest, self.fetched)
+
+
+def _runs(ks: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as ``(first, last + 1)`` runs of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for k in ks:
+        if out and out[-1][1] == k:
+            out[-1] = (out[-1][0], k + 1)
+        else:
+            out.append((k, k + 1))
+    return out
 
 
 def _clean(name: str) -> bytes:

@@ -37,7 +37,7 @@ from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
 from . import indexed
-from .lazy_blob import BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, get_range
+from .lazy_blob import ACCESS_FILE, BLOB_FILE, DONE_FILE, LAZY_FILE, FillState, get_range
 from .lazy_blob import pwrite_all as _pwrite_all, pwrite_file as _pwrite_file
 from .pull import download_path, fetch_image, fetch_to_downloads, record
 
@@ -45,7 +45,6 @@ log = logging.getLogger("unionfs.registry.lazy")
 
 TOC_FILE = "lazy.toc"
 PRESENT_FILE = "lazy-present"
-ACCESS_FILE = "lazy-access"   # files in the order reads first fetched them: the background fill's order next time
 HEAD_MARK = -1                # in lazy-present: the blob's bytes before the first chunk are here
 WHOLE_BELOW = 2 << 20     # layers smaller than this are fetched whole at once
 
@@ -217,28 +216,21 @@ class _LazyLayer:
         return self.client
 
 
-class LazyFill:
-    """The daemon's ``fill(fd, offset, size)`` hook for the lazy layers of one mount.
+class LazyFill(FillState):
+    """The daemon's ``fill(fd, offset, size)`` hook for the eStargz layers of one mount.
 
     Called on threads (the adapter runs a read that must fetch off its loop), so other requests
-    and reads of local content go on while a chunk downloads.  ``_lock`` guards the state, never
-    a download; a chunk being fetched is in ``_inflight``, and a second read wanting it waits for
-    that fetch instead of starting another (as does the background fill, which also stands aside
-    while any read is fetching)."""
+    and reads of local content go on while a chunk downloads; one fetch per chunk, the background
+    fill standing aside while any read is fetching (:class:`.lazy_blob.FillState`)."""
 
     def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
+        super().__init__()
         self.store = store
         self.layer_dirs = layer_dirs
         self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
         self._files: dict[tuple[int, int], _File] | None = None
         self._layers: list[_LazyLayer] = []
-        self.last_read = time.monotonic()   # the background fill waits for reads to pause
-        self._lock = threading.Lock()
         self._connecting = threading.Lock()   # connect() talks to the registry: never under _lock
-        self._inflight: dict[tuple[str, int], threading.Event] = {}
-        self._demand = 0                    # reads fetching now: the background fill waits for none
-        self.fetched = 0
-        self.wait_for_reads = True          # off for complete(): nobody reads, fetch at once
 
     def _index(self) -> dict[tuple[int, int], _File]:
         files: dict[tuple[int, int], _File] = {}
@@ -307,37 +299,20 @@ class LazyFill:
             with self._lock:
                 self._demand -= 1
                 self.last_read = time.monotonic()
-        with self._lock:
-            if f.entry.name not in f.layer.accessed:   # the access pattern, for the next background fill
-                f.layer.accessed[f.entry.name] = None
-                with open(os.path.join(f.layer.dir, ACCESS_FILE), "a") as a:
-                    a.write(json.dumps(f.entry.name) + "\n")
+        self._note_access(f.layer.accessed, f.layer.dir, f.entry.name)
 
     def _get(self, layer: _LazyLayer, f: "_File | None", c: estargz.Chunk, name: str, demand: bool) -> None:
         """Make one chunk local: fetch it, or wait for the fetch of it already going on.
         A demand read whose chunk another fetch failed tries once itself (its own EIO)."""
         key = (layer.dir, c.offset)
-        while True:
-            with self._lock:
-                if c.offset in layer.present:
-                    return
-                if demand:
-                    self.last_read = time.monotonic()
-                ev = self._inflight.get(key)
-                if ev is None:
-                    ev = self._inflight[key] = threading.Event()
-                    break
-            ev.wait()
-            with self._lock:
-                if c.offset in layer.present or not demand:
-                    return
+        ev = self._claim(key, lambda: c.offset in layer.present, demand)
+        if ev is None:
+            return
         try:
             data, chunk = self._download(layer, c, name)
             self._keep(layer, f, c, data, chunk)
         finally:
-            with self._lock:
-                del self._inflight[key]
-            ev.set()
+            self._release(key, ev)
 
     def _download(self, layer: _LazyLayer, c: estargz.Chunk, name: str) -> tuple[bytes, bytes]:
         """(compressed extent, the chunk's bytes) fetched and verified; any failure is EIO, logged once."""
@@ -384,16 +359,6 @@ class LazyFill:
 
     # --- the background fill -------------------------------------------------------------
 
-    def _wait_idle(self, idle: float = IDLE) -> None:
-        """Let reads have the link: the fill goes on once no read is fetching, nor has for ``idle`` seconds."""
-        while self.wait_for_reads:
-            with self._lock:
-                quiet = time.monotonic() - self.last_read
-                busy = self._demand > 0
-            if not busy and quiet >= idle:
-                return
-            time.sleep(idle - quiet if not busy and quiet < idle else 0.05)
-
     def background(self) -> None:
         """Fetch every chunk not yet local: first each layer's prefetch files (its landmark) at once,
         then, between reads, in the recorded access order and TOC order; check each whole blob
@@ -418,28 +383,19 @@ class LazyFill:
                 log.exception("lazy layer %s: background fill failed", layer.source["digest"])
                 continue
 
-    def complete(self, say) -> None:
-        """Fetch all that is not yet local now, layer by layer with a line each (``push``, ``save``
-        and ``convert`` of a lazy image need its blobs); a failure is one line naming the way out."""
-        self.wait_for_reads = False
+    # complete() (FillState's): every layer, filled at once
+    def _lazy_layers(self) -> list[_LazyLayer]:
         with self._lock:
             if self._files is None:
                 self._files = self._index()
-        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
-        for layer in self._layers:
-            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
-                continue   # a mount's fill completed it meanwhile
-            digest = layer.source["digest"]
-            have, size = local_bytes(layer.dir)
-            say(f"{digest[7:19]}: lazy layer, {have} of {size} bytes local: fetching the rest "
-                f"from {layer.source['registry']}/{layer.source['repository']}")
-            try:
-                self._fill_layer(layer, placeholders)
-            except (OSError, RegistryError) as e:
-                raise RegistryError(f"lazy layer {digest}: fetching the rest from {layer.source['registry']} "
-                                    f"failed ({e}); the image is not all local: try again with the registry "
-                                    f"reachable, or pull it whole (unionfs pull)") from None
-            say(f"{digest[7:19]}: complete")
+        return self._layers
+
+    def _fill_whole(self, layer: _LazyLayer) -> None:
+        assert self._files is not None
+        self._fill_layer(layer, {(f.layer.dir, f.entry.name): f for f in self._files.values()})
+
+    def _local_bytes(self, layer_dir: str) -> tuple[int, int]:
+        return local_bytes(layer_dir)
 
     def _prefetch(self, layer: _LazyLayer, placeholders: dict) -> None:
         """The files the image marks for prefetch, fetched as soon as the mount is up."""

@@ -2,7 +2,11 @@
 of its store directory, and its blob fetched by HTTP range into ``lazy-blob`` as reads need it."""
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
+from typing import Callable
 
 from .client import Client, RegistryError
 
@@ -10,6 +14,7 @@ LAZY_FILE = "lazy.json"       # where the blob is (registry, repository, digest,
 BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
 DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an ordinary stored layer
 IDLE = 1.0                    # seconds without a fetching read before the background fill goes on
+ACCESS_FILE = "lazy-access"   # files in the order reads first fetched them: the background fill's order next time
 
 
 def client_for(source: dict) -> Client:
@@ -39,7 +44,6 @@ def get_range(client: Client, digest: str, start: int, end: int) -> bytes:
     return data
 
 
-
 def pwrite_all(fd: int, data: bytes, pos: int) -> None:
     view = memoryview(data)
     while view:
@@ -53,3 +57,89 @@ def pwrite_file(path: str, data: bytes, pos: int) -> None:
         pwrite_all(fd, data, pos)
     finally:
         os.close(fd)
+
+
+class FillState:
+    """What the fill hooks of both layer kinds share (:class:`.lazy.LazyFill`, :class:`.indexed.IndexedFill`):
+    they run on the adapter's threads, so ``_lock`` guards their state and never a download; a piece
+    being fetched is in ``_inflight`` (a second reader waits for that fetch rather than starting
+    another); reads fetching now are counted in ``_demand``, and the background fill waits for none."""
+
+    def __init__(self) -> None:
+        self.last_read = time.monotonic()   # the background fill waits for reads to pause
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, int], threading.Event] = {}
+        self._demand = 0
+        self.fetched = 0
+        self.wait_for_reads = True          # off for complete(): nobody reads, fetch at once
+
+    def _claim(self, key: tuple[str, int], have: Callable[[], bool], demand: bool) -> threading.Event | None:
+        """The event this thread sets once it fetched ``key``, or None: it is here (``have()``, asked
+        under the lock), or another fetch of it ended and this is the background (which leaves a
+        failure to the next read; a demand read tries once itself, to get its own EIO)."""
+        while True:
+            with self._lock:
+                if have():
+                    return None
+                if demand:
+                    self.last_read = time.monotonic()
+                ev = self._inflight.get(key)
+                if ev is None:
+                    ev = self._inflight[key] = threading.Event()
+                    return ev
+            ev.wait()
+            with self._lock:
+                if have() or not demand:
+                    return None
+
+    def _release(self, key: tuple[str, int], ev: threading.Event) -> None:
+        with self._lock:
+            del self._inflight[key]
+        ev.set()
+
+    def _wait_idle(self, idle: float = IDLE) -> None:
+        """Let reads have the link: the fill goes on once no read is fetching, nor has for ``idle`` seconds."""
+        while self.wait_for_reads:
+            with self._lock:
+                quiet = time.monotonic() - self.last_read
+                busy = self._demand > 0
+            if not busy and quiet >= idle:
+                return
+            time.sleep(idle - quiet if not busy and quiet < idle else 0.05)
+
+    def _note_access(self, accessed: dict[str, None], layer_dir: str, name: str) -> None:
+        """The access pattern, for the next background fill (``lazy-access``, shared by every mount)."""
+        with self._lock:
+            if name not in accessed:
+                accessed[name] = None
+                with open(os.path.join(layer_dir, ACCESS_FILE), "a") as a:
+                    a.write(json.dumps(name) + "\n")
+
+    # complete(): the subclass's layers and how one is filled and counted
+    def _lazy_layers(self) -> list:
+        raise NotImplementedError
+
+    def _fill_whole(self, layer) -> None:
+        raise NotImplementedError
+
+    def _local_bytes(self, layer_dir: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def complete(self, say) -> None:
+        """Fetch all that is not yet local now, layer by layer with a line each (``push``, ``save``
+        and ``convert`` of a lazy image need its blobs); a failure is one line naming the way out."""
+        self.wait_for_reads = False
+        for layer in self._lazy_layers():
+            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
+                continue   # a mount's fill completed it meanwhile
+            digest = layer.source["digest"]
+            have, size = self._local_bytes(layer.dir)
+            say(f"{digest[7:19]}: lazy layer, {have} of {size} bytes local: fetching the rest "
+                f"from {layer.source['registry']}/{layer.source['repository']}")
+            try:
+                self._fill_whole(layer)
+            except (OSError, RegistryError) as e:
+                raise RegistryError(f"lazy layer {digest}: fetching the rest from {layer.source['registry']} "
+                                    f"failed ({e}); the image is not all local: try again with the registry "
+                                    f"reachable, or pull it whole (unionfs pull)") from None
+            say(f"{digest[7:19]}: complete")
