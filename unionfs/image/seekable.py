@@ -267,7 +267,9 @@ def gzip_points(packed: bytes, blob_size: int, what: str) -> list[tuple[int, int
             raise ImageError(f"{what}: the gzip checkpoints are truncated")
         cmp_offset, uncmp_offset, bits, *flag = point.unpack_from(raw, at)
         at += point.size
-        if cmp_offset <= last or cmp_offset > blob_size or bits > 7 or points and uncmp_offset <= points[-1][0]:
+        # zran's own last point can share the one before's uncompressed offset (the stream's end, after
+        # the last block): in order means compressed offsets rising, uncompressed ones never falling
+        if cmp_offset <= last or cmp_offset > blob_size or bits > 7 or points and uncmp_offset < points[-1][0]:
             raise ImageError(f"{what}: a gzip checkpoint is out of order or outside the blob")
         last = cmp_offset
         windows += 1 if (flag[0] if flag else cmp_offset > 0 or bits) else 0
