@@ -173,6 +173,12 @@ def test_background_fill_makes_an_indexed_layer_ordinary(tmp_path, big_image):
         ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", ref, "--insecure"))   # small layers whole
         dirs = lazy_dirs(lazy)
         assert len(dirs) == 1
+        # a recorded prefetch list (run --record-prefetch) orders the fill of an indexed layer too: its file first
+        from unionfs.image import prefetch, seekable
+        from unionfs.image.store import Store
+        prefetch.save(Store(str(lazy)), Store(str(lazy)).resolve(ref), ["opt/small.txt"])
+        ix = seekable.decode((dirs[0] / "lazy.index").read_bytes(), "t")
+        (small,) = [m.data_offset for m in ix.members if m.info.name.endswith("opt/small.txt")]
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         ok(run(tmp_path, "--root", str(lazy), "mount", ref, str(mnt), "--log", str(tmp_path / "d.log")))
@@ -182,6 +188,7 @@ def test_background_fill_makes_an_indexed_layer_ordinary(tmp_path, big_image):
             while (dirs[0] / "lazy.json").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert (dirs[0] / "lazy.done").exists(), (tmp_path / "d.log").read_text()
+            assert (dirs[0] / "lazy-filled").read_text().split()[0] == str(small)
             reg.stop()
             got = snapshot(mnt)
         finally:
