@@ -39,8 +39,8 @@ from ..image.lazy_layer import materialize_members
 from ..image.model import MEDIA_OCI_MANIFEST, ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
-from .lazy_blob import (ACCESS_FILE, BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, FillState, client_for, get_range,
-                        pwrite_all, pwrite_file)
+from .lazy_blob import (BLOB_FILE, DONE_FILE, IDLE, LAZY_FILE, FillState, Marks, client_for, get_range,
+                        pwrite_all, pwrite_file, read_access)
 from .pull import RemoteImage, download_path, fetch_image, fetch_to_downloads
 from .referrers import Blob, find_artifact, push_artifact
 
@@ -208,48 +208,20 @@ def local_bytes(layer_dir: str) -> tuple[int, int]:
     """(bytes of the layer's blob that are local, the blob's size), from ``lazy-spans``."""
     _, ix = _load(layer_dir)
     starts = [o for o, _ in ix.spans]
-    have = _Marks(os.path.join(layer_dir, SPANS_FILE))
+    have = Marks(os.path.join(layer_dir, SPANS_FILE))
     have.reload()
     return sum(ix.span_end(i) - o for i, o in enumerate(starts) if o in have), ix.blob_size
 
 
 # --- filling on read (runs in the mount daemon) ---------------------------------------------
 
-class _Marks:
-    """A set of offsets kept in a file that only grows, shared by every mount of the layer
-    (thread-safe: the fill's threads add and reload)."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.seen, self.size = path, set(), 0
-        self._lock = threading.Lock()
-
-    def reload(self) -> None:
-        with self._lock:
-            if os.path.getsize(self.path) != self.size:
-                with open(self.path, "rb") as f:
-                    f.seek(self.size)
-                    tail = f.read()
-                cut = tail.rfind(b"\n") + 1
-                self.seen.update(int(x) for x in tail[:cut].split())
-                self.size += cut
-
-    def add(self, offset: int) -> None:
-        with self._lock:
-            with open(self.path, "a") as f:
-                f.write(f"{offset}\n")
-            self.seen.add(offset)
-
-    def __contains__(self, offset: int) -> bool:
-        return offset in self.seen
-
-
 @dataclass
 class _Layer:
     dir: str
     source: dict
     ix: seekable.LayerIndex
-    spans: _Marks
-    filled: _Marks
+    spans: Marks
+    filled: Marks
     starts: list[int]
     fill: "IndexedFill"
     client: Client | None = None
@@ -363,30 +335,22 @@ class IndexedFill(FillState):
     background fill standing aside while any read is fetching; the prefetch files first."""
 
     def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
-        super().__init__()
-        self.store = store
-        self.layer_dirs = layer_dirs
-        self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
+        super().__init__(store, layer_dirs, recorded)
         self._files: dict[tuple[int, int], _File] | None = None
         self._by_name: dict[tuple[str, str], _File] = {}
         self._layers: list[_Layer] = []
-        self._connecting = threading.Lock()   # a client connects to the registry: never under _lock
 
     def _index(self) -> dict[tuple[int, int], _File]:
         files: dict[tuple[int, int], _File] = {}
         for d in self.layer_dirs:
             source, ix = _load(d)
-            layer = _Layer(d, source, ix, _Marks(os.path.join(d, SPANS_FILE)), _Marks(os.path.join(d, FILLED_FILE)),
+            layer = _Layer(d, source, ix, Marks(os.path.join(d, SPANS_FILE)), Marks(os.path.join(d, FILLED_FILE)),
                            [o for o, _ in ix.spans], self, prefetch=self.recorded.get(d) or _landmark_names(ix))
             layer.reader = seekable.Reader(ix, layer.blob_bytes)
             layer.points = layer.reader.points()
             layer.spans.reload()
             layer.filled.reload()
-            try:
-                with open(os.path.join(d, ACCESS_FILE)) as a:
-                    layer.accessed.update((json.loads(x), None) for x in a if x.endswith("\n"))
-            except (FileNotFoundError, ValueError):
-                pass
+            layer.accessed.update(read_access(d))
             self._layers.append(layer)
             last = {}
             for m in ix.members:   # a name given twice in the layer: the last one is the file
@@ -423,24 +387,8 @@ class IndexedFill(FillState):
             todo = [k for k in todo if base + k * CHUNK not in f.layer.filled]
         return f, todo
 
-    def pending(self, fd: int, offset: int, size: int) -> bool:
-        with self._lock:
-            return self._files is None or bool(self._missing(fd, offset, size)[1])
-
-    def __call__(self, fd: int, offset: int, size: int) -> None:
-        with self._lock:
-            f, todo = self._missing(fd, offset, size)
-            if not todo:
-                return
-            self._demand += 1
-        try:
-            for k in todo:
-                self._piece(f, k, demand=True)
-        finally:
-            with self._lock:
-                self._demand -= 1
-                self.last_read = time.monotonic()
-        self._note_access(f.layer.accessed, f.layer.dir, f.name)
+    def _fetch(self, f: _File, k: int) -> None:
+        self._piece(f, k, demand=True)
 
     def _piece(self, f: _File, k: int, demand: bool) -> None:
         """Make piece ``k`` of the file local: decode it, or wait for the decode of it going on."""

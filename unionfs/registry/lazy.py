@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 
 from ..fs import sys as ovl
@@ -37,7 +35,7 @@ from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
 from . import indexed
-from .lazy_blob import ACCESS_FILE, BLOB_FILE, DONE_FILE, LAZY_FILE, FillState, get_range
+from .lazy_blob import BLOB_FILE, DONE_FILE, LAZY_FILE, FillState, Marks, get_range, read_access
 from .lazy_blob import pwrite_all as _pwrite_all, pwrite_file as _pwrite_file
 from .pull import download_path, fetch_image, fetch_to_downloads, record
 
@@ -173,6 +171,10 @@ class _File:
     path: bytes              # below the layer root
     wfd: int = -1
 
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
 
 @dataclass
 class _LazyLayer:
@@ -180,8 +182,7 @@ class _LazyLayer:
     source: dict
     ends: list[int]                      # sorted member offsets, then the TOC offset: a chunk's extent ends at the next
     entries: list[estargz.Entry] = field(default_factory=list)
-    present: set[int] = field(default_factory=set)
-    present_size: int = 0
+    present: Marks = field(init=False)   # chunk offsets (and HEAD_MARK) local: lazy-present
     client: Client | None = None
     failed: set[tuple[int, int]] = field(default_factory=set)
     accessed: dict[str, None] = field(default_factory=dict)   # ordered: ACCESS_FILE as read and appended
@@ -192,22 +193,8 @@ class _LazyLayer:
         rank = {name: i for i, name in enumerate(self.accessed)}
         return sorted(self.entries, key=lambda e: rank.get(e.name, len(rank)))
 
-    def reload_present(self) -> None:
-        """Chunks other mounts of the layer fetched meanwhile (the file only grows)."""
-        path = os.path.join(self.dir, PRESENT_FILE)
-        size = os.path.getsize(path)
-        if size != self.present_size:
-            with open(path, "rb") as f:
-                f.seek(self.present_size)
-                tail = f.read()
-            cut = tail.rfind(b"\n") + 1
-            self.present.update(int(x) for x in tail[:cut].split())
-            self.present_size += cut
-
-    def mark(self, offset: int) -> None:
-        with open(os.path.join(self.dir, PRESENT_FILE), "a") as p:
-            p.write(f"{offset}\n")
-        self.present.add(offset)
+    def __post_init__(self) -> None:
+        self.present = Marks(os.path.join(self.dir, PRESENT_FILE))
 
     def connect(self) -> Client:
         if self.client is None:
@@ -224,13 +211,9 @@ class LazyFill(FillState):
     fill standing aside while any read is fetching (:class:`.lazy_blob.FillState`)."""
 
     def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
-        super().__init__()
-        self.store = store
-        self.layer_dirs = layer_dirs
-        self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
+        super().__init__(store, layer_dirs, recorded)
         self._files: dict[tuple[int, int], _File] | None = None
         self._layers: list[_LazyLayer] = []
-        self._connecting = threading.Lock()   # connect() talks to the registry: never under _lock
 
     def _index(self) -> dict[tuple[int, int], _File]:
         files: dict[tuple[int, int], _File] = {}
@@ -257,12 +240,8 @@ class LazyFill(FillState):
                         files[(st.st_dev, st.st_ino)] = _File(layer, e, os.fsencode(e.name))
             finally:
                 os.close(root)
-            layer.reload_present()
-            try:
-                with open(os.path.join(d, ACCESS_FILE)) as a:
-                    layer.accessed.update((json.loads(x), None) for x in a if x.endswith("\n"))
-            except (FileNotFoundError, ValueError):
-                pass
+            layer.present.reload()
+            layer.accessed.update(read_access(d))
         return files
 
     def _missing(self, fd: int, offset: int, size: int) -> tuple[_File | None, list[estargz.Chunk]]:
@@ -279,27 +258,11 @@ class LazyFill(FillState):
         todo = [c for c in f.entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
         if all(c.offset in f.layer.present for c in todo):
             return f, []
-        f.layer.reload_present()
+        f.layer.present.reload()
         return f, [c for c in todo if c.offset not in f.layer.present]
 
-    def pending(self, fd: int, offset: int, size: int) -> bool:
-        with self._lock:
-            return self._files is None or bool(self._missing(fd, offset, size)[1])
-
-    def __call__(self, fd: int, offset: int, size: int) -> None:
-        with self._lock:
-            f, todo = self._missing(fd, offset, size)
-            if not todo:
-                return
-            self._demand += 1
-        try:
-            for c in todo:
-                self._get(f.layer, f, c, f.entry.name, demand=True)
-        finally:
-            with self._lock:
-                self._demand -= 1
-                self.last_read = time.monotonic()
-        self._note_access(f.layer.accessed, f.layer.dir, f.entry.name)
+    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
+        self._get(f.layer, f, c, f.entry.name, demand=True)
 
     def _get(self, layer: _LazyLayer, f: "_File | None", c: estargz.Chunk, name: str, demand: bool) -> None:
         """Make one chunk local: fetch it, or wait for the fetch of it already going on.
@@ -355,7 +318,7 @@ class LazyFill(FillState):
             log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name if f else "", e)
             raise OSError(errno.EIO, "lazy fill failed") from None
         with self._lock:
-            layer.mark(c.offset)
+            layer.present.add(c.offset)
 
     # --- the background fill -------------------------------------------------------------
 
@@ -405,13 +368,13 @@ class LazyFill(FillState):
             for c in e.chunks if e is not None else ():
                 self._wait_idle(0)   # at once, but after any read's fetch
                 with self._lock:
-                    layer.reload_present()
+                    layer.present.reload()
                 self._get(layer, placeholders.get((layer.dir, name)), c, name, demand=False)
 
     def _fill_layer(self, layer: _LazyLayer, placeholders: dict) -> None:
         digest = layer.source["digest"]
         with self._lock:
-            layer.reload_present()
+            layer.present.reload()
             head = HEAD_MARK not in layer.present and layer.ends[0] > 0
         with self._connecting:
             client = layer.connect()
@@ -420,12 +383,12 @@ class LazyFill(FillState):
             _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, 0)
             with self._lock:
                 self.fetched += len(data)
-                layer.mark(HEAD_MARK)
+                layer.present.add(HEAD_MARK)
         for e in layer.fill_order():
             for c in e.chunks:
                 self._wait_idle()
                 with self._lock:
-                    layer.reload_present()
+                    layer.present.reload()
                 # a file the layer itself replaced has no placeholder: its bytes are part of the blob
                 self._get(layer, placeholders.get((layer.dir, e.name)), c, e.name, demand=False)
         with self._lock:

@@ -59,19 +59,89 @@ def pwrite_file(path: str, data: bytes, pos: int) -> None:
         os.close(fd)
 
 
+def read_access(layer_dir: str) -> dict[str, None]:
+    """The files reads of the layer fetched first, in order (``lazy-access``; a damaged one orders nothing)."""
+    try:
+        with open(os.path.join(layer_dir, ACCESS_FILE)) as a:
+            return {json.loads(x): None for x in a if x.endswith("\n")}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+class Marks:
+    """A set of offsets kept in a file that only grows, shared by every mount of the layer (what is
+    local: eStargz chunks in ``lazy-present``, an index's spans and pieces); thread-safe."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.seen, self.size = path, set(), 0
+        self._lock = threading.Lock()
+
+    def reload(self) -> None:
+        with self._lock:
+            if os.path.getsize(self.path) != self.size:
+                with open(self.path, "rb") as f:
+                    f.seek(self.size)
+                    tail = f.read()
+                cut = tail.rfind(b"\n") + 1
+                self.seen.update(int(x) for x in tail[:cut].split())
+                self.size += cut
+
+    def add(self, offset: int) -> None:
+        with self._lock:
+            with open(self.path, "a") as f:
+                f.write(f"{offset}\n")
+            self.seen.add(offset)
+
+    def __contains__(self, offset: int) -> bool:
+        return offset in self.seen
+
+
 class FillState:
     """What the fill hooks of both layer kinds share (:class:`.lazy.LazyFill`, :class:`.indexed.IndexedFill`):
     they run on the adapter's threads, so ``_lock`` guards their state and never a download; a piece
     being fetched is in ``_inflight`` (a second reader waits for that fetch rather than starting
     another); reads fetching now are counted in ``_demand``, and the background fill waits for none."""
 
-    def __init__(self) -> None:
+    def __init__(self, store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
+        self.store = store
+        self.layer_dirs = layer_dirs
+        self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
+        self._connecting = threading.Lock()   # a client connects to the registry: never under _lock
         self.last_read = time.monotonic()   # the background fill waits for reads to pause
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], threading.Event] = {}
         self._demand = 0
         self.fetched = 0
         self.wait_for_reads = True          # off for complete(): nobody reads, fetch at once
+        self._files: dict | None = None     # (st_dev, st_ino) of a placeholder -> its file: made on first use
+
+    # the hook: the subclass finds what a read lacks and fetches one piece of it
+    def _missing(self, fd: int, offset: int, size: int) -> tuple:
+        """(the placeholder open as ``fd`` or None, the pieces of the range not local), under the lock."""
+        raise NotImplementedError
+
+    def _fetch(self, f, piece) -> None:
+        """One piece local for a read (fetched, or another's fetch of it waited for)."""
+        raise NotImplementedError
+
+    def pending(self, fd: int, offset: int, size: int) -> bool:
+        with self._lock:
+            return self._files is None or bool(self._missing(fd, offset, size)[1])
+
+    def __call__(self, fd: int, offset: int, size: int) -> None:
+        with self._lock:
+            f, todo = self._missing(fd, offset, size)
+            if not todo:
+                return
+            self._demand += 1
+        try:
+            for piece in todo:
+                self._fetch(f, piece)
+        finally:
+            with self._lock:
+                self._demand -= 1
+                self.last_read = time.monotonic()
+        self._note_access(f.layer.accessed, f.layer.dir, f.name)
 
     def _claim(self, key: tuple[str, int], have: Callable[[], bool], demand: bool) -> threading.Event | None:
         """The event this thread sets once it fetched ``key``, or None: it is here (``have()``, asked
