@@ -489,37 +489,20 @@ class IndexedFill(FillState):
 
     # --- the background fill -------------------------------------------------------------
 
-    def _ready(self) -> list[_Layer]:
+    # the background fill and complete() (FillState's): the layers, each's prefetch files and the rest
+    def _lazy_layers(self) -> list[_Layer]:
         with self._lock:
             if self._files is None:
                 self._files = self._index()
         return self._layers
 
-    def background(self) -> None:
-        """Fetch what is not yet local: first each layer's prefetch files at once, then, between reads,
-        the files earlier reads fetched (``lazy-access``) and every missing span in blob order; check
-        the whole blob against its digest and diff_id, write what is still a hole from it; then the
-        layer is an ordinary stored layer."""
-        for layer in self._ready():
-            try:
-                self._files_first(layer, layer.prefetch, 0)
-            except OSError:
-                log.warning("lazy layer %s: prefetch stopped", layer.digest)
-        for layer in self._layers:
-            try:
-                self._fill_layer(layer)
-            except OSError:
-                log.warning("lazy layer %s: background fill stopped; the next mount continues", layer.digest)
-            except ImageError as e:
-                log.error("%s", e)
-            except Exception:
-                log.exception("lazy layer %s: background fill failed", layer.digest)
-
-    # complete() (FillState's): every layer, filled at once
-    def _lazy_layers(self) -> list[_Layer]:
-        return self._ready()
+    def _prefetch_layer(self, layer: _Layer) -> None:
+        self._files_first(layer, layer.prefetch, 0)
 
     def _fill_whole(self, layer: _Layer) -> None:
+        """Between reads, the files earlier reads fetched (``lazy-access``) and every missing span in
+        blob order; the whole blob checked against its digest and diff_id, what is still a hole
+        written from it; then the layer is an ordinary stored layer."""
         self._fill_layer(layer)
 
     def _local_bytes(self, layer_dir: str) -> tuple[int, int]:

@@ -213,6 +213,7 @@ class LazyFill(FillState):
     def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
         super().__init__(store, layer_dirs, recorded)
         self._files: dict[tuple[int, int], _File] | None = None
+        self._placeholders: dict[tuple[str, str], _File] | None = None   # by (layer dir, name)
         self._layers: list[_LazyLayer] = []
 
     def _index(self) -> dict[tuple[int, int], _File]:
@@ -322,46 +323,16 @@ class LazyFill(FillState):
 
     # --- the background fill -------------------------------------------------------------
 
-    def background(self) -> None:
-        """Fetch every chunk not yet local: first each layer's prefetch files (its landmark) at once,
-        then, between reads, in the recorded access order and TOC order; check each whole blob
-        against its digest and diff_id; then the layer is an ordinary stored layer."""
-        with self._lock:
-            if self._files is None:
-                self._files = self._index()
-        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
-        for layer in self._layers:
-            try:
-                self._prefetch(layer, placeholders)
-            except OSError:
-                log.warning("lazy layer %s: prefetch stopped", layer.source["digest"])
-        for layer in self._layers:
-            try:
-                self._fill_layer(layer, placeholders)
-            except OSError:
-                log.warning("lazy layer %s: background fill stopped; the next mount continues",
-                            layer.source["digest"])
-                continue
-            except Exception:
-                log.exception("lazy layer %s: background fill failed", layer.source["digest"])
-                continue
-
-    # complete() (FillState's): every layer, filled at once
+    # the background fill and complete() (FillState's): the layers, each's prefetch files and the rest
     def _lazy_layers(self) -> list[_LazyLayer]:
         with self._lock:
             if self._files is None:
                 self._files = self._index()
+            if self._placeholders is None:
+                self._placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
         return self._layers
 
-    def _fill_whole(self, layer: _LazyLayer) -> None:
-        assert self._files is not None
-        self._fill_layer(layer, {(f.layer.dir, f.entry.name): f for f in self._files.values()})
-
-    def _local_bytes(self, layer_dir: str) -> tuple[int, int]:
-        return local_bytes(layer_dir)
-
-    def _prefetch(self, layer: _LazyLayer, placeholders: dict) -> None:
-        """The files the image marks for prefetch, fetched as soon as the mount is up."""
+    def _prefetch_layer(self, layer: _LazyLayer) -> None:
         by_name = {e.name: e for e in layer.entries}
         for name in layer.prefetch:
             e = by_name.get(name)
@@ -369,7 +340,15 @@ class LazyFill(FillState):
                 self._wait_idle(0)   # at once, but after any read's fetch
                 with self._lock:
                     layer.present.reload()
-                self._get(layer, placeholders.get((layer.dir, name)), c, name, demand=False)
+                self._get(layer, self._placeholders.get((layer.dir, name)), c, name, demand=False)
+
+    def _fill_whole(self, layer: _LazyLayer) -> None:
+        """Every chunk not yet local, between reads, in the recorded access order and TOC order; the
+        whole blob checked against its digest and diff_id; then the layer is an ordinary stored layer."""
+        self._fill_layer(layer, self._placeholders)
+
+    def _local_bytes(self, layer_dir: str) -> tuple[int, int]:
+        return local_bytes(layer_dir)
 
     def _fill_layer(self, layer: _LazyLayer, placeholders: dict) -> None:
         digest = layer.source["digest"]
@@ -489,6 +468,8 @@ class Fills:
 
     def __init__(self, *fills) -> None:
         self.fills = fills
+        for fill in fills:
+            fill.peers = fills   # each background fill stands aside for the others' reads too
 
     def pending(self, fd: int, offset: int, size: int) -> bool:
         return any(fill.pending(fd, offset, size) for fill in self.fills)
@@ -498,8 +479,10 @@ class Fills:
             fill(fd, offset, size)
 
     def background(self) -> None:
+        for fill in self.fills:   # every kind's prefetch files before any kind's rest
+            fill.prefetch_all()
         for fill in self.fills:
-            fill.background()
+            fill.fill_all()
 
     def complete(self, say) -> None:
         for fill in self.fills:

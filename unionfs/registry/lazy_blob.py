@@ -3,12 +3,16 @@ of its store directory, and its blob fetched by HTTP range into ``lazy-blob`` as
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from typing import Callable
 
+from ..image.model import ImageError
 from .client import Client, RegistryError
+
+log = logging.getLogger("unionfs.registry.lazy")
 
 LAZY_FILE = "lazy.json"       # where the blob is (registry, repository, digest, size)
 BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
@@ -114,6 +118,7 @@ class FillState:
         self.fetched = 0
         self.wait_for_reads = True          # off for complete(): nobody reads, fetch at once
         self._files: dict | None = None     # (st_dev, st_ino) of a placeholder -> its file: made on first use
+        self.peers: tuple[FillState, ...] = (self,)   # the hooks of one mount (lazy.Fills)
 
     # the hook: the subclass finds what a read lacks and fetches one piece of it
     def _missing(self, fd: int, offset: int, size: int) -> tuple:
@@ -167,12 +172,17 @@ class FillState:
             del self._inflight[key]
         ev.set()
 
+    def _traffic(self) -> tuple[float, bool]:
+        """(seconds since a read last fetched, whether one is fetching now)."""
+        with self._lock:
+            return time.monotonic() - self.last_read, self._demand > 0
+
     def _wait_idle(self, idle: float = IDLE) -> None:
-        """Let reads have the link: the fill goes on once no read is fetching, nor has for ``idle`` seconds."""
+        """Let reads have the link: the fill goes on once no read is fetching, nor has for ``idle``
+        seconds, through this hook or a peer of it (another kind's layers of the same mount)."""
         while self.wait_for_reads:
-            with self._lock:
-                quiet = time.monotonic() - self.last_read
-                busy = self._demand > 0
+            seen = [p._traffic() for p in self.peers]
+            quiet, busy = min(q for q, _ in seen), any(b for _, b in seen)
             if not busy and quiet >= idle:
                 return
             time.sleep(idle - quiet if not busy and quiet < idle else 0.05)
@@ -185,8 +195,12 @@ class FillState:
                 with open(os.path.join(layer_dir, ACCESS_FILE), "a") as a:
                     a.write(json.dumps(name) + "\n")
 
-    # complete(): the subclass's layers and how one is filled and counted
+    # the background fill and complete(): the subclass's layers, how one's prefetch files and the
+    # rest of it are fetched, how much of it is local
     def _lazy_layers(self) -> list:
+        raise NotImplementedError
+
+    def _prefetch_layer(self, layer) -> None:
         raise NotImplementedError
 
     def _fill_whole(self, layer) -> None:
@@ -194,6 +208,31 @@ class FillState:
 
     def _local_bytes(self, layer_dir: str) -> tuple[int, int]:
         raise NotImplementedError
+
+    def background(self) -> None:
+        """The daemon's background thread: each layer's prefetch files at once, then the rest of each
+        between reads; a layer whose fill stops stays lazy, and the next mount goes on."""
+        self.prefetch_all()
+        self.fill_all()
+
+    def prefetch_all(self) -> None:
+        for layer in self._lazy_layers():
+            try:
+                self._prefetch_layer(layer)
+            except OSError:
+                log.warning("lazy layer %s: prefetch stopped", layer.source["digest"])
+
+    def fill_all(self) -> None:
+        for layer in self._lazy_layers():
+            try:
+                self._fill_whole(layer)
+            except OSError:
+                log.warning("lazy layer %s: background fill stopped; the next mount continues",
+                            layer.source["digest"])
+            except ImageError as e:   # the whole blob does not match: logged, the layer stays lazy
+                log.error("%s", e)
+            except Exception:
+                log.exception("lazy layer %s: background fill failed", layer.source["digest"])
 
     def complete(self, say) -> None:
         """Fetch all that is not yet local now, layer by layer with a line each (``push``, ``save``
