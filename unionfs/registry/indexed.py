@@ -12,9 +12,14 @@ decompresses the chunks (1 MiB of the file) it covers from the nearest checkpoin
 asks for compressed bytes, which come from ``lazy-blob`` when present, else by range requests
 (the spans a chunk will take, estimated from the checkpoints, one request per run of missing
 spans), each span checked against its sha256 before use (``lazy-spans`` records them, shared by
-every mount).  A span that cannot be had fails that read alone with EIO, logged once.
-The background fill fetches the remaining spans between reads, checks the whole blob against its
-digest and diff_id, writes what is still a hole from it, and makes the layer an ordinary one.
+every mount).  A span that cannot be had fails that read alone with EIO, logged once.  As for
+eStargz (:class:`.lazy_blob.FillState`), the hook runs on the adapter's threads: a span in flight
+is fetched once, a piece decoded once (one decode at a time per layer: the decoder is not
+thread-safe), no lock is held over a download.
+The background fill takes the prefetch files first (the image's recorded list, or those before a
+``.prefetch.landmark`` in the file table), then the files earlier reads fetched and the remaining
+spans between reads, checks the whole blob against its digest and diff_id, writes what is still a
+hole from it, and makes the layer an ordinary one; ``complete`` does it at once for push and save.
 """
 from __future__ import annotations
 

@@ -14,6 +14,9 @@ it covers that is not yet local, checks it against the TOC's ``chunkDigest``, wr
 the placeholder and records its offset in ``lazy-present`` (shared by every mount of the
 layer, so nothing is fetched twice).  A chunk that cannot be fetched or does not verify fails
 that read alone with ``EIO``, logged once per layer and range; the next read tries again.
+:func:`fill_for` gives an image's hook: a :class:`LazyFill` for its eStargz layers, an
+:class:`.indexed.IndexedFill` for its indexed ones, :class:`Fills` for both; how much of each is
+local (:func:`local_shares`) and :func:`make_local` serve both kinds alike.
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """What every lazy layer has, whatever its format (eStargz by TOC, gzip/zstd by index): the files
-of its store directory, and its blob fetched by HTTP range into ``lazy-blob`` as reads need it."""
+of its store directory, its blob fetched by HTTP range into ``lazy-blob`` as reads need it, and
+the fill hook's machinery both kinds share (:class:`FillState`: reads off the loop, one fetch per
+piece, the background fill between reads, ``complete`` for push and save)."""
 from __future__ import annotations
 
 import json
