@@ -255,11 +255,12 @@ def test_record_prefetch_orders_the_estargz_layer_and_the_fill(tmp_path):
     assert fill._layers[0].prefetch == ["etc/passwd", "bin/busybox"]
 
 
-def test_a_copy_up_fetching_holds_up_nothing_else(tmp_path, esgz_src):
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copy_up_fetching_holds_up_nothing_else(tmp_path, esgz_src, kind):
     """A --writable mount: appending to a lazy file copies it up whole; while its fetch is held in flight, the
-    rest of the mount answers; then the copy-up completes with the verified content."""
+    rest of the mount answers; then the copy-up completes with the verified content (either lazy kind)."""
     with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
-        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src)
+        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src, kind)
         digest, _ = _layer_of(ref, "usr/lib/liba.so", lazy)
         ok(run(tmp_path, "--root", str(lazy), "mount", "--writable", "--no-fill", ref, str(mnt),
                "--log", str(tmp_path / "d.log")))
