@@ -108,6 +108,8 @@ def host_files_layer(mib: int) -> bytes:
     buf = io.BytesIO()
     budget = mib << 20
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        if os.path.isfile("/etc/os-release"):   # what `--cmd 'cat /etc/os-release'` reads
+            tf.add(os.path.realpath("/etc/os-release"), arcname="etc/os-release")
         for dirpath, dirnames, filenames in os.walk("/usr/lib/x86_64-linux-gnu"):
             dirnames.sort()
             for name in sorted(filenames):
@@ -149,10 +151,13 @@ def _time_cmd(cmd: list[str], env: dict | None = None, wait_exit: bool = True) -
 WORKLOAD = ["sh", "-c", "echo started; ls / > /dev/null"]
 
 
-def cold_start(work: Path, rate: float, mib: int, repeat: int, say=lambda m: None) -> dict[str, dict[str, list]]:
-    """Each row's figures over ``repeat`` runs, every run from an empty store (``first_output_s``,
-    ``total_s``, ``bytes`` over the link): run --lazy of the eStargz image, pull + run of the gzip and the
-    eStargz image, and podman run (which pulls) of the gzip image, interleaved so noise hits all alike."""
+def cold_start(work: Path, rate: float, mib: int, repeat: int, say=lambda m: None,
+               cmd: str = WORKLOAD[-1]) -> dict[str, dict[str, list]]:
+    """Each row's figures over ``repeat`` runs of ``sh -c CMD``, every run from an empty store
+    (``first_output_s``, ``total_s``, ``bytes`` over the link): run --lazy of the eStargz image and of the
+    gzip image through its index, pull + run of the gzip and the eStargz image, and podman run (which
+    pulls) of the gzip image, interleaved so noise hits all alike."""
+    workload = ["sh", "-c", cmd]
     layers = [busybox_layer(), host_files_layer(mib)]
     cfg = config([sha(x) for x in layers], Cmd=["sh"], Env=["PATH=/usr/bin:/bin"])
     docker_save_legacy(work / "img.tar", [Img([gzip.compress(x, 6) for x in layers], ["bench/app:1"], config=cfg)])
@@ -169,22 +174,25 @@ def cold_start(work: Path, rate: float, mib: int, repeat: int, say=lambda m: Non
     with Registry(work / "reg") as reg:
         u(src, "push", "bench/app:1", f"{reg.host}/bench/app:gz", "--insecure")
         u(src, "push", "bench/app:esgz", f"{reg.host}/bench/app:esgz", "--insecure")
+        u(src, "index", "--push", f"{reg.host}/bench/app:gz", "--insecure")   # once, by the publisher
         link = Link(rate * 1e6)
         proxy = ThrottledProxy(reg.port, link)
         try:
             for i in range(repeat):
-                store = work / f"s-lazy-{i}"
-                sent = link.sent
-                first, total, _ = _time_cmd([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0", "--lazy",
-                                             "--insecure", f"{proxy.host}/bench/app:esgz", *WORKLOAD])
-                add("run --lazy eStargz", first, total, link.sent - sent)
+                for name, tag in (("run --lazy eStargz", "esgz"), ("run --lazy gzip+index", "gz")):
+                    store = work / f"s-lazy-{tag}-{i}"
+                    sent = link.sent
+                    first, total, _ = _time_cmd([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0",
+                                                 "--lazy", "--insecure", f"{proxy.host}/bench/app:{tag}", *workload])
+                    add(name, first, total, link.sent - sent)
+                    shutil.rmtree(store, ignore_errors=True)
                 for name, tag in (("pull+run gzip", "gz"), ("pull+run eStargz", "esgz")):
                     store = work / f"s-{tag}-{i}"
                     sent, t0 = link.sent, time.monotonic()
                     u(store, "pull", f"{proxy.host}/bench/app:{tag}", "--insecure")
                     t_pull = time.monotonic() - t0
                     first, total, _ = _time_cmd([*UNIONFS, "--root", str(store), "run", "--rm", "--user", "0",
-                                                 f"{proxy.host}/bench/app:{tag}", *WORKLOAD])
+                                                 f"{proxy.host}/bench/app:{tag}", *workload])
                     add(name, t_pull + first, t_pull + total, link.sent - sent)
                     shutil.rmtree(store, ignore_errors=True)
                 if shutil.which("podman"):
@@ -193,7 +201,7 @@ def cold_start(work: Path, rate: float, mib: int, repeat: int, say=lambda m: Non
                     try:
                         sent = link.sent
                         argv = ["podman", "--runtime", pm.runtime, "run", "--rm", "--network", "host",
-                                "--tls-verify=false", f"{proxy.host}/bench/app:gz", *WORKLOAD]
+                                "--tls-verify=false", f"{proxy.host}/bench/app:gz", *workload]
                         # podman waits for conmon after a short-lived container: time to first output only
                         first, _, _ = _time_cmd(argv, env=pm.env, wait_exit=False)
                         add("podman run (pulls) gzip", first, None, link.sent - sent)
@@ -204,7 +212,7 @@ def cold_start(work: Path, rate: float, mib: int, repeat: int, say=lambda m: Non
                 say(f"bench: cold start from a registry: round {i + 1}/{repeat} done")
         finally:
             proxy.close()
-    rows["_image"] = {"uncompressed_bytes": [len(layers[0]) + len(layers[1])], "rate_mb_s": [rate]}
+    rows["_image"] = {"uncompressed_bytes": [len(layers[0]) + len(layers[1])], "rate_mb_s": [rate], "cmd": [cmd]}
     return rows
 
 
@@ -212,7 +220,7 @@ def report(rows: dict[str, dict[str, list]]) -> str:
     """The table: seconds min/median/max to first output and to exit, median bytes over the link."""
     img = rows.get("_image", {})
     out = [f"cold start from a registry (link {img.get('rate_mb_s', ['?'])[0]} MB/s; image "
-           f"{img.get('uncompressed_bytes', ['?'])[0]} bytes uncompressed; {WORKLOAD[-1]!r})",
+           f"{img.get('uncompressed_bytes', ['?'])[0]} bytes uncompressed; {img.get('cmd', WORKLOAD[-1:])[0]!r})",
            f"  {'':26} {'first output s min/med/max':>28} {'exit s min/med/max':>24} {'bytes (median)':>15}"]
 
     def mmm(xs: list) -> str:
@@ -231,11 +239,12 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=4.0, help="MB/s of the link (default 4)")
     ap.add_argument("--mib", type=int, default=100, help="MiB of host files in the big layer (default 100)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row (default 3)")
+    ap.add_argument("--cmd", default=WORKLOAD[-1], help="the workload (sh -c CMD)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lazy-"))
     try:
-        rows = cold_start(work, args.rate, args.mib, args.repeat, lambda m: print(m, file=sys.stderr))
+        rows = cold_start(work, args.rate, args.mib, args.repeat, lambda m: print(m, file=sys.stderr), args.cmd)
         print(report(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))

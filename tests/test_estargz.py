@@ -207,7 +207,8 @@ def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci
             assert (mnt / "etc/passwd").read_bytes().startswith(b"root:x:0:0:")
             # what reads fetched, in order, is what the background fill takes first next time
             from unionfs.image.store import Store
-            from unionfs.registry.lazy import ACCESS_FILE, LazyFill
+            from unionfs.registry.lazy import LazyFill
+            from unionfs.registry.lazy_blob import ACCESS_FILE
             dirs = [str(p) for p in (fresh / "layers").iterdir() if (p / ACCESS_FILE).exists()]
             accessed = [json.loads(x) for d in dirs for x in open(os.path.join(d, ACCESS_FILE))]
             assert "usr/lib/liba.so" in accessed and "etc/hosts" in accessed and "etc/passwd" in accessed

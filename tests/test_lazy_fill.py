@@ -19,7 +19,7 @@ from test_image_interop import umoci_image  # noqa: F401  (the module-scoped fix
 from test_registry_interop import sh
 from test_registry_pull_push import ok, run
 
-from unionfs.image import estargz
+from unionfs.image import estargz, seekable
 
 pytestmark = pytest.mark.skipif(not (have_registry() and shutil.which("umoci") and shutil.which("skopeo")),
                                 reason="docker-registry, umoci and skopeo are needed (scripts/setup --test)")
@@ -27,41 +27,64 @@ pytestmark = pytest.mark.skipif(not (have_registry() and shutil.which("umoci") a
 
 @pytest.fixture
 def esgz_src(tmp_path, umoci_image):  # noqa: F811
-    """A store with the umoci image converted to eStargz (16 KiB chunks, so liba.so is 5 chunks)."""
-    _, _, docker_archive, _ = umoci_image
+    """A store with the umoci image converted to eStargz (16 KiB chunks, so liba.so is 5 chunks); umoci's
+    layout of it beside, as ``umoci``."""
+    layout, _, docker_archive, _ = umoci_image
     src = tmp_path / "src"
     ok(run(tmp_path, "--root", str(src), "load", str(docker_archive)))
     ok(run(tmp_path, "--root", str(src), "convert", "--estargz", "--chunk-size", "16384",
            "interop/app:docker", "lazy/app:esgz"))
+    shutil.copytree(layout, src / "umoci")
     return src
 
 
 def _layer_of(ref: str, name: str, lazy) -> tuple[str, list]:
-    """(blob digest, chunks) of the layer whose TOC has ``name`` as a regular file with content."""
+    """(blob digest, chunks) of the layer whose TOC has ``name`` as a regular file with content
+    (for a layer served through an index: the spans, as [] ; the file table names it)."""
     for p in (lazy / "layers").iterdir():
         if (p / "lazy.toc").exists():
             for e in estargz.parse_toc((p / "lazy.toc").read_bytes(), "t"):
                 if e.name == name and e.chunks:
                     return json.loads((p / "lazy.json").read_text())["digest"], e.chunks
+        if (p / "lazy.index").exists():
+            ix = seekable.decode((p / "lazy.index").read_bytes(), "t")
+            if any(m.info.name.lstrip("./") == name and m.info.size for m in ix.members):
+                return ix.layer, []
     raise AssertionError(f"{name} in no lazy layer of {ref}")
 
 
-def _pulled_through(proxy: CuttingProxy, tmp_path, src):
-    """(reference, lazy store, an empty mount point): the eStargz image pushed and pulled --lazy via ``proxy``."""
+# the lazy kinds: eStargz as we convert it, or umoci's own gzip layers (pushed by skopeo) with a pushed index
+KINDS = ["estargz", "gzip+index"]
+
+
+def _pushed(tmp_path, src, ref: str, kind: str) -> None:
+    if kind == "estargz":
+        ok(run(tmp_path, "--root", str(src), "push", "lazy/app:esgz", ref, "--insecure"))
+        return
+    sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{src / 'umoci'}:app", f"docker://{ref}")
+    # small checkpoint spacing and spans: the layers here are small
+    ok(run(tmp_path, "index", "--push", "--spacing", "65536", "--span", "4096", ref, "--insecure"))
+
+
+def _pulled_through(proxy: CuttingProxy, tmp_path, src, kind: str = "estargz"):
+    """(reference, lazy store, an empty mount point): the image pushed and pulled --lazy via ``proxy``."""
     ref, lazy, mnt = f"{proxy.host}/lazy/app:1", tmp_path / "lazy", tmp_path / "mnt"
-    ok(run(tmp_path, "--root", str(src), "push", "lazy/app:esgz", ref, "--insecure"))
-    ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+    _pushed(tmp_path, src, ref, kind)
+    r = ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
+    assert "0 pulled whole" in r.stderr, r.stderr
     mnt.mkdir()
     return ref, lazy, mnt
 
 
-def test_a_fetch_in_flight_holds_up_nothing_else(tmp_path, esgz_src):
-    """While one read's chunk download is held in flight: stat, listing and reads of local content through
-    the same mount answer; a second read of the same file waits for that fetch; no range is fetched twice."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fetch_in_flight_holds_up_nothing_else(tmp_path, esgz_src, kind):
+    """While one read's chunk (or span) download is held in flight: stat, listing and reads of local content
+    through the same mount answer; a second read of the same file waits for that fetch; no range is fetched
+    twice.  For an eStargz layer and for a plain gzip layer served through its index."""
     with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
-        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src)
+        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src, kind)
         digest, chunks = _layer_of(ref, "usr/lib/liba.so", lazy)
-        assert len(chunks) == 5
+        assert len(chunks) == (5 if kind == "estargz" else 0)
         ok(run(tmp_path, "--root", str(lazy), "mount", "--no-fill", ref, str(mnt), "--log", str(tmp_path / "d.log")))
         try:
             assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"   # now local
@@ -94,19 +117,24 @@ def test_a_fetch_in_flight_holds_up_nothing_else(tmp_path, esgz_src):
             ok(run(tmp_path, "umount", str(mnt)))
             assert not is_mounted(mnt)
         ranges = [rng for d, rng in proxy.blob_gets() if d == digest]
-        wanted = {f"bytes={c.offset}-" for c in chunks}
-        hits = [r for r in ranges if r and any(r.startswith(w) for w in wanted)]
-        assert len(hits) == len(set(hits)) == 5, ranges   # every chunk once, though two reads wanted it
+        if kind == "estargz":
+            wanted = {f"bytes={c.offset}-" for c in chunks}
+            hits = [r for r in ranges if r and any(r.startswith(w) for w in wanted)]
+            assert len(hits) == len(set(hits)) == 5, ranges   # every chunk once, though two reads wanted it
+        else:   # spans: no byte of the blob requested twice, though two reads wanted them
+            spans = sorted(tuple(int(x) for x in r[len("bytes="):].split("-")) for r in ranges if r)
+            assert spans and all(a[1] < b[0] for a, b in zip(spans, spans[1:])), ranges
 
 
-def test_local_share_shown_and_save_fetches_the_rest(tmp_path, esgz_src):
+@pytest.mark.parametrize("kind", KINDS)
+def test_local_share_shown_and_save_fetches_the_rest(tmp_path, esgz_src, kind):
     """images, ps and inspect show how much of each lazy layer is local; save of a lazy image fetches the rest
     first (a line per layer), after which the layers are ordinary; with the registry gone it is one line, exit 2,
-    naming the way out, and the store keeps what it had."""
+    naming the way out, and the store keeps what it had.  For eStargz layers and gzip layers with an index."""
     lazy = tmp_path / "lazy"
     with Registry(tmp_path / "reg") as reg:
         ref = f"{reg.host}/lazy/app:1"
-        ok(run(tmp_path, "--root", str(esgz_src), "push", "lazy/app:esgz", ref, "--insecure"))
+        _pushed(tmp_path, esgz_src, ref, kind)
         ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
         layers = [p for p in (lazy / "layers").iterdir() if (p / "lazy.json").exists()]
         assert len(layers) == 4
@@ -114,7 +142,9 @@ def test_local_share_shown_and_save_fetches_the_rest(tmp_path, esgz_src):
         assert report.count("bytes local (") == 4, report
         (info,) = json.loads(ok(run(tmp_path, "--root", str(lazy), "inspect", ref)).stdout)
         assert len(info["LazyLayers"]) == 4
-        assert all(0 < x["LocalBytes"] < x["Size"] and x["LocalPercent"] < 100 for x in info["LazyLayers"]), info
+        # eStargz: the TOC and footer are local from the start; an index is no part of the blob
+        low = 0 if kind == "estargz" else -1
+        assert all(low < x["LocalBytes"] < x["Size"] and x["LocalPercent"] < 100 for x in info["LazyLayers"]), info
         cid = ok(run(tmp_path, "--root", str(lazy), "create", ref)).stdout.strip()
         ps = ok(run(tmp_path, "--root", str(lazy), "ps", "-a")).stdout
         lazy_rows = [x for x in ps.splitlines() if "bytes local (" in x]
@@ -129,6 +159,16 @@ def test_local_share_shown_and_save_fetches_the_rest(tmp_path, esgz_src):
         assert all((p / "lazy.json").exists() for p in layers) and not (tmp_path / "out.tar").exists()
 
         reg.start()
+        if kind == "gzip+index":   # one file read: its spans count, and only they
+            mnt = tmp_path / "mnt"
+            mnt.mkdir()
+            ok(run(tmp_path, "--root", str(lazy), "mount", "--no-fill", ref, str(mnt)))
+            try:
+                assert (mnt / "usr/lib/liba.so").read_bytes() == b"a" * 70000
+            finally:
+                ok(run(tmp_path, "umount", str(mnt)))
+            (info,) = json.loads(ok(run(tmp_path, "--root", str(lazy), "inspect", ref)).stdout)
+            assert sum(x["LocalBytes"] > 0 for x in info["LazyLayers"]) == 1, info
         r = ok(run(tmp_path, "--root", str(lazy), "save", "-o", str(tmp_path / "out.tar"), ref))
         assert r.stderr.count("fetching the rest") == 4 and r.stderr.count(": complete") == 4, r.stderr
     assert all((p / "lazy.done").exists() and not (p / "lazy.json").exists() for p in layers)
@@ -215,11 +255,12 @@ def test_record_prefetch_orders_the_estargz_layer_and_the_fill(tmp_path):
     assert fill._layers[0].prefetch == ["etc/passwd", "bin/busybox"]
 
 
-def test_a_copy_up_fetching_holds_up_nothing_else(tmp_path, esgz_src):
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copy_up_fetching_holds_up_nothing_else(tmp_path, esgz_src, kind):
     """A --writable mount: appending to a lazy file copies it up whole; while its fetch is held in flight, the
-    rest of the mount answers; then the copy-up completes with the verified content."""
+    rest of the mount answers; then the copy-up completes with the verified content (either lazy kind)."""
     with Registry(tmp_path / "reg") as reg, CuttingProxy(reg.port) as proxy:
-        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src)
+        ref, lazy, mnt = _pulled_through(proxy, tmp_path, esgz_src, kind)
         digest, _ = _layer_of(ref, "usr/lib/liba.so", lazy)
         ok(run(tmp_path, "--root", str(lazy), "mount", "--writable", "--no-fill", ref, str(mnt),
                "--log", str(tmp_path / "d.log")))

@@ -75,6 +75,8 @@ def detect(head: bytes) -> str:
     for magic, name in MAGIC.items():
         if head.startswith(magic):
             return name
+    if len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50:
+        return "zstd"   # a skippable frame first, as pzstd writes
     return "plain"
 
 

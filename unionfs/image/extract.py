@@ -495,6 +495,12 @@ class _GoTarFile(tarfile.TarFile):
     _last: tarfile.TarInfo | None = None
 
 
+def open_stream(stream) -> tarfile.TarFile:
+    """A layer's tar read as a stream, member by member, exactly as extraction reads it (Go's
+    rules for headers and for the end of the archive): for indexes of layers (:mod:`.seekable`)."""
+    return _GoTarFile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
+
+
 def _trailing(tf: tarfile.TarFile, what: str) -> int:
     """Read (and so hash) what follows the end of the archive: at most :data:`MAX_TRAILING` bytes.
 
@@ -566,7 +572,7 @@ def extract_layer(blob: BinaryIO, root_fd: int, *, what: str, style: formats.Sty
             tar_in = HashingReader(stream)  # type: ignore[arg-type]
             # A tar that ends without the two zero blocks, or inside its last member's padding
             # (umoci 0.4.7), ends cleanly here, as in Go.
-            tf = _GoTarFile.open(fileobj=tar_in, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
+            tf = open_stream(tar_in)
         except HEADER_ERRORS as e:   # tarfile reads the first header when it opens the stream
             raise corrupt(what, e) from None
         while True:

@@ -1,4 +1,5 @@
-"""An eStargz layer as a directory before its content is here: the tree from the TOC alone.
+"""A lazy layer as a directory before its content is here: the tree from the eStargz TOC (or an
+index's file table, :func:`materialize_members`) alone.
 
 Every entry of the TOC is written by the extractor's own :class:`.extract.LayerWriter`
 (the same checks against hostile names, the same whiteout and opaque conversion to
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from typing import Iterable
 
 from ..fs import formats
 from ..fs import sys as ovl
@@ -28,7 +30,7 @@ _TAR_TYPES = {"dir": tarfile.DIRTYPE, "reg": tarfile.REGTYPE, "symlink": tarfile
 class _Placeholders(LayerWriter):
     """A LayerWriter whose regular files are holes of their size (the TOC file excepted)."""
 
-    def __init__(self, *args, toc: bytes, **kw) -> None:
+    def __init__(self, *args, toc: bytes | None, **kw) -> None:
         super().__init__(*args, **kw)
         self.toc = toc
 
@@ -36,7 +38,7 @@ class _Placeholders(LayerWriter):
         return io.BytesIO(self.toc)
 
     def _file(self, pfd: int, name: bytes, member: tarfile.TarInfo, tar) -> None:
-        if member.name == estargz.TOC_NAME:
+        if self.toc is not None and member.name == estargz.TOC_NAME:
             return super()._file(pfd, name, member, self)
         fd = ovl.open_at(pfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -57,6 +59,19 @@ def tarinfo(e: estargz.Entry) -> tarfile.TarInfo:
     ti.devmajor, ti.devminor = e.dev
     ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in e.xattrs.items()}
     return ti
+
+
+def materialize_members(members: Iterable[tarfile.TarInfo], root_fd: int, what: str) -> int:
+    """Write the tree of a layer's tar headers (an index's file table, :mod:`.seekable`) below
+    ``root_fd``, regular files as holes; returns the number of entries."""
+    writer = _Placeholders(root_fd, what, formats.Style.default(), os.geteuid() == 0, 1 << 62, toc=None)
+    try:
+        for ti in members:
+            writer.add(ti, writer)   # type: ignore[arg-type]
+        writer.finish()
+    finally:
+        writer.close()
+    return writer.entries
 
 
 def materialize(entries: list[estargz.Entry], toc: bytes, root_fd: int, what: str) -> int:

@@ -89,6 +89,38 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .indexed import index_image, index_stored, push_index
+    for name in ("spacing", "span"):
+        if getattr(args, name) <= 0:
+            raise ImageError(f"--{name} {getattr(args, name)}: must be positive")
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    store = Store(getattr(args, "root", None))
+    stored = False
+    if store.exists():
+        try:
+            image = store.image(store.resolve(args.reference))
+            # an image in the store with its blobs (not pulled lazily): indexed there, pushed to its name's registry
+            stored = all(store.has_blob(ly.digest) for ly in image.layers)
+        except ImageError:
+            pass
+    ref = Reference.parse(args.reference, allow_digest=True)
+    with _client(args, ref.registry, ref.path, ("pull", "push") if args.push else ("pull",)) as client:
+        if stored:
+            subject, layers = index_stored(store, args.reference, args.spacing, args.span, log=say)
+        else:
+            subject, layers = index_image(store, ref, client, args.platform, args.spacing, args.span, log=say)
+        n = sum(x.index is not None for x in layers)
+        if args.push:
+            digest, api = push_index(client, subject, layers)
+            how = "the referrers API" if api else f"the fallback tag {subject.digest.replace(':', '-', 1)}"
+            say(f"index of {n} of {len(layers)} layers pushed as {digest}, found through {how}")
+            print(digest)
+        else:
+            say(f"{n} of {len(layers)} layers can be indexed (--push to push the index)")
+    return 0
+
+
 def _cmd_login(args: argparse.Namespace) -> int:
     from .auth import Credentials, store_credentials
     registry = args.registry
@@ -134,8 +166,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: this host)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the reference")
     p.add_argument("--lazy", action="store_true",
-                   help="record the image with only its eStargz layers' TOCs; content comes on first read "
-                        "(layers without a TOC, or under 2 MiB, are pulled whole)")
+                   help="record the image with only its eStargz layers' TOCs (or gzip/zstd layers' pushed "
+                        "index: unionfs index --push); content comes on first read (layers with neither, "
+                        "or under 2 MiB, are pulled whole)")
     p.add_argument("--whole-below", type=int, metavar="BYTES",
                    help="with --lazy: pull layers smaller than BYTES whole (default 2 MiB; 0: none)")
     _connection(p)
@@ -153,6 +186,22 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="push an eStargz copy (stored under REFERENCE), which `mount --lazy` reads by range")
     _connection(p)
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("index", help="index an image's gzip/zstd layers for lazy mounts", parents=[common],
+                       description="Index each gzip or multi-frame zstd layer of REFERENCE, an image in the "
+                                   "store or else in its registry (decompressor "
+                                   "checkpoints, sha256 of each span, the file table); --push puts the index "
+                                   "beside the image as an artifact referring to it, for pull/mount/run --lazy.")
+    p.add_argument("reference", metavar="REFERENCE")
+    p.add_argument("--push", action="store_true", help="push the index to the image's repository")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: this host)")
+    p.add_argument("--spacing", type=int, default=4 << 20, metavar="BYTES",
+                   help="uncompressed bytes between checkpoints (default 4 MiB)")
+    p.add_argument("--span", type=int, default=512 << 10, metavar="BYTES",
+                   help="compressed bytes per verified span, the unit of a range fetch (default 512 KiB)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the index's digest")
+    _connection(p)
+    p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("login", help="store credentials for a registry",
                        description="Check credentials against REGISTRY and keep them in "

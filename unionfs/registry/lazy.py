@@ -4,8 +4,9 @@ the mount daemon fills file content on first read, chunk by chunk, by HTTP range
 ``pull --lazy`` fetches the manifest and config; for each eStargz layer (the TOC digest
 annotation) the 51-byte footer and the TOC (two range requests), checks the TOC against the
 annotation's digest, and materializes the tree (:mod:`unionfs.image.lazy_layer`) as an
-ordinary store layer plus ``lazy.json`` (where the blob is) and ``lazy.toc``.  Layers without
-a TOC, and layers smaller than ``whole_below``, are pulled whole as by ``pull``.
+ordinary store layer plus ``lazy.json`` (where the blob is) and ``lazy.toc``.  Gzip and zstd
+layers with a pushed index are recorded by :mod:`.indexed`; layers with neither, and layers
+smaller than ``whole_below``, are pulled whole as by ``pull``.
 
 :class:`LazyFill` is the hook the daemon calls before each read of a lower file
 (``fs.union.Union.fill``): a read of a placeholder fetches the compressed extent of each chunk
@@ -13,6 +14,9 @@ it covers that is not yet local, checks it against the TOC's ``chunkDigest``, wr
 the placeholder and records its offset in ``lazy-present`` (shared by every mount of the
 layer, so nothing is fetched twice).  A chunk that cannot be fetched or does not verify fails
 that read alone with ``EIO``, logged once per layer and range; the next read tries again.
+:func:`fill_for` gives an image's hook: a :class:`LazyFill` for its eStargz layers, an
+:class:`.indexed.IndexedFill` for its indexed ones, :class:`Fills` for both; how much of each is
+local (:func:`local_shares`) and :func:`make_local` serve both kinds alike.
 """
 from __future__ import annotations
 
@@ -23,8 +27,6 @@ import json
 import logging
 import os
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 
 from ..fs import sys as ovl
@@ -35,17 +37,15 @@ from ..image.load import add_layer_blob
 from ..image.model import ImageError, Layer, Reference
 from ..image.store import Store, now_iso
 from .client import Client, RegistryError
+from . import indexed
+from .lazy_blob import BLOB_FILE, DONE_FILE, LAZY_FILE, FillState, Marks, get_range, read_access
+from .lazy_blob import pwrite_all as _pwrite_all, pwrite_file as _pwrite_file
 from .pull import download_path, fetch_image, fetch_to_downloads, record
 
 log = logging.getLogger("unionfs.registry.lazy")
 
-LAZY_FILE = "lazy.json"
 TOC_FILE = "lazy.toc"
 PRESENT_FILE = "lazy-present"
-BLOB_FILE = "lazy-blob"       # the compressed blob, filled range by range; whole, it is checked and kept
-DONE_FILE = "lazy.done"       # lazy.json, renamed once the layer is whole: an ordinary stored layer
-IDLE = 1.0                    # seconds without a fetching read before the background fill goes on
-ACCESS_FILE = "lazy-access"   # files in the order reads first fetched them: the background fill's order next time
 HEAD_MARK = -1                # in lazy-present: the blob's bytes before the first chunk are here
 WHOLE_BELOW = 2 << 20     # layers smaller than this are fetched whole at once
 
@@ -57,27 +57,6 @@ class LazyPulled:
     whole_layers: int
     reused_layers: int
     fetched_bytes: int
-
-
-def get_range(client: Client, digest: str, start: int, end: int) -> bytes:
-    """Bytes ``start..end-1`` of a blob, by one range request (a 200 for the whole blob is refused)."""
-    what = f"{client.where}: blob {digest} bytes {start}-{end - 1}"
-    resp = client._send("GET", f"/v2/{client.repository}/blobs/{digest}",
-                        headers={"Range": f"bytes={start}-{end - 1}"}, stream=True)
-    try:
-        if resp.status_code != 206:
-            raise client._fail(resp, what) if resp.status_code >= 400 else \
-                RegistryError(f"{what}: the registry answered {resp.status_code}, not 206 (no range requests)")
-        data = b"".join(resp.iter_bytes())
-    except RegistryError:
-        raise
-    except Exception as e:   # httpx transport errors: one line, as every registry error
-        raise RegistryError(f"{what}: {e.__class__.__name__}: {e}") from None
-    finally:
-        resp.close()
-    if len(data) != end - start:
-        raise RegistryError(f"{what}: got {len(data)} bytes")
-    return data
 
 
 def fetch_toc(client: Client, desc: dict) -> tuple[bytes, int, bytes]:
@@ -116,6 +95,9 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
     image_id, descs, layers = r.image_id, r.descs, r.layers
     store.ensure()
     lazy = whole = reused = fetched = 0
+    wanted = [ly for d, ly in zip(descs, layers)
+              if not _is_estargz(d) and ly.size >= whole_below and not store.has_layer(ly.diff_id)]
+    indexes = indexed.find_indexes(client, r, where) if wanted else {}   # gzip/zstd layers by their index
     with store.locked():
         try:
             for d, ly in zip(descs, layers):
@@ -127,6 +109,12 @@ def pull_lazy(store: Store, ref: Reference, client: Client, platform: str | None
                     fetched += len(tail)
                     _add_lazy_layer(store, client, d, ly, toc, toc_at, tail, f"{where}: layer {ly.digest}")
                     say(f"{ly.digest[7:19]}: TOC fetched ({len(toc)} bytes), content on demand")
+                    lazy += 1
+                    continue
+                if ly.digest in indexes and ly.size >= whole_below:
+                    ix, data = indexes[ly.digest]
+                    indexed.add_layer(store, client, ly, ix, data, f"{where}: layer {ly.digest}")
+                    say(f"{ly.digest[7:19]}: index found ({len(ix.members)} entries), content on demand")
                     lazy += 1
                     continue
                 fetched += fetch_to_downloads(store, client, ly.digest, ly.size) or 0
@@ -186,6 +174,10 @@ class _File:
     path: bytes              # below the layer root
     wfd: int = -1
 
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
 
 @dataclass
 class _LazyLayer:
@@ -193,8 +185,7 @@ class _LazyLayer:
     source: dict
     ends: list[int]                      # sorted member offsets, then the TOC offset: a chunk's extent ends at the next
     entries: list[estargz.Entry] = field(default_factory=list)
-    present: set[int] = field(default_factory=set)
-    present_size: int = 0
+    present: Marks = field(init=False)   # chunk offsets (and HEAD_MARK) local: lazy-present
     client: Client | None = None
     failed: set[tuple[int, int]] = field(default_factory=set)
     accessed: dict[str, None] = field(default_factory=dict)   # ordered: ACCESS_FILE as read and appended
@@ -205,22 +196,8 @@ class _LazyLayer:
         rank = {name: i for i, name in enumerate(self.accessed)}
         return sorted(self.entries, key=lambda e: rank.get(e.name, len(rank)))
 
-    def reload_present(self) -> None:
-        """Chunks other mounts of the layer fetched meanwhile (the file only grows)."""
-        path = os.path.join(self.dir, PRESENT_FILE)
-        size = os.path.getsize(path)
-        if size != self.present_size:
-            with open(path, "rb") as f:
-                f.seek(self.present_size)
-                tail = f.read()
-            cut = tail.rfind(b"\n") + 1
-            self.present.update(int(x) for x in tail[:cut].split())
-            self.present_size += cut
-
-    def mark(self, offset: int) -> None:
-        with open(os.path.join(self.dir, PRESENT_FILE), "a") as p:
-            p.write(f"{offset}\n")
-        self.present.add(offset)
+    def __post_init__(self) -> None:
+        self.present = Marks(os.path.join(self.dir, PRESENT_FILE))
 
     def connect(self) -> Client:
         if self.client is None:
@@ -229,28 +206,18 @@ class _LazyLayer:
         return self.client
 
 
-class LazyFill:
-    """The daemon's ``fill(fd, offset, size)`` hook for the lazy layers of one mount.
+class LazyFill(FillState):
+    """The daemon's ``fill(fd, offset, size)`` hook for the eStargz layers of one mount.
 
     Called on threads (the adapter runs a read that must fetch off its loop), so other requests
-    and reads of local content go on while a chunk downloads.  ``_lock`` guards the state, never
-    a download; a chunk being fetched is in ``_inflight``, and a second read wanting it waits for
-    that fetch instead of starting another (as does the background fill, which also stands aside
-    while any read is fetching)."""
+    and reads of local content go on while a chunk downloads; one fetch per chunk, the background
+    fill standing aside while any read is fetching (:class:`.lazy_blob.FillState`)."""
 
     def __init__(self, store: Store, layer_dirs: list[str], recorded: dict[str, list[str]] | None = None) -> None:
-        self.store = store
-        self.layer_dirs = layer_dirs
-        self.recorded = recorded or {}      # layer dir -> its share of the image's recorded prefetch list
+        super().__init__(store, layer_dirs, recorded)
         self._files: dict[tuple[int, int], _File] | None = None
+        self._placeholders: dict[tuple[str, str], _File] | None = None   # by (layer dir, name)
         self._layers: list[_LazyLayer] = []
-        self.last_read = time.monotonic()   # the background fill waits for reads to pause
-        self._lock = threading.Lock()
-        self._connecting = threading.Lock()   # connect() talks to the registry: never under _lock
-        self._inflight: dict[tuple[str, int], threading.Event] = {}
-        self._demand = 0                    # reads fetching now: the background fill waits for none
-        self.fetched = 0
-        self.wait_for_reads = True          # off for complete(): nobody reads, fetch at once
 
     def _index(self) -> dict[tuple[int, int], _File]:
         files: dict[tuple[int, int], _File] = {}
@@ -277,12 +244,8 @@ class LazyFill:
                         files[(st.st_dev, st.st_ino)] = _File(layer, e, os.fsencode(e.name))
             finally:
                 os.close(root)
-            layer.reload_present()
-            try:
-                with open(os.path.join(d, ACCESS_FILE)) as a:
-                    layer.accessed.update((json.loads(x), None) for x in a if x.endswith("\n"))
-            except (FileNotFoundError, ValueError):
-                pass
+            layer.present.reload()
+            layer.accessed.update(read_access(d))
         return files
 
     def _missing(self, fd: int, offset: int, size: int) -> tuple[_File | None, list[estargz.Chunk]]:
@@ -299,57 +262,24 @@ class LazyFill:
         todo = [c for c in f.entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
         if all(c.offset in f.layer.present for c in todo):
             return f, []
-        f.layer.reload_present()
+        f.layer.present.reload()
         return f, [c for c in todo if c.offset not in f.layer.present]
 
-    def pending(self, fd: int, offset: int, size: int) -> bool:
-        with self._lock:
-            return self._files is None or bool(self._missing(fd, offset, size)[1])
-
-    def __call__(self, fd: int, offset: int, size: int) -> None:
-        with self._lock:
-            f, todo = self._missing(fd, offset, size)
-            if not todo:
-                return
-            self._demand += 1
-        try:
-            for c in todo:
-                self._get(f.layer, f, c, f.entry.name, demand=True)
-        finally:
-            with self._lock:
-                self._demand -= 1
-                self.last_read = time.monotonic()
-        with self._lock:
-            if f.entry.name not in f.layer.accessed:   # the access pattern, for the next background fill
-                f.layer.accessed[f.entry.name] = None
-                with open(os.path.join(f.layer.dir, ACCESS_FILE), "a") as a:
-                    a.write(json.dumps(f.entry.name) + "\n")
+    def _fetch(self, f: _File, c: estargz.Chunk) -> None:
+        self._get(f.layer, f, c, f.entry.name, demand=True)
 
     def _get(self, layer: _LazyLayer, f: "_File | None", c: estargz.Chunk, name: str, demand: bool) -> None:
         """Make one chunk local: fetch it, or wait for the fetch of it already going on.
         A demand read whose chunk another fetch failed tries once itself (its own EIO)."""
         key = (layer.dir, c.offset)
-        while True:
-            with self._lock:
-                if c.offset in layer.present:
-                    return
-                if demand:
-                    self.last_read = time.monotonic()
-                ev = self._inflight.get(key)
-                if ev is None:
-                    ev = self._inflight[key] = threading.Event()
-                    break
-            ev.wait()
-            with self._lock:
-                if c.offset in layer.present or not demand:
-                    return
+        ev = self._claim(key, lambda: c.offset in layer.present, demand)
+        if ev is None:
+            return
         try:
             data, chunk = self._download(layer, c, name)
             self._keep(layer, f, c, data, chunk)
         finally:
-            with self._lock:
-                del self._inflight[key]
-            ev.set()
+            self._release(key, ev)
 
     def _download(self, layer: _LazyLayer, c: estargz.Chunk, name: str) -> tuple[bytes, bytes]:
         """(compressed extent, the chunk's bytes) fetched and verified; any failure is EIO, logged once."""
@@ -392,82 +322,41 @@ class LazyFill:
             log.error("lazy layer %s: cannot write %s: %s", layer.source["digest"], f.entry.name if f else "", e)
             raise OSError(errno.EIO, "lazy fill failed") from None
         with self._lock:
-            layer.mark(c.offset)
+            layer.present.add(c.offset)
 
     # --- the background fill -------------------------------------------------------------
 
-    def _wait_idle(self, idle: float = IDLE) -> None:
-        """Let reads have the link: the fill goes on once no read is fetching, nor has for ``idle`` seconds."""
-        while self.wait_for_reads:
-            with self._lock:
-                quiet = time.monotonic() - self.last_read
-                busy = self._demand > 0
-            if not busy and quiet >= idle:
-                return
-            time.sleep(idle - quiet if not busy and quiet < idle else 0.05)
-
-    def background(self) -> None:
-        """Fetch every chunk not yet local: first each layer's prefetch files (its landmark) at once,
-        then, between reads, in the recorded access order and TOC order; check each whole blob
-        against its digest and diff_id; then the layer is an ordinary stored layer."""
+    # the background fill and complete() (FillState's): the layers, each's prefetch files and the rest
+    def _lazy_layers(self) -> list[_LazyLayer]:
         with self._lock:
             if self._files is None:
                 self._files = self._index()
-        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
-        for layer in self._layers:
-            try:
-                self._prefetch(layer, placeholders)
-            except OSError:
-                log.warning("lazy layer %s: prefetch stopped", layer.source["digest"])
-        for layer in self._layers:
-            try:
-                self._fill_layer(layer, placeholders)
-            except OSError:
-                log.warning("lazy layer %s: background fill stopped; the next mount continues",
-                            layer.source["digest"])
-                continue
-            except Exception:
-                log.exception("lazy layer %s: background fill failed", layer.source["digest"])
-                continue
+            if self._placeholders is None:
+                self._placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
+        return self._layers
 
-    def complete(self, say) -> None:
-        """Fetch all that is not yet local now, layer by layer with a line each (``push``, ``save``
-        and ``convert`` of a lazy image need its blobs); a failure is one line naming the way out."""
-        self.wait_for_reads = False
-        with self._lock:
-            if self._files is None:
-                self._files = self._index()
-        placeholders = {(f.layer.dir, f.entry.name): f for f in self._files.values()}
-        for layer in self._layers:
-            if not os.path.exists(os.path.join(layer.dir, LAZY_FILE)):
-                continue   # a mount's fill completed it meanwhile
-            digest = layer.source["digest"]
-            have, size = local_bytes(layer.dir)
-            say(f"{digest[7:19]}: lazy layer, {have} of {size} bytes local: fetching the rest "
-                f"from {layer.source['registry']}/{layer.source['repository']}")
-            try:
-                self._fill_layer(layer, placeholders)
-            except (OSError, RegistryError) as e:
-                raise RegistryError(f"lazy layer {digest}: fetching the rest from {layer.source['registry']} "
-                                    f"failed ({e}); the image is not all local: try again with the registry "
-                                    f"reachable, or pull it whole (unionfs pull)") from None
-            say(f"{digest[7:19]}: complete")
-
-    def _prefetch(self, layer: _LazyLayer, placeholders: dict) -> None:
-        """The files the image marks for prefetch, fetched as soon as the mount is up."""
+    def _prefetch_layer(self, layer: _LazyLayer) -> None:
         by_name = {e.name: e for e in layer.entries}
         for name in layer.prefetch:
             e = by_name.get(name)
             for c in e.chunks if e is not None else ():
                 self._wait_idle(0)   # at once, but after any read's fetch
                 with self._lock:
-                    layer.reload_present()
-                self._get(layer, placeholders.get((layer.dir, name)), c, name, demand=False)
+                    layer.present.reload()
+                self._get(layer, self._placeholders.get((layer.dir, name)), c, name, demand=False)
+
+    def _fill_whole(self, layer: _LazyLayer) -> None:
+        """Every chunk not yet local, between reads, in the recorded access order and TOC order; the
+        whole blob checked against its digest and diff_id; then the layer is an ordinary stored layer."""
+        self._fill_layer(layer, self._placeholders)
+
+    def _local_bytes(self, layer_dir: str) -> tuple[int, int]:
+        return local_bytes(layer_dir)
 
     def _fill_layer(self, layer: _LazyLayer, placeholders: dict) -> None:
         digest = layer.source["digest"]
         with self._lock:
-            layer.reload_present()
+            layer.present.reload()
             head = HEAD_MARK not in layer.present and layer.ends[0] > 0
         with self._connecting:
             client = layer.connect()
@@ -476,12 +365,12 @@ class LazyFill:
             _pwrite_file(os.path.join(layer.dir, BLOB_FILE), data, 0)
             with self._lock:
                 self.fetched += len(data)
-                layer.mark(HEAD_MARK)
+                layer.present.add(HEAD_MARK)
         for e in layer.fill_order():
             for c in e.chunks:
                 self._wait_idle()
                 with self._lock:
-                    layer.reload_present()
+                    layer.present.reload()
                 # a file the layer itself replaced has no placeholder: its bytes are part of the blob
                 self._get(layer, placeholders.get((layer.dir, e.name)), c, e.name, demand=False)
         with self._lock:
@@ -500,23 +389,10 @@ class LazyFill:
         log.info("lazy layer %s: complete (%d bytes fetched by this mount)", digest, self.fetched)
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
-
-
-def _pwrite_file(path: str, data: bytes, pos: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        _pwrite_all(fd, data, pos)
-    finally:
-        os.close(fd)
-
-
 def local_bytes(layer_dir: str) -> tuple[int, int]:
     """(bytes of the layer's blob that are local, the blob's size), from what ``lazy-present`` records."""
+    if indexed.is_indexed(layer_dir):
+        return indexed.local_bytes(layer_dir)
     with open(os.path.join(layer_dir, LAZY_FILE)) as f:
         source = json.load(f)
     with open(os.path.join(layer_dir, TOC_FILE), "rb") as f:
@@ -589,13 +465,46 @@ def make_local(store: Store, names, say) -> None:
             fill.complete(say)
 
 
-def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...], image_id: str | None = None) -> LazyFill | None:
-    """The fill hook for an image's layers, or None when every layer is whole.  With ``image_id``,
-    the image's recorded prefetch list (``run --record-prefetch``) goes first, else each layer's landmark."""
+class Fills:
+    """The fill hooks of an image whose lazy layers come in both formats (eStargz, indexed): each
+    call goes to every one (a hook ignores the fds of layers it does not serve)."""
+
+    def __init__(self, *fills) -> None:
+        self.fills = fills
+        for fill in fills:
+            fill.peers = fills   # each background fill stands aside for the others' reads too
+
+    def pending(self, fd: int, offset: int, size: int) -> bool:
+        return any(fill.pending(fd, offset, size) for fill in self.fills)
+
+    def __call__(self, fd: int, offset: int, size: int) -> None:
+        for fill in self.fills:
+            fill(fd, offset, size)
+
+    def background(self) -> None:
+        for fill in self.fills:   # every kind's prefetch files before any kind's rest
+            fill.prefetch_all()
+        for fill in self.fills:
+            fill.fill_all()
+
+    def complete(self, say) -> None:
+        for fill in self.fills:
+            fill.complete(say)
+
+
+def fill_for(store: Store, diff_ids: list[str] | tuple[str, ...],
+             image_id: str | None = None) -> LazyFill | indexed.IndexedFill | Fills | None:
+    """The fill hook for an image's layers (eStargz by TOC, gzip/zstd by index), or None when every
+    layer is whole.  With ``image_id``, the image's recorded prefetch list (``run --record-prefetch``)
+    goes first, else each layer's landmark."""
     lazy = [d for d in dict.fromkeys(diff_ids) if is_lazy(store, d)]
     if not lazy:
         return None
     paths = prefetch.load(store, image_id) if image_id else None
     shares = prefetch.by_layer(store, diff_ids, paths) if paths else {}
-    return LazyFill(store, [store.layer_dir(d) for d in lazy],
-                    {store.layer_dir(d): shares[d] for d in lazy if shares.get(d)})
+    recorded = {store.layer_dir(d): shares[d] for d in lazy if shares.get(d)}
+    by_index = [store.layer_dir(d) for d in lazy if indexed.is_indexed(store.layer_dir(d))]
+    by_toc = [store.layer_dir(d) for d in lazy if store.layer_dir(d) not in by_index]
+    fills = ([LazyFill(store, by_toc, recorded)] if by_toc else []) + \
+        ([indexed.IndexedFill(store, by_index, recorded)] if by_index else [])
+    return fills[0] if len(fills) == 1 else Fills(*fills)
