@@ -124,6 +124,11 @@ def check_blob(path: str, digest: str | None, diff_id: str, what: str) -> None:
         actual, actual_diff_id, _ = blob_hashes(f, what)
     if digest is not None and actual != digest:
         raise ImageError(f"{what}: does not match its digest (expected {digest}, got {actual})")
-    if actual_diff_id != diff_id:
+    check_diff_id(actual_diff_id, diff_id, what)
+
+
+def check_diff_id(actual: str, diff_id: str, what: str, hint: str = "") -> None:
+    """The uncompressed content read (``actual``) is the layer the config names."""
+    if actual != diff_id:
         raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
-                         f"(expected {diff_id}, got {actual_diff_id})")
+                         f"(expected {diff_id}, got {actual}{hint})")

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 from . import estargz, prefetch
-from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed
+from .compression import DECOMPRESS_ERRORS, HashingReader, check_diff_id, corrupt, decompressed
 from .load import load
 from .model import MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_LAYER, MEDIA_OCI_MANIFEST, ImageError, Reference
 from .store import Store
@@ -50,9 +50,7 @@ def _convert_layer(store: Store, name: str, digest: str, diff_id: str, blobs: st
             tar.drain()
         except DECOMPRESS_ERRORS as e:
             raise corrupt(what, e) from None
-    if tar.digest != diff_id:
-        raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
-                         f"(expected {diff_id}, got {tar.digest}; store damaged?)")
+    check_diff_id(tar.digest, diff_id, what, "; store damaged?")
     os.rename(tmp, os.path.join(blobs, written.digest[7:]))
     return written
 

@@ -26,7 +26,7 @@ from typing import Callable
 from ..fs.formats import Style
 from . import docker_archive, oci_layout
 from .archive import Archive, SourceImage, SourceLayer, open_archive
-from .compression import check_blob
+from .compression import check_blob, check_diff_id
 from .extract import extract_layer
 from .model import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_LAYER, Config, ImageError, Layer, Reference, dump_json
 from .store import Store, now_iso
@@ -238,9 +238,7 @@ def add_layer_blob(store: Store, blob_path: str, digest: str | None, diff_id: st
         os.close(fd)
     if digest is not None and ex.digest != digest:
         raise ImageError(f"{what}: does not match its digest (expected {digest}, got {ex.digest})")
-    if ex.diff_id != diff_id:
-        raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
-                         f"(expected {diff_id}, got {ex.diff_id})")
+    check_diff_id(ex.diff_id, diff_id, what)
     store.commit_layer(tmp, diff_id, {
         "diff_id": diff_id, "digest": ex.digest, "size": ex.tar_size, "blob_size": ex.blob_size,
         "compression": ex.compression, "entries": ex.entries, "whiteout_style": style.value,

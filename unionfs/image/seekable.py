@@ -36,7 +36,7 @@ from typing import BinaryIO, Callable
 import indexed_gzip
 import zstandard
 
-from .compression import DECOMPRESS_ERRORS, HashingReader, corrupt, decompressed, detect
+from .compression import DECOMPRESS_ERRORS, HashingReader, check_diff_id, corrupt, decompressed, detect
 from .extract import open_stream
 from .model import ImageError
 
@@ -158,9 +158,7 @@ def build(path: str, digest: str, diff_id: str, what: str, spacing: int = SPACIN
             tar.drain()
     except DECOMPRESS_ERRORS as e:
         raise corrupt(what, e) from None
-    if tar.digest != diff_id:
-        raise ImageError(f"{what}: uncompressed content does not match the config's diff_id "
-                         f"(expected {diff_id}, got {tar.digest})")
+    check_diff_id(tar.digest, diff_id, what)
     return LayerIndex(digest, diff_id, kind, blob_size, tar.count, spans, ckpt, frames, members)
 
 
