@@ -234,12 +234,12 @@ class Union(Lookup):
             raise OSError(errno.EISDIR, "is a directory")
         return OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
 
-    def _open_real(self, node: Node, flags: int) -> int:
+    def _open_real(self, node: Node, flags: int, noatime: bool = False) -> int:
         fd, name = self.locate(node)
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
         # Reading a lower file leaves its atime alone, as overlayfs (non-standard behaviour (a)).
         lower = not node.indexed and not self.stack.is_upper(node.top)
-        return ovl.open_at(fd, name, flags, noatime=lower)
+        return ovl.open_at(fd, name, flags, noatime=lower or noatime)
 
     def read(self, f: "OpenFile", off: int, size: int) -> bytes:
         if self.fill is not None and not f.writable:

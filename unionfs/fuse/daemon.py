@@ -47,7 +47,6 @@ NO_OP = {
     "xino": "inode numbers are always as overlayfs's xino=on",
     "redirect_dir": "directory renames always record trusted.overlay.redirect (as redirect_dir=on)",
     "timeout": "the kernel caches lower entries for a day, upper ones for a second",
-    "writeback": "writes always reach the daemon (no writeback cache)",
     "kernel_cache": "file pages are always kept (keep_cache)",
     "max_write": "pyfuse3 sizes its own buffers",
     "diratime": "FUSE does not update atimes", "nodiratime": "FUSE does not update atimes",
@@ -55,6 +54,9 @@ NO_OP = {
     "splice_write": "pyfuse3 does not splice", "no_splice_move": "pyfuse3 does not splice",
     "no_splice_read": "pyfuse3 does not splice", "no_splice_write": "pyfuse3 does not splice",
 }
+# The kernel's writeback cache: small writes gather in the page cache and reach the daemon as
+# few big WRITE requests (README, "Writes and the writeback cache").
+WRITEBACK_DEFAULT = True
 # libfuse mounts nosuid,nodev and for the mounting user alone; as root we mount with these unless
 # told otherwise (the option named beside each), as fuse-overlayfs does: a rootfs needs setuid
 # binaries, device nodes, and users other than root.
@@ -76,6 +78,7 @@ class MountConfig:
     acl: bool = True              # noacl: the kernel neither caches nor enforces POSIX ACLs
     xattrs: bool = True           # noxattrs=1: no extended attributes at all (EOPNOTSUPP)
     static_nlink: bool = False    # static_nlink: every directory has st_nlink 1
+    writeback: bool = WRITEBACK_DEFAULT   # writeback=0|1: the kernel's writeback cache (README)
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
     background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
@@ -137,6 +140,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
     opts = split_options(options)
     fuse: set[str] = {"default_permissions"}
     fsync, acl, xattrs, static_nlink = True, True, True, False
+    writeback = WRITEBACK_DEFAULT
     ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
@@ -169,6 +173,8 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             xattrs = not _flag(k, v)
         elif k == "static_nlink" and v is None:
             static_nlink = True
+        elif k == "writeback":   # fuse-overlayfs's writeback=0|1
+            writeback = _flag(k, v)
         elif k == "xattr_permissions":
             if _flag(k, v):
                 raise UsageError(f"xattr_permissions={v}: owners and modes in xattrs are not supported "
@@ -208,7 +214,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
                        debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
-                       static_nlink=static_nlink)
+                       static_nlink=static_nlink, writeback=writeback)
 
 
 # --- running -----------------------------------------------------------------
@@ -315,7 +321,8 @@ def _serve(cfg: MountConfig, union, ready) -> None:
 
     real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting (see below)
     ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint), idmap=cfg.idmap,
-                     acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink)
+                     acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink,
+                     writeback=cfg.writeback)
     os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves
     try:

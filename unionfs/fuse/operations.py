@@ -77,11 +77,19 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, union: Union, after_init: Callable[[], None] | None = None, idmap: IdMap = IdMap(),
-                 acl: bool = True, xattrs: bool = True, static_nlink: bool = False) -> None:
+                 acl: bool = True, xattrs: bool = True, static_nlink: bool = False,
+                 writeback: bool = False) -> None:
         super().__init__()
         self.union = union
         self.uids, self.gids = idmap.uid, idmap.gid   # owners shown and written (uidmapping, squash_to_*)
         self.enable_acl = acl and xattrs  # read by pyfuse3.init
+        # Read by pyfuse3.init too.  The kernel then owns size and mtime of open files, sends
+        # writes of whole pages (reading the rest first: a write open is read-write on the real
+        # file, as it is already), places O_APPEND writes itself (the real fd has no O_APPEND) and
+        # sends the times it kept in a SETATTR; suid/sgid clearing still arrives as a SETATTR.
+        self.enable_writeback_cache = writeback
+        if not union.readonly:
+            union.page_cache_writes = writeback
         self.xattrs = xattrs
         self.static_nlink = static_nlink
         self.inodes = union.inodes
