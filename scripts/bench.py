@@ -235,15 +235,18 @@ class Unionfs(FS):
     """``unionfs -o lowerdir=... MNT`` as podman calls it (``style="mount"``: ``unionfs mount --lower``)."""
     name = "unionfs"
     style = "o"
+    extra = ""   # more -o options (a --variant)
 
     def mount(self, debug_log: Path | None = None) -> Mounted:
         up, work, mnt = self.fresh()
+        more = ["-o", self.extra] if self.extra else []
         if self.style == "o":
-            argv = [UNIONFS, "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}", str(mnt)]
+            argv = [UNIONFS, "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}", *more, str(mnt)]
         else:
-            argv = [UNIONFS, "mount", "--lower", self.lowerdir(), "--upper", str(up), "--work", str(work), str(mnt)]
+            argv = [UNIONFS, "mount", "--lower", self.lowerdir(), "--upper", str(up), "--work", str(work), *more,
+                    str(mnt)]
         if debug_log:   # libfuse's debug output: one line per request, its opcode named
-            argv = [UNIONFS, "mount", "-f", "-o", "debug", "--lower", self.lowerdir(), "--upper", str(up),
+            argv = [UNIONFS, "mount", "-f", "-o", "debug", *more, "--lower", self.lowerdir(), "--upper", str(up),
                     "--work", str(work), str(mnt)]
             proc = _foreground(argv, mnt, debug_log)
             return Mounted(self.name, mnt, proc.pid, proc)
@@ -543,6 +546,9 @@ def main() -> int:
                          "and umoci unpack (default: on, off with --size tiny)")
     ap.add_argument("--fs", action="append", choices=["overlay", "fuse-overlayfs", "floor", "unionfs"],
                     help="filesystems to run (default all)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=OPTS",
+                    help="also run unionfs with more -o options, as its own column named unionfs-LABEL "
+                         "(e.g. wb0=writeback=0; repeatable)")
     ap.add_argument("--cache", default="/var/tmp/unionfs-bench", help="where the layer stack is built once")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = ap.parse_args()
@@ -564,6 +570,10 @@ def main() -> int:
     if FuseOverlayfs in classes and not shutil.which("fuse-overlayfs"):
         classes.remove(FuseOverlayfs)
     systems = [c(stack, scratch) for c in classes]
+    for v in args.variant:
+        label, _, opts = v.partition("=")
+        systems.append(type(f"Unionfs_{label}", (Unionfs,), {"name": f"unionfs-{label}", "extra": opts})(
+            stack, scratch))
     workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
     times: dict[str, dict[str, list[float]]] = {w.name: {s.name: [] for s in systems} for w in workloads}
     memory: dict[str, dict] = {}
