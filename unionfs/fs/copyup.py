@@ -51,6 +51,43 @@ class CopyUpCtx:
     truncate: bool         # opened with O_TRUNC: the data would be thrown away, copy none
     index: bytes | None    # a lower hard link: the name of its index entry
     origin: OverlayFh | None = None  # what overlay.origin will say (dirs and single-link files)
+    filled: bool = False   # ``temp`` holds the data already (a DataCopy's)
+
+
+# A file this big has its data copied by DataCopy.run, which the adapter runs in a thread: below it
+# the hop to a thread (~0.15 ms) costs more than the copy holds up other requests.
+COPY_OFF_LOOP = 1 << 20
+
+
+@dataclass(eq=False)
+class DataCopy:
+    """A regular lower file's data, copied into a new file of the work dir ahead of its copy-up.
+
+    :meth:`run` blocks and touches only its own descriptors (any thread may run it); the copy-up
+    then takes the filled file instead of copying, if the lower file is still the one copied."""
+
+    ino: int
+    lower: tuple[int, int, int, int]   # st_dev, st_ino, st_size, st_mtime_ns of the lower file
+    temp: bytes
+    src: int
+    dst: int
+    fsync: bool
+    done: bool = False   # the data is in ``temp`` (run returned)
+    used: bool = False   # a copy-up renamed ``temp`` into place
+
+    def run(self) -> None:
+        try:
+            ovl.copy_data(self.src, self.dst, self.lower[2])
+            if self.fsync:
+                ovl.fsync(self.dst)
+            self.done = True
+        finally:
+            os.close(self.src)
+            os.close(self.dst)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
@@ -91,6 +128,36 @@ class CopyUp:
         self.u = union
         self.up = upper
         self.reopen = reopen
+        self.data_copies: dict[int, DataCopy] = {}   # by inode number, until discarded
+
+    def data_copy(self, node: Node) -> DataCopy | None:
+        """Start a copy-up's data copy to run apart (see DataCopy), if ``node`` needs a copy-up of
+        at least COPY_OFF_LOOP bytes; None if not, or if one is under way."""
+        if in_upper(node) or node.is_dir or node.ino in self.data_copies or self.u.fill is not None:
+            return None   # a lazy layer's fill is the union's to run, not a thread's
+        lower_fd, lower_name = self.u.locate_in(node, node.top)
+        st = ovl.lstat_at(lower_fd, lower_name)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < COPY_OFF_LOOP:
+            return None
+        temp = self.up.temp_name()
+        src = ovl.open_at(lower_fd, lower_name, os.O_RDONLY)
+        try:
+            dst = ovl.open_at(self.up.work_fd, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            os.close(src)
+            raise
+        job = self.data_copies[node.ino] = DataCopy(node.ino, _identity(st), temp, src, dst, self.up.fsync)
+        return job
+
+    def discard(self, job: DataCopy) -> None:
+        """The data copy is over: its file goes unless a copy-up took it."""
+        if self.data_copies.get(job.ino) is job:
+            del self.data_copies[job.ino]
+        if not job.used:
+            try:
+                ovl.unlink_at(self.up.work_fd, job.temp)
+            except FileNotFoundError:
+                pass
 
     def dir_chain(self, node: Node) -> None:
         """Make sure directory ``node`` and all its ancestors exist in the upper layer."""
@@ -121,6 +188,10 @@ class CopyUp:
         pstat = ovl.fstat(upper_parent_fd)
         index = up.lower_index_name(lower, lower_fd, lower_name, st) if up.indexable(st) else None
         ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, up.temp_name(), truncate, index)
+        job = self.data_copies.get(node.ino)
+        if job is not None and job.done and not job.used and not truncate and job.lower == _identity(st):
+            ctx.temp, ctx.filled = job.temp, True
+            job.used = True   # from here on the copy-up's: renamed into place, or removed on failure
         log.debug("copy up %r", node)
         if index is not None and up.index_stat(index) is not None:
             self._link_up(ctx)
@@ -199,7 +270,9 @@ class CopyUp:
         u, up, st = self.u, self.up, c.st
         mode = st.st_mode
         try:
-            if stat.S_ISREG(mode):
+            if c.filled:
+                pass   # a DataCopy's file, data and fsync done
+            elif stat.S_ISREG(mode):
                 dst = ovl.open_at(up.work_fd, c.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     if not c.truncate and st.st_size:
@@ -207,10 +280,10 @@ class CopyUp:
                         try:
                             if u.fill is not None:   # a lazy layer's content first (union.Fill)
                                 u.fill(src, 0, st.st_size)
-                            ovl.copy_file_range_all(src, dst, st.st_size)
+                            ovl.copy_data(src, dst, st.st_size)
                         finally:
                             os.close(src)
-                    if up.fsync:
+                    if up.fsync:   # the data on disk before the rename makes it visible, as overlayfs
                         ovl.fsync(dst)
                 finally:
                     os.close(dst)

@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from ..fs import sys as sysmod
+from ..fs.copyup import DataCopy
 from ..fs.readdir import DirCache, Listing
 from ..fs.idmap import IdMap
 from ..fs.inodes import ROOT_INO, Node
@@ -95,6 +96,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = union.inodes
         self.handles = Handles()
         self.listings = DirCache()
+        self._copying: dict[int, trio.Event] = {}   # inodes whose copy-up's data copy runs in a thread
         self.after_init = after_init
 
     def init(self) -> None:
@@ -276,9 +278,42 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode, flags, ctx):
         node = self.inodes.get(inode)
-        f = self.union.open(node, flags)
+        job = None
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC and not self.union.readonly:
+            job = await self._copy_data_off_loop(node)
+        try:
+            f = self.union.open(node, flags)
+        finally:
+            if job is not None:
+                self._copy_done(node, job)
         fh = self.handles.add(self.handles.files, f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def _copy_data_off_loop(self, node: Node) -> DataCopy | None:
+        """A big copy-up's data copy runs in a thread, so that other requests keep flowing while it
+        does; the copy-up itself (names, xattrs, the rename) stays on the loop.  A second request
+        for the same file waits for the first's copy-up to be done."""
+        await self._settled(node)
+        job = self.union.copy_up.data_copy(node)
+        if job is None:
+            return None
+        log.debug("copy-up of %r: its data in a thread", node)
+        self._copying[node.ino] = trio.Event()
+        try:
+            await trio.to_thread.run_sync(job.run)
+        except BaseException:
+            self._copy_done(node, job)
+            raise
+        return job
+
+    def _copy_done(self, node: Node, job: DataCopy) -> None:
+        self.union.copy_up.discard(job)
+        self._copying.pop(node.ino).set()
+
+    async def _settled(self, node: Node) -> None:
+        """Wait while a copy-up of ``node`` runs in a thread (changes to it wait for the copy)."""
+        while (busy := self._copying.get(node.ino)) is not None:
+            await busy.wait()
 
     @_guard
     async def read(self, fh, off, size):
@@ -305,6 +340,7 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         u = self._writable()
         node = self.inodes.get(inode)
+        await self._settled(node)
         f = self.handles.files.get(fh) if fh is not None else None
         u.setattr(node, f,
                   mode=attr.st_mode if fields.update_mode else None,
@@ -381,7 +417,9 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def setxattr(self, inode, name, value, ctx):
         self._no_xattrs()
-        self._writable().setxattr(self.inodes.get(inode), os.fsdecode(name), value)
+        node = self.inodes.get(inode)
+        await self._settled(node)
+        self._writable().setxattr(node, os.fsdecode(name), value)
 
     @_guard
     async def removexattr(self, inode, name, ctx):
