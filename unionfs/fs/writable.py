@@ -295,6 +295,8 @@ class WritableUnion(DirOps, Union):
         no copy-up for them, and nothing set on a whiteout or a new file now at a removed name."""
         if f is None or not f.writable:   # a read-only one may be a lower file's
             f = next((o for o in self._open.get(node.ino, ()) if o.writable), None) if node.unlinked else None
+            if f is None and node.unlinked:
+                return   # removed, and no file of it open for writing: nothing to set
         if f is not None:
             st = ovl.fstat(f.fd)
         else:
