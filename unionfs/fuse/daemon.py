@@ -48,7 +48,7 @@ NO_OP = {
     "redirect_dir": "directory renames always record trusted.overlay.redirect (as redirect_dir=on)",
     "timeout": "the kernel caches lower entries for a day, upper ones for a second",
     "kernel_cache": "file pages are always kept (keep_cache)",
-    "max_write": "pyfuse3 sizes its own buffers",
+    "max_write": "requests already carry up to 1 MiB (libfuse 3.14's buffer, max_pages 256)",
     "diratime": "FUSE does not update atimes", "nodiratime": "FUSE does not update atimes",
     "splice_move": "pyfuse3 does not splice", "splice_read": "pyfuse3 does not splice",
     "splice_write": "pyfuse3 does not splice", "no_splice_move": "pyfuse3 does not splice",
