@@ -243,18 +243,19 @@ class Unionfs(FS):
     """``unionfs -o lowerdir=... MNT`` as podman calls it (``style="mount"``: ``unionfs mount --lower``)."""
     name = "unionfs"
     style = "o"
-    extra = ""   # more -o options
+    extra = ""   # more -o options (a --variant)
+    program = UNIONFS   # another build's with --baseline
 
     def mount(self, debug_log: Path | None = None) -> Mounted:
         up, work, mnt = self.fresh()
+        more = ["-o", self.extra] if self.extra else []
         if self.style == "o":
-            argv = [UNIONFS, "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}{self.extra}", str(mnt)]
+            argv = [self.program, "-o", f"lowerdir={self.lowerdir()},upperdir={up},workdir={work}", *more, str(mnt)]
         else:
-            argv = [UNIONFS, "mount", "--lower", self.lowerdir(), "--upper", str(up), "--work", str(work), str(mnt)]
-            if self.extra:
-                argv[2:2] = ["-o", self.extra.lstrip(",")]
+            argv = [self.program, "mount", "--lower", self.lowerdir(), "--upper", str(up), "--work", str(work), *more,
+                    str(mnt)]
         if debug_log:   # libfuse's debug output: one line per request, its opcode named
-            argv = [UNIONFS, "mount", "-f", "-o", "debug" + self.extra, "--lower", self.lowerdir(), "--upper", str(up),
+            argv = [self.program, "mount", "-f", "-o", "debug", *more, "--lower", self.lowerdir(), "--upper", str(up),
                     "--work", str(work), str(mnt)]
             proc = _foreground(argv, mnt, debug_log)
             return Mounted(self.name, mnt, proc.pid, proc)
@@ -266,14 +267,14 @@ class Unionfs(FS):
         if m.proc is not None:
             super().umount(m)
         else:
-            subprocess.run([UNIONFS, "umount", str(m.mnt)], check=True, capture_output=True)
+            subprocess.run([self.program, "umount", str(m.mnt)], check=True, capture_output=True)
             _wait_gone(m)
 
 
 class UnionfsMetacopy(Unionfs):
     """unionfs with -o metacopy=on (fs/metacopy.py)."""
     name = "unionfs-metacopy"
-    extra = ",metacopy=on"
+    extra = "metacopy=on"
 
 
 class Floor(FS):
@@ -573,6 +574,12 @@ def main() -> int:
     ap.add_argument("--fs", action="append", choices=["overlay", "overlay-metacopy", "fuse-overlayfs", "floor",
                                                        "unionfs", "unionfs-metacopy"],
                     help="filesystems to run (default: all but the -metacopy ones)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=OPTS",
+                    help="also run unionfs with more -o options, as its own column named unionfs-LABEL "
+                         "(e.g. wb0=writeback=0; repeatable)")
+    ap.add_argument("--baseline", metavar="PROGRAM",
+                    help="also run another build's unionfs (e.g. the main tree's venv/bin/unionfs), as the "
+                         "column unionfs-base: before and after in one run")
     ap.add_argument("--cache", default="/var/tmp/unionfs-bench", help="where the layer stack is built once")
     ap.add_argument("--million", action="store_true",
                     help="also the memory rows of scripts/bench_memory.py: peak RSS over five finds of 1M entries")
@@ -597,6 +604,13 @@ def main() -> int:
     if FuseOverlayfs in classes and not shutil.which("fuse-overlayfs"):
         classes.remove(FuseOverlayfs)
     systems = [c(stack, scratch) for c in classes]
+    if args.baseline:
+        systems.append(type("UnionfsBase", (Unionfs,), {"name": "unionfs-base", "program": args.baseline})(
+            stack, scratch))
+    for v in args.variant:
+        label, _, opts = v.partition("=")
+        systems.append(type(f"Unionfs_{label}", (Unionfs,), {"name": f"unionfs-{label}", "extra": opts})(
+            stack, scratch))
     workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
     times: dict[str, dict[str, list[float]]] = {w.name: {s.name: [] for s in systems} for w in workloads}
     memory: dict[str, dict] = {}
@@ -641,7 +655,7 @@ def main() -> int:
           f"{p['blob'] >> 20} MiB file), {repeat} runs, seconds min/median/max; unionfs's median as a ratio "
           f"to each other's median (x{ref}, x fuse-overlayfs, x floor)\n")
     print(f"{'workload':32}" + "".join(f"{n:>26}" for n in names) + "".join(
-        f"{'u/' + n[:5]:>9}" for n in names if n != "unionfs"))
+        f"{'u/' + (n[8:] if n.startswith('unionfs-') else n)[:5]:>9}" for n in names if n != "unionfs"))
     for w in workloads:
         row = f"{w.name:32}"
         meds = {n: statistics.median(times[w.name][n]) for n in names}

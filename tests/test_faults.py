@@ -133,7 +133,9 @@ def test_faults_in_every_kind_of_handler_are_eio_logged_and_survived(tmp_path):
     write(lower, "cupoison", b"lower data")
     write(lower, "fine", b"still here")
     spec = {"faults": [{"target": t, "exc": e, "when": w} for t, e, w in FAULTS]}
-    m = InjectedMount(mnt, [lower], upper, work, log=tmp_path / "log", spec=spec)
+    # Write-through, so that each write(2) is one WRITE request and its fault reaches that call
+    # (with the writeback cache it would reach the close).
+    m = InjectedMount(mnt, [lower], upper, work, options=["writeback=0"], log=tmp_path / "log", spec=spec)
     m.start()
     try:
         _eio(os.listdir, mnt / "brokendir")

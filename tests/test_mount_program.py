@@ -141,7 +141,8 @@ def test_options_accepted_with_their_meaning_or_refused(tmp_path):
             assert e.value.errno == 95, program                # EOPNOTSUPP, as fuse-overlayfs
     for bad, says in (("bogus", "unknown mount option 'bogus'"), ("uidmapping=0:1", "invalid id mapping"),
                       ("squash_to_uid=x", "needs a number"), ("plugins=/x.so", "plugins"),
-                      ("xattr_permissions=3", "want 0, 1"), ("allow_root,allow_other", "exclude")):
+                      ("xattr_permissions=3", "want 0, 1"), ("allow_root,allow_other", "exclude"),
+                      ("writeback=yes", "want a number")):
         r = _program(UNIONFS, f"{layers},{bad}", mnt)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, (bad, r.stderr)
         assert not is_mounted(mnt)

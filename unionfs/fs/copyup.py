@@ -53,6 +53,43 @@ class CopyUpCtx:
     origin: OverlayFh | None = None  # what overlay.origin will say (dirs and single-link files)
     data: tuple[int, bytes] | None = None  # where the data is read from (a lower metacopy file's is below)
     meta: bool = False     # metadata only: the data stays below (metacopy=on, :mod:`metacopy`)
+    filled: bool = False   # ``temp`` holds the data already (a DataCopy's)
+
+
+# A file this big has its data copied by DataCopy.run, which the adapter runs in a thread: below it
+# the hop to a thread (~0.15 ms) costs more than the copy holds up other requests.
+COPY_OFF_LOOP = 1 << 20
+
+
+@dataclass(eq=False)
+class DataCopy:
+    """A regular lower file's data, copied into a new file of the work dir ahead of its copy-up.
+
+    :meth:`run` blocks and touches only its own descriptors (any thread may run it); the copy-up
+    then takes the filled file instead of copying, if the lower file is still the one copied."""
+
+    ino: int
+    lower: tuple[int, int, int, int]   # st_dev, st_ino, st_size, st_mtime_ns of the lower file
+    temp: bytes
+    src: int
+    dst: int
+    fsync: bool
+    done: bool = False   # the data is in ``temp`` (run returned)
+    used: bool = False   # a copy-up renamed ``temp`` into place
+
+    def run(self) -> None:
+        try:
+            ovl.copy_data(self.src, self.dst, self.lower[2])
+            if self.fsync:
+                ovl.fsync(self.dst)
+            self.done = True
+        finally:
+            os.close(self.src)
+            os.close(self.dst)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
@@ -94,6 +131,37 @@ class CopyUp:
         self.u = union
         self.up = upper
         self.reopen = reopen
+        self.data_copies: dict[int, DataCopy] = {}   # by inode number, until discarded
+
+    def data_copy(self, node: Node) -> DataCopy | None:
+        """Start a copy-up's data copy to run apart (see DataCopy), if ``node`` needs a copy-up of
+        at least COPY_OFF_LOOP bytes; None if not, or if one is under way."""
+        if (in_upper(node) or node.is_dir or node.ino in self.data_copies or self.u.fill is not None
+                or len(node.layers) > 1):   # a lower metacopy file's data is further down: on the loop
+            return None   # a lazy layer's fill is the union's to run, not a thread's
+        lower_fd, lower_name = self.u.locate_in(node, node.top)
+        st = ovl.lstat_at(lower_fd, lower_name)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < COPY_OFF_LOOP:
+            return None
+        temp = self.up.temp_name()
+        src = ovl.open_at(lower_fd, lower_name, os.O_RDONLY)
+        try:
+            dst = ovl.open_at(self.up.work_fd, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            os.close(src)
+            raise
+        job = self.data_copies[node.ino] = DataCopy(node.ino, _identity(st), temp, src, dst, self.up.fsync)
+        return job
+
+    def discard(self, job: DataCopy) -> None:
+        """The data copy is over: its file goes unless a copy-up took it."""
+        if self.data_copies.get(job.ino) is job:
+            del self.data_copies[job.ino]
+        if not job.used:
+            try:
+                ovl.unlink_at(self.up.work_fd, job.temp)
+            except FileNotFoundError:
+                pass
 
     def copy_data(self, src_dirfd: int, src_name: bytes, dst: int, size: int) -> None:
         """The data of a lower file into ``dst`` (a copy-up, or a metacopy file's first write)."""
@@ -101,7 +169,7 @@ class CopyUp:
         try:
             if self.u.fill is not None:   # a lazy layer's content first (union.Fill)
                 self.u.fill(src, 0, size)
-            ovl.copy_file_range_all(src, dst, size)
+            ovl.copy_data(src, dst, size)
         finally:
             os.close(src)
 
@@ -138,6 +206,11 @@ class CopyUp:
         if stat.S_ISREG(st.st_mode):
             ctx.data = u.locate_data(node)  # type: ignore[assignment]
             ctx.meta = meta and metacopy.wanted(st, index, truncate)
+        job = self.data_copies.get(node.ino)
+        if (job is not None and job.done and not job.used and not truncate and not ctx.meta
+                and job.lower == _identity(st)):
+            ctx.temp, ctx.filled = job.temp, True
+            job.used = True   # from here on the copy-up's: renamed into place, or removed on failure
         log.debug("copy up %r", node)
         if index is not None and up.index_stat(index) is not None:
             self._link_up(ctx)
@@ -222,7 +295,9 @@ class CopyUp:
         up, st = self.up, c.st
         mode = st.st_mode
         try:
-            if stat.S_ISREG(mode):
+            if c.filled:
+                pass   # a DataCopy's file, data and fsync done
+            elif stat.S_ISREG(mode):
                 dst = ovl.open_at(up.work_fd, c.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     if c.meta:  # sparse, the lower size, as the kernel's; no data to wait for

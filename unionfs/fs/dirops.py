@@ -242,7 +242,9 @@ class DirOps:
             else:
                 ovl.unlink_at(pfd, name)
         last = self._name_removed(node) if node.indexed else real is None or real.st_nlink < 2
-        if last and node.ino in self._open and not node.is_dir:
+        if last and not node.is_dir:
+            # Reached through its open files from now on, if any; and what the kernel still sends
+            # for it (the writeback cache's times) must not land on whatever takes the name.
             node.unlinked = True
         elif not last:
             self._relocate(node, parent, name, real)
@@ -323,8 +325,8 @@ class DirOps:
             if target is not None and target is not node and not target.is_dir:
                 last = self._name_removed(target) if target.indexed else \
                     target_real is None or target_real.st_nlink < 2
-                if last and target.ino in self._open:
-                    target.unlinked = True
+                if last:
+                    target.unlinked = True   # as in _remove
                 elif not last:
                     self._relocate(target, new_parent, new_name, target_real)
         self.inodes.move(node, new_parent, new_name)

@@ -365,16 +365,37 @@ def fsync(fd: int, datasync: bool = False) -> None:
     (os.fdatasync if datasync else os.fsync)(fd)
 
 
-def copy_file_range_all(src: int, dst: int, length: int) -> None:
-    """Copy ``length`` bytes kernel-side (reflink where the filesystem can), never through Python."""
+def copy_data(src: int, dst: int, length: int) -> None:
+    """Copy the first ``length`` bytes of ``src`` into the empty ``dst`` kernel-side (reflink where
+    the filesystem can), never through Python; holes stay holes (SEEK_DATA/SEEK_HOLE), so a sparse
+    file's copy is as sparse, as overlayfs's copy-up keeps it."""
     off = 0
     while off < length:
         try:
-            n = os.copy_file_range(src, dst, length - off, off, off)
+            data = os.lseek(src, off, os.SEEK_DATA)
+            hole = os.lseek(src, data, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break   # nothing but a hole up to the end
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data, hole = off, length   # no SEEK_DATA here: all of it is data
+        if data >= length:
+            break
+        _copy_range(src, dst, data, min(hole, length) - data)
+        off = hole
+    os.ftruncate(dst, length)   # a hole at the end
+
+
+def _copy_range(src: int, dst: int, off: int, length: int) -> None:
+    end = off + length
+    while off < end:
+        try:
+            n = os.copy_file_range(src, dst, end - off, off, off)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
-            n = _copy_pread(src, dst, off, length - off)
+            n = _copy_pread(src, dst, off, end - off)
         if n == 0:
             break
         off += n

@@ -318,7 +318,7 @@ class Union(Lookup):
             raise OSError(errno.EISDIR, "is a directory")
         return OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
 
-    def _open_real(self, node: Node, flags: int) -> int:
+    def _open_real(self, node: Node, flags: int, noatime: bool = False) -> int:
         if flags & (os.O_WRONLY | os.O_RDWR):
             fd, name = self.locate(node)
             lower = False
@@ -328,7 +328,7 @@ class Union(Lookup):
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
         # Reading a lower file leaves its atime alone, as overlayfs (non-standard behaviour (a)).
         assert name is not None
-        return ovl.open_at(fd, name, flags, noatime=lower)
+        return ovl.open_at(fd, name, flags, noatime=lower or noatime)
 
     def read(self, f: "OpenFile", off: int, size: int) -> bytes:
         if self.fill is not None and not f.writable:

@@ -58,6 +58,7 @@ class WritableUnion(DirOps, Union):
         self.index_fd = self.upper.index_fd  # Union.locate reads indexed files there
         self._aliases: dict[int, list[tuple[Node, bytes]]] = {}  # names of upper-only hard links
         self._euid, self._egid = os.geteuid(), os.getegid()
+        self.page_cache_writes = False  # the adapter's writeback cache: writes come as whole pages
         self._open: dict[int, set[OpenFile]] = {}
         self.copy_up = CopyUp(self, self.upper, self.reopen_readers)
         self.upper.clean_work()
@@ -211,7 +212,9 @@ class WritableUnion(DirOps, Union):
             self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
             if self.is_metacopy(node):
                 metacopy.copy_data_up(self, node, keep_data=not flags & os.O_TRUNC)
-            fd = self._open_real(node, os.O_RDWR if write else os.O_RDONLY)
+            # With the writeback cache the kernel reads the pages a partial write fills through
+            # this fd: those reads must not touch the atime (overlayfs's write reads nothing).
+            fd = self._open_real(node, os.O_RDWR if write else os.O_RDONLY, noatime=write and self.page_cache_writes)
             if flags & os.O_TRUNC and (was_upper or node.indexed):
                 # A copy-up that linked an indexed inode copied its data.  O_RDONLY|O_TRUNC
                 # truncates too, as on Linux: through a descriptor of its own.
@@ -272,7 +275,9 @@ class WritableUnion(DirOps, Union):
                 if self.is_metacopy(node):
                     metacopy.copy_data_up(self, node, keep_data=size != 0)
                 self._truncate_real(node, None, size)
-        if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
+        if mode is None and uid is None and gid is None:
+            if atime_ns is not None or mtime_ns is not None:
+                self._set_times(node, f, atime_ns, mtime_ns)
             return
         self.copy_up(node, meta=self.metacopy_on)
         fd, name = self.locate(node)
@@ -287,11 +292,37 @@ class WritableUnion(DirOps, Union):
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
             ovl.chmod_at(fd, name, stat.S_IMODE(mode)) if name is not None else ovl.fchmod(fd, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
-            if atime_ns is None or mtime_ns is None:
-                st = ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
-                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            ovl.utime_at(fd, name, (atime_ns, mtime_ns)) if name is not None else ovl.futimens(fd, (atime_ns, mtime_ns))
+            st = ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
+            times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+            ovl.utime_at(fd, name, times) if name is not None else ovl.futimens(fd, times)
+
+    def _set_times(self, node: Node, f: OpenFile | None, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """utimensat, and the writeback cache's own times: after its writes (through the open file,
+        which may have lost its name), and after each unlink, rename and link of a regular file the
+        kernel sends the mtime it keeps, unchanged, with a new ctime.  Those change nothing here:
+        no copy-up for them, and nothing set on a whiteout or a new file now at a removed name."""
+        if f is None or not f.writable:   # a read-only one may be a lower file's
+            f = next((o for o in self._open.get(node.ino, ()) if o.writable), None) if node.unlinked else None
+            if f is None and node.unlinked:
+                return   # removed, and no file of it open for writing: nothing to set
+        if f is not None:
+            st = ovl.fstat(f.fd)
+        else:
+            try:
+                st = self.real_stat(node)
+            except FileNotFoundError:
+                return   # removed meanwhile: the kernel's last times of it
+            if stat.S_IFMT(st.st_mode) != stat.S_IFMT(node.mode):
+                return   # removed, a whiteout in its place
+        if atime_ns is None and mtime_ns == st.st_mtime_ns:
+            return   # the time it has: ctime alone would change, and the kernel keeps that itself
+        times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+        if f is not None:
+            ovl.futimens(f.fd, times)
+            return
+        self.copy_up(node, meta=self.metacopy_on)
+        fd, name = self.locate(node)
+        ovl.utime_at(fd, name, times) if name is not None else ovl.futimens(fd, times)
 
     def _record_override(self, node: Node, fd: int, name: bytes | None, uid: int | None, gid: int | None,
                          mode: int | None) -> None:

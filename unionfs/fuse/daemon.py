@@ -47,14 +47,16 @@ NO_OP = {
     "xino": "inode numbers are always as overlayfs's xino=on",
     "redirect_dir": "directory renames always record trusted.overlay.redirect (as redirect_dir=on)",
     "timeout": "the kernel caches lower entries for a day, upper ones for a second",
-    "writeback": "writes always reach the daemon (no writeback cache)",
     "kernel_cache": "file pages are always kept (keep_cache)",
-    "max_write": "pyfuse3 sizes its own buffers",
+    "max_write": "requests already carry up to 1 MiB (libfuse 3.14's buffer, max_pages 256)",
     "diratime": "FUSE does not update atimes", "nodiratime": "FUSE does not update atimes",
     "splice_move": "pyfuse3 does not splice", "splice_read": "pyfuse3 does not splice",
     "splice_write": "pyfuse3 does not splice", "no_splice_move": "pyfuse3 does not splice",
     "no_splice_read": "pyfuse3 does not splice", "no_splice_write": "pyfuse3 does not splice",
 }
+# The kernel's writeback cache: small writes gather in the page cache and reach the daemon as
+# few big WRITE requests (README, "Writes and the writeback cache").
+WRITEBACK_DEFAULT = True
 # libfuse mounts nosuid,nodev and for the mounting user alone; as root we mount with these unless
 # told otherwise (the option named beside each), as fuse-overlayfs does: a rootfs needs setuid
 # binaries, device nodes, and users other than root.
@@ -79,6 +81,7 @@ class MountConfig:
     override: str | None = None   # xattr_permissions=1|2: the xattr recording owners, modes and types
     metacopy: bool = False        # metacopy=on: chmod, chown, utimes, xattrs copy no data (fs/metacopy.py)
     max_inodes: int | None = None  # max_inodes=N: the inode budget (None: the adapter's default)
+    writeback: bool = WRITEBACK_DEFAULT   # writeback=0|1: the kernel's writeback cache (README)
     fill: Callable[[int, int, int], None] | None = None   # lazy layers: see union.Fill
     background: Callable[[], None] | None = None         # run in a thread of the daemon once mounted
 
@@ -155,6 +158,7 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
     fsync, acl, xattrs, static_nlink, meta = True, True, True, False, False
     override: str | None = None
     max_inodes: int | None = None
+    writeback = WRITEBACK_DEFAULT
     ids: dict[str, object] = {}
     for k, v in opts.items():
         if k == "lowerdir":
@@ -193,6 +197,8 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
             raise UsageError(f"metacopy={v or ''}: give metacopy=on or metacopy=off")
         elif k == "max_inodes":
             max_inodes = _number(k, v)
+        elif k == "writeback":   # fuse-overlayfs's writeback=0|1
+            writeback = _flag(k, v)
         elif k == "xattr_permissions":
             if v not in (None, "0", "1", "2"):
                 raise UsageError(f"xattr_permissions={v}: want 0, 1 (security.fuseoverlayfs.override_stat) "
@@ -242,7 +248,8 @@ def build_config(mountpoint: str, lower: list[str], upper: str | None, work: str
         raise UsageError(str(e)) from None
     return MountConfig(os.path.abspath(mountpoint), lower, upper, work, fuse, foreground, log_file,
                        debug="debug" in fuse, fsync=fsync, idmap=idmap, acl=acl, xattrs=xattrs,
-                       static_nlink=static_nlink, override=override, metacopy=meta, max_inodes=max_inodes)
+                       static_nlink=static_nlink, override=override, metacopy=meta, max_inodes=max_inodes,
+                       writeback=writeback)
 
 
 # --- running -----------------------------------------------------------------
@@ -373,7 +380,7 @@ def _serve(cfg: MountConfig, union, ready) -> None:
     real_mountpoint = os.path.realpath(cfg.mountpoint)  # before mounting (see below)
     ops = Operations(union, after_init=lambda: _widen_read_ahead(real_mountpoint), idmap=cfg.idmap,
                      acl=cfg.acl, xattrs=cfg.xattrs, static_nlink=cfg.static_nlink,
-                     fakeroot="default_permissions" not in cfg.fuse_options,
+                     fakeroot="default_permissions" not in cfg.fuse_options, writeback=cfg.writeback,
                      **({"max_inodes": cfg.max_inodes} if cfg.max_inodes is not None else {}))
     os.umask(0)  # modes of new entries come from the caller, already masked by the kernel
     pidfile = _pidfile(cfg.mountpoint)  # before mounting: resolving the path afterwards would ask ourselves

@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from ..fs import sys as sysmod
+from ..fs.copyup import DataCopy
 from ..fs.readdir import DirCache, Listing
 from ..fs.idmap import IdMap
 from ..fs.inodes import ROOT_INO, Node
@@ -127,7 +128,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, union: Union, after_init: Callable[[], None] | None = None, idmap: IdMap = IdMap(),
                  acl: bool = True, xattrs: bool = True, static_nlink: bool = False, fakeroot: bool = False,
-                 max_inodes: int | None = MAX_INODES) -> None:
+                 max_inodes: int | None = MAX_INODES, writeback: bool = False) -> None:
         super().__init__()
         # A user's mount with recorded owners (xattr_permissions): the mounting user, the only caller,
         # is root of it: creates root's files and may change every one (the kernel checks nothing).
@@ -137,11 +138,19 @@ class Operations(pyfuse3.Operations):
         # Read by pyfuse3.init.  The kernel checks permissions itself (default_permissions) wherever it
         # enforces ACLs, so a fakeroot mount has none: its only caller is root of it anyway.
         self.enable_acl = acl and xattrs and not fakeroot
+        # Read by pyfuse3.init too.  The kernel then owns size and mtime of open files, sends
+        # writes of whole pages (reading the rest first: a write open is read-write on the real
+        # file, as it is already), places O_APPEND writes itself (the real fd has no O_APPEND) and
+        # sends the times it kept in a SETATTR; suid/sgid clearing still arrives as a SETATTR.
+        self.enable_writeback_cache = writeback
+        if not union.readonly:
+            union.page_cache_writes = writeback
         self.xattrs = xattrs
         self.static_nlink = static_nlink
         self.inodes = union.inodes
         self.handles = Handles()
         self.listings = DirCache()
+        self._copying: dict[int, trio.Event] = {}   # inodes whose copy-up's data copy runs in a thread
         self.after_init = after_init
         self.inodes.max_nodes = max_inodes
         self.shedder = Shedder()
@@ -355,9 +364,42 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
             await self._prefill(node)
-        f = self.union.open(node, flags)
+        job = None
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC and not self.union.readonly:
+            job = await self._copy_data_off_loop(node)
+        try:
+            f = self.union.open(node, flags)
+        finally:
+            if job is not None:
+                self._copy_done(node, job)
         fh = self.handles.add(self.handles.files, f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def _copy_data_off_loop(self, node: Node) -> DataCopy | None:
+        """A big copy-up's data copy runs in a thread, so that other requests keep flowing while it
+        does; the copy-up itself (names, xattrs, the rename) stays on the loop.  A second request
+        for the same file waits for the first's copy-up to be done."""
+        await self._settled(node)
+        job = self.union.copy_up.data_copy(node)
+        if job is None:
+            return None
+        log.debug("copy-up of %r: its data in a thread", node)
+        self._copying[node.ino] = trio.Event()
+        try:
+            await trio.to_thread.run_sync(job.run)
+        except BaseException:
+            self._copy_done(node, job)
+            raise
+        return job
+
+    def _copy_done(self, node: Node, job: DataCopy) -> None:
+        self.union.copy_up.discard(job)
+        self._copying.pop(node.ino).set()
+
+    async def _settled(self, node: Node) -> None:
+        """Wait while a copy-up of ``node`` runs in a thread (changes to it wait for the copy)."""
+        while (busy := self._copying.get(node.ino)) is not None:
+            await busy.wait()
 
     @_guard
     async def read(self, fh, off, size):
@@ -398,6 +440,7 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         u = self._writable()
         node = self.inodes.get(inode)
+        await self._settled(node)
         f = self.handles.files.get(fh) if fh is not None else None
         if not (fields.update_size and attr.st_size == 0):
             await self._prefill(node)
@@ -477,8 +520,10 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def setxattr(self, inode, name, value, ctx):
         self._no_xattrs()
-        await self._prefill(self._writable_node(inode))
-        self._writable().setxattr(self.inodes.get(inode), os.fsdecode(name), value)
+        node = self._writable_node(inode)
+        await self._settled(node)
+        await self._prefill(node)
+        self._writable().setxattr(node, os.fsdecode(name), value)
 
     @_guard
     async def removexattr(self, inode, name, ctx):
