@@ -550,10 +550,10 @@ def _dpkg_row(work: Path, cache: Path, repeat: int, podman_cls, programs: dict[s
               skipped: dict[str, str]) -> dict[str, list[float]]:
     """``dpkg -i`` of DPKG_PACKAGES in a Debian 12 container (the debs bind-mounted read-only), once per
     mount program in each round, interleaved; {} and a reason in ``skipped`` when it cannot run."""
-    rootfs, debs = _debian_rootfs(cache), _dpkg_debs(cache)
-    why = next((x for x in (rootfs, debs) if isinstance(x, str)), None)
-    if why:
-        skipped[DPKG_ROW] = why
+    rootfs = _debian_rootfs(cache)
+    debs = _dpkg_debs(cache) if not isinstance(rootfs, str) else rootfs
+    if isinstance(debs, str):
+        skipped[DPKG_ROW] = debs
         return {}
     podmans = {n: podman_cls(work / f"pm-dpkg-{i}", prog) for i, (n, prog) in enumerate(programs.items())}
     row: dict[str, list[float]] = {n: [] for n in podmans}
@@ -740,11 +740,12 @@ def main() -> int:
     ref = "overlay" if any(s.name == "overlay" for s in systems) else systems[0].name
     names = [s.name for s in systems]
     results = []
-    print(f"\nstack: {size} ({p['files']} files from /usr + {p['bigdir']} entry dir + "
-          f"{p['blob'] >> 20} MiB file), {repeat} runs, seconds min/median/max; unionfs's median as a ratio "
-          f"to each other's median (x{ref}, x fuse-overlayfs, x floor)\n")
-    print(f"{'workload':32}" + "".join(f"{n:>26}" for n in names) + "".join(
-        f"{'u/' + n[:5]:>9}" for n in names if n != "unionfs"))
+    if workloads:   # none with --only naming whole-tool rows alone
+        print(f"\nstack: {size} ({p['files']} files from /usr + {p['bigdir']} entry dir + "
+              f"{p['blob'] >> 20} MiB file), {repeat} runs, seconds min/median/max; unionfs's median as a ratio "
+              f"to each other's median (x{ref}, x fuse-overlayfs, x floor)\n")
+        print(f"{'workload':32}" + "".join(f"{n:>26}" for n in names) + "".join(
+            f"{'u/' + n[:5]:>9}" for n in names if n != "unionfs"))
     for w in workloads:
         row = f"{w.name:32}"
         meds = {n: statistics.median(times[w.name][n]) for n in names}
