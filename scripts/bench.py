@@ -489,9 +489,100 @@ def _big_image(cache: Path) -> Path:
     return layout
 
 
-def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
+DPKG_ROW = "podman run: dpkg -i of real debs"
+# Real packages that dpkg -i takes alone in a minbase rootfs: every dependency is in minbase or in the set.
+DPKG_PACKAGES = ("less", "file", "libmagic1", "libmagic-mgc", "bzip2", "xz-utils", "gzip")
+DEBIAN_MIRROR = "http://deb.debian.org/debian"   # this machine's mirror (/etc/apt/sources.list.d)
+
+
+def _debian_rootfs(cache: Path) -> Path | str:
+    """A minbase Debian 12 rootfs made by debootstrap, built once; or why it cannot be ("no debootstrap")."""
+    root = cache / "debian-12-minbase"
+    done = cache / "debian-12-minbase.complete"   # outside the rootfs: it is imported as is
+    if done.exists():
+        return root
+    if not shutil.which("debootstrap"):
+        return "no debootstrap"
+    _remove_rootfs(root)
+    print(f"bench: debootstrap of Debian 12 minbase into {root} (once)", file=sys.stderr)
+    try:
+        r = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root), DEBIAN_MIRROR],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=1800)
+    finally:
+        _unmount_below(root)   # debootstrap's /proc and /sys in the target, if it stopped half-way
+    if r.returncode != 0:
+        return f"debootstrap failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}"
+    done.touch()
+    return root
+
+
+def _unmount_below(root: Path) -> None:
+    real = os.path.realpath(root)
+    with open("/proc/self/mountinfo") as f:
+        below = [line.split()[4] for line in f]
+    for m in sorted((m for m in below if m == real or m.startswith(real + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+def _remove_rootfs(root: Path) -> None:
+    """A half-made rootfs, never through a mount left in it (debootstrap mounts /proc there)."""
+    if root.exists():
+        _unmount_below(root)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=True)
+
+
+def _dpkg_debs(cache: Path) -> Path | str:
+    """DPKG_PACKAGES as .debs from the host's apt (apt-get download), fetched once; or why they cannot be."""
+    debs = cache / "dpkg-debs"
+    done = cache / "dpkg-debs.complete"
+    if done.exists():
+        return debs
+    shutil.rmtree(debs, ignore_errors=True)
+    debs.mkdir(parents=True)
+    r = subprocess.run(["apt-get", "download", *DPKG_PACKAGES], cwd=debs, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=600)
+    if r.returncode != 0:
+        return f"apt-get download failed: {r.stderr.strip().splitlines()[-1:]}"
+    done.touch()
+    return debs
+
+
+def _dpkg_row(work: Path, cache: Path, repeat: int, podman_cls, programs: dict[str, str],
+              skipped: dict[str, str]) -> dict[str, list[float]]:
+    """``dpkg -i`` of DPKG_PACKAGES in a Debian 12 container (the debs bind-mounted read-only), once per
+    mount program in each round, interleaved; {} and a reason in ``skipped`` when it cannot run."""
+    rootfs = _debian_rootfs(cache)
+    debs = _dpkg_debs(cache) if not isinstance(rootfs, str) else rootfs
+    if isinstance(debs, str):
+        skipped[DPKG_ROW] = debs
+        return {}
+    podmans = {n: podman_cls(work / f"pm-dpkg-{i}", prog) for i, (n, prog) in enumerate(programs.items())}
+    row: dict[str, list[float]] = {n: [] for n in podmans}
+    argv = ("run", "--rm", "-v", f"{debs}:/debs:ro", "deb:12", "sh", "-c", "dpkg -i /debs/*.deb >/dev/null")
+    try:
+        for pm in podmans.values():
+            tar = subprocess.Popen(["tar", "-C", str(rootfs), "--one-file-system", "-c", "."], stdout=subprocess.PIPE)
+            r = subprocess.run(["podman", "import", "-", "deb:12"], stdin=tar.stdout, env=pm.env, cwd=pm.base,
+                               capture_output=True, timeout=600)
+            tar.stdout.close()
+            assert tar.wait() == 0 and r.returncode == 0, f"podman import: {r.stderr.decode()[-500:]}"
+            pm(*argv)   # warm, and proof that dpkg takes the set alone
+        for _ in range(max(repeat, 3)):
+            for n, pm in podmans.items():
+                t0 = time.perf_counter()
+                pm(*argv)
+                row[n].append(time.perf_counter() - t0)
+    finally:
+        for pm in podmans.values():
+            pm.close()
+    return row
+
+
+def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = None,
+                  skipped: dict[str, str] | None = None) -> dict[str, dict[str, list[float]]]:
     """Rows that time whole tools, interleaved: podman with each mount program; loading a 100 MB image.
-    With ``only`` (--only), the podman rows if one names them ("podman"), the load row if one says "load"."""
+    With ``only`` (--only), the podman rows if one names them ("podman"), the dpkg row if one says "dpkg",
+    the load row if one says "load".  A row that cannot run gets its reason in ``skipped``."""
     sys.path.insert(0, str(REPO / "tests"))
     from podman_env import FUSE_OVERLAYFS, Podman, write_image
     rows: dict[str, dict[str, list[float]]] = {}
@@ -520,6 +611,11 @@ def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = No
         finally:
             for pm in podmans.values():
                 pm.close()
+    if shutil.which("podman") and (not only or any(o in DPKG_ROW for o in only)):
+        dpkg = _dpkg_row(work, cache, repeat, Podman, {"fuse-overlayfs": FUSE_OVERLAYFS, "unionfs": UNIONFS},
+                         skipped if skipped is not None else {})
+        if dpkg:
+            rows[DPKG_ROW] = dpkg
     if only and not any(o in "load" for o in only):
         return rows
     layout = _big_image(cache)
@@ -595,8 +691,15 @@ def main() -> int:
     p = dict(SIZES[size], stack=stack)
     scratch = cache / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
+    cold_start = args.cold_start
     if args.tools is None:
         args.tools = size != "tiny"
+        if cold_start is None:
+            cold_start = args.tools
+        # the dpkg row builds a Debian rootfs once: at --size tiny only when --only asks for it
+        args.tools = args.tools or bool(args.only and any(o in DPKG_ROW for o in args.only))
+    elif cold_start is None:
+        cold_start = args.tools
     classes = [Kernel, FuseOverlayfs, Floor, Unionfs]
     if args.fs:
         classes = [c for c in (Kernel, KernelMetacopy, FuseOverlayfs, Floor, Unionfs, UnionfsMetacopy)
@@ -651,11 +754,12 @@ def main() -> int:
     ref = "overlay" if any(s.name == "overlay" for s in systems) else systems[0].name
     names = [s.name for s in systems]
     results = []
-    print(f"\nstack: {size} ({p['files']} files from /usr + {p['bigdir']} entry dir + "
-          f"{p['blob'] >> 20} MiB file), {repeat} runs, seconds min/median/max; unionfs's median as a ratio "
-          f"to each other's median (x{ref}, x fuse-overlayfs, x floor)\n")
-    print(f"{'workload':32}" + "".join(f"{n:>26}" for n in names) + "".join(
-        f"{'u/' + (n[8:] if n.startswith('unionfs-') else n)[:5]:>9}" for n in names if n != "unionfs"))
+    if workloads:   # none with --only naming whole-tool rows alone
+        print(f"\nstack: {size} ({p['files']} files from /usr + {p['bigdir']} entry dir + "
+              f"{p['blob'] >> 20} MiB file), {repeat} runs, seconds min/median/max; unionfs's median as a ratio "
+              f"to each other's median (x{ref}, x fuse-overlayfs, x floor)\n")
+        print(f"{'workload':32}" + "".join(f"{n:>26}" for n in names) + "".join(
+            f"{'u/' + (n[8:] if n.startswith('unionfs-') else n)[:5]:>9}" for n in names if n != "unionfs"))
     for w in workloads:
         row = f"{w.name:32}"
         meds = {n: statistics.median(times[w.name][n]) for n in names}
@@ -678,20 +782,23 @@ def main() -> int:
             for n, ops in requests[w.name].items():
                 top = ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda x: -x[1])[:6])
                 print(f"    {n:16} {sum(ops.values()):>9}  {top}")
-    tool_rows = run_tool_rows(cache, repeat, p, args.only) if args.tools else {}
-    if tool_rows:
+    skipped: dict[str, str] = {}
+    tool_rows = run_tool_rows(cache, repeat, p, args.only, skipped) if args.tools else {}
+    if tool_rows or skipped:
         print("\nwhole-tool rows (seconds min/median/max; ratio to the row's first)")
         for row_name, by in tool_rows.items():
             first = statistics.median(next(iter(by.values())))
             for n, t in by.items():
                 med = statistics.median(t)
                 print(f"  {row_name:34} {n:28} {min(t):8.3f}/{med:.3f}/{max(t):.3f} {med / first:6.2f}x")
+        for row_name, why in skipped.items():
+            print(f"  {row_name:34} skipped: {why}")
     if args.million:
         print("\nmemory over five finds of a 1,000,000-entry stack (scripts/bench_memory.py):")
         import bench_memory
         memory["million"] = bench_memory.run(cache, 1_000_000, 5, ["unionfs", "fuse-overlayfs"])
     cold_rows = {}
-    if args.tools if args.cold_start is None else args.cold_start:
+    if cold_start:
         import bench_lazy   # scripts/ is on the path: this script's own directory
         work = Path(tempfile.mkdtemp(prefix="cold-", dir=scratch))
         try:
@@ -708,7 +815,8 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"size": size, "repeat": repeat, "params": SIZES[size],
                                                "results": results, "requests": requests,
-                                               "tool_rows": tool_rows, "cold_start": cold_rows,
+                                               "tool_rows": tool_rows, "tool_rows_skipped": skipped,
+                                               "cold_start": cold_rows,
                                                "memory": memory}, indent=2))
     return 0
 
