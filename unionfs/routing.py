@@ -7,7 +7,7 @@ from __future__ import annotations
 
 COMMANDS = {"mount", "umount", "load", "images", "inspect", "history", "tag", "rmi", "create", "ps", "rm", "diff",
             "commit", "save", "convert", "build", "run", "start", "stop", "restart", "kill", "wait", "logs", "exec",
-            "volume", "pull", "push", "login", "logout"}
+            "volume", "pull", "push", "index", "login", "logout"}
 
 
 def is_mount_program_argv(argv: list[str]) -> bool:
