@@ -3,6 +3,7 @@
 as one stream), and by range: footer and TOC by two HTTP range requests, every chunk checked."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -137,6 +138,17 @@ def mounted(tmp_path, store, name, *opts, times=True):
         assert not is_mounted(mnt)
 
 
+@contextlib.contextmanager
+def lazy_mount(tmp_path, store, ref, mnt, log_file):
+    """``mount --no-fill`` of a lazy image (only what is read is fetched), its daemon logging to ``log_file``."""
+    mnt.mkdir()
+    ok(run(tmp_path, "--root", str(store), "mount", "--no-fill", ref, str(mnt), "--log", str(log_file)))
+    try:
+        yield
+    finally:
+        ok(run(tmp_path, "umount", str(mnt)))
+
+
 def _blob_gets(reg: Registry) -> list[str]:
     return [x for x in reg.access_log() if x.startswith("GET ") and "/blobs/" in x]
 
@@ -185,11 +197,8 @@ def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci
         at = lib.chunks[1].offset + 30
         bad[at] ^= 0xFF
         blob.write_bytes(bytes(bad))
-        mnt = tmp_path / "mnt-reads"
-        mnt.mkdir()
-        log_file = tmp_path / "daemon.log"
-        ok(run(tmp_path, "--root", str(fresh), "mount", "--no-fill", ref, str(mnt), "--log", str(log_file)))
-        try:
+        mnt, log_file = tmp_path / "mnt-reads", tmp_path / "daemon.log"
+        with lazy_mount(tmp_path, fresh, ref, mnt, log_file):
             with pytest.raises(OSError) as e:
                 (mnt / "usr/lib/liba.so").read_bytes()
             assert e.value.errno == 5
@@ -217,8 +226,6 @@ def test_lazy_pull_mount_equals_whole_pull_and_fails_reads_alone(tmp_path, umoci
             for layer in fill._layers:
                 order = [e.name for e in layer.fill_order()]
                 assert order[:len(layer.accessed)] == list(layer.accessed)
-        finally:
-            ok(run(tmp_path, "umount", str(mnt)))
 
 
 def test_background_fill_makes_the_layer_ordinary(tmp_path, umoci_image):  # noqa: F811

@@ -21,7 +21,7 @@ import pytest
 from helpers import diff_snapshots, snapshot
 from podman_env import HAVE_PODMAN, Podman
 from registry_server import Registry, have_registry
-from test_estargz import mounted
+from test_estargz import lazy_mount, mounted
 from test_image_interop import _w, umoci_image  # noqa: F401  (the module-scoped fixture)
 from test_registry_interop import registry_rootfs, sh
 from test_registry_pull_push import ok, one_line_error, run
@@ -124,11 +124,8 @@ def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
         # one small file: a fraction of the image is fetched
         fresh = tmp_path / "fresh"
         ok(run(tmp_path, "--root", str(fresh), "pull", "--lazy", "--whole-below", "0", ref, "--insecure"))
-        mnt = tmp_path / "mnt"
-        mnt.mkdir()
-        log_file = tmp_path / "daemon.log"
-        ok(run(tmp_path, "--root", str(fresh), "mount", "--no-fill", ref, str(mnt), "--log", str(log_file)))
-        try:
+        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        with lazy_mount(tmp_path, fresh, ref, mnt, log_file):
             assert (mnt / "opt/small.txt").read_bytes() == b"small and cheap\n"
             have = sum(h for h, _ in local(fresh).values())
             total = sum(ly["size"] for ly in layers)
@@ -159,8 +156,6 @@ def test_gzip_index_pushed_found_and_served_lazily(tmp_path, big_image):
             assert (mnt / "opt/big1").read_bytes() == (rootfs / "opt/big1").read_bytes()
             # 48 spans of 64 KiB, fetched in runs as the checkpoints estimate them, not one request per span
             assert len(_blob_gets(reg)) - gets <= 12, _blob_gets(reg)[gets:]
-        finally:
-            ok(run(tmp_path, "umount", str(mnt)))
 
 
 def test_background_fill_makes_an_indexed_layer_ordinary(tmp_path, big_image):
@@ -236,18 +231,13 @@ def test_an_index_of_another_image_is_refused(tmp_path, big_image, umoci_image):
                 blobs.append(Blob(d["mediaType"], seekable.encode(ix), d["annotations"]))
             push_artifact(client, art["subject"], seekable.ARTIFACT_TYPE, blobs)
         ok(run(tmp_path, "--root", str(lazy), "pull", "--lazy", "--whole-below", "0", a, "--insecure"))
-        mnt = tmp_path / "mnt"
-        mnt.mkdir()
-        log_file = tmp_path / "d.log"
-        ok(run(tmp_path, "--root", str(lazy), "mount", "--no-fill", a, str(mnt), "--log", str(log_file)))
-        try:
+        mnt, log_file = tmp_path / "mnt", tmp_path / "d.log"
+        with lazy_mount(tmp_path, lazy, a, mnt, log_file):
             with pytest.raises(OSError) as e:
                 (mnt / "opt/small.txt").read_bytes()
             assert e.value.errno == 5
             assert "does not describe" in log_file.read_text()
             assert (mnt / "etc/hosts").read_bytes() == b"10.0.0.1 app\n"
-        finally:
-            ok(run(tmp_path, "umount", str(mnt)))
 
 
 @pytest.mark.skipif(not shutil.which("zstd"), reason="the zstd tool is needed")

@@ -209,6 +209,19 @@ def _user_snapshot(user: User, root: Path) -> dict:
         "print(json.dumps(snapshot_as_user(sys.argv[1])))", str(root)).stdout))
 
 
+def _mounted_view(user: User, base: Path, what: str, name: str, change: str | None = None) -> dict:
+    """Mount ``what`` (an image or a container) as the user, run the shell command ``change`` in the
+    mount, and snapshot it as the user sees it."""
+    mnt = user_dir(user, base, name)
+    user.unionfs("mount", what, str(mnt))
+    try:
+        if change:
+            user.run(["sh", "-c", f"cd {mnt} && {change}"])
+        return _user_snapshot(user, mnt)
+    finally:
+        user.unionfs("umount", str(mnt))
+
+
 @pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is needed (scripts/setup --test)")
 def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
     """load, images, inspect, history, tag, mount, create, mount the container, change it, diff,
@@ -224,23 +237,13 @@ def test_image_and_container_workflow_as_user(user, ubase, tmp_path):
     u("tag", "app:1", "app:2")
     store = user.data / "unionfs"
     assert store.is_dir() and store.stat().st_uid == user.uid      # the store is the user's, by default
-    mnt = user_dir(user, base, "img")
-    u("mount", "app:1", str(mnt))
-    try:
-        view = _user_snapshot(user, mnt)
-    finally:
-        u("umount", str(mnt))
+    view = _mounted_view(user, base, "app:1", "img")
     assert view["bin/su"][1] == 0o4755 and view["home/app/notes"][1] == 0o600
     cid = u("create", "--name", "c1", "app:1").stdout.decode().strip()
     assert b"c1" in u("ps", "-a").stdout
-    cmnt = user_dir(user, base, "ctr")
-    u("mount", "c1", str(cmnt))
-    try:
-        user.run(["sh", "-c", f"cd {cmnt} && echo new > etc/new && echo more >> etc/motd && rm -r old && mv home/app home/app2"
-                  " && mkdir -p srv && echo s > srv/s && chmod 0700 srv"])
-        changed = _user_snapshot(user, cmnt)
-    finally:
-        u("umount", str(cmnt))
+    changed = _mounted_view(user, base, "c1", "ctr", change=(
+        "echo new > etc/new && echo more >> etc/motd && rm -r old && mv home/app home/app2"
+        " && mkdir -p srv && echo s > srv/s && chmod 0700 srv"))
     diff = u("diff", "c1").stdout.decode().split("\n")
     for line in ("A /etc/new", "C /etc/motd", "D /old", "A /srv"):
         assert line in diff, diff
@@ -434,12 +437,7 @@ def test_owners_modes_devices_as_user(user, ubase, tmp_path):
                    capture_output=True, timeout=120)
     as_root = _root_snapshot(rstore, "own:1", tmp_path / "r1")
     assert as_root["dev/null"][:6] == (stat.S_IFCHR, 0o666, 0, 0, 0, os.makedev(1, 3))
-    mnt = user_dir(user, base, "img")
-    u("mount", "own:1", str(mnt))
-    try:
-        as_user = _user_snapshot(user, mnt)
-    finally:
-        u("umount", str(mnt))
+    as_user = _mounted_view(user, base, "own:1", "img")
     assert diff_snapshots(as_root, as_user) == []
     # fuse-overlayfs (xattr_permissions=2, as podman's force_mask runs it) reads the user's store alike:
     # owners and modes of files and directories (version 1.10 predates the device form of the record).
@@ -455,16 +453,11 @@ def test_owners_modes_devices_as_user(user, ubase, tmp_path):
         [(rel, theirs[rel][:4], as_root[rel][:4]) for rel in checked if theirs[rel][:4] != as_root[rel][:4]]
 
     cid = u("create", "--name", "o1", "own:1").stdout.decode().strip()
-    cmnt = user_dir(user, base, "ctr")
-    u("mount", "o1", str(cmnt))
-    try:
-        user.run(["sh", "-c", f"cd {cmnt} && chown 33:33 etc/passwd && echo x >> opt/ro && chmod 4711 opt/ro"
-                  " && echo new > etc/new && mkdir -m 2750 srv/d && chown 1000:33 srv/d && echo s > srv/shared/s"
-                  " && chown 0:0 home/app/notes && echo more >> var/www/index.html && mkfifo -m 0600 run/f2"
-                  " && chmod 0640 dev/null && rm bin/su2 && ln -s passwd etc/link && ln -s s srv/shared/l"])
-        changed = _user_snapshot(user, cmnt)
-    finally:
-        u("umount", str(cmnt))
+    changed = _mounted_view(user, base, "o1", "ctr", change=(
+        "chown 33:33 etc/passwd && echo x >> opt/ro && chmod 4711 opt/ro"
+        " && echo new > etc/new && mkdir -m 2750 srv/d && chown 1000:33 srv/d && echo s > srv/shared/s"
+        " && chown 0:0 home/app/notes && echo more >> var/www/index.html && mkfifo -m 0600 run/f2"
+        " && chmod 0640 dev/null && rm bin/su2 && ln -s passwd etc/link && ln -s s srv/shared/l"))
     assert changed["etc/passwd"][1:4] == (0o644, 33, 33) and changed["opt/ro"][1:4] == (0o4711, 0, 0)
     assert changed["etc/new"][1:4] == (0o644, 0, 0) and changed["srv/d"][1:4] == (0o2750, 1000, 33)
     assert changed["srv/shared/s"][2:4] == (0, 50)   # the setgid dir's group, recorded
