@@ -18,6 +18,7 @@ import pytest
 from difftest import build_lower, without_private_xattrs
 from helpers import diff_snapshots, overlay_mount, program_mount, snapshot
 from rootless_env import User, UserMount, chown_tree, edited, rootless_user, user_allow_other, user_dir
+from test_image_interop import _w
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = int(os.environ.get("UNIONFS_ROOTLESS_SEEDS", "8"))
@@ -185,11 +186,7 @@ def _umoci_layout(base: Path, fill) -> Path:
 
 def _write_files(root: Path, files) -> None:
     for rel, data, mode, owner in files:
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        os.chown(p, *owner)
-        os.chmod(p, mode)
+        _w(root, rel, data, mode, owner)
 
 
 def _umoci_image(base: Path) -> Path:
