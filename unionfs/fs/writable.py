@@ -239,7 +239,15 @@ class WritableUnion(DirOps, Union):
     def write(self, f: OpenFile, off: int, data: bytes) -> int:
         if not f.writable:
             raise OSError(errno.EBADF, "not open for writing")
-        return ovl.pwrite(f.fd, data, off)
+        if not self.page_cache_writes:
+            return ovl.pwrite(f.fd, data, off)
+        # Under the writeback cache the kernel owns the mtime and sends it in a SETATTR, but it
+        # writes its pages back asynchronously, so a WRITE may be handled after that SETATTR: the
+        # write keeps the mtime the file has, or the disk would hold a later one than the mount showed.
+        st = ovl.fstat(f.fd)
+        written = ovl.pwrite(f.fd, data, off)
+        ovl.futimens(f.fd, (st.st_atime_ns, st.st_mtime_ns))
+        return written
 
     def fsync_file(self, f: OpenFile, datasync: bool) -> None:
         if self.upper.fsync:   # off for a volatile mount (podman's run --rm and build)
