@@ -27,7 +27,7 @@ import sys
 MUTATING = ("mkdir_at", "mknod_at", "symlink_at", "link_at", "unlink_at", "rmdir_at", "rename_at",
             "fchmod", "chmod_at", "chown_at", "utime_at", "setxattr_at", "removexattr_at", "fsetxattr",
             "fchown", "futimens", "ftruncate", "pwrite", "copy_data", "remove_tree_at", "fsync",
-            "open_at")
+            "open_at", "open_tmpfile", "link_tmpfile")
 
 
 def _poisoned(args, word: bytes = b"poison") -> bool:

@@ -1,12 +1,17 @@
 """Copy-up: the first change to a lower object brings it into the upper layer.
 
 Order, as in overlayfs's ``copy_up.c``: parent directories first; then the
-object is built under a temporary name in the work dir with its data, owner,
-mode, xattrs and times (data before xattrs, because writing data would drop
-``security.capability``; chown before chmod, because chown clears setuid), and
-only then renamed into place.  A crash at any moment leaves either no upper
-copy (the lower one still shows) or a complete one; temporary names left in the
-work dir are removed at the next mount.
+object is built in the work dir with its data, owner, mode, xattrs and times
+(data before xattrs, because writing data would drop ``security.capability``;
+chown before chmod, because chown clears setuid), and only then given its name.
+A regular file is an O_TMPFILE file, filled and marked through its fd and linked
+straight to its name, as ``ovl_copy_up_tmpfile`` does (a named temp and a rename
+where the upper filesystem has no O_TMPFILE); directories, symlinks and devices
+are built under a temporary name and renamed into place.  A crash at any moment
+leaves either no upper copy (the lower one still shows) or a complete one;
+temporary names left in the work dir are removed at the next mount, and an
+O_TMPFILE file never had one.  The data reaches the disk before the name
+(:meth:`Upper.sync_data`) unless the mount is ``volatile``.
 
 A lower file with several hard links is copied up once, into the work dir's
 index, exactly as overlayfs ``index=on`` does it: built in ``work/``, with
@@ -47,13 +52,13 @@ class CopyUpCtx:
     lower_name: bytes
     st: os.stat_result
     upper_parent_fd: int
-    temp: bytes
+    temp: bytes            # a name in the work dir to build it under (dirs, special files)
     truncate: bool         # opened with O_TRUNC: the data would be thrown away, copy none
     index: bytes | None    # a lower hard link: the name of its index entry
     origin: OverlayFh | None = None  # what overlay.origin will say (dirs and single-link files)
     data: tuple[int, bytes] | None = None  # where the data is read from (a lower metacopy file's is below)
     meta: bool = False     # metadata only: the data stays below (metacopy=on, :mod:`metacopy`)
-    filled: bool = False   # ``temp`` holds the data already (a DataCopy's)
+    job: DataCopy | None = None   # a DataCopy whose file holds the data already
 
 
 # A file this big has its data copied by DataCopy.run, which the adapter runs in a thread: below it
@@ -66,30 +71,37 @@ class DataCopy:
     """A regular lower file's data, copied into a new file of the work dir ahead of its copy-up.
 
     :meth:`run` blocks and touches only its own descriptors (any thread may run it); the copy-up
-    then takes the filled file instead of copying, if the lower file is still the one copied."""
+    then takes the filled file (``dst``, still open) instead of copying, if the lower file is still
+    the one copied.  :meth:`CopyUp.discard` closes ``dst`` in any case."""
 
     ino: int
     lower: tuple[int, int, int, int]   # st_dev, st_ino, st_size, st_mtime_ns of the lower file
-    temp: bytes
+    temp: bytes | None   # the file's name in the work dir; None: an O_TMPFILE file, no name yet
     src: int
     dst: int
     fsync: bool
-    done: bool = False   # the data is in ``temp`` (run returned)
-    used: bool = False   # a copy-up renamed ``temp`` into place
+    sparse: bool         # may have holes (worth SEEK_DATA probing)
+    done: bool = False   # the data is in ``dst`` (run returned)
+    used: bool = False   # a copy-up gave ``dst`` its name
 
     def run(self) -> None:
         try:
-            ovl.copy_data(self.src, self.dst, self.lower[2])
+            ovl.copy_data(self.src, self.dst, self.lower[2], self.sparse, writeback=self.fsync)
             if self.fsync:
-                ovl.fsync(self.dst)
+                ovl.fsync(self.dst, datasync=True)   # see Upper.sync_data
             self.done = True
         finally:
             os.close(self.src)
-            os.close(self.dst)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def may_have_holes(st: os.stat_result) -> bool:
+    """Fewer blocks than bytes: worth probing for holes (SEEK_DATA).  A file whose blocks cover its
+    size is copied in one copy_file_range with no probing (ext4's inline data, 0 blocks, probes)."""
+    return st.st_blocks * 512 < st.st_size
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
@@ -143,33 +155,37 @@ class CopyUp:
         st = ovl.lstat_at(lower_fd, lower_name)
         if not stat.S_ISREG(st.st_mode) or st.st_size < COPY_OFF_LOOP:
             return None
-        temp = self.up.temp_name()
-        src = ovl.open_at(lower_fd, lower_name, os.O_RDONLY)
+        src = ovl.open_at(lower_fd, lower_name, os.O_RDONLY, noatime=True)
         try:
-            dst = ovl.open_at(self.up.work_fd, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            dst, temp = self.up.new_file()
         except BaseException:
             os.close(src)
             raise
-        job = self.data_copies[node.ino] = DataCopy(node.ino, _identity(st), temp, src, dst, self.up.fsync)
+        job = self.data_copies[node.ino] = DataCopy(node.ino, _identity(st), temp, src, dst, self.up.fsync,
+                                                    may_have_holes(st))
         return job
 
     def discard(self, job: DataCopy) -> None:
         """The data copy is over: its file goes unless a copy-up took it."""
         if self.data_copies.get(job.ino) is job:
             del self.data_copies[job.ino]
-        if not job.used:
+        os.close(job.dst)
+        if not job.used and job.temp is not None:
             try:
                 ovl.unlink_at(self.up.work_fd, job.temp)
             except FileNotFoundError:
                 pass
 
-    def copy_data(self, src_dirfd: int, src_name: bytes, dst: int, size: int) -> None:
-        """The data of a lower file into ``dst`` (a copy-up, or a metacopy file's first write)."""
+    def copy_data(self, src_dirfd: int, src_name: bytes, dst: int, size: int, sparse: bool = True) -> None:
+        """The data of a lower file into ``dst`` (a copy-up, or a metacopy file's first write);
+        ``sparse`` False: its blocks cover its size, no holes to look for.  With an fsync to
+        follow, the disk writes each chunk while the next is copied."""
         src = ovl.open_at(src_dirfd, src_name, os.O_RDONLY, noatime=True)
         try:
             if self.u.fill is not None:   # a lazy layer's content first (union.Fill)
                 self.u.fill(src, 0, size)
-            ovl.copy_data(src, dst, size)
+                sparse = True   # the fill wrote what it fetched: blocks say nothing of the image's holes
+            ovl.copy_data(src, dst, size, sparse, writeback=self.up.fsync)
         finally:
             os.close(src)
 
@@ -202,15 +218,15 @@ class CopyUp:
         upper_parent_fd = u.stack.dir_fd(0, parent)
         pstat = ovl.fstat(upper_parent_fd)
         index = up.lower_index_name(lower, lower_fd, lower_name, st) if up.indexable(st) else None
-        ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, up.temp_name(), truncate, index)
+        ctx = CopyUpCtx(node, lower_fd, lower_name, st, upper_parent_fd, b"", truncate, index)
         if stat.S_ISREG(st.st_mode):
             ctx.data = u.locate_data(node)  # type: ignore[assignment]
             ctx.meta = meta and metacopy.wanted(st, index, truncate)
         job = self.data_copies.get(node.ino)
         if (job is not None and job.done and not job.used and not truncate and not ctx.meta
                 and job.lower == _identity(st)):
-            ctx.temp, ctx.filled = job.temp, True
-            job.used = True   # from here on the copy-up's: renamed into place, or removed on failure
+            ctx.job = job
+            job.used = True   # from here on the copy-up's: given its name, or removed on failure
         log.debug("copy up %r", node)
         if index is not None and up.index_stat(index) is not None:
             self._link_up(ctx)
@@ -270,6 +286,7 @@ class CopyUp:
 
     def _dir(self, c: CopyUpCtx) -> None:
         up = self.up
+        c.temp = up.temp_name()
         ovl.mkdir_at(up.work_fd, c.temp, 0o700)
         try:
             fd = ovl.open_dir_at(up.work_fd, c.temp)
@@ -292,30 +309,77 @@ class CopyUp:
             raise
 
     def _nondir(self, c: CopyUpCtx) -> None:
+        if stat.S_ISREG(c.st.st_mode):
+            self._file(c)
+        else:
+            self._special(c)
+        if c.index is not None:
+            # In the index it shows through every lower name already (same data, same count); now
+            # this name moves up.
+            self._link_up(c)
+
+    def _file(self, c: CopyUpCtx) -> None:
+        """A regular file, built on an fd as ``ovl_copy_up_tmpfile``: an O_TMPFILE file in the work
+        dir (a named temp where the filesystem has none), data, xattrs, owner, mode, times, our
+        marks, all through the fd, then linked straight to its name (or its index entry): no rename,
+        and a crash before the link leaves nothing to clean."""
+        up, st = self.up, c.st
+        if c.job is not None:
+            fd, temp = c.job.dst, c.job.temp   # a DataCopy's file, data and fsync done; discard closes it
+        else:
+            fd, temp = up.new_file()
+        try:
+            if c.job is None:
+                if c.meta:  # sparse, the lower size, as the kernel's; no data to wait for
+                    ovl.ftruncate(fd, st.st_size)
+                elif not c.truncate and st.st_size:
+                    src = c.data or (c.lower_fd, c.lower_name)
+                    # A lower metacopy file's data is elsewhere: its blocks say nothing of that one's.
+                    sparse = src != (c.lower_fd, c.lower_name) or may_have_holes(st)
+                    self.copy_data(*src, fd, st.st_size, sparse)
+                if not c.meta and st.st_size and not c.truncate:   # nothing to wait for, as the kernel's
+                    up.sync_data(fd)
+            copy_xattrs(c.lower_fd, c.lower_name, fd, None)
+            _set_owner_mode_times(fd, None, st)
+            if c.meta:
+                metacopy.mark(up, fd, None)
+            if c.index is not None:
+                fh = OverlayFh.from_index_name(c.index)
+                if fh is not None:
+                    ovl.setxattr_at(fd, None, up.origin_xattr, fh.encode())
+                # The index entry alone stands for all N lower names: "U+(N-1)", as overlayfs.
+                ovl.setxattr_at(fd, None, up.nlink_xattr, formats.encode_nlink(st.st_nlink - 1))
+                up.write_meta(fd, None, c.node.ino, st.st_nlink)
+                up.place(fd, temp, up.index_fd, c.index)
+            else:
+                if c.origin is not None:
+                    ovl.setxattr_at(fd, None, up.origin_xattr, c.origin.encode())
+                up.write_meta(fd, None, c.node.ino)   # a regular file can always carry it (may_mark)
+                up.place(fd, temp, c.upper_parent_fd, c.node.name)
+        except BaseException:
+            if temp is not None and c.job is None:   # a DataCopy's named file is discard's to remove
+                try:
+                    ovl.unlink_at(up.work_fd, temp)
+                except OSError:
+                    pass
+            raise
+        finally:
+            if c.job is None:
+                os.close(fd)
+
+    def _special(self, c: CopyUpCtx) -> None:
+        """A symlink, fifo, socket or device: built under a temporary name in the work dir (no
+        O_TMPFILE for these), renamed into place."""
         up, st = self.up, c.st
         mode = st.st_mode
+        c.temp = up.temp_name()
         try:
-            if c.filled:
-                pass   # a DataCopy's file, data and fsync done
-            elif stat.S_ISREG(mode):
-                dst = ovl.open_at(up.work_fd, c.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    if c.meta:  # sparse, the lower size, as the kernel's; no data to wait for
-                        ovl.ftruncate(dst, st.st_size)
-                    elif not c.truncate and st.st_size:
-                        self.copy_data(*(c.data or (c.lower_fd, c.lower_name)), dst, st.st_size)
-                    if up.fsync and not c.meta:
-                        ovl.fsync(dst)
-                finally:
-                    os.close(dst)
-            elif stat.S_ISLNK(mode):
+            if stat.S_ISLNK(mode):
                 ovl.symlink_at(ovl.readlink_at(c.lower_fd, c.lower_name), up.work_fd, c.temp)
             else:  # fifo, socket, device: the same kind of node, never a regular file
                 ovl.mknod_at(up.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             copy_xattrs(c.lower_fd, c.lower_name, up.work_fd, c.temp)
             _set_owner_mode_times(up.work_fd, c.temp, st)
-            if c.meta:
-                metacopy.mark(up, up.work_fd, c.temp)
             if c.index is not None:
                 fh = OverlayFh.from_index_name(c.index)
                 if fh is not None:
@@ -339,7 +403,3 @@ class CopyUp:
             except OSError:
                 pass
             raise
-        if c.index is not None:
-            # In the index it shows through every lower name already (same data, same count); now
-            # this name moves up.
-            self._link_up(c)

@@ -110,8 +110,7 @@ def copy_data_up(w: WritableUnion, node: Node, keep_data: bool = True) -> None:
             w.copy_up.copy_data(dfd, dname, dst, st.st_size)
         else:
             ovl.ftruncate(dst, 0)
-        if w.upper.fsync:
-            ovl.fsync(dst)
+        w.upper.sync_data(dst)   # the data on disk before the mark goes
         ovl.futimens(dst, (st.st_atime_ns, st.st_mtime_ns))  # copying is not a change the user made
     finally:
         os.close(dst)

@@ -104,6 +104,7 @@ class Upper:
         self.work_fd = ovl.open_dir_at(lock.work_fd, WORK_TEMP)
         self.index_fd = ovl.open_dir_at(lock.work_fd, WORK_INDEX)
         self._temp_seq = 0
+        self._tmpfile = True      # until the filesystem says it has no O_TMPFILE
 
     def close(self) -> None:
         os.close(self.work_fd)
@@ -202,6 +203,40 @@ class Upper:
     def temp_name(self) -> bytes:
         self._temp_seq += 1
         return b"#%x.%x" % (os.getpid(), self._temp_seq)
+
+    def new_file(self) -> tuple[int, bytes | None]:
+        """A new, empty regular file (mode 0600) for a copy-up, open for writing, and its name in
+        the work dir: None for an O_TMPFILE file (no name until :meth:`place`, nothing to clean
+        after a crash), a temp name where the filesystem has no O_TMPFILE."""
+        if self._tmpfile:
+            fd = ovl.open_tmpfile(self.work_fd)
+            if fd is not None:
+                return fd, None
+            log.info("the upper filesystem has no O_TMPFILE: copy-ups use named temporary files")
+            self._tmpfile = False
+        temp = self.temp_name()
+        return ovl.open_at(self.work_fd, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), temp
+
+    def sync_data(self, fd: int) -> None:
+        """A copy-up's data on the disk before its name appears (the kernel's ``vfs_fsync`` of the
+        copy when ``ovl_should_sync``); nothing with ``volatile`` or ``fsync=0``.
+
+        fdatasync(2), not fsync(2): for a new file it writes the data and all the metadata needed
+        to read it back, the size and block map included (only timestamps and the like may wait),
+        so after a crash the name that the later link or rename gives it never shows a short or
+        empty file, which is all the kernel's fsync is there for.  The owner, mode, times and
+        xattrs are set after it in either case (the kernel sets them after its fsync too) and
+        reach the disk with the journal commit that holds the link or rename.  On ext4 both cost
+        the same journal commit here (7 bytes: 0.17 ms either way; 64 MiB: 39 against 41 ms)."""
+        if self.fsync:
+            ovl.fsync(fd, datasync=True)
+
+    def place(self, fd: int, temp: bytes | None, dirfd: int, name: bytes) -> None:
+        """Give a :meth:`new_file` its name ``name`` in ``dirfd``, failing if the name is taken."""
+        if temp is None:
+            ovl.link_tmpfile(fd, dirfd, name)
+        else:
+            ovl.rename_at(self.work_fd, temp, dirfd, name, ovl.RENAME_NOREPLACE)
 
     # --- the index: overlayfs's names and xattrs ------------------------------------------
 
