@@ -675,7 +675,8 @@ def main() -> int:
                          "(e.g. wb0=writeback=0; repeatable)")
     ap.add_argument("--baseline", metavar="PROGRAM",
                     help="also run another build's unionfs (e.g. the main tree's venv/bin/unionfs), as the "
-                         "column unionfs-base: before and after in one run")
+                         "column unionfs-base (and each --variant on it as unionfs-base-LABEL): before and "
+                         "after in one run")
     ap.add_argument("--cache", default="/var/tmp/unionfs-bench", help="where the layer stack is built once")
     ap.add_argument("--million", action="store_true",
                     help="also the memory rows of scripts/bench_memory.py: peak RSS over five finds of 1M entries")
@@ -714,6 +715,9 @@ def main() -> int:
         label, _, opts = v.partition("=")
         systems.append(type(f"Unionfs_{label}", (Unionfs,), {"name": f"unionfs-{label}", "extra": opts})(
             stack, scratch))
+        if args.baseline:   # the same options on the other build: before and after of the variant too
+            systems.append(type(f"UnionfsBase_{label}", (Unionfs,), {
+                "name": f"unionfs-base-{label}", "extra": opts, "program": args.baseline})(stack, scratch))
     workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
     times: dict[str, dict[str, list[float]]] = {w.name: {s.name: [] for s in systems} for w in workloads}
     memory: dict[str, dict] = {}
