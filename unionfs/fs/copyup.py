@@ -357,7 +357,7 @@ class CopyUp:
                 up.write_meta(fd, None, c.node.ino)   # a regular file can always carry it (may_mark)
                 up.place(fd, temp, c.upper_parent_fd, c.node.name)
         except BaseException:
-            if temp is not None and c.job is None:   # a DataCopy's named file is discard's to remove
+            if temp is not None:   # a named temp (a used DataCopy's too: discard leaves it to us)
                 try:
                     ovl.unlink_at(up.work_fd, temp)
                 except OSError:
