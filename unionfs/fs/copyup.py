@@ -343,19 +343,8 @@ class CopyUp:
             _set_owner_mode_times(fd, None, st)
             if c.meta:
                 metacopy.mark(up, fd, None)
-            if c.index is not None:
-                fh = OverlayFh.from_index_name(c.index)
-                if fh is not None:
-                    ovl.setxattr_at(fd, None, up.origin_xattr, fh.encode())
-                # The index entry alone stands for all N lower names: "U+(N-1)", as overlayfs.
-                ovl.setxattr_at(fd, None, up.nlink_xattr, formats.encode_nlink(st.st_nlink - 1))
-                up.write_meta(fd, None, c.node.ino, st.st_nlink)
-                up.place(fd, temp, up.index_fd, c.index)
-            else:
-                if c.origin is not None:
-                    ovl.setxattr_at(fd, None, up.origin_xattr, c.origin.encode())
-                up.write_meta(fd, None, c.node.ino)   # a regular file can always carry it (may_mark)
-                up.place(fd, temp, c.upper_parent_fd, c.node.name)
+            self._marks(c, fd, None)
+            up.place(fd, temp, *self._destination(c))
         except BaseException:
             if temp is not None:   # a named temp (a used DataCopy's too: discard leaves it to us)
                 try:
@@ -380,26 +369,37 @@ class CopyUp:
                 ovl.mknod_at(up.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             copy_xattrs(c.lower_fd, c.lower_name, up.work_fd, c.temp)
             _set_owner_mode_times(up.work_fd, c.temp, st)
-            if c.index is not None:
-                fh = OverlayFh.from_index_name(c.index)
-                if fh is not None:
-                    ovl.setxattr_at(up.work_fd, c.temp, up.origin_xattr, fh.encode())
-                # The index entry alone stands for all N lower names: "U+(N-1)", as overlayfs.
-                ovl.setxattr_at(up.work_fd, c.temp, up.nlink_xattr, formats.encode_nlink(st.st_nlink - 1))
-                up.write_meta(up.work_fd, c.temp, c.node.ino, st.st_nlink)
-                ovl.rename_at(up.work_fd, c.temp, up.index_fd, c.index, ovl.RENAME_NOREPLACE)
-            else:
-                if c.origin is not None:
-                    ovl.setxattr_at(up.work_fd, c.temp, up.origin_xattr, c.origin.encode())
-                marked = up.may_mark(st)  # rootless, a symlink or device cannot keep its number
-                if marked:
-                    up.write_meta(up.work_fd, c.temp, c.node.ino)
-                ovl.rename_at(up.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
-                if not marked:
-                    up.remember_unmarked(c.upper_parent_fd, c.node.name, c.node.ino)
+            self._marks(c, up.work_fd, c.temp)
+            ovl.rename_at(up.work_fd, c.temp, *self._destination(c), ovl.RENAME_NOREPLACE)
+            if c.index is None and not up.may_mark(st):
+                up.remember_unmarked(c.upper_parent_fd, c.node.name, c.node.ino)
         except BaseException:
             try:
                 ovl.unlink_at(up.work_fd, c.temp)
             except OSError:
                 pass
             raise
+
+    def _marks(self, c: CopyUpCtx, fd: int, name: bytes | None) -> None:
+        """The xattrs a copy-up leaves on its new object (``name`` in ``fd``, or ``fd`` itself):
+        ``overlay.origin``, the index entry's ``overlay.nlink``, and our meta xattr (the merged
+        inode number) where the object can carry one (rootless, a symlink or device cannot)."""
+        up, st = self.up, c.st
+        if c.index is not None:
+            fh = OverlayFh.from_index_name(c.index)
+            if fh is not None:
+                ovl.setxattr_at(fd, name, up.origin_xattr, fh.encode())
+            # The index entry alone stands for all N lower names: "U+(N-1)", as overlayfs.
+            ovl.setxattr_at(fd, name, up.nlink_xattr, formats.encode_nlink(st.st_nlink - 1))
+            up.write_meta(fd, name, c.node.ino, st.st_nlink)
+            return
+        if c.origin is not None:
+            ovl.setxattr_at(fd, name, up.origin_xattr, c.origin.encode())
+        if up.may_mark(st):
+            up.write_meta(fd, name, c.node.ino)
+
+    def _destination(self, c: CopyUpCtx) -> tuple[int, bytes]:
+        """Where the new object goes: its index entry (a lower hard link), else its name."""
+        if c.index is not None:
+            return self.up.index_fd, c.index
+        return c.upper_parent_fd, c.node.name
