@@ -231,9 +231,9 @@ def listxattr_at(dirfd: int, name: bytes | None) -> list[str]:
 def setxattr_at(dirfd: int, name: bytes | None, attr: str, value: bytes, flags: int = 0) -> None:
     log.debug("setxattr %r %r %s", name, attr, value[:40])
     if name is None:
-        _xattr.setxattr(dirfd, attr, value, flags)
+        os.setxattr(dirfd, attr, value, flags)
     else:
-        _xattr.setxattr(_xpath(dirfd, name), attr, value, flags, symlink=True)
+        os.setxattr(_xpath(dirfd, name), attr, value, flags, follow_symlinks=False)
 
 
 def removexattr_at(dirfd: int, name: bytes | None, attr: str) -> None:
