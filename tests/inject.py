@@ -9,6 +9,10 @@ with ``UNIONFS_INJECT`` set to JSON:
     or ``.node.name``) contains the word ``when`` (default ``poison``); ``"when": "always"``
     raises on every call.
 
+``{"faults": [{"target": "unionfs.fs.sys:open_tmpfile", "returns": null, "when": "always"}]}``
+    the function returns that value instead of running (``returns`` instead of ``exc``): what
+    cannot run here, e.g. an upper filesystem without O_TMPFILE (open_tmpfile says None).
+
 ``{"crash_at": N, "trace": FILE}``
     counts the daemon's changing syscalls on a layer (every mutating function of
     ``unionfs.fs.sys``) from the moment the mount is up, and SIGKILLs itself just before
@@ -45,12 +49,15 @@ def _inject_fault(spec: dict) -> None:
     for p in path[:-1]:
         owner = getattr(owner, p)
     real = getattr(owner, path[-1])
-    exc = getattr(builtins, spec["exc"])
+    returns = "returns" in spec
+    exc = None if returns else getattr(builtins, spec["exc"])
     when = spec.get("when", "poison")
     always, word = when == "always", when.encode()
 
     def faulty(*args, **kwargs):
         if always or _poisoned(args, word) or _poisoned(kwargs.values(), word):
+            if returns:
+                return spec["returns"]
             raise exc(f"injected fault in {spec['target']}")
         return real(*args, **kwargs)
 

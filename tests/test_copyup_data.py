@@ -111,3 +111,55 @@ def test_readers_and_writers_during_a_big_copy_up(layers, union_mount):
     assert (up / "big").read_bytes() == got
     assert (lower / "big").read_bytes() == big
     assert not os.listdir(wk / "work")   # the racing writer's copy went, or was never made
+
+
+def test_copy_up_without_o_tmpfile_builds_named_temps(tmp_path):
+    """An upper filesystem without O_TMPFILE (FUSE, NFS; none here, so open_tmpfile is made to say
+    so): copy-ups build named temps in work/ and rename them, on the loop and in the thread, single
+    files and a hard link through the index, with the same upper tree as O_TMPFILE copy-ups, and
+    nothing left in work/."""
+    from inject import InjectedMount
+
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "small").write_bytes(b"small data")
+    os.chmod(lower / "small", 0o640)
+    os.setxattr(lower / "small", "user.note", b"kept")
+    big = os.urandom(COPY_OFF_LOOP * 3)
+    (lower / "big").write_bytes(big)
+    (lower / "linked").write_bytes(b"one inode")
+    os.link(lower / "linked", lower / "other name")
+    trees = []
+    for kind in ("named temps", "O_TMPFILE"):
+        upper, work, mnt = (tmp_path / kind / n for n in ("upper", "work", "mnt"))
+        for d in (upper, work, mnt):
+            d.mkdir(parents=True)
+        spec = {"faults": [{"target": "unionfs.fs.sys:open_tmpfile", "returns": None, "when": "always"}]
+                if kind == "named temps" else []}
+        m = InjectedMount(mnt, [lower], upper, work, log=tmp_path / f"{kind}.log", spec=spec)
+        m.start()
+        try:
+            os.chmod(mnt / "small", 0o600)                   # a copy-up on the loop
+            with open(mnt / "big", "ab") as f:                # its data in the thread
+                f.write(b"!")
+            with open(mnt / "linked", "ab") as f:             # through the index
+                f.write(b" and more")
+            assert (mnt / "small").read_bytes() == b"small data"
+            assert os.getxattr(mnt / "small", "user.note") == b"kept"
+            assert (mnt / "big").read_bytes() == big + b"!"
+            assert (mnt / "other name").read_bytes() == b"one inode and more"
+            assert os.stat(mnt / "linked").st_nlink == 2
+        finally:
+            m.stop()
+        assert m.log_errors() == []
+        assert ("no O_TMPFILE" in m.log.read_text()) == (kind == "named temps")
+        assert os.listdir(work / "work") == []
+        trees.append({
+            name: (oct(st.st_mode), st.st_nlink, (upper / name).read_bytes(), sorted(os.listxattr(upper / name)))
+            for name in sorted(os.listdir(upper)) for st in [os.lstat(upper / name)]})
+        trees[-1]["index"] = sorted((n, os.lstat(work / "index" / n).st_nlink) for n in os.listdir(work / "index"))
+    assert trees[0] == trees[1]
+    assert set(trees[0]) == {"small", "big", "linked", "index"}
+    assert trees[0]["small"][0] == oct(0o100600) and trees[0]["small"][2] == b"small data"
+    assert trees[0]["big"][2] == big + b"!"
+    assert [n for _, n in trees[0]["index"]] == [2]   # the index entry and "linked"
