@@ -125,7 +125,7 @@ def test_copy_up_without_o_tmpfile_builds_named_temps(tmp_path):
     (lower / "small").write_bytes(b"small data")
     os.chmod(lower / "small", 0o640)
     os.setxattr(lower / "small", "user.note", b"kept")
-    big = os.urandom(COPY_OFF_LOOP * 3)
+    big = os.urandom(COPY_OFF_LOOP * 9 + 12345)   # over two 4 MiB write-out chunks, and a tail
     (lower / "big").write_bytes(big)
     (lower / "linked").write_bytes(b"one inode")
     os.link(lower / "linked", lower / "other name")
