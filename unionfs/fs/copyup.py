@@ -15,8 +15,8 @@ O_TMPFILE file never had one.  The data reaches the disk before the name
 
 A lower file with several hard links is copied up once, into the work dir's
 index, exactly as overlayfs ``index=on`` does it: built in ``work/``, with
-``overlay.origin`` (the lower inode's file handle) and ``overlay.nlink``, renamed
-to ``index/<hex of that handle>``, then linked to its name ("link-up").  Every
+``overlay.origin`` (the lower inode's file handle) and ``overlay.nlink``, linked
+(or renamed) to ``index/<hex of that handle>``, then linked to its name ("link-up").  Every
 name of it copied up later is another link of that one upper inode, so writes
 through one name show through all of them, in our mount and in the kernel's.
 
@@ -241,7 +241,7 @@ class CopyUp:
                 self._dir(ctx)
             else:
                 self._nondir(ctx)
-        # The rename into the parent changed its times; a copy-up must not show.
+        # The link or rename into the parent changed its times; a copy-up must not show.
         ovl.futimens(upper_parent_fd, (pstat.st_atime_ns, pstat.st_mtime_ns))
         u.changed.add(node.ino)  # a merged dir's link count, a file's ctime: tell the kernel
         u.dirty_dirs.add(parent.ino)  # its entry there is no longer immutable

@@ -2,7 +2,7 @@
 "Metadata only copy up"; ``fs/overlayfs/copy_up.c``).
 
 A chmod, chown, utimes or xattr change of a lower regular file copies no data: the upper inode is
-built (in the work dir, renamed into place, as any copy-up) with the lower file's owner, mode,
+built (in the work dir, linked into place, as any copy-up of a file) with the lower file's owner, mode,
 times, xattrs and size, but no data blocks (sparse), and carries ``overlay.metacopy`` (empty: what
 kernel 6.x writes without fs-verity) and ``overlay.origin``.  It has the path of the lower instance
 it was copied from, so it needs no redirect: a lookup meets that instance next (and, if it is a
