@@ -100,7 +100,8 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 
 def may_have_holes(st: os.stat_result) -> bool:
     """Fewer blocks than bytes: worth probing for holes (SEEK_DATA).  A file whose blocks cover its
-    size is copied in one copy_file_range with no probing (ext4's inline data, 0 blocks, probes)."""
+    size is copied in one copy_file_range with no probing (ext4's inline data, 0 blocks, probes).
+    Blocks preallocated past the end can hide a hole: that one is copied as zeros, the same bytes."""
     return st.st_blocks * 512 < st.st_size
 
 
