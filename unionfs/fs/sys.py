@@ -423,6 +423,21 @@ def futimens(fd: int, ns: tuple[int, int]) -> None:
     os.utime(fd, ns=ns)
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_OMIT = (1 << 30) - 2
+
+
+def set_mtime(fd: int, mtime_ns: int) -> None:
+    """futimens of the mtime alone (the atime left as it is: UTIME_OMIT)."""
+    times = (_Timespec * 2)((0, _UTIME_OMIT), divmod(mtime_ns, 1_000_000_000))
+    if _libc.futimens(fd, times) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def ftruncate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 

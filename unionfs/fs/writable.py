@@ -60,6 +60,9 @@ class WritableUnion(DirOps, Union):
         self._euid, self._egid = os.geteuid(), os.getegid()
         self.page_cache_writes = False  # the adapter's writeback cache: writes come as whole pages
         self._open: dict[int, set[OpenFile]] = {}
+        # Under the writeback cache: the mtime the kernel last sent for an open file (by inode), which
+        # its later WRITEs keep (see :meth:`write`); dropped when the file's last handle closes.
+        self._kernel_mtime: dict[int, int] = {}
         self.copy_up = CopyUp(self, self.upper, self.reopen_readers)
         self.upper.clean_work()
 
@@ -239,15 +242,21 @@ class WritableUnion(DirOps, Union):
     def write(self, f: OpenFile, off: int, data: bytes) -> int:
         if not f.writable:
             raise OSError(errno.EBADF, "not open for writing")
-        if not self.page_cache_writes:
-            return ovl.pwrite(f.fd, data, off)
+        written = ovl.pwrite(f.fd, data, off)
         # Under the writeback cache the kernel owns the mtime and sends it in a SETATTR, but it
         # writes its pages back asynchronously, so a WRITE may be handled after that SETATTR: the
-        # write keeps the mtime the file has, or the disk would hold a later one than the mount showed.
-        st = ovl.fstat(f.fd)
-        written = ovl.pwrite(f.fd, data, off)
-        ovl.futimens(f.fd, (st.st_atime_ns, st.st_mtime_ns))
+        # write puts back the mtime the kernel sent, or the disk would hold a later one than the
+        # mount showed.  Before the kernel sent one there is nothing to keep (it sends one at close
+        # at the latest), so most writes are one pwrite.
+        mtime = self._kernel_mtime.get(f.node.ino) if self.page_cache_writes else None
+        if mtime is not None:
+            ovl.set_mtime(f.fd, mtime)
         return written
+
+    def _kept_mtime(self, node: Node, mtime_ns: int) -> None:
+        """The kernel (under the writeback cache) set this mtime on an open file: later writes keep it."""
+        if self.page_cache_writes and node.ino in self._open:
+            self._kernel_mtime[node.ino] = mtime_ns
 
     def fsync_file(self, f: OpenFile, datasync: bool) -> None:
         if self.upper.fsync:   # off for a volatile mount (podman's run --rm and build)
@@ -259,6 +268,7 @@ class WritableUnion(DirOps, Union):
             files.discard(f)
             if not files:
                 del self._open[f.node.ino]
+                self._kernel_mtime.pop(f.node.ino, None)
         os.close(f.fd)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> OpenFile:
@@ -303,6 +313,7 @@ class WritableUnion(DirOps, Union):
             st = ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
             times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
             ovl.utime_at(fd, name, times) if name is not None else ovl.futimens(fd, times)
+            self._kept_mtime(node, times[1])
 
     def _set_times(self, node: Node, f: OpenFile | None, atime_ns: int | None, mtime_ns: int | None) -> None:
         """utimensat, and the writeback cache's own times: after its writes (through the open file,
@@ -322,9 +333,10 @@ class WritableUnion(DirOps, Union):
                 return   # removed meanwhile: the kernel's last times of it
             if stat.S_IFMT(st.st_mode) != stat.S_IFMT(node.mode):
                 return   # removed, a whiteout in its place
+        times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+        self._kept_mtime(node, times[1])
         if atime_ns is None and mtime_ns == st.st_mtime_ns:
             return   # the time it has: ctime alone would change, and the kernel keeps that itself
-        times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
         if f is not None:
             ovl.futimens(f.fd, times)
             return
