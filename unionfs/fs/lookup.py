@@ -50,9 +50,12 @@ class Lookup:
     """Resolution of names down a union's layers; the union supplies ``stack``, ``inodes``, ``root``
     and the ``_tuples``/``_modes`` interning tables (see ``Union.__init__``)."""
 
-    def _dir_kind(self, index: int, pfd: int, name: bytes | None) -> tuple[formats.DirKind, list[str]]:
+    def _dir_kind(self, index: int, pfd: int, name: bytes | None, oci_opaque: bool = True
+                  ) -> tuple[formats.DirKind, list[str]]:
         """Opaque markers of directory ``name`` in ``pfd`` (the dir ``pfd`` itself if name is None),
-        and the names of its xattrs (one listxattr answers most questions about a directory)."""
+        and the names of its xattrs (one listxattr answers most questions about a directory).
+        Without ``oci_opaque`` (the last layer of a walk) no ``.wh..wh..opq`` is looked for unless a
+        redirect could lead the walk on: it would hide nothing."""
         names = ovl.listxattr_at(pfd, name)
         values = {}
         for xname in formats.OPAQUE_NAMES:
@@ -61,7 +64,8 @@ class Lookup:
                 if v is not None:
                     values[xname] = v
         kind = formats.dir_kind_from_xattrs(values)
-        if kind is formats.DirKind.OPAQUE or not self.stack.layers[index].oci_whiteouts:
+        if kind is formats.DirKind.OPAQUE or not self.stack.layers[index].oci_whiteouts or (
+                not oci_opaque and not any(x in formats.REDIRECT_NAMES for x in names)):
             return kind, names
         try:
             if name is None:
@@ -123,7 +127,9 @@ class Lookup:
             i += 1
             if mask is not None and d.redirect is None and not (mask >> index) & 1:
                 continue
-            hit = self._lookup_layer(index, parent, d, index == bottom, mask is None)
+            # A `.wh.` probe in the last layer of the walk would hide nothing: none is made there.
+            more = i < len(candidates)
+            hit = self._lookup_layer(index, parent, d, index == bottom, mask is None and more, more)
             upper = self.stack.is_upper(index)
             if hit is not None:
                 where, pfd, real, st, kind, implied = hit
@@ -185,7 +191,8 @@ class Lookup:
                 return index, st
         return None
 
-    def _lookup_layer(self, index: int, parent: Node, d: "_Lookup", bottom: bool, oci_probe: bool
+    def _lookup_layer(self, index: int, parent: Node, d: "_Lookup", bottom: bool, oci_probe: bool,
+                      more: bool = True
                       ) -> tuple[bytes, int, bytes, os.stat_result, formats.DirKind | None, bool] | None:
         """Look ``d.name`` up in layer ``index`` (overlayfs's ``ovl_lookup_layer``).
 
@@ -195,7 +202,7 @@ class Lookup:
         """
         if d.name[:1] != b"/":
             pfd, real = self.stack.dir_fd(index, parent), d.name
-            hit = self._lookup_single(index, pfd, real, d, 0, b"", bottom, index in parent.xwh)
+            hit = self._lookup_single(index, pfd, real, d, 0, b"", bottom, index in parent.xwh, more=more)
             if not d.stop and oci_probe and d.redirect is None and self._oci_whiteout_at(index, pfd, real):
                 d.stop = True  # a `.wh.` entry (OCI, fuse-overlayfs) hides what lower layers have of it
             if hit is None:
@@ -221,7 +228,7 @@ class Lookup:
         return None
 
     def _lookup_single(self, index: int, pfd: int, name: bytes, d: "_Lookup", prelen: int, post: bytes,
-                       bottom: bool, xwh_dir: bool, last: bool = True
+                       bottom: bool, xwh_dir: bool, last: bool = True, more: bool = True
                        ) -> tuple[os.stat_result, formats.DirKind | None, bool] | None:
         """One path element in one layer (overlayfs's ``ovl_lookup_single``): whiteouts and
         non-directories stop the walk, opaque dirs stop it below, a redirect rewrites ``d.name``.
@@ -258,7 +265,9 @@ class Lookup:
             return st, None, False
         if last:
             d.is_dir = True
-        kind, xnames = self._dir_kind(index, pfd, name)
+        # In the last layer of the walk an OCI opaque marker hides nothing (unless a redirect
+        # leads on below, which an opaque dir does not follow): not looked for there.
+        kind, xnames = self._dir_kind(index, pfd, name, oci_opaque=more)
         implied = formats.is_implied(xnames)
         if kind is formats.DirKind.OPAQUE:
             d.stop = True

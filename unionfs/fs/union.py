@@ -31,8 +31,8 @@ log = logging.getLogger("unionfs.union")
 # (another process on the upper dir) we did not do ourselves.
 LOWER_TIMEOUT = 86400.0
 UPPER_TIMEOUT = 1.0
-# Lower-only objects whose xattr names are kept (by inode number), to answer getxattr of a
-# name they lack without a syscall; cleared whole when full.
+# Objects whose xattr names are kept (by inode number), to answer getxattr of a name they
+# lack without a syscall; cleared whole when full.
 XATTR_NAMES_KEPT = 100_000
 _NO_NAMES: frozenset[str] = frozenset()
 
@@ -93,7 +93,10 @@ class Union(Lookup):
         self.dirty_dirs: set[int] = set()
         self._tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._modes: dict[int, int] = {}
-        self._xattr_names: dict[int, frozenset[str]] = {}
+        # xattr names by inode number, with the layer tuple they were read for (:meth:`xattr_names`),
+        # and the stored spelling of names asked for (:meth:`lacks_xattr`; "" for a private one).
+        self._xattr_names: dict[int, tuple[tuple[int, ...], frozenset[str]]] = {}
+        self._stored_names: dict[bytes, str] = {}
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
         self.root.attr_layer = next((ly.index for ly in self.stack.layers
@@ -274,21 +277,53 @@ class Union(Lookup):
 
     def getxattr(self, node: Node, name: str) -> bytes:
         stored = self._stored_xattr(name)
-        immutable = self.immutable(node)
-        names = self._xattr_names.get(node.ino) if immutable else None
-        if names is not None and stored not in names:
+        if stored not in self.xattr_names(node):
             raise OSError(errno.ENODATA, "no such attribute")
         fd, real = self.locate(node)
-        if immutable and names is None:
-            # `ls -l` asks each entry for security.selinux and the ACLs, which nearly no file has:
-            # one listxattr answers every later question about a lower-only object.
-            if len(self._xattr_names) >= XATTR_NAMES_KEPT:
-                self._xattr_names.clear()
-            names = frozenset(ovl.listxattr_at(fd, real)) or _NO_NAMES
-            self._xattr_names[node.ino] = names
-            if stored not in names:
-                raise OSError(errno.ENODATA, "no such attribute")
         return ovl.getxattr_at(fd, real, stored)
+
+    def lacks_xattr(self, node: Node, name: bytes) -> bool:
+        """Known without a syscall that ``node`` shows no xattr ``name`` (the kernel asks for
+        security.capability before every write(2), and `ls -l` for security.selinux and the ACLs)?"""
+        kept = self._xattr_names.get(node.ino)
+        if kept is None or kept[0] is not node.layers:
+            return False
+        stored = self._stored_names.get(name)
+        if stored is None:
+            if len(self._stored_names) >= 1024:
+                self._stored_names.clear()
+            try:
+                stored = self._stored_xattr(os.fsdecode(name))
+            except OSError:
+                stored = ""   # ours or overlayfs's: never shown
+            self._stored_names[name] = stored
+        return stored not in kept[1]
+
+    def xattr_names(self, node: Node) -> frozenset[str]:
+        """The xattr names ``node``'s real instance has (as stored, private ones too), kept per inode.
+
+        Kept as long as the node's layers are the ones it had (a copy-up, a metacopy, a new
+        resolution gives a new tuple) and nothing dropped them (:meth:`forget_xattrs`: setxattr,
+        removexattr, a new object by that number).  What a change through the mount removes behind
+        our back (the upper filesystem drops security.capability on a write or chown) leaves a name
+        too many here, which only costs the real getxattr that answers ENODATA."""
+        kept = self._xattr_names.get(node.ino)
+        if kept is not None and kept[0] is node.layers:
+            return kept[1]
+        fd, real = self._xattr_source(node)
+        names = frozenset(ovl.listxattr_at(fd, real)) or _NO_NAMES
+        if len(self._xattr_names) >= XATTR_NAMES_KEPT:
+            self._xattr_names.clear()
+        self._xattr_names[node.ino] = (node.layers, names)
+        return names
+
+    def _xattr_source(self, node: Node) -> tuple[int, bytes | None]:
+        """Where to read ``node``'s xattrs (the writable union prefers a file it has open for writing)."""
+        return self.locate(node)
+
+    def forget_xattrs(self, node: Node) -> None:
+        """``node``'s xattr names changed (or its number is another object's now): read them again."""
+        self._xattr_names.pop(node.ino, None)
 
     @staticmethod
     def _stored_xattr(name: str, refused: int = errno.ENODATA) -> str:

@@ -39,7 +39,7 @@ from .dirops import DirOps
 from .formats import OverlayFh, UpperMeta
 from .inodes import Node
 from .layers import LayerStack
-from .union import OpenFile, Union
+from .union import Attr, OpenFile, Union
 from .upper import Upper, UpperLock, in_upper, index_name
 
 log = logging.getLogger("unionfs.writable")
@@ -110,6 +110,13 @@ class WritableUnion(DirOps, Union):
 
     def index_entry(self, node: Node) -> bytes:
         return self.upper.index_entry(node)
+
+    def _xattr_source(self, node: Node) -> tuple[int, bytes | None]:
+        # A file open for writing is the upper one: its fd answers without a path walk.
+        for f in self._open.get(node.ino, ()):
+            if f.writable:
+                return f.fd, None
+        return super()._xattr_source(node)
 
     def reopen_readers(self, node: Node) -> None:
         """Open handles of a file that was just copied up now read the upper copy."""
@@ -271,6 +278,10 @@ class WritableUnion(DirOps, Union):
                 self._kernel_mtime.pop(f.node.ino, None)
         os.close(f.fd)
 
+    def open_attr(self, f: OpenFile) -> Attr:
+        """The attributes of an open file's object, from its descriptor (no path walk)."""
+        return self.attr_from_stat(f.node, ovl.fstat(f.fd))
+
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> OpenFile:
         node, fd = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, keep_open=flags)
         assert fd is not None
@@ -299,6 +310,7 @@ class WritableUnion(DirOps, Union):
             return
         self.copy_up(node, meta=self.metacopy_on)
         fd, name = self.locate(node)
+        self.forget_xattrs(node)   # a recorded owner is an xattr, and the upper fs drops capabilities on chown
         if self.override is not None and (uid is not None or gid is not None or mode is not None):
             self._record_override(node, fd, name, uid, gid, mode)
             uid = gid = mode = None
@@ -371,6 +383,7 @@ class WritableUnion(DirOps, Union):
         self.copy_up(node, meta=self.metacopy_on)
         fd, real = self.locate(node)
         ovl.setxattr_at(fd, real, stored, value)
+        self.forget_xattrs(node)
 
     def removexattr(self, node: Node, name: str) -> None:
         stored = self._stored_xattr(name)
@@ -379,6 +392,7 @@ class WritableUnion(DirOps, Union):
         self.copy_up(node, meta=self.metacopy_on)
         fd, real = self.locate(node)
         ovl.removexattr_at(fd, real, stored)
+        self.forget_xattrs(node)
 
     def fsyncdir(self, node: Node, datasync: bool) -> None:
         if self.upper.fsync and self.in_upper(node):

@@ -279,8 +279,17 @@ class Operations(pyfuse3.Operations):
 
     # --- xattrs ----------------------------------------------------------------
 
-    @_guard
     async def getxattr(self, inode, name, ctx):
+        # The kernel asks for security.capability before every write(2): answered from the
+        # union's kept names, without the guard, a decode or a syscall.
+        if self.xattrs:
+            node = self.inodes.find(inode)
+            if node is not None and self.union.lacks_xattr(node, name):
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self._getxattr(inode, name)
+
+    @_guard
+    async def _getxattr(self, inode, name):
         self._no_xattrs()
         try:
             return self.union.getxattr(self.inodes.get(inode), os.fsdecode(name))
@@ -496,7 +505,9 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         f = self._writable().create(self.inodes.get(parent_inode), name, mode, flags, *self._owner(ctx))
         fh = self.handles.add(self.handles.files, f)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(f.node)
+        entry = self._entry(f.node, self._writable().open_attr(f))
+        self.inodes.lookup(f.node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     @_guard
     async def write(self, fh, off, buf):
