@@ -160,20 +160,28 @@ class Lookup:
                 raise OSError(errno.EIO, "metacopy file without its lower data")
             found = [found[0], found[-1]]  # where the attributes are, and where the data is
         top = found[0][2]
-        origin = next((st for index, _, st in found if not self.stack.is_upper(index)), None)
+        origin = None
+        for index, _, st in found:
+            if not self.stack.is_upper(index):
+                origin = st
+                break
         ino, indexed = self._identify(top, top_at, origin, meta)
         # A million nodes share a handful of distinct layer tuples: keep one of each.
-        layer_tuple = tuple(index for index, _, _ in found)
+        layer_tuple = (found[0][0],) if len(found) == 1 else tuple([f[0] for f in found])
         layer_tuple = self._tuples.setdefault(layer_tuple, layer_tuple)
         attr_layer = None
         if attr is not None and attr[0] != layer_tuple[0] and d.redirect is None:
             attr_layer, top = attr  # a directory only implied by the layers above: attributes from below
         mode = self._modes.setdefault(top.st_mode, top.st_mode)
         node = Node(ino, parent, name, layer_tuple, mode, tuple(xwh) if xwh else (), redirect)
-        if any(where is not None for _, where, _ in found):
-            node.paths = tuple(where for _, where, _ in found)
-        node.indexed = indexed
-        node.attr_layer = attr_layer
+        for f in found:
+            if f[1] is not None:
+                node.paths = tuple([f[1] for f in found])
+                break
+        if indexed:
+            node.indexed = True
+        if attr_layer is not None:
+            node.attr_layer = attr_layer
         return node, top
 
     def _real_dir_below(self, parent: Node, name: bytes, below: list[int]) -> tuple[int, os.stat_result] | None:

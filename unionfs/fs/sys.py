@@ -176,7 +176,15 @@ class _XattrArgs(ctypes.Structure):
 
 _getxattrat = [True]   # off once the kernel says ENOSYS
 _xargs = _XattrArgs(0, 0, 0)   # size 0: the value's size only, nothing copied
-_XARGS_SIZE = ctypes.c_size_t(ctypes.sizeof(_XattrArgs))
+# A prototype of its own for this call (argument conversion in C, not a ctypes object per
+# argument per call): every argument as wide as its type, as the variadic syscall(2) reads them.
+_getxattrat_call = ctypes.CDLL(None, use_errno=True).syscall
+_getxattrat_call.restype = ctypes.c_long
+_getxattrat_call.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p,
+                             ctypes.c_void_p, ctypes.c_size_t)
+_XARGS_PTR = ctypes.addressof(_xargs)
+_XARGS_SIZE = ctypes.sizeof(_XattrArgs)
+_encoded: dict[str, bytes] = {}   # xattr names asked for, encoded once
 
 
 def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
@@ -186,8 +194,10 @@ def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
     _check_name(name)
     if _getxattrat[0]:
         # Every argument as wide as its type: a variadic call passes bare ints as 32 bits.
-        r = _libc.syscall(ctypes.c_long(_SYS_getxattrat), ctypes.c_int(dirfd), name,
-                          ctypes.c_uint(_AT_SYMLINK_NOFOLLOW), attr.encode(), ctypes.byref(_xargs), _XARGS_SIZE)
+        battr = _encoded.get(attr)
+        if battr is None:
+            battr = _encoded.setdefault(attr, attr.encode())
+        r = _getxattrat_call(_SYS_getxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, battr, _XARGS_PTR, _XARGS_SIZE)
         if r >= 0:
             return True
         err = ctypes.get_errno()

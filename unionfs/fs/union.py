@@ -85,6 +85,7 @@ class Union(Lookup):
         self.fill: Fill | None = None   # set by the daemon for lazy layers (unionfs.registry.lazy)
         self.inodes = InodeTable(stack.devs)
         self.readonly = stack.upper is None
+        self._upper_at_0 = self.stack.is_upper(0)   # immutable() asks it of every entry
         self.index_fd = -1  # the writable layer's index dir
         # Filled by changes made through the mount, drained by the FUSE adapter after each
         # request: inodes whose attributes changed as a side effect, and directories whose
@@ -127,7 +128,9 @@ class Union(Lookup):
     def immutable(self, node: Node) -> bool:
         """Nothing but a copy-up (which drops the listing and tells the kernel) can change this
         node's attributes: it lives in lower layers only, or the whole stack is read-only."""
-        return self.readonly or not (self.stack.is_upper(node.top) or node.indexed)
+        if self.readonly:
+            return True
+        return not ((node.layers[0] == 0 and self._upper_at_0) or node.indexed)
 
     def cache_timeout(self, node: Node) -> float:
         """How long the kernel may keep this node's entry and attributes."""
@@ -202,12 +205,13 @@ class Union(Lookup):
 
     def attr_from_stat(self, node: Node, st: os.stat_result) -> Attr:
         nlink = st.st_nlink
-        if node.is_dir and len(node.layers) > 1:
-            nlink = 1  # as overlayfs: a merged directory's link count is not worth counting
         blocks = st.st_blocks
-        if self.is_metacopy(node):  # as ovl_getattr: the blocks of the data, not of the empty upper inode
-            fd, name = self.locate_data(node)
-            blocks = ovl.lstat_at(fd, name).st_blocks if name is not None else blocks
+        if len(node.layers) > 1:
+            if node.is_dir:
+                nlink = 1  # as overlayfs: a merged directory's link count is not worth counting
+            else:  # a metacopy file, as ovl_getattr: the blocks of the data, not of the empty upper inode
+                fd, name = self.locate_data(node)
+                blocks = ovl.lstat_at(fd, name).st_blocks if name is not None else blocks
         a = Attr(node.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
                  st.st_blksize, blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
         if self.override is not None:
