@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 
 import xattr as _xattr
 
@@ -187,6 +188,28 @@ _XARGS_SIZE = ctypes.sizeof(_XattrArgs)
 _encoded: dict[str, bytes] = {}   # xattr names asked for, encoded once
 
 
+def _encode(attr: str) -> bytes:
+    battr = _encoded.get(attr)
+    if battr is None:
+        battr = _encoded.setdefault(attr, attr.encode())
+    return battr
+
+
+_VALUE_MAX = 4096   # a larger value takes the path through /proc/self/fd
+_buffers = threading.local()   # one value buffer per thread (copy-up and lazy fetches run in threads)
+
+
+def _value_buffer() -> tuple[int, int]:
+    """This thread's value buffer and the getxattrat arguments pointing at it (addresses)."""
+    b = getattr(_buffers, "b", None)
+    if b is None:
+        buf = ctypes.create_string_buffer(_VALUE_MAX)
+        args = _XattrArgs(ctypes.addressof(buf), _VALUE_MAX, 0)
+        _buffers.keep = (buf, args)
+        b = _buffers.b = (ctypes.addressof(buf), ctypes.addressof(args))
+    return b
+
+
 def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
     """Does ``name`` in ``dirfd`` carry ``attr``?  Asked on every lookup of a layer file, so one
     getxattrat(2), fd-relative (0.4-1.6 µs here), where the kernel has it; else one lgetxattr(2)
@@ -194,10 +217,8 @@ def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
     _check_name(name)
     if _getxattrat[0]:
         # Every argument as wide as its type: a variadic call passes bare ints as 32 bits.
-        battr = _encoded.get(attr)
-        if battr is None:
-            battr = _encoded.setdefault(attr, attr.encode())
-        r = _getxattrat_call(_SYS_getxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, battr, _XARGS_PTR, _XARGS_SIZE)
+        r = _getxattrat_call(_SYS_getxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, _encode(attr), _XARGS_PTR,
+                             _XARGS_SIZE)
         if r >= 0:
             return True
         err = ctypes.get_errno()
@@ -216,6 +237,21 @@ def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
 
 
 def getxattr_or_none(dirfd: int, name: bytes | None, attr: str) -> bytes | None:
+    """xattr ``attr`` of ``name`` in ``dirfd``, None where it has none.  Asked of upper entries on
+    every lookup (our metadata, redirects): one fd-relative getxattrat(2) where the kernel has it."""
+    if name is not None and _getxattrat[0]:
+        _check_name(name)
+        value, args = _value_buffer()
+        r = _getxattrat_call(_SYS_getxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, _encode(attr), args, _XARGS_SIZE)
+        if r >= 0:
+            return ctypes.string_at(value, r)
+        err = ctypes.get_errno()
+        if err in _NO_XATTR:
+            return None
+        if err == errno.ENOSYS:
+            _getxattrat[0] = False
+        elif err != errno.ERANGE:   # ERANGE: bigger than the buffer, read below
+            raise OSError(err, os.strerror(err), name)
     try:
         return getxattr_at(dirfd, name, attr)
     except OSError as e:
