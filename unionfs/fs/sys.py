@@ -260,7 +260,38 @@ def getxattr_or_none(dirfd: int, name: bytes | None, attr: str) -> bytes | None:
         raise
 
 
+_SYS_listxattrat = 465  # Linux 6.13, as getxattrat
+_AT_EMPTY_PATH = 0x1000
+_listxattrat = [True]   # off once the kernel says ENOSYS
+_listxattrat_call = ctypes.CDLL(None, use_errno=True).syscall
+_listxattrat_call.restype = ctypes.c_long
+_listxattrat_call.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_void_p,
+                              ctypes.c_size_t)
+
+
 def listxattr_at(dirfd: int, name: bytes | None) -> list[str]:
+    """The xattr names of ``name`` in ``dirfd`` (of the directory itself when name is None).  Asked
+    of every directory a lookup finds: one fd-relative listxattrat(2) where the kernel has it (the
+    xattr package makes two calls, through /proc/self/fd)."""
+    if _listxattrat[0]:
+        if name is not None:
+            _check_name(name)
+        value, _ = _value_buffer()
+        r = _listxattrat_call(_SYS_listxattrat, dirfd, b"" if name is None else name,
+                              _AT_SYMLINK_NOFOLLOW | (_AT_EMPTY_PATH if name is None else 0), value, _VALUE_MAX)
+        if r > 0:
+            names = ctypes.string_at(value, r).split(b"\0")
+            names.pop()
+            return [n.decode("utf-8") for n in names]
+        if r == 0:
+            return []
+        err = ctypes.get_errno()
+        if err in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        if err == errno.ENOSYS:
+            _listxattrat[0] = False
+        elif err != errno.ERANGE:   # ERANGE: more names than the buffer holds, read below
+            raise OSError(err, os.strerror(err), name)
     try:
         if name is None:
             return list(_xattr.listxattr(dirfd))
