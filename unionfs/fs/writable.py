@@ -230,6 +230,8 @@ class WritableUnion(DirOps, Union):
                 # truncates too, as on Linux: through a descriptor of its own.
                 self._truncate_real(node, fd if write else None)
             f = OpenFile(node, fd, writable=write)
+            if write and self.page_cache_writes and node.ino not in self._kernel_mtime:
+                self._kernel_mtime[node.ino] = ovl.fstat(fd).st_mtime_ns   # what the kernel has (see write)
         else:
             f = OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
         self._open.setdefault(node.ino, set()).add(f)
@@ -252,9 +254,11 @@ class WritableUnion(DirOps, Union):
         written = ovl.pwrite(f.fd, data, off)
         # Under the writeback cache the kernel owns the mtime and sends it in a SETATTR, but it
         # writes its pages back asynchronously, so a WRITE may be handled after that SETATTR: the
-        # write puts back the mtime the kernel sent, or the disk would hold a later one than the
-        # mount showed.  Before the kernel sent one there is nothing to keep (it sends one at close
-        # at the latest), so most writes are one pwrite.
+        # write puts back the mtime the kernel has (the file's at open or create, then the last one
+        # it sent), or the disk would hold a later one than the mount showed.  One futimens, no
+        # fstat.  (A WRITE that left the write's own time instead made the kernel send a SETATTR of
+        # its times at nearly every close of a new file here: ext4's fine-grained timestamps on
+        # Linux 6.13+; one request more than a syscall.)
         mtime = self._kernel_mtime.get(f.node.ino) if self.page_cache_writes else None
         if mtime is not None:
             ovl.set_mtime(f.fd, mtime)
@@ -279,8 +283,12 @@ class WritableUnion(DirOps, Union):
         os.close(f.fd)
 
     def open_attr(self, f: OpenFile) -> Attr:
-        """The attributes of an open file's object, from its descriptor (no path walk)."""
-        return self.attr_from_stat(f.node, ovl.fstat(f.fd))
+        """The attributes of an open file's object, from its descriptor (no path walk); for a file
+        just created, the mtime its WRITEs keep (see :meth:`write`)."""
+        st = ovl.fstat(f.fd)
+        if f.writable and self.page_cache_writes:
+            self._kernel_mtime.setdefault(f.node.ino, st.st_mtime_ns)
+        return self.attr_from_stat(f.node, st)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> OpenFile:
         node, fd = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, keep_open=flags)
