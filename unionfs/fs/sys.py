@@ -507,10 +507,20 @@ class _Timespec(ctypes.Structure):
 _UTIME_OMIT = (1 << 30) - 2
 
 
+_futimens = ctypes.CDLL(None, use_errno=True).futimens
+_futimens.restype = ctypes.c_int
+_futimens.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+
 def set_mtime(fd: int, mtime_ns: int) -> None:
-    """futimens of the mtime alone (the atime left as it is: UTIME_OMIT)."""
-    times = (_Timespec * 2)((0, _UTIME_OMIT), divmod(mtime_ns, 1_000_000_000))
-    if _libc.futimens(fd, times) != 0:
+    """futimens of the mtime alone (the atime left as it is: UTIME_OMIT); under the writeback cache
+    once per WRITE, so through a prototype and a per-thread pair of timespecs."""
+    times = getattr(_buffers, "times", None)
+    if times is None:
+        times = _buffers.times = (_Timespec * 2)((0, _UTIME_OMIT), (0, 0))
+    m = times[1]
+    m.tv_sec, m.tv_nsec = divmod(mtime_ns, 1_000_000_000)
+    if _futimens(fd, times) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
