@@ -287,20 +287,16 @@ class Operations(pyfuse3.Operations):
 
     # --- xattrs ----------------------------------------------------------------
 
-    async def getxattr(self, inode, name, ctx):
-        # The kernel asks for security.capability before every write(2): answered from the
-        # union's kept names, without the guard, a decode or a syscall.
-        if self.xattrs:
-            node = self.inodes.find(inode)
-            if node is not None and self.union.lacks_xattr(node, name):
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return await self._getxattr(inode, name)
-
     @_guard
-    async def _getxattr(self, inode, name):
+    async def getxattr(self, inode, name, ctx):
         self._no_xattrs()
+        node = self.inodes.get(inode)
+        # The kernel asks for security.capability before every write(2): answered from the
+        # union's kept names, without a decode or a syscall.
+        if self.union.lacks_xattr(node, name):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
-            return self.union.getxattr(self.inodes.get(inode), os.fsdecode(name))
+            return self.union.getxattr(node, os.fsdecode(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
