@@ -86,3 +86,80 @@ def test_a_name_missing_from_a_lower_only_dir_appears_when_made_through_the_moun
     assert not os.path.lexists(d / "new")
     (d / "new").write_text("again\n")
     assert (d / "new").read_text() == "again\n"
+
+
+XNAMES = ("security.capability", "system.posix_acl_access", "user.a")
+
+
+def _xattrs(path) -> dict:
+    out = {}
+    for name in XNAMES:
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as e:
+            out[name] = e.errno
+    return out
+
+
+def _append(path, data: bytes) -> None:
+    # 0644: the mode a umask leaves alone (a default ACL makes the kernel skip the umask, and we
+    # apply it: a difference of its own, not this test's)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for _ in range(3):
+            os.write(fd, data)   # each write(2) makes the kernel ask for security.capability
+    finally:
+        os.close(fd)
+
+
+def _xattr_story(root) -> list:
+    """Kept xattr names of upper objects: made, written (the kernel asks before each write), given a
+    capability by setcap, written again (which drops it), chowned, removed and made again at the
+    same name under a default ACL (the upper filesystem may give the new file the old one's number)."""
+    import subprocess
+    seen = []
+    d = root / "d"
+    d.mkdir()
+    f = d / "f"
+    _append(f, b"one")
+    seen.append(_xattrs(f))
+    subprocess.run(["setcap", "cap_net_raw+ep", str(f)], check=True, timeout=30)
+    seen.append(_xattrs(f))
+    _append(f, b"two")                       # a write drops the capability
+    seen.append(_xattrs(f))
+    subprocess.run(["setcap", "cap_net_raw+ep", str(f)], check=True, timeout=30)
+    os.chown(f, 1, 1)                        # so does a chown
+    seen.append(_xattrs(f))
+    os.setxattr(f, "user.a", b"x")
+    seen.append(_xattrs(f))
+    subprocess.run(["setfacl", "-d", "-m", "u:1:rwx", str(d)], check=True, timeout=30)
+    for _ in range(3):                       # a new object, maybe at the old number, with an inherited ACL
+        os.unlink(f)
+        _append(f, b"new")
+        seen.append(_xattrs(f))
+    capped = root / "capped"                 # from the lower layer, then copied up by a write
+    seen.append(_xattrs(capped))
+    _append(capped, b"more")
+    seen.append(_xattrs(capped))
+    return seen
+
+
+def test_xattr_names_of_upper_objects_follow_every_change(tmp_path, union_mount):
+    import subprocess
+    low = tmp_path / "low"
+    low.mkdir()
+    (low / "capped").write_bytes(b"lower\n")
+    subprocess.run(["setcap", "cap_net_raw+ep", str(low / "capped")], check=True, timeout=30)
+    up, work, kup, kwork = (tmp_path / n for n in ("up", "work", "kup", "kwork"))
+    for p in (up, work, kup, kwork):
+        p.mkdir()
+    m = union_mount([low], up, work)
+    ours = _xattr_story(m.mnt)
+    m.stop()
+    ovl = tmp_path / "ovl"
+    ovl.mkdir()
+    with overlay_mount(ovl, [low], kup, kwork, extra="index=on,redirect_dir=on"):
+        theirs = _xattr_story(ovl)
+    assert ours == theirs
+    assert isinstance(ours[1]["security.capability"], bytes)   # the story did set one
+    assert isinstance(ours[-2]["security.capability"], bytes)

@@ -93,7 +93,9 @@ class DirOps:
             # The upper filesystem reused the number of a removed entry the kernel has not
             # forgotten yet.
             self.inodes.reuse(old, parent, name)
-        return self.inodes.remember(node), fd
+        node = self.inodes.remember(node)
+        self.forget_xattrs(node)   # names kept for a removed object of that number are not its own
+        return node, fd
 
     @staticmethod
     def _make_in_place(pfd: int, name: bytes, kind: int, perm: int, rdev: int,

@@ -135,7 +135,10 @@ def is_metacopy_at(dirfd: int, name: bytes | None) -> bool:
     from . import sys as ovl
     if name is None:
         return any(ovl.getxattr_or_none(dirfd, None, x) is not None for x in METACOPY_NAMES)
-    return any(ovl.has_xattr_at(dirfd, name, x) for x in METACOPY_NAMES)
+    for x in METACOPY_NAMES:   # asked of every lower file a lookup finds: no generator
+        if ovl.has_xattr_at(dirfd, name, x):
+            return True
+    return False
 
 
 def is_chardev_whiteout(st: os.stat_result) -> bool:

@@ -50,9 +50,12 @@ class Lookup:
     """Resolution of names down a union's layers; the union supplies ``stack``, ``inodes``, ``root``
     and the ``_tuples``/``_modes`` interning tables (see ``Union.__init__``)."""
 
-    def _dir_kind(self, index: int, pfd: int, name: bytes | None) -> tuple[formats.DirKind, list[str]]:
+    def _dir_kind(self, index: int, pfd: int, name: bytes | None, oci_opaque: bool = True
+                  ) -> tuple[formats.DirKind, list[str]]:
         """Opaque markers of directory ``name`` in ``pfd`` (the dir ``pfd`` itself if name is None),
-        and the names of its xattrs (one listxattr answers most questions about a directory)."""
+        and the names of its xattrs (one listxattr answers most questions about a directory).
+        Without ``oci_opaque`` (the last layer of a walk) no ``.wh..wh..opq`` is looked for unless a
+        redirect could lead the walk on: it would hide nothing."""
         names = ovl.listxattr_at(pfd, name)
         values = {}
         for xname in formats.OPAQUE_NAMES:
@@ -61,7 +64,8 @@ class Lookup:
                 if v is not None:
                     values[xname] = v
         kind = formats.dir_kind_from_xattrs(values)
-        if kind is formats.DirKind.OPAQUE or not self.stack.layers[index].oci_whiteouts:
+        if kind is formats.DirKind.OPAQUE or not self.stack.layers[index].oci_whiteouts or (
+                not oci_opaque and not any(x in formats.REDIRECT_NAMES for x in names)):
             return kind, names
         try:
             if name is None:
@@ -123,7 +127,9 @@ class Lookup:
             i += 1
             if mask is not None and d.redirect is None and not (mask >> index) & 1:
                 continue
-            hit = self._lookup_layer(index, parent, d, index == bottom, mask is None)
+            # A `.wh.` probe in the last layer of the walk would hide nothing: none is made there.
+            more = i < len(candidates)
+            hit = self._lookup_layer(index, parent, d, index == bottom, mask is None and more, more)
             upper = self.stack.is_upper(index)
             if hit is not None:
                 where, pfd, real, st, kind, implied = hit
@@ -154,20 +160,28 @@ class Lookup:
                 raise OSError(errno.EIO, "metacopy file without its lower data")
             found = [found[0], found[-1]]  # where the attributes are, and where the data is
         top = found[0][2]
-        origin = next((st for index, _, st in found if not self.stack.is_upper(index)), None)
+        origin = None
+        for index, _, st in found:
+            if not self.stack.is_upper(index):
+                origin = st
+                break
         ino, indexed = self._identify(top, top_at, origin, meta)
         # A million nodes share a handful of distinct layer tuples: keep one of each.
-        layer_tuple = tuple(index for index, _, _ in found)
+        layer_tuple = (found[0][0],) if len(found) == 1 else tuple([f[0] for f in found])
         layer_tuple = self._tuples.setdefault(layer_tuple, layer_tuple)
         attr_layer = None
         if attr is not None and attr[0] != layer_tuple[0] and d.redirect is None:
             attr_layer, top = attr  # a directory only implied by the layers above: attributes from below
         mode = self._modes.setdefault(top.st_mode, top.st_mode)
         node = Node(ino, parent, name, layer_tuple, mode, tuple(xwh) if xwh else (), redirect)
-        if any(where is not None for _, where, _ in found):
-            node.paths = tuple(where for _, where, _ in found)
-        node.indexed = indexed
-        node.attr_layer = attr_layer
+        for f in found:
+            if f[1] is not None:
+                node.paths = tuple([f[1] for f in found])
+                break
+        if indexed:
+            node.indexed = True
+        if attr_layer is not None:
+            node.attr_layer = attr_layer
         return node, top
 
     def _real_dir_below(self, parent: Node, name: bytes, below: list[int]) -> tuple[int, os.stat_result] | None:
@@ -185,7 +199,8 @@ class Lookup:
                 return index, st
         return None
 
-    def _lookup_layer(self, index: int, parent: Node, d: "_Lookup", bottom: bool, oci_probe: bool
+    def _lookup_layer(self, index: int, parent: Node, d: "_Lookup", bottom: bool, oci_probe: bool,
+                      more: bool = True
                       ) -> tuple[bytes, int, bytes, os.stat_result, formats.DirKind | None, bool] | None:
         """Look ``d.name`` up in layer ``index`` (overlayfs's ``ovl_lookup_layer``).
 
@@ -195,7 +210,7 @@ class Lookup:
         """
         if d.name[:1] != b"/":
             pfd, real = self.stack.dir_fd(index, parent), d.name
-            hit = self._lookup_single(index, pfd, real, d, 0, b"", bottom, index in parent.xwh)
+            hit = self._lookup_single(index, pfd, real, d, 0, b"", bottom, index in parent.xwh, more=more)
             if not d.stop and oci_probe and d.redirect is None and self._oci_whiteout_at(index, pfd, real):
                 d.stop = True  # a `.wh.` entry (OCI, fuse-overlayfs) hides what lower layers have of it
             if hit is None:
@@ -221,7 +236,7 @@ class Lookup:
         return None
 
     def _lookup_single(self, index: int, pfd: int, name: bytes, d: "_Lookup", prelen: int, post: bytes,
-                       bottom: bool, xwh_dir: bool, last: bool = True
+                       bottom: bool, xwh_dir: bool, last: bool = True, more: bool = True
                        ) -> tuple[os.stat_result, formats.DirKind | None, bool] | None:
         """One path element in one layer (overlayfs's ``ovl_lookup_single``): whiteouts and
         non-directories stop the walk, opaque dirs stop it below, a redirect rewrites ``d.name``.
@@ -258,7 +273,9 @@ class Lookup:
             return st, None, False
         if last:
             d.is_dir = True
-        kind, xnames = self._dir_kind(index, pfd, name)
+        # In the last layer of the walk an OCI opaque marker hides nothing (unless a redirect
+        # leads on below, which an opaque dir does not follow): not looked for there.
+        kind, xnames = self._dir_kind(index, pfd, name, oci_opaque=more)
         implied = formats.is_implied(xnames)
         if kind is formats.DirKind.OPAQUE:
             d.stop = True

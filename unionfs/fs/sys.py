@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 
 import xattr as _xattr
 
@@ -179,7 +180,37 @@ class _XattrArgs(ctypes.Structure):
 
 _getxattrat = [True]   # off once the kernel says ENOSYS
 _xargs = _XattrArgs(0, 0, 0)   # size 0: the value's size only, nothing copied
-_XARGS_SIZE = ctypes.c_size_t(ctypes.sizeof(_XattrArgs))
+# A prototype of its own for this call (argument conversion in C, not a ctypes object per
+# argument per call): every argument as wide as its type, as the variadic syscall(2) reads them.
+_getxattrat_call = ctypes.CDLL(None, use_errno=True).syscall
+_getxattrat_call.restype = ctypes.c_long
+_getxattrat_call.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p,
+                             ctypes.c_void_p, ctypes.c_size_t)
+_XARGS_PTR = ctypes.addressof(_xargs)
+_XARGS_SIZE = ctypes.sizeof(_XattrArgs)
+_encoded: dict[str, bytes] = {}   # xattr names asked for, encoded once
+
+
+def _encode(attr: str) -> bytes:
+    battr = _encoded.get(attr)
+    if battr is None:
+        battr = _encoded.setdefault(attr, attr.encode())
+    return battr
+
+
+_VALUE_MAX = 4096   # a larger value takes the path through /proc/self/fd
+_buffers = threading.local()   # one value buffer per thread (copy-up and lazy fetches run in threads)
+
+
+def _value_buffer() -> tuple[int, int]:
+    """This thread's value buffer and the getxattrat arguments pointing at it (addresses)."""
+    b = getattr(_buffers, "b", None)
+    if b is None:
+        buf = ctypes.create_string_buffer(_VALUE_MAX)
+        args = _XattrArgs(ctypes.addressof(buf), _VALUE_MAX, 0)
+        _buffers.keep = (buf, args)
+        b = _buffers.b = (ctypes.addressof(buf), ctypes.addressof(args))
+    return b
 
 
 def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
@@ -189,8 +220,8 @@ def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
     _check_name(name)
     if _getxattrat[0]:
         # Every argument as wide as its type: a variadic call passes bare ints as 32 bits.
-        r = _libc.syscall(ctypes.c_long(_SYS_getxattrat), ctypes.c_int(dirfd), name,
-                          ctypes.c_uint(_AT_SYMLINK_NOFOLLOW), attr.encode(), ctypes.byref(_xargs), _XARGS_SIZE)
+        r = _getxattrat_call(_SYS_getxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, _encode(attr), _XARGS_PTR,
+                             _XARGS_SIZE)
         if r >= 0:
             return True
         err = ctypes.get_errno()
@@ -209,6 +240,21 @@ def has_xattr_at(dirfd: int, name: bytes, attr: str) -> bool:
 
 
 def getxattr_or_none(dirfd: int, name: bytes | None, attr: str) -> bytes | None:
+    """xattr ``attr`` of ``name`` in ``dirfd``, None where it has none.  Asked of upper entries on
+    every lookup (our metadata, redirects): one fd-relative getxattrat(2) where the kernel has it."""
+    if name is not None and _getxattrat[0]:
+        _check_name(name)
+        value, args = _value_buffer()
+        r = _getxattrat_call(_SYS_getxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, _encode(attr), args, _XARGS_SIZE)
+        if r >= 0:
+            return ctypes.string_at(value, r)
+        err = ctypes.get_errno()
+        if err in _NO_XATTR:
+            return None
+        if err == errno.ENOSYS:
+            _getxattrat[0] = False
+        elif err != errno.ERANGE:   # ERANGE: bigger than the buffer, read below
+            raise OSError(err, os.strerror(err), name)
     try:
         return getxattr_at(dirfd, name, attr)
     except OSError as e:
@@ -217,7 +263,38 @@ def getxattr_or_none(dirfd: int, name: bytes | None, attr: str) -> bytes | None:
         raise
 
 
+_SYS_listxattrat = 465  # Linux 6.13, as getxattrat
+_AT_EMPTY_PATH = 0x1000
+_listxattrat = [True]   # off once the kernel says ENOSYS
+_listxattrat_call = ctypes.CDLL(None, use_errno=True).syscall
+_listxattrat_call.restype = ctypes.c_long
+_listxattrat_call.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_void_p,
+                              ctypes.c_size_t)
+
+
 def listxattr_at(dirfd: int, name: bytes | None) -> list[str]:
+    """The xattr names of ``name`` in ``dirfd`` (of the directory itself when name is None).  Asked
+    of every directory a lookup finds: one fd-relative listxattrat(2) where the kernel has it (the
+    xattr package makes two calls, through /proc/self/fd)."""
+    if _listxattrat[0]:
+        if name is not None:
+            _check_name(name)
+        value, _ = _value_buffer()
+        r = _listxattrat_call(_SYS_listxattrat, dirfd, b"" if name is None else name,
+                              _AT_SYMLINK_NOFOLLOW | (_AT_EMPTY_PATH if name is None else 0), value, _VALUE_MAX)
+        if r > 0:
+            names = ctypes.string_at(value, r).split(b"\0")
+            names.pop()
+            return [n.decode("utf-8") for n in names]
+        if r == 0:
+            return []
+        err = ctypes.get_errno()
+        if err in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        if err == errno.ENOSYS:
+            _listxattrat[0] = False
+        elif err != errno.ERANGE:   # ERANGE: more names than the buffer holds, read below
+            raise OSError(err, os.strerror(err), name)
     try:
         if name is None:   # os.listxattr: one syscall (the xattr package: two when there are any)
             return os.listxattr(dirfd)
@@ -491,6 +568,31 @@ def fchown(fd: int, uid: int, gid: int) -> None:
 
 def futimens(fd: int, ns: tuple[int, int]) -> None:
     os.utime(fd, ns=ns)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_OMIT = (1 << 30) - 2
+
+
+_futimens = ctypes.CDLL(None, use_errno=True).futimens
+_futimens.restype = ctypes.c_int
+_futimens.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+
+def set_mtime(fd: int, mtime_ns: int) -> None:
+    """futimens of the mtime alone (the atime left as it is: UTIME_OMIT); under the writeback cache
+    once per WRITE, so through a prototype and a per-thread pair of timespecs."""
+    times = getattr(_buffers, "times", None)
+    if times is None:
+        times = _buffers.times = (_Timespec * 2)((0, _UTIME_OMIT), (0, 0))
+    m = times[1]
+    m.tv_sec, m.tv_nsec = divmod(mtime_ns, 1_000_000_000)
+    if _futimens(fd, times) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def ftruncate(fd: int, size: int) -> None:

@@ -31,8 +31,8 @@ log = logging.getLogger("unionfs.union")
 # (another process on the upper dir) we did not do ourselves.
 LOWER_TIMEOUT = 86400.0
 UPPER_TIMEOUT = 1.0
-# Lower-only objects whose xattr names are kept (by inode number), to answer getxattr of a
-# name they lack without a syscall; cleared whole when full.
+# Objects whose xattr names are kept (by inode number), to answer getxattr of a name they
+# lack without a syscall; cleared whole when full.
 XATTR_NAMES_KEPT = 100_000
 _NO_NAMES: frozenset[str] = frozenset()
 
@@ -85,6 +85,7 @@ class Union(Lookup):
         self.fill: Fill | None = None   # set by the daemon for lazy layers (unionfs.registry.lazy)
         self.inodes = InodeTable(stack.devs)
         self.readonly = stack.upper is None
+        self._upper_at_0 = self.stack.is_upper(0)   # immutable() asks it of every entry
         self.index_fd = -1  # the writable layer's index dir
         # Filled by changes made through the mount, drained by the FUSE adapter after each
         # request: inodes whose attributes changed as a side effect, and directories whose
@@ -93,7 +94,10 @@ class Union(Lookup):
         self.dirty_dirs: set[int] = set()
         self._tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._modes: dict[int, int] = {}
-        self._xattr_names: dict[int, frozenset[str]] = {}
+        # xattr names by inode number, with the layer tuple they were read for (:meth:`xattr_names`),
+        # and the stored spelling of names asked for (:meth:`lacks_xattr`; "" for a private one).
+        self._xattr_names: dict[int, tuple[tuple[int, ...], frozenset[str]]] = {}
+        self._stored_names: dict[bytes, str] = {}
         root_layers, root_xwh = self._root_layers()
         self.root = Node(ROOT_INO, None, b"", root_layers, stat.S_IFDIR, root_xwh)
         self.root.attr_layer = next((ly.index for ly in self.stack.layers
@@ -124,7 +128,9 @@ class Union(Lookup):
     def immutable(self, node: Node) -> bool:
         """Nothing but a copy-up (which drops the listing and tells the kernel) can change this
         node's attributes: it lives in lower layers only, or the whole stack is read-only."""
-        return self.readonly or not (self.stack.is_upper(node.top) or node.indexed)
+        if self.readonly:
+            return True
+        return not ((node.layers[0] == 0 and self._upper_at_0) or node.indexed)
 
     def cache_timeout(self, node: Node) -> float:
         """How long the kernel may keep this node's entry and attributes."""
@@ -199,12 +205,13 @@ class Union(Lookup):
 
     def attr_from_stat(self, node: Node, st: os.stat_result) -> Attr:
         nlink = st.st_nlink
-        if node.is_dir and len(node.layers) > 1:
-            nlink = 1  # as overlayfs: a merged directory's link count is not worth counting
         blocks = st.st_blocks
-        if self.is_metacopy(node):  # as ovl_getattr: the blocks of the data, not of the empty upper inode
-            fd, name = self.locate_data(node)
-            blocks = ovl.lstat_at(fd, name).st_blocks if name is not None else blocks
+        if len(node.layers) > 1:
+            if node.is_dir:
+                nlink = 1  # as overlayfs: a merged directory's link count is not worth counting
+            else:  # a metacopy file, as ovl_getattr: the blocks of the data, not of the empty upper inode
+                fd, name = self.locate_data(node)
+                blocks = ovl.lstat_at(fd, name).st_blocks if name is not None else blocks
         a = Attr(node.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
                  st.st_blksize, blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
         if self.override is not None:
@@ -274,21 +281,53 @@ class Union(Lookup):
 
     def getxattr(self, node: Node, name: str) -> bytes:
         stored = self._stored_xattr(name)
-        immutable = self.immutable(node)
-        names = self._xattr_names.get(node.ino) if immutable else None
-        if names is not None and stored not in names:
+        if stored not in self.xattr_names(node):
             raise OSError(errno.ENODATA, "no such attribute")
         fd, real = self.locate(node)
-        if immutable and names is None:
-            # `ls -l` asks each entry for security.selinux and the ACLs, which nearly no file has:
-            # one listxattr answers every later question about a lower-only object.
-            if len(self._xattr_names) >= XATTR_NAMES_KEPT:
-                self._xattr_names.clear()
-            names = frozenset(ovl.listxattr_at(fd, real)) or _NO_NAMES
-            self._xattr_names[node.ino] = names
-            if stored not in names:
-                raise OSError(errno.ENODATA, "no such attribute")
         return ovl.getxattr_at(fd, real, stored)
+
+    def lacks_xattr(self, node: Node, name: bytes) -> bool:
+        """Known without a syscall that ``node`` shows no xattr ``name`` (the kernel asks for
+        security.capability before every write(2), and `ls -l` for security.selinux and the ACLs)?"""
+        kept = self._xattr_names.get(node.ino)
+        if kept is None or kept[0] is not node.layers:
+            return False
+        stored = self._stored_names.get(name)
+        if stored is None:
+            if len(self._stored_names) >= 1024:
+                self._stored_names.clear()
+            try:
+                stored = self._stored_xattr(os.fsdecode(name))
+            except OSError:
+                stored = ""   # ours or overlayfs's: never shown
+            self._stored_names[name] = stored
+        return stored not in kept[1]
+
+    def xattr_names(self, node: Node) -> frozenset[str]:
+        """The xattr names ``node``'s real instance has (as stored, private ones too), kept per inode.
+
+        Kept as long as the node's layers are the ones it had (a copy-up, a metacopy, a new
+        resolution gives a new tuple) and nothing dropped them (:meth:`forget_xattrs`: setxattr,
+        removexattr, a new object by that number).  What a change through the mount removes behind
+        our back (the upper filesystem drops security.capability on a write or chown) leaves a name
+        too many here, which only costs the real getxattr that answers ENODATA."""
+        kept = self._xattr_names.get(node.ino)
+        if kept is not None and kept[0] is node.layers:
+            return kept[1]
+        fd, real = self._xattr_source(node)
+        names = frozenset(ovl.listxattr_at(fd, real)) or _NO_NAMES
+        if len(self._xattr_names) >= XATTR_NAMES_KEPT:
+            self._xattr_names.clear()
+        self._xattr_names[node.ino] = (node.layers, names)
+        return names
+
+    def _xattr_source(self, node: Node) -> tuple[int, bytes | None]:
+        """Where to read ``node``'s xattrs (the writable union prefers a file it has open for writing)."""
+        return self.locate(node)
+
+    def forget_xattrs(self, node: Node) -> None:
+        """``node``'s xattr names changed (or its number is another object's now): read them again."""
+        self._xattr_names.pop(node.ino, None)
 
     @staticmethod
     def _stored_xattr(name: str, refused: int = errno.ENODATA) -> str:

@@ -39,7 +39,7 @@ from .dirops import DirOps
 from .formats import OverlayFh, UpperMeta
 from .inodes import Node
 from .layers import LayerStack
-from .union import OpenFile, Union
+from .union import Attr, OpenFile, Union
 from .upper import Upper, UpperLock, in_upper, index_name
 
 log = logging.getLogger("unionfs.writable")
@@ -60,6 +60,9 @@ class WritableUnion(DirOps, Union):
         self._euid, self._egid = os.geteuid(), os.getegid()
         self.page_cache_writes = False  # the adapter's writeback cache: writes come as whole pages
         self._open: dict[int, set[OpenFile]] = {}
+        # Under the writeback cache: the mtime the kernel last sent for an open file (by inode), which
+        # its later WRITEs keep (see :meth:`write`); dropped when the file's last handle closes.
+        self._kernel_mtime: dict[int, int] = {}
         self.copy_up = CopyUp(self, self.upper, self.reopen_readers)
         self.upper.clean_work()
 
@@ -107,6 +110,13 @@ class WritableUnion(DirOps, Union):
 
     def index_entry(self, node: Node) -> bytes:
         return self.upper.index_entry(node)
+
+    def _xattr_source(self, node: Node) -> tuple[int, bytes | None]:
+        # A file open for writing is the upper one: its fd answers without a path walk.
+        for f in self._open.get(node.ino, ()):
+            if f.writable:
+                return f.fd, None
+        return super()._xattr_source(node)
 
     def reopen_readers(self, node: Node) -> None:
         """Open handles of a file that was just copied up now read the upper copy."""
@@ -220,6 +230,8 @@ class WritableUnion(DirOps, Union):
                 # truncates too, as on Linux: through a descriptor of its own.
                 self._truncate_real(node, fd if write else None)
             f = OpenFile(node, fd, writable=write)
+            if write and self.page_cache_writes and node.ino not in self._kernel_mtime:
+                self._kernel_mtime[node.ino] = ovl.fstat(fd).st_mtime_ns   # what the kernel has (see write)
         else:
             f = OpenFile(node, self._open_real(node, os.O_RDONLY), writable=False)
         self._open.setdefault(node.ino, set()).add(f)
@@ -239,15 +251,23 @@ class WritableUnion(DirOps, Union):
     def write(self, f: OpenFile, off: int, data: bytes) -> int:
         if not f.writable:
             raise OSError(errno.EBADF, "not open for writing")
-        if not self.page_cache_writes:
-            return ovl.pwrite(f.fd, data, off)
+        written = ovl.pwrite(f.fd, data, off)
         # Under the writeback cache the kernel owns the mtime and sends it in a SETATTR, but it
         # writes its pages back asynchronously, so a WRITE may be handled after that SETATTR: the
-        # write keeps the mtime the file has, or the disk would hold a later one than the mount showed.
-        st = ovl.fstat(f.fd)
-        written = ovl.pwrite(f.fd, data, off)
-        ovl.futimens(f.fd, (st.st_atime_ns, st.st_mtime_ns))
+        # write puts back the mtime the kernel has (the file's at open or create, then the last one
+        # it sent), or the disk would hold a later one than the mount showed.  One futimens, no
+        # fstat.  (A WRITE that left the write's own time instead made the kernel send a SETATTR of
+        # its times at nearly every close of a new file here: ext4's fine-grained timestamps on
+        # Linux 6.13+; one request more than a syscall.)
+        mtime = self._kernel_mtime.get(f.node.ino) if self.page_cache_writes else None
+        if mtime is not None:
+            ovl.set_mtime(f.fd, mtime)
         return written
+
+    def _kept_mtime(self, node: Node, mtime_ns: int) -> None:
+        """The kernel (under the writeback cache) set this mtime on an open file: later writes keep it."""
+        if self.page_cache_writes and node.ino in self._open:
+            self._kernel_mtime[node.ino] = mtime_ns
 
     def fsync_file(self, f: OpenFile, datasync: bool) -> None:
         if self.upper.fsync:   # off for a volatile mount (podman's run --rm and build)
@@ -259,7 +279,16 @@ class WritableUnion(DirOps, Union):
             files.discard(f)
             if not files:
                 del self._open[f.node.ino]
+                self._kernel_mtime.pop(f.node.ino, None)
         os.close(f.fd)
+
+    def open_attr(self, f: OpenFile) -> Attr:
+        """The attributes of an open file's object, from its descriptor (no path walk); for a file
+        just created, the mtime its WRITEs keep (see :meth:`write`)."""
+        st = ovl.fstat(f.fd)
+        if f.writable and self.page_cache_writes:
+            self._kernel_mtime.setdefault(f.node.ino, st.st_mtime_ns)
+        return self.attr_from_stat(f.node, st)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> OpenFile:
         node, fd = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, keep_open=flags)
@@ -289,6 +318,7 @@ class WritableUnion(DirOps, Union):
             return
         self.copy_up(node, meta=self.metacopy_on)
         fd, name = self.locate(node)
+        self.forget_xattrs(node)   # a recorded owner is an xattr, and the upper fs drops capabilities on chown
         if self.override is not None and (uid is not None or gid is not None or mode is not None):
             self._record_override(node, fd, name, uid, gid, mode)
             uid = gid = mode = None
@@ -303,6 +333,7 @@ class WritableUnion(DirOps, Union):
             st = ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
             times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
             ovl.utime_at(fd, name, times) if name is not None else ovl.futimens(fd, times)
+            self._kept_mtime(node, times[1])
 
     def _set_times(self, node: Node, f: OpenFile | None, atime_ns: int | None, mtime_ns: int | None) -> None:
         """utimensat, and the writeback cache's own times: after its writes (through the open file,
@@ -322,9 +353,10 @@ class WritableUnion(DirOps, Union):
                 return   # removed meanwhile: the kernel's last times of it
             if stat.S_IFMT(st.st_mode) != stat.S_IFMT(node.mode):
                 return   # removed, a whiteout in its place
+        times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+        self._kept_mtime(node, times[1])
         if atime_ns is None and mtime_ns == st.st_mtime_ns:
             return   # the time it has: ctime alone would change, and the kernel keeps that itself
-        times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
         if f is not None:
             ovl.futimens(f.fd, times)
             return
@@ -359,6 +391,7 @@ class WritableUnion(DirOps, Union):
         self.copy_up(node, meta=self.metacopy_on)
         fd, real = self.locate(node)
         ovl.setxattr_at(fd, real, stored, value)
+        self.forget_xattrs(node)
 
     def removexattr(self, node: Node, name: str) -> None:
         stored = self._stored_xattr(name)
@@ -367,6 +400,7 @@ class WritableUnion(DirOps, Union):
         self.copy_up(node, meta=self.metacopy_on)
         fd, real = self.locate(node)
         ovl.removexattr_at(fd, real, stored)
+        self.forget_xattrs(node)
 
     def fsyncdir(self, node: Node, datasync: bool) -> None:
         if self.upper.fsync and self.in_upper(node):

@@ -135,6 +135,7 @@ class Operations(pyfuse3.Operations):
         self.fakeroot = (os.geteuid(), os.getegid()) if fakeroot else None
         self.union = union
         self.uids, self.gids = idmap.uid, idmap.gid   # owners shown and written (uidmapping, squash_to_*)
+        self._same_ids = idmap == IdMap()   # no map: owners shown as stored
         # Read by pyfuse3.init.  The kernel checks permissions itself (default_permissions) wherever it
         # enforces ACLs, so a fakeroot mount has none: its only caller is root of it anyway.
         self.enable_acl = acl and xattrs and not fakeroot
@@ -170,14 +171,21 @@ class Operations(pyfuse3.Operations):
     # --- helpers ---------------------------------------------------------------
 
     def _entry(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
+        # Built for every entry of every READDIRPLUS: nothing here that can be skipped is done.
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
-        e.generation = self.inodes.generations.get(attr.ino, 0) if self.inodes.generations else 0
+        generations = self.inodes.generations
+        if generations:
+            e.generation = generations.get(attr.ino, 0)
         e.entry_timeout = e.attr_timeout = self.union.cache_timeout(node)
         e.st_mode = attr.mode
         e.st_nlink = 1 if self.static_nlink and stat.S_ISDIR(attr.mode) else attr.nlink
-        e.st_uid = self.uids.shown(attr.uid)
-        e.st_gid = self.gids.shown(attr.gid)
+        if self._same_ids:
+            e.st_uid = attr.uid
+            e.st_gid = attr.gid
+        else:
+            e.st_uid = self.uids.shown(attr.uid)
+            e.st_gid = self.gids.shown(attr.gid)
         e.st_rdev = attr.rdev
         e.st_size = attr.size
         e.st_blksize = attr.blksize
@@ -282,8 +290,13 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def getxattr(self, inode, name, ctx):
         self._no_xattrs()
+        node = self.inodes.get(inode)
+        # The kernel asks for security.capability before every write(2): answered from the
+        # union's kept names, without a decode or a syscall.
+        if self.union.lacks_xattr(node, name):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
-            return self.union.getxattr(self.inodes.get(inode), os.fsdecode(name))
+            return self.union.getxattr(node, os.fsdecode(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -496,7 +509,9 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         f = self._writable().create(self.inodes.get(parent_inode), name, mode, flags, *self._owner(ctx))
         fh = self.handles.add(self.handles.files, f)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(f.node)
+        entry = self._entry(f.node, self._writable().open_attr(f))
+        self.inodes.lookup(f.node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     @_guard
     async def write(self, fh, off, buf):
