@@ -410,6 +410,7 @@ WORKLOADS = [
     Workload("seq read blob warm", lambda m, p: sh("dd if=blob of=/dev/null bs=1M status=none", m),
              prepare=lambda m, p: sh("dd if=blob of=/dev/null bs=1M status=none", m)),
     Workload("random 4K preads", _preads),
+    Workload("random 4K preads warm", _preads, prepare=_preads),   # the same offsets again: the page cache
     Workload("tar cf subtree", lambda m, p: sh("tar cf /dev/null src", m)),
     Workload("create 4K files", _creates),
     Workload("write new big file", lambda m, p: sh(
