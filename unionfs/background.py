@@ -15,6 +15,18 @@ import os
 from typing import Callable
 
 
+_session_of_our_own = False
+
+
+def session_of_our_own() -> None:
+    """Say that this process leads a session of its own (``setsid``) and exits once its command is
+    done (the warm daemon's worker): a process it spawns then needs one fork, not two.  The second
+    fork is there so that the process is nobody's zombie and no session leader; here it is neither
+    (its starter leads the session and is gone soon after), and a fork of a big process costs 2 ms."""
+    global _session_of_our_own
+    _session_of_our_own = True
+
+
 def close_fds_but(keep: set[int]) -> None:
     """Close every fd above stderr but ``keep``: none of the starter's locks, sockets or pipes stay."""
     for name in os.listdir("/proc/self/fd"):
@@ -32,14 +44,16 @@ def spawn(body: Callable[[Callable[[str], None]], None], keep: set[int] | frozen
     process with status 1: ``body`` reports its own failures, through ``tell`` or its log.
     """
     r, w = os.pipe()
+    once = _session_of_our_own
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             os.close(r)
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
+            if not once:
+                os.setsid()
+                if os.fork() != 0:
+                    os._exit(0)
             if chdir is not None:
                 os.chdir(chdir)
             close_fds_but(set(keep) | {w})
@@ -60,6 +74,7 @@ def spawn(body: Callable[[Callable[[str], None]], None], keep: set[int] | frozen
         finally:
             os._exit(code)
     os.close(w)
-    os.waitpid(pid, 0)
+    if not once:
+        os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as f:
         return f.read().decode(errors="replace").strip()

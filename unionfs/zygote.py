@@ -189,6 +189,8 @@ def start() -> None:
 
 def _preload() -> None:
     """What a mount and an umount import, loaded once (no threads started: we fork)."""
+    import resource  # noqa: F401   (the worker copies the caller's limits)
+
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
@@ -267,9 +269,6 @@ def _copy_limits(pid: int) -> None:
 
 def _work(conn, peer_pid: int, ident: bytes) -> None:
     """In the fork: become the caller (cwd, stdio, environment, umask, cgroups, limits), run its command."""
-    import signal
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         request, fds = _receive(conn)
         their_ident, argv, env, umask = marshal.loads(request)
@@ -278,6 +277,11 @@ def _work(conn, peer_pid: int, ident: bytes) -> None:
     if their_ident != ident:
         return
     conn.sendall(_ACCEPTED)   # the caller gone (timed out): EPIPE, and nothing is done
+    # A session of our own: nothing sent to the zygote's process group reaches this command or the
+    # mount daemon it starts, and that daemon needs one fork, not two (background.spawn).
+    os.setsid()
+    from . import background
+    background.session_of_our_own()
     cwd, *std = fds
     os.fchdir(cwd)
     os.close(cwd)
@@ -309,11 +313,30 @@ def _work(conn, peer_pid: int, ident: bytes) -> None:
     conn.sendall(f"{code}\n".encode())
 
 
+def _spare(channel, ident: bytes) -> None:
+    """A worker forked ahead of its request (the fork costs a big process 2 ms): it waits for the
+    zygote to hand it a connection, then serves it.  The zygote gone (EOF): it leaves."""
+    import socket
+    try:
+        _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+    except OSError:
+        return
+    channel.close()
+    if len(fds) != 1:
+        return
+    conn = socket.socket(fileno=fds[0])
+    _work(conn, _peer(conn)[0], ident)
+
+
 def serve(path: str) -> int:
-    """The zygote's life: hold the lock, listen, fork a worker per request, leave when idle or stale."""
+    """The zygote's life: hold the lock, listen, hand each request to a spare worker forked while
+    idle (or fork one then), leave when idle or stale."""
+    import contextlib
     import fcntl
+    import select
     import signal
     import socket
+    import time
     base = path.removesuffix(".sock")
     lock = os.open(base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -328,14 +351,43 @@ def serve(path: str) -> int:
     import gc
     gc.freeze()   # what is loaded now stays out of the forks' collections: fewer copy-on-write pages
     idle = float(os.environ.get(ENV_IDLE) or IDLE)
+    children: set[int] = set()
+    spare: list = []   # [pid, our end of its channel] while a spare waits
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def reap(*_) -> None:
+    def reap() -> None:
         try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
+            while (pid := os.waitpid(-1, os.WNOHANG)[0]) > 0:
+                children.discard(pid)
+                if spare and spare[0] == pid:   # died waiting (killed): fork another
+                    spare.pop()[1].close()
         except ChildProcessError:
             pass
-    signal.signal(signal.SIGCHLD, reap)
+
+    def fork(body) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                for fd in (lock, wake_r, wake_w):
+                    os.close(fd)
+                listener.close()
+                body()
+            finally:
+                os._exit(0)
+        children.add(pid)
+        return pid
+
+    def fork_spare() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        pid = fork(lambda: (ours.close(), _spare(theirs, ident)))
+        theirs.close()
+        spare[:] = [pid, ours]
+
+    signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the poll below (set_wakeup_fd)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # leave no socket behind
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -347,13 +399,27 @@ def serve(path: str) -> int:
         listener.bind(path)
         os.chmod(path, 0o600)
         listener.listen(64)
-        listener.settimeout(idle)
+        poll = select.poll()
+        poll.register(listener, select.POLLIN)
+        poll.register(wake_r, select.POLLIN)
+        last = time.monotonic()
         while True:
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                break
-            conn.settimeout(None)
+            reap()
+            if not spare and not children:   # the last request done: the next one's fork, ahead of it
+                fork_spare()
+            events = dict(poll.poll(max(0.0, last + idle - time.monotonic()) * 1000))
+            if not events:
+                if time.monotonic() >= last + idle:
+                    break
+                continue
+            if wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+            if listener.fileno() not in events:
+                continue
+            conn, _ = listener.accept()
+            last = time.monotonic()
             peer_pid, uid, _gid = _peer(conn)
             if uid != os.geteuid():
                 conn.close()
@@ -365,14 +431,18 @@ def serve(path: str) -> int:
                 os.close(lock)
                 conn.close()
                 break
-            pid = os.fork()
-            if pid == 0:
+            if spare:
+                pid, channel = spare
                 try:
-                    listener.close()
-                    os.close(lock)
-                    _work(conn, peer_pid, ident)
-                finally:
-                    os._exit(0)
+                    socket.send_fds(channel, [b"c"], [conn.fileno()])
+                    spare.clear()
+                    channel.close()
+                    conn.close()
+                    continue
+                except OSError:   # it died just now: serve the request as before, in a fork of its own
+                    spare.clear()
+                    channel.close()
+            fork(lambda: _work(conn, peer_pid, ident))
             conn.close()
     finally:
         if not with_lock_gone:
