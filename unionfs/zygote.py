@@ -200,6 +200,17 @@ def _preload() -> None:
     from .fuse import daemon, operations  # noqa: F401
     cli.parser()   # built once (cached), with the parsers' own imports
     cli.mount_program_parser()
+    trio.run(_warm_trio)   # a first run sets up what every later one reuses: the daemon's loop starts sooner
+
+
+async def _warm_trio() -> None:
+    """What the mount daemon's loop does first (daemon._serve): a nursery, a signal receiver."""
+    import signal
+
+    import trio
+    async with trio.open_nursery():
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM):
+            await trio.sleep(0)
 
 
 def _sources() -> dict[str, int]:
@@ -212,6 +223,54 @@ def _sources() -> dict[str, int]:
             except OSError:
                 out[f] = -1
     return out
+
+
+class _Changes:
+    """Has a source file of unionfs changed since the zygote started?  inotify on the package's
+    directories, watching from before the imports: one read per request (a stat of every loaded
+    module cost a mount 2 ms in a zygote woken from its sleep).  Without inotify: those stats."""
+
+    # IN_MODIFY IN_ATTRIB IN_CLOSE_WRITE IN_MOVED_FROM IN_MOVED_TO IN_CREATE IN_DELETE IN_DELETE_SELF IN_MOVE_SELF
+    _WATCH = 0x002 | 0x004 | 0x008 | 0x040 | 0x080 | 0x100 | 0x200 | 0x400 | 0x800
+    _GONE = 0x400 | 0x800 | 0x4000 | 0x8000   # the directory deleted or moved, the queue overflowed, a watch gone
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.stamp: dict[str, int] | None = None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd < 0:
+            return
+        for d, subdirs, _ in os.walk(PACKAGE):
+            subdirs[:] = [x for x in subdirs if x != "__pycache__"]
+            if libc.inotify_add_watch(fd, os.fsencode(d), self._WATCH) < 0:
+                os.close(fd)
+                return
+        self.fd = fd
+
+    def start(self) -> None:
+        """Once everything is imported: the fallback's stamp."""
+        if self.fd < 0:
+            self.stamp = _sources()
+
+    def changed(self) -> bool:
+        if self.fd < 0:
+            return _sources() != self.stamp
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return False
+        while data:   # struct inotify_event: wd, mask, cookie, len, then name (NUL padded)
+            _wd, mask, _cookie, size = struct.unpack_from("iIII", data)
+            name = data[16:16 + size].rstrip(b"\0")
+            if mask & self._GONE or name.endswith(b".py"):
+                return True
+            data = data[16 + size:]
+        return False
 
 
 def _receive(conn) -> tuple[bytes, list[int]]:
@@ -288,8 +347,11 @@ def _work(conn, peer_pid: int, ident: bytes) -> None:
     for fd, target in zip(std, (0, 1, 2)):
         os.dup2(fd, target)
         os.close(fd)
-    os.environ.clear()
-    os.environ.update(env)
+    for k in [k for k in os.environ if k not in env]:   # only the differences: a fork's pages stay shared
+        del os.environ[k]
+    for k, v in env.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
     os.umask(umask)
     _join_cgroups(peer_pid)
     _copy_limits(peer_pid)
@@ -346,8 +408,9 @@ def serve(path: str) -> int:
     ident = identity()
     if f"{os.path.dirname(path)}/{_base(ident)}.sock" != path:
         return 0   # not started by a process like us
+    changes = _Changes()
     _preload()
-    sources = _sources()
+    changes.start()
     import gc
     gc.freeze()   # what is loaded now stays out of the forks' collections: fewer copy-on-write pages
     idle = float(os.environ.get(ENV_IDLE) or IDLE)
@@ -371,8 +434,9 @@ def serve(path: str) -> int:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                for fd in (lock, wake_r, wake_w):
-                    os.close(fd)
+                for fd in (lock, wake_r, wake_w, changes.fd):
+                    if fd >= 0:
+                        os.close(fd)
                 listener.close()
                 body()
             finally:
@@ -424,7 +488,7 @@ def serve(path: str) -> int:
             if uid != os.geteuid():
                 conn.close()
                 continue
-            if _sources() != sources:   # unionfs changed under us: let the caller run the new code
+            if changes.changed():   # unionfs changed under us: let the caller run the new code
                 with_lock_gone = True
                 for p in (path, base + ".pid"):
                     os.unlink(p)
