@@ -326,8 +326,10 @@ def _copy_limits(pid: int) -> None:
                 pass
 
 
-def _work(conn, peer_pid: int, ident: bytes) -> None:
-    """In the fork: become the caller (cwd, stdio, environment, umask, cgroups, limits), run its command."""
+def _work(conn, peer_pid: int, ident: bytes, channel=None) -> None:
+    """In the fork: become the caller (cwd, stdio, environment, umask, cgroups, limits), run its command.
+    A mount program's command ends by starting the mount daemon: this process becomes that daemon
+    (``channel``, the zygote's line to us, closed once the caller has its answer)."""
     try:
         request, fds = _receive(conn)
         their_ident, argv, env, umask = marshal.loads(request)
@@ -336,11 +338,11 @@ def _work(conn, peer_pid: int, ident: bytes) -> None:
     if their_ident != ident:
         return
     conn.sendall(_ACCEPTED)   # the caller gone (timed out): EPIPE, and nothing is done
-    # A session of our own: nothing sent to the zygote's process group reaches this command or the
-    # mount daemon it starts, and that daemon needs one fork, not two (background.spawn).
-    os.setsid()
+    # A process group of our own: nothing sent to the zygote's reaches this command or the mount
+    # daemon it starts.  In the zygote's session (no terminal, its leader gone), as that daemon must be.
+    os.setpgid(0, 0)
     from . import background
-    background.session_of_our_own()
+    background.detached()
     cwd, *std = fds
     os.fchdir(cwd)
     os.close(cwd)
@@ -357,6 +359,11 @@ def _work(conn, peer_pid: int, ident: bytes) -> None:
     _copy_limits(peer_pid)
     sys.argv = ["unionfs", *argv]
     from .cli import main
+    from .routing import is_mount_program_argv
+    if is_mount_program_argv(argv):   # its last step is the daemon's spawn, whose answer is its outcome
+        err = os.dup(2)
+        keep = {conn.fileno(), err} | ({channel.fileno()} if channel is not None else set())
+        background.in_place(lambda line: _settle(line, conn, err, channel), frozenset(keep))
     code: int = 1
     try:
         code = main(argv)
@@ -375,6 +382,29 @@ def _work(conn, peer_pid: int, ident: bytes) -> None:
     conn.sendall(f"{code}\n".encode())
 
 
+def _settle(line: str, conn, err: int, channel) -> None:
+    """A mount program's outcome, once this process is its daemon: what ``cli.main`` would have printed
+    and returned after ``fuse.daemon.mount``'s spawn told ``line``, to the caller's stderr and to the caller."""
+    from .errors import one_line
+    from .fuse.daemon import DIED
+    code = 0
+    line = line.strip()
+    if line != "ok":
+        code = 2
+        try:
+            os.write(err, f"unionfs: {one_line(Exception(line or DIED))}\n".encode(errors="backslashreplace"))
+        except OSError:
+            pass
+    os.close(err)
+    try:
+        conn.sendall(f"{code}\n".encode())
+    except OSError:
+        pass
+    conn.close()
+    if channel is not None:
+        channel.close()
+
+
 def _spare(channel, ident: bytes) -> None:
     """A worker forked ahead of its request (the fork costs a big process 2 ms): it waits for the
     zygote to hand it a connection, then serves it.  The zygote gone (EOF): it leaves."""
@@ -383,11 +413,10 @@ def _spare(channel, ident: bytes) -> None:
         _, fds, _, _ = socket.recv_fds(channel, 1, 1)
     except OSError:
         return
-    channel.close()
     if len(fds) != 1:
         return
     conn = socket.socket(fileno=fds[0])
-    _work(conn, _peer(conn)[0], ident)
+    _work(conn, _peer(conn)[0], ident, channel)
 
 
 def serve(path: str) -> int:
@@ -414,20 +443,17 @@ def serve(path: str) -> int:
     import gc
     gc.freeze()   # what is loaded now stays out of the forks' collections: fewer copy-on-write pages
     idle = float(os.environ.get(ENV_IDLE) or IDLE)
-    children: set[int] = set()
     spare: list = []   # [pid, our end of its channel] while a spare waits
+    busy: dict[int, socket.socket] = {}   # the channels of the workers at work, by fd: they close them when done
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def reap() -> None:
-        try:
-            while (pid := os.waitpid(-1, os.WNOHANG)[0]) > 0:
-                children.discard(pid)
-                if spare and spare[0] == pid:   # died waiting (killed): fork another
-                    spare.pop()[1].close()
-        except ChildProcessError:
-            pass
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
 
-    def fork(body) -> int:
+    def fork_spare() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             try:
@@ -437,18 +463,14 @@ def serve(path: str) -> int:
                 for fd in (lock, wake_r, wake_w, changes.fd):
                     if fd >= 0:
                         os.close(fd)
-                listener.close()
-                body()
+                for sock in [listener, ours, *busy.values()]:
+                    sock.close()
+                _spare(theirs, ident)
             finally:
                 os._exit(0)
-        children.add(pid)
-        return pid
-
-    def fork_spare() -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        pid = fork(lambda: (ours.close(), _spare(theirs, ident)))
         theirs.close()
         spare[:] = [pid, ours]
+        poll.register(ours, select.POLLIN)   # POLLHUP: it died before its request
 
     signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the poll below (set_wakeup_fd)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -469,7 +491,7 @@ def serve(path: str) -> int:
         last = time.monotonic()
         while True:
             reap()
-            if not spare and not children:   # the last request done: the next one's fork, ahead of it
+            if not spare and not busy:   # the last request answered: the next one's fork, ahead of it
                 fork_spare()
             events = dict(poll.poll(max(0.0, last + idle - time.monotonic()) * 1000))
             if not events:
@@ -480,11 +502,19 @@ def serve(path: str) -> int:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 512):
                         pass
+            for fd in events:   # a channel closed at the other end: a worker done, or a spare dead
+                if fd in busy:
+                    poll.unregister(fd)
+                    busy.pop(fd).close()
+                elif spare and fd == spare[1].fileno():
+                    poll.unregister(fd)
+                    spare.pop().close()
+                    spare.clear()
             if listener.fileno() not in events:
                 continue
             conn, _ = listener.accept()
             last = time.monotonic()
-            peer_pid, uid, _gid = _peer(conn)
+            _pid, uid, _gid = _peer(conn)
             if uid != os.geteuid():
                 conn.close()
                 continue
@@ -495,18 +525,16 @@ def serve(path: str) -> int:
                 os.close(lock)
                 conn.close()
                 break
-            if spare:
-                pid, channel = spare
-                try:
-                    socket.send_fds(channel, [b"c"], [conn.fileno()])
-                    spare.clear()
-                    channel.close()
-                    conn.close()
-                    continue
-                except OSError:   # it died just now: serve the request as before, in a fork of its own
-                    spare.clear()
-                    channel.close()
-            fork(lambda: _work(conn, peer_pid, ident))
+            if not spare:   # the one before still at work: a fork now
+                fork_spare()
+            _pid, channel = spare
+            spare.clear()
+            try:
+                socket.send_fds(channel, [b"c"], [conn.fileno()])
+                busy[channel.fileno()] = channel
+            except OSError:   # it died just now: the caller, finding nobody, runs the command itself
+                poll.unregister(channel)
+                channel.close()
             conn.close()
     finally:
         if not with_lock_gone:
