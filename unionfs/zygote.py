@@ -1,6 +1,7 @@
 """The warm daemon ("zygote"): a process that has pyfuse3, trio and all of unionfs imported and
-runs each ``unionfs`` mount or umount in a fork of itself, so a mount costs a fork, not 0.2 s of
-imports.
+runs each ``unionfs`` mount or umount in a fork of itself, so a mount costs no imports (0.2 s cold).
+The fork is made ahead of the request (a *spare*, which rehearses a mount's first steps while it
+waits), and a mount program's worker becomes the mount daemon itself: no fork is left on a mount's way.
 
 The caller (:mod:`unionfs.entry`) connects to a unix socket, sends its argv, environment and umask,
 and passes its cwd and stdio as fds (SCM_RIGHTS); the fork takes them on, joins the caller's cgroups
@@ -14,7 +15,7 @@ interpreter and this package's path); it lives in a directory only its user can 
 (``/run/unionfs/zygote`` as root, else ``$XDG_RUNTIME_DIR/unionfs/zygote``; ``$UNIONFS_ZYGOTE_DIR``
 overrides), and both ends check the other's uid (SO_PEERCRED).  It is started in the background by
 the first mount that found none, and exits after ``$UNIONFS_ZYGOTE_IDLE`` seconds (default 600)
-without a request, or when a source file of unionfs changed since it started.
+without a request, or when a source file of unionfs changed since it started (inotify).
 ``UNIONFS_ZYGOTE=0`` turns it off: every command runs in its own process, as before.
 
 The client half (:func:`run`, :func:`start`) imports only what Python has loaded at start-up.
