@@ -123,6 +123,7 @@ def test_errors_are_the_same_one_line(tmp_path, zygotes):
     cases = [["-o", f"lowerdir={tmp_path}/low,bogus=1", str(tmp_path / "mnt")],
              ["-o", "lowerdir=nowhere", str(tmp_path / "mnt")],
              ["-o", f"lowerdir={tmp_path}/low", str(tmp_path / "no-mnt")],
+             ["-o", f"lowerdir={tmp_path}/low,max_read=abc", str(tmp_path / "mnt")],   # refused by libfuse, in the daemon
              ["mount", "--lower", "nowhere", str(tmp_path / "mnt")],
              ["umount", str(tmp_path / "mnt")]]
     for argv in cases:
@@ -214,3 +215,74 @@ except (ConnectionResetError, BrokenPipeError):   # closed before or with our re
     finally:
         _unmount(mnt)
 
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if b"Z" in Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2][:3]:
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_warm_daemon_outlives_its_zygote(tmp_path, zygotes):
+    """The worker that took a mount program's request is the mount's daemon: in a process group of its
+    own (no session leader, so no terminal to take), it keeps serving when the zygote's whole group is
+    killed, and unmounts as any other."""
+    (tmp_path / "low").mkdir()
+    (tmp_path / "low/f").write_text("f\n")
+    for d in ("up", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    mnt = tmp_path / "mnt"
+    opts = f"lowerdir={tmp_path}/low,upperdir={tmp_path}/up,workdir={tmp_path}/work"
+    try:
+        assert _run(["-o", opts, str(mnt)], zygotes).returncode == 0
+        _unmount(mnt)
+        zygote = _zygote_pid(zygotes)
+        r = _run(["-o", opts, str(mnt)], zygotes)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        daemon = _daemon(mnt)
+        assert _forked_by_zygote(daemon)
+        group = os.getpgid(zygote)
+        assert os.getpgid(daemon) == daemon != group and os.getsid(daemon) == os.getsid(zygote) != daemon
+        os.killpg(group, signal.SIGKILL)
+        assert _gone(zygote)
+        assert (mnt / "f").read_text() == "f\n"
+        (mnt / "g").write_text("g\n")
+        assert (tmp_path / "up/g").read_text() == "g\n"
+        r = _run(["umount", str(mnt)], zygotes)
+        assert r.returncode == 0 and not is_mounted(mnt) and _gone(daemon, 5), r.stderr
+    finally:
+        _unmount(mnt)
+
+
+def test_a_changed_source_retires_the_zygote(tmp_path, zygotes):
+    """A change to a source file of unionfs (here only an inotify event: the times are set to what they
+    were, so no bytecode goes stale) makes the next request run cold and start a fresh zygote."""
+    import unionfs
+    (tmp_path / "low").mkdir()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    opts = f"lowerdir={tmp_path}/low"
+    try:
+        assert _run(["-o", opts, str(mnt)], zygotes).returncode == 0
+        _unmount(mnt)
+        first = _zygote_pid(zygotes)
+        assert _run(["-o", opts, str(mnt)], zygotes).returncode == 0 and _forked_by_zygote(_daemon(mnt))
+        _unmount(mnt)
+        source = Path(unionfs.__file__).with_name("routing.py")
+        st = source.stat()
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+        r = _run(["-o", opts, str(mnt)], zygotes)
+        assert r.returncode == 0 and not _forked_by_zygote(_daemon(mnt)), r.stderr
+        _unmount(mnt)
+        assert _gone(first)
+        second = _zygote_pid(zygotes)
+        assert second != first
+        assert _run(["-o", opts, str(mnt)], zygotes).returncode == 0 and _forked_by_zygote(_daemon(mnt))
+    finally:
+        _unmount(mnt)

@@ -61,6 +61,7 @@ WRITEBACK_DEFAULT = True
 # told otherwise (the option named beside each), as fuse-overlayfs does: a rootfs needs setuid
 # binaries, device nodes, and users other than root.
 ROOT_DEFAULTS = {"allow_other": "allow_root", "suid": "nosuid", "dev": "nodev"}
+DIED = "the daemon died before the mount was ready"
 
 
 @dataclass
@@ -468,7 +469,7 @@ def mount(cfg: MountConfig) -> int:
         return 0
     if answer:
         raise UsageError(answer)
-    raise UsageError("the daemon died before the mount was ready")
+    raise UsageError(DIED)
 
 
 def _mountinfo_path(field: str) -> str:
