@@ -1,13 +1,16 @@
 """Answers kept to save requests or syscalls must never show a stale view: the xattr names of
-lower-only objects, and day-long negative entries in lower-only directories."""
+lower-only objects, and day-long negative entries in lower-only directories; requests declined
+once (FSYNC on a mount that syncs nothing) must lose nothing."""
 from __future__ import annotations
 
 import errno
 import os
+import re
+import subprocess
 
 import pytest
 
-from helpers import overlay_mount, user_xattrs
+from helpers import UnionMount, overlay_mount, unionfs_cmd, user_xattrs
 
 
 def _lower(tmp_path):
@@ -163,3 +166,41 @@ def test_xattr_names_of_upper_objects_follow_every_change(tmp_path, union_mount)
     assert ours == theirs
     assert isinstance(ours[1]["security.capability"], bytes)   # the story did set one
     assert isinstance(ours[-2]["security.capability"], bytes)
+
+
+class _Debugged(UnionMount):
+    """A daemon with libfuse's debug output (one line per request) in a file of its own."""
+
+    def spawn(self, args):
+        self.debug = self.mnt.parent / f"{self.mnt.name}.debug"
+        with open(self.debug, "wb") as out:
+            return subprocess.Popen(unionfs_cmd(*args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=out)
+
+    def opcodes(self, name: str) -> int:
+        return len(re.findall(rf"opcode: {name} ".encode(), self.debug.read_bytes()))
+
+
+@pytest.mark.parametrize("options, sent", [([], 3), (["volatile"], 1), (["fsync=0"], 1)])
+def test_fsync_sent_once_where_nothing_syncs(tmp_path, options, sent):
+    """With volatile or fsync=0 the first FSYNC and FSYNCDIR are answered ENOSYS, so the kernel
+    answers the later fsync(2) calls itself; each still succeeds and writes the cached data back."""
+    low, up, work = _stack(tmp_path)
+    (tmp_path / "mnt").mkdir()
+    m = _Debugged(tmp_path / "mnt", [low], up, work, options=[*options, "debug"])
+    m.start()
+    try:
+        fd = os.open(m.mnt / "dir" / "new", os.O_CREAT | os.O_WRONLY, 0o644)
+        d = os.open(m.mnt / "dir", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(3):
+                os.pwrite(fd, b"%d" % i, i)
+                os.fsync(fd)
+                os.fsync(d)
+        finally:
+            os.close(fd)
+            os.close(d)
+        assert (up / "dir" / "new").read_bytes() == b"012"   # written back before each fsync returned
+    finally:
+        m.stop()
+    assert (m.opcodes("FSYNC"), m.opcodes("FSYNCDIR")) == (sent, sent)
