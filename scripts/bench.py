@@ -580,10 +580,11 @@ def _dpkg_row(work: Path, cache: Path, repeat: int, podman_cls, programs: dict[s
 
 
 def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = None,
-                  skipped: dict[str, str] | None = None) -> dict[str, dict[str, list[float]]]:
+                  skipped: dict[str, str] | None = None, baseline: str | None = None) -> dict[str, dict[str, list[float]]]:
     """Rows that time whole tools, interleaved: podman with each mount program; loading a 100 MB image.
     With ``only`` (--only), the podman rows if one names them ("podman"), the dpkg row if one says "dpkg",
-    the load row if one says "load".  A row that cannot run gets its reason in ``skipped``."""
+    the load row if one says "load"; with ``baseline`` (--baseline), its unionfs as one more mount program
+    of the podman rows, "unionfs-base".  A row that cannot run gets its reason in ``skipped``."""
     sys.path.insert(0, str(REPO / "tests"))
     from podman_env import FUSE_OVERLAYFS, Podman, write_image
     rows: dict[str, dict[str, list[float]]] = {}
@@ -595,6 +596,8 @@ def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = No
         archive = work / "bb.tar"
         write_image(archive, "bb:1")
         podmans = {"fuse-overlayfs": Podman(work / "pm-fo", FUSE_OVERLAYFS), "unionfs": Podman(work / "pm-u", UNIONFS)}
+        if baseline:
+            podmans["unionfs-base"] = Podman(work / "pm-ub", baseline)
         try:
             for pm in podmans.values():
                 pm("load", "-i", str(archive))
@@ -613,7 +616,8 @@ def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = No
             for pm in podmans.values():
                 pm.close()
     if shutil.which("podman") and (not only or any(o in DPKG_ROW for o in only)):
-        dpkg = _dpkg_row(work, cache, repeat, Podman, {"fuse-overlayfs": FUSE_OVERLAYFS, "unionfs": UNIONFS},
+        dpkg = _dpkg_row(work, cache, repeat, Podman, {"fuse-overlayfs": FUSE_OVERLAYFS, "unionfs": UNIONFS,
+                                                        **({"unionfs-base": baseline} if baseline else {})},
                          skipped if skipped is not None else {})
         if dpkg:
             rows[DPKG_ROW] = dpkg
@@ -676,8 +680,8 @@ def main() -> int:
                          "(e.g. wb0=writeback=0; repeatable)")
     ap.add_argument("--baseline", metavar="PROGRAM",
                     help="also run another build's unionfs (e.g. the main tree's venv/bin/unionfs), as the "
-                         "column unionfs-base (and each --variant on it as unionfs-base-LABEL): before and "
-                         "after in one run")
+                         "column unionfs-base (and each --variant on it as unionfs-base-LABEL), and as one more "
+                         "mount program of the whole-tool podman rows: before and after in one run")
     ap.add_argument("--cache", default="/var/tmp/unionfs-bench", help="where the layer stack is built once")
     ap.add_argument("--million", action="store_true",
                     help="also the memory rows of scripts/bench_memory.py: peak RSS over five finds of 1M entries")
@@ -788,7 +792,7 @@ def main() -> int:
                 top = ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda x: -x[1])[:6])
                 print(f"    {n:16} {sum(ops.values()):>9}  {top}")
     skipped: dict[str, str] = {}
-    tool_rows = run_tool_rows(cache, repeat, p, args.only, skipped) if args.tools else {}
+    tool_rows = run_tool_rows(cache, repeat, p, args.only, skipped, args.baseline) if args.tools else {}
     if tool_rows or skipped:
         print("\nwhole-tool rows (seconds min/median/max; ratio to the row's first)")
         for row_name, by in tool_rows.items():
