@@ -424,10 +424,18 @@ WORKLOADS = [
 ]
 
 
+def _count_opcodes(data: bytes) -> dict[str, int]:
+    """Requests by opcode in libfuse's debug output (one "opcode: NAME" line per request)."""
+    import re
+    ops: dict[str, int] = {}
+    for match in re.finditer(rb"opcode: (\w+)", data):
+        op = match[1].decode()
+        ops[op] = ops.get(op, 0) + 1
+    return ops
+
+
 def count_requests(systems: list[FS], workloads: list[Workload], p: dict, scratch: Path) -> dict:
     """{workload: {fs: {opcode: n}}}: one untimed run each with libfuse's debug output, the run's part only."""
-    import re
-    opcode = re.compile(rb"opcode: (\w+)")
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for w in workloads:
         if w.kind != "run":
@@ -447,12 +455,9 @@ def count_requests(systems: list[FS], workloads: list[Workload], p: dict, scratc
                 end = log.stat().st_size
             finally:
                 s.umount(m)
-            ops: dict[str, int] = {}
             with open(log, "rb") as f:
                 f.seek(start)
-                for match in opcode.finditer(f.read(end - start)):
-                    op = match[1].decode()
-                    ops[op] = ops.get(op, 0) + 1
+                ops = _count_opcodes(f.read(end - start))
             log.unlink()
             counts.setdefault(w.name, {})[s.name] = ops
         print(f"bench: {w.name}: requests counted", file=sys.stderr)
@@ -549,9 +554,10 @@ def _dpkg_debs(cache: Path) -> Path | str:
 
 
 def _dpkg_row(work: Path, cache: Path, repeat: int, podman_cls, programs: dict[str, str],
-              skipped: dict[str, str]) -> dict[str, list[float]]:
+              skipped: dict[str, str], requests: dict | None = None) -> dict[str, list[float]]:
     """``dpkg -i`` of DPKG_PACKAGES in a Debian 12 container (the debs bind-mounted read-only), once per
-    mount program in each round, interleaved; {} and a reason in ``skipped`` when it cannot run."""
+    mount program in each round, interleaved; {} and a reason in ``skipped`` when it cannot run.
+    With ``requests``, one more run each with its FUSE requests counted there ({program: {opcode: n}})."""
     rootfs = _debian_rootfs(cache)
     debs = _dpkg_debs(cache) if not isinstance(rootfs, str) else rootfs
     if isinstance(debs, str):
@@ -573,18 +579,63 @@ def _dpkg_row(work: Path, cache: Path, repeat: int, podman_cls, programs: dict[s
                 t0 = time.perf_counter()
                 pm(*argv)
                 row[n].append(time.perf_counter() - t0)
+        if requests is not None:
+            for n, pm in podmans.items():
+                requests[n] = _tool_requests(pm, argv, work / "requests")
     finally:
         for pm in podmans.values():
             pm.close()
     return row
 
 
+# A mount_program that runs PROGRAM with libfuse's debug output (-d: in the foreground, both
+# fuse-overlayfs and unionfs) into LOGDIR, in the background, and returns once the mount is there.
+DEBUG_MOUNT_PROGRAM = """#!/bin/sh
+for mnt; do :; done
+{program} -d "$@" </dev/null >/dev/null 2>"{logdir}/$$.log" &
+pid=$!
+i=0
+until mountpoint -q "$mnt"; do
+    kill -0 $pid 2>/dev/null || exit 1
+    i=$((i + 1)); [ $i -lt 3000 ] || exit 1
+    sleep 0.01
+done
+"""
+
+
+def _tool_requests(pm, argv: tuple[str, ...], logdir: Path) -> dict[str, int]:
+    """FUSE requests by opcode of one more ``podman ARGV`` on store ``pm``, its mounts through
+    DEBUG_MOUNT_PROGRAM; the store mounts through its own program again after."""
+    shutil.rmtree(logdir, ignore_errors=True)
+    logdir.mkdir(parents=True)
+    wrapper = logdir.with_suffix(".sh")
+    wrapper.write_text(DEBUG_MOUNT_PROGRAM.format(program=pm.program, logdir=logdir))
+    wrapper.chmod(0o755)
+    program = pm.program
+    pm.use_program(str(wrapper))
+    try:
+        pm(*argv)
+    finally:
+        pm.use_program(program)
+    time.sleep(0.3)   # the daemons' last lines (podman has unmounted: they are exiting)
+    ops: dict[str, int] = {}
+    for log in logdir.glob("*.log"):
+        for op, n in _count_opcodes(log.read_bytes()).items():
+            ops[op] = ops.get(op, 0) + n
+    shutil.rmtree(logdir, ignore_errors=True)
+    wrapper.unlink()
+    return ops
+
+
 def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = None,
-                  skipped: dict[str, str] | None = None, baseline: str | None = None) -> dict[str, dict[str, list[float]]]:
+                  skipped: dict[str, str] | None = None, baseline: str | None = None,
+                  requests: dict | None = None) -> dict[str, dict[str, list[float]]]:
     """Rows that time whole tools, interleaved: podman with each mount program; loading a 100 MB image.
     With ``only`` (--only), the podman rows if one names them ("podman"), the dpkg row if one says "dpkg",
     the load row if one says "load"; with ``baseline`` (--baseline), its unionfs as one more mount program
-    of the podman rows, "unionfs-base".  A row that cannot run gets its reason in ``skipped``."""
+    of the podman rows, "unionfs-base"; with ``requests`` (--requests), each podman row's FUSE requests by
+    opcode in one more run per mount program ({row: {program: {opcode: n}}}).  A row that cannot run gets
+    its reason in ``skipped``."""
     sys.path.insert(0, str(REPO / "tests"))
     from podman_env import FUSE_OVERLAYFS, Podman, write_image
     rows: dict[str, dict[str, list[float]]] = {}
@@ -602,25 +653,32 @@ def run_tool_rows(cache: Path, repeat: int, p: dict, only: list[str] | None = No
             for pm in podmans.values():
                 pm("load", "-i", str(archive))
                 pm("run", "--rm", "bb:1", "true")   # warm: the first run sets up the store
-            row = rows.setdefault("podman run --rm IMAGE true", {n: [] for n in podmans})
-            row2 = rows.setdefault("podman run: 300 files written", {n: [] for n in podmans})
+            runs = {"podman run --rm IMAGE true": ("run", "--rm", "bb:1", "true"),
+                    "podman run: 300 files written": ("run", "--rm", "bb:1", "sh", "-c",
+                                                      "cp -a /bin /tmp/b && cat /etc/* >/dev/null 2>&1; true")}
+            for name in runs:
+                rows.setdefault(name, {n: [] for n in podmans})
             for _ in range(max(repeat, 3)):
                 for n, pm in podmans.items():
-                    t0 = time.perf_counter()
-                    pm("run", "--rm", "bb:1", "true")
-                    row[n].append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    pm("run", "--rm", "bb:1", "sh", "-c", "cp -a /bin /tmp/b && cat /etc/* >/dev/null 2>&1; true")
-                    row2[n].append(time.perf_counter() - t0)
+                    for name, argv in runs.items():
+                        t0 = time.perf_counter()
+                        pm(*argv)
+                        rows[name][n].append(time.perf_counter() - t0)
+            if requests is not None:
+                for name, argv in runs.items():
+                    requests[name] = {n: _tool_requests(pm, argv, work / "requests") for n, pm in podmans.items()}
         finally:
             for pm in podmans.values():
                 pm.close()
     if shutil.which("podman") and (not only or any(o in DPKG_ROW for o in only)):
+        dpkg_requests = {} if requests is not None else None
         dpkg = _dpkg_row(work, cache, repeat, Podman, {"fuse-overlayfs": FUSE_OVERLAYFS, "unionfs": UNIONFS,
                                                         **({"unionfs-base": baseline} if baseline else {})},
-                         skipped if skipped is not None else {})
+                         skipped if skipped is not None else {}, dpkg_requests)
         if dpkg:
             rows[DPKG_ROW] = dpkg
+            if dpkg_requests:
+                requests[DPKG_ROW] = dpkg_requests
     if only and not any(o in "load" for o in only):
         return rows
     layout = _big_image(cache)
@@ -665,7 +723,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=None, help="repetitions per figure (default 5, quick 3)")
     ap.add_argument("--only", action="append", help="run workloads whose name contains this (repeatable)")
     ap.add_argument("--requests", action="store_true",
-                    help="also count each workload's FUSE requests by opcode (one more, untimed, run each)")
+                    help="also count each workload's FUSE requests by opcode (one more, untimed, run each; "
+                         "the podman rows' through a mount_program wrapper that runs each program with -d)")
     ap.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
                     help="the whole-tool rows: podman run with each mount program, load against podman load "
                          "and umoci unpack (default: on, off with --size tiny)")
@@ -792,7 +851,9 @@ def main() -> int:
                 top = ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda x: -x[1])[:6])
                 print(f"    {n:16} {sum(ops.values()):>9}  {top}")
     skipped: dict[str, str] = {}
-    tool_rows = run_tool_rows(cache, repeat, p, args.only, skipped, args.baseline) if args.tools else {}
+    tool_requests: dict[str, dict[str, dict[str, int]]] = {}
+    tool_rows = run_tool_rows(cache, repeat, p, args.only, skipped, args.baseline,
+                                                            tool_requests if args.requests else None) if args.tools else {}
     if tool_rows or skipped:
         print("\nwhole-tool rows (seconds min/median/max; ratio to the row's first)")
         for row_name, by in tool_rows.items():
@@ -802,6 +863,13 @@ def main() -> int:
                 print(f"  {row_name:34} {n:28} {min(t):8.3f}/{med:.3f}/{max(t):.3f} {med / first:6.2f}x")
         for row_name, why in skipped.items():
             print(f"  {row_name:34} skipped: {why}")
+    if tool_requests:
+        print("\nFUSE requests per run of each whole-tool row (libfuse's debug output; the biggest opcodes)")
+        for row_name, by in tool_requests.items():
+            print(f"  {row_name}")
+            for n, ops in by.items():
+                top = ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda x: -x[1])[:8])
+                print(f"    {n:16} {sum(ops.values()):>9}  {top}")
     if args.million:
         print("\nmemory over five finds of a 1,000,000-entry stack (scripts/bench_memory.py):")
         # Its own process (it imports this script for the mounts, so it is not imported here).
@@ -829,6 +897,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({"size": size, "repeat": repeat, "params": SIZES[size],
                                                "results": results, "requests": requests,
                                                "tool_rows": tool_rows, "tool_rows_skipped": skipped,
+                                               "tool_requests": tool_requests,
                                                "cold_start": cold_rows,
                                                "memory": memory}, indent=2))
     return 0
