@@ -752,7 +752,9 @@ def main() -> int:
     size = args.size or ("quick" if args.quick else "full")
     repeat = args.repeat or (2 if size == "quick" else 1 if size == "tiny" else 5)
     cache = Path(args.cache)
-    stack = build_stack(cache, size)
+    workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
+    # no stack to build when --only names whole-tool rows alone
+    stack = build_stack(cache, size) if workloads else cache / f"stack-{size}"
     p = dict(SIZES[size], stack=stack)
     scratch = cache / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -782,7 +784,6 @@ def main() -> int:
         if args.baseline:   # the same options on the other build: before and after of the variant too
             systems.append(type(f"UnionfsBase_{label}", (Unionfs,), {
                 "name": f"unionfs-base-{label}", "extra": opts, "program": args.baseline})(stack, scratch))
-    workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
     times: dict[str, dict[str, list[float]]] = {w.name: {s.name: [] for s in systems} for w in workloads}
     memory: dict[str, dict] = {}
     for w in workloads:
