@@ -8,6 +8,8 @@ pyfuse3's.  Same stack as unionfs (pyfuse3 on trio), long timeouts, replies stra
 over a directory the benchmark made).
 
     bench_floor.py SOURCE MOUNTPOINT [FUSE_OPTION ...]    (foreground; SIGTERM or umount ends it)
+    scripts/floor-mount-program -o OPTS MOUNTPOINT         (podman's mount_program, over kernel overlayfs:
+                                                            scripts/bench --tools --baseline it)
 """
 from __future__ import annotations
 
@@ -224,7 +226,33 @@ class Passthrough(pyfuse3.Operations):
             raise pyfuse3.FUSEError(e.errno) from None
 
 
+def mount_program(argv: list[str]) -> int:
+    """As podman's ``mount_program`` (``-o lowerdir=…,upperdir=…,workdir=… MNT``): kernel overlayfs
+    with those options under a private directory, served on MNT by this floor in the background;
+    back once MNT is mounted.  The overlay goes when the floor exits (podman unmounted MNT)."""
+    import subprocess
+    import tempfile
+    import time
+    mountpoint = os.path.realpath(argv[-1])
+    opts = ",".join(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o")
+    under = tempfile.mkdtemp(prefix="floor-under-", dir="/var/tmp")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, under], check=True)   # podman's cwd
+    floor = subprocess.Popen(
+        ["sh", "-c", '"$0" "$1" "$2" "$3"; umount -l "$2"; rmdir "$2"', sys.executable, __file__, under, mountpoint],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(3000):
+        with open("/proc/self/mountinfo") as f:
+            if any(line.split()[4] == mountpoint for line in f):
+                return 0
+        if floor.poll() is not None:
+            return 1
+        time.sleep(0.005)
+    return 1
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--mount-program"]:
+        return mount_program(sys.argv[2:])
     source, mountpoint, *options = sys.argv[1:]
     ops = Passthrough(os.path.realpath(source))
     os.umask(0)
