@@ -288,6 +288,36 @@ def _mount_cli(lower, upper, work, mnt):
                                       str(mnt)), capture_output=True, text=True, timeout=60)
 
 
+def test_mount_again_while_the_last_daemon_is_still_exiting(tmp_path, rw):
+    """umount(2) returns before the daemon has seen it and let go of the upper dir's lock (under load,
+    a while): a mount of the same dirs right after waits for it instead of saying "in use"
+    (unionmount-testsuite's rename-mass-5 with --ov=10 remounts so and failed)."""
+    import signal
+    import time
+    (rw.lower / "f").write_text("lower")
+    (rw.upper / "g").write_text("upper")
+    m = rw.mount()
+    assert (m.mnt / "f").read_text() == "lower"
+    os.kill(m.proc.pid, signal.SIGSTOP)    # the old daemon, slow to notice the unmount
+    mnt2 = tmp_path / "again"
+    mnt2.mkdir()
+    try:
+        # umount2(2) itself: umount(8) would stat the mount point, which asks the stopped daemon.
+        assert ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(m.mnt), 0) == 0, os.strerror(ctypes.get_errno())
+        new = subprocess.Popen(unionfs_cmd("mount", "--lower", str(rw.lower), "--upper", str(rw.upper),
+                                           "--work", str(rw.work), str(mnt2)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        os.kill(m.proc.pid, signal.SIGCONT)
+        out, err = new.communicate(timeout=60)
+        assert new.returncode == 0, err
+        assert (mnt2 / "f").read_text() == "lower" and (mnt2 / "g").read_text() == "upper"
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
+        if is_mounted(mnt2):
+            subprocess.run(unionfs_cmd("umount", str(mnt2)), timeout=60)
+
+
 def test_work_dir_checks_and_locks(tmp_path, rw):
     mnt, mnt2 = tmp_path / "m1", tmp_path / "m2"
     mnt.mkdir()
