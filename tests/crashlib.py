@@ -219,7 +219,8 @@ class Runner:
             raise Failure(f"{self.sc.name}@{n}: the daemon did not crash (point beyond the scenario)")
         _unmount_dead(self.mnt)
         m.proc = None
-        kernel = kernel_view(self.lower, self.upper, self.work, self.base) if self.kernel_check else None
+        kernel = kernel_view(self.lower, self.upper, self.work, self.base,
+                             [o for o in self.sc.options if o == "metacopy=on"]) if self.kernel_check else None
         m = self._mount()
         try:
             leftovers = os.listdir(self.work / "work")
@@ -253,8 +254,9 @@ class Runner:
         return done, happened
 
 
-def kernel_view(lower: Path, upper: Path, work: Path, base: Path) -> dict:
-    """What kernel overlayfs with index=on,redirect_dir=on shows over a copy of ``upper`` and
+def kernel_view(lower: Path, upper: Path, work: Path, base: Path, options: list[str] = ()) -> dict:
+    """What kernel overlayfs with index=on,redirect_dir=on (and ``options``: ``metacopy=on`` for a
+    metacopy upper dir, which it refuses to follow without) shows over a copy of ``upper`` and
     ``work`` (a copy: its mount rewrites the work dir, and the crashed state must stay as it was
     for our own mount).  One ``cp -a`` keeps the links between the upper dir and the index."""
     from difftest import without_private_xattrs
@@ -264,7 +266,8 @@ def kernel_view(lower: Path, upper: Path, work: Path, base: Path) -> dict:
     subprocess.run(["cp", "-a", str(upper), str(work), str(scratch)], check=True, timeout=60)
     mnt = scratch / "mnt"
     mnt.mkdir()
-    with overlay_mount(mnt, [lower], scratch / upper.name, scratch / work.name, "index=on,redirect_dir=on"):
+    with overlay_mount(mnt, [lower], scratch / upper.name, scratch / work.name,
+                       ",".join(["index=on,redirect_dir=on", *options])):
         return without_private_xattrs(snapshot(mnt, skip_unstatable=True))
 
 

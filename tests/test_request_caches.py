@@ -168,6 +168,51 @@ def test_xattr_names_of_upper_objects_follow_every_change(tmp_path, union_mount)
     assert isinstance(ours[-2]["security.capability"], bytes)
 
 
+_CHANGES = {   # each copies a lower file with a capability up, and none of them drops it on overlayfs
+    "chown": lambda p: os.chown(p, 0, 0),
+    "chmod": lambda p: os.chmod(p, 0o750),
+    "utimes": lambda p: os.utime(p, (1, 2)),
+    "setxattr": lambda p: os.setxattr(p, "user.x", b"1"),
+    "open_rw": lambda p: os.close(os.open(p, os.O_RDWR)),
+}
+
+
+def _capabilities_after_copy_up(root) -> dict:
+    out = {}
+    for name, change in _CHANGES.items():
+        try:
+            change(root / name)
+            out[name] = "ok"
+        except OSError as e:
+            out[name] = errno.errorcode[e.errno]
+        out[name] = (out[name], _xattrs(root / name)["security.capability"], os.lstat(root / name).st_mode)
+    return out
+
+
+@pytest.mark.parametrize("options", [[], ["metacopy=on"]], ids=["copy", "metacopy"])
+def test_copy_up_keeps_security_capability(tmp_path, union_mount, options):
+    """Our copy-up chowned after copying the xattrs, and a chown drops security.capability: every
+    copy-up lost it, and a chown failed with ENODATA (the kernel asks to remove the capability it
+    was told of, which the copy-up had already dropped)."""
+    low = tmp_path / "low"
+    low.mkdir()
+    for name in _CHANGES:
+        (low / name).write_bytes(b"#!/bin/sh\n")
+        os.chmod(low / name, 0o755)
+        subprocess.run(["setcap", "cap_net_raw+ep", str(low / name)], check=True, timeout=30)
+    up, work, kup, kwork, ovl = (tmp_path / n for n in ("up", "work", "kup", "kwork", "ovl"))
+    for p in (up, work, kup, kwork, ovl):
+        p.mkdir()
+    m = union_mount([low], up, work, options=options)
+    ours = _capabilities_after_copy_up(m.mnt)
+    m.stop()
+    extra = ",".join(["index=on,redirect_dir=on"] + options)
+    with overlay_mount(ovl, [low], kup, kwork, extra=extra):
+        theirs = _capabilities_after_copy_up(ovl)
+    assert ours == theirs
+    assert isinstance(ours["chmod"][1], bytes)
+
+
 class _Debugged(UnionMount):
     """A daemon with libfuse's debug output (one line per request) in a file of its own."""
 

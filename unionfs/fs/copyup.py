@@ -2,8 +2,8 @@
 
 Order, as in overlayfs's ``copy_up.c``: parent directories first; then the
 object is built in the work dir with its data, owner, mode, xattrs and times
-(data before xattrs, because writing data would drop ``security.capability``;
-chown before chmod, because chown clears setuid), and only then given its name.
+(data, then owner, then xattrs, because writing data and chown drop
+``security.capability``; chown before chmod, because chown clears setuid), and only then given its name.
 A regular file is an O_TMPFILE file, filled and marked through its fd and linked
 straight to its name, as ``ovl_copy_up_tmpfile`` does (a named temp and a rename
 where the upper filesystem has no O_TMPFILE); directories, symlinks and devices
@@ -123,14 +123,22 @@ def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: byte
             raise
 
 
-def _set_owner_mode_times(fd: int, name: bytes | None, st: os.stat_result) -> None:
-    """chown, then chmod (chown clears setuid), then times; on fd (name None) or a name in fd."""
+def _set_owner(fd: int, name: bytes | None, st: os.stat_result) -> None:
+    """chown, on fd (name None) or a name in fd: before the xattrs, because a chown drops
+    ``security.capability`` (even to the same owner), and before chmod, because it clears setuid
+    (the kernel's copy-up sets the owner with notify_change, which drops neither)."""
     if name is None:
         ovl.fchown(fd, st.st_uid, st.st_gid)
+    else:
+        ovl.chown_at(fd, name, st.st_uid, st.st_gid)
+
+
+def _set_mode_times(fd: int, name: bytes | None, st: os.stat_result) -> None:
+    """chmod, then times; on fd (name None) or a name in fd."""
+    if name is None:
         ovl.fchmod(fd, stat.S_IMODE(st.st_mode))
         ovl.futimens(fd, (st.st_atime_ns, st.st_mtime_ns))
         return
-    ovl.chown_at(fd, name, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         ovl.chmod_at(fd, name, stat.S_IMODE(st.st_mode))
     ovl.utime_at(fd, name, (st.st_atime_ns, st.st_mtime_ns))
@@ -292,6 +300,7 @@ class CopyUp:
         try:
             fd = ovl.open_dir_at(up.work_fd, c.temp)
             try:
+                _set_owner(fd, None, c.st)
                 src = ovl.open_dir_at(c.lower_fd, c.lower_name)
                 try:
                     copy_xattrs(src, None, fd, None)
@@ -301,7 +310,7 @@ class CopyUp:
                     up.set_redirect(fd, c.node.redirect)
                 if c.origin is not None:
                     ovl.setxattr_at(fd, None, up.origin_xattr, c.origin.encode())
-                _set_owner_mode_times(fd, None, c.st)
+                _set_mode_times(fd, None, c.st)
             finally:
                 os.close(fd)
             ovl.rename_at(up.work_fd, c.temp, c.upper_parent_fd, c.node.name, ovl.RENAME_NOREPLACE)
@@ -340,8 +349,9 @@ class CopyUp:
                     self.copy_data(*src, fd, st.st_size, sparse)
                 if not c.meta and st.st_size and not c.truncate:   # nothing to wait for, as the kernel's
                     up.sync_data(fd)
+            _set_owner(fd, None, st)
             copy_xattrs(c.lower_fd, c.lower_name, fd, None)
-            _set_owner_mode_times(fd, None, st)
+            _set_mode_times(fd, None, st)
             if c.meta:
                 metacopy.mark(up, fd, None)
             self._marks(c, fd, None)
@@ -368,8 +378,9 @@ class CopyUp:
                 ovl.symlink_at(ovl.readlink_at(c.lower_fd, c.lower_name), up.work_fd, c.temp)
             else:  # fifo, socket, device: the same kind of node, never a regular file
                 ovl.mknod_at(up.work_fd, c.temp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            _set_owner(up.work_fd, c.temp, st)
             copy_xattrs(c.lower_fd, c.lower_name, up.work_fd, c.temp)
-            _set_owner_mode_times(up.work_fd, c.temp, st)
+            _set_mode_times(up.work_fd, c.temp, st)
             self._marks(c, up.work_fd, c.temp)
             ovl.rename_at(up.work_fd, c.temp, *self._destination(c), ovl.RENAME_NOREPLACE)
             if c.index is None and not up.may_mark(st):

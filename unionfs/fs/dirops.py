@@ -332,8 +332,22 @@ class DirOps:
                 elif not last:
                     self._relocate(target, new_parent, new_name, target_real)
         self.inodes.move(node, new_parent, new_name)
+        if target is not node:   # rename(2) between two names of one inode changes nothing
+            self._alias_moved(node, old_parent, old_name, new_parent, new_name)
         if exchange and target is not None:
             self.inodes.move(target, old_parent, old_name)
+            self._alias_moved(target, new_parent, new_name, old_parent, old_name)
+
+    def _alias_moved(self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes) -> None:
+        """A name of a hard-linked upper file moved: its list of names follows, or once the name the
+        mount reaches it by goes, :meth:`_relocate` finds none of the others (ENOENT, or EIO where
+        the kernel meets another type at the number) and loses the file."""
+        aliases = self._aliases.get(node.ino)
+        if aliases is None:
+            return
+        aliases[:] = [e for e in aliases if e != (old_parent, old_name)]
+        if (new_parent, new_name) not in aliases:
+            aliases.append((new_parent, new_name))
 
     def _rename_whiteout(self, ofd: int, old: bytes, nfd: int, new: bytes) -> None:
         if self.upper.style is not formats.Style.XWHITEOUT:

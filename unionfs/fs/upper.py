@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from ..errors import UsageError
@@ -44,6 +45,25 @@ class UpperLock:
         os.close(self.work_fd)
 
 
+# umount(2) returns before the daemon has read of it and closed its fds (a Python process on a
+# loaded machine: tens of ms, at times a second or more), so a mount of the same dirs right after
+# (podman's restart, unionmount-testsuite's remounts) waits this long for the lock to go.
+LOCK_WAIT = 3.0
+
+
+def _lock(fd: int, what: str, path: str) -> None:
+    """flock(2) ``fd`` for the mount, waiting up to LOCK_WAIT for a mount that is going away."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise UsageError(f"{what} {path} is in use by another mount") from None
+        time.sleep(0.01)
+
+
 def prepare_upper(stack: LayerStack, work: str) -> UpperLock:
     """Check and lock the work dir, clean what a previous mount left in it."""
     upper = stack.upper
@@ -59,10 +79,7 @@ def prepare_upper(stack: LayerStack, work: str) -> UpperLock:
         if (wst.st_dev, wst.st_ino) == (os.fstat(upper.fd).st_dev, os.fstat(upper.fd).st_ino):
             raise UsageError("the work dir and the upper dir must be different directories")
         for fd, what, path in ((upper.fd, "upper dir", upper.path), (wfd, "work dir", work)):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UsageError(f"{what} {path} is in use by another mount") from None
+            _lock(fd, what, path)
         with os.scandir(wfd) as it:
             names = {os.fsencode(e.name) for e in it}
         if names and WORK_MARKER not in names and not names <= {WORK_TEMP, WORK_INDEX}:
