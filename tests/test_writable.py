@@ -319,7 +319,9 @@ def test_mount_again_while_the_last_daemon_is_still_exiting(tmp_path, rw):
     (rw.lower / "f").write_text("lower")
     (rw.upper / "g").write_text("upper")
     m = rw.mount()
-    assert (m.mnt / "f").read_text() == "lower"
+    # A stat, not a read: the RELEASE after a read is sent in the background, and one still queued
+    # when the daemon stops is answered after the unmount (pyfuse3 then logs a failed reply).
+    assert (m.mnt / "f").stat().st_size == len("lower")
     os.kill(m.proc.pid, signal.SIGSTOP)    # the old daemon, slow to notice the unmount
     mnt2 = tmp_path / "again"
     mnt2.mkdir()
