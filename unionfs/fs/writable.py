@@ -264,6 +264,11 @@ class WritableUnion(DirOps, Union):
             ovl.set_mtime(f.fd, mtime)
         return written
 
+    @staticmethod
+    def _times(st: os.stat_result, atime_ns: int | None, mtime_ns: int | None) -> tuple[int, int]:
+        """The times a SETATTR gives a file that has ``st``: None keeps that one as it is."""
+        return (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+
     def _kept_mtime(self, node: Node, mtime_ns: int) -> None:
         """The kernel (under the writeback cache) set this mtime on an open file: later writes keep it."""
         if self.page_cache_writes and node.ino in self._open:
@@ -331,7 +336,7 @@ class WritableUnion(DirOps, Union):
             ovl.chmod_at(fd, name, stat.S_IMODE(mode)) if name is not None else ovl.fchmod(fd, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
             st = ovl.fstat(fd) if name is None else ovl.lstat_at(fd, name)
-            times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+            times = self._times(st, atime_ns, mtime_ns)
             ovl.utime_at(fd, name, times) if name is not None else ovl.futimens(fd, times)
             self._kept_mtime(node, times[1])
 
@@ -353,7 +358,7 @@ class WritableUnion(DirOps, Union):
                 return   # removed meanwhile: the kernel's last times of it
             if stat.S_IFMT(st.st_mode) != stat.S_IFMT(node.mode):
                 return   # removed, a whiteout in its place
-        times = (st.st_atime_ns if atime_ns is None else atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+        times = self._times(st, atime_ns, mtime_ns)
         self._kept_mtime(node, times[1])
         if atime_ns is None and mtime_ns == st.st_mtime_ns:
             return   # the time it has: ctime alone would change, and the kernel keeps that itself

@@ -446,8 +446,9 @@ class Operations(pyfuse3.Operations):
         self._writable()
         return self.inodes.get(inode)
 
-    def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        entry = self._entry(node, self.union.getattr(node))
+    def _new_entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
+        """The reply for a node the kernel now holds (its lookup counted); ``attr`` if known already."""
+        entry = self._entry(node, self.union.getattr(node) if attr is None else attr)
         self.inodes.lookup(node)
         return entry
 
@@ -511,9 +512,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         f = self._writable().create(self.inodes.get(parent_inode), name, mode, flags, *self._owner(ctx))
         fh = self.handles.add(self.handles.files, f)
-        entry = self._entry(f.node, self._writable().open_attr(f))
-        self.inodes.lookup(f.node)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new_entry(f.node, self._writable().open_attr(f))
 
     @_guard
     async def write(self, fh, off, buf):
